@@ -1,0 +1,1 @@
+//! GGUF reader, writer and block quantization (owned by the gguf helper; placeholder).

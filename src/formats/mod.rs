@@ -1,0 +1,2 @@
+//! On-disk model formats shared by loading and export.
+pub mod gguf;
