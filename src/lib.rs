@@ -5,5 +5,6 @@ pub mod error;
 pub mod io_util;
 pub mod formats;
 pub mod data;
+pub mod kernels;
 
 pub use error::{Error, Result};

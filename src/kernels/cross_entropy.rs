@@ -1,0 +1,128 @@
+//! Next-token cross-entropy fused with the LM head, computed in chunks of rows so the full
+//! `tokens × vocab` logits never exist at once (for a 49k vocabulary and 1k tokens that matrix
+//! alone would be 200 MB, twice over with its gradient).
+//!
+//! The op returns the per-token NLL (0 where the target is ignored); the caller sums and
+//! normalises it, which keeps "mean over all target tokens of the optimizer step" a caller's
+//! decision. The backward recomputes each chunk's logits instead of storing them.
+
+use super::{f32_slice, gemm::matmul_nn, gemm::matmul_nt, with_f32};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Label value meaning "no loss at this position" (transformers' convention).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Rows of hidden states per chunk: 128 rows × 49k vocab × 4 B ≈ 25 MB of logits.
+const CHUNK_ROWS: usize = 128;
+
+struct LmHeadNll {
+    targets: Arc<Vec<i32>>,
+}
+
+impl LmHeadNll {
+    fn active_rows(&self) -> Vec<usize> {
+        (0..self.targets.len()).filter(|&i| self.targets[i] != IGNORE_INDEX).collect()
+    }
+
+    /// Logits of the given rows: `[rows.len(), vocab]`.
+    fn chunk_logits(h: &[f32], w: &[f32], rows: &[usize], d: usize, vocab: usize) -> Vec<f32> {
+        let mut hc = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            hc.extend_from_slice(&h[r * d..(r + 1) * d]);
+        }
+        let mut logits = vec![0f32; rows.len() * vocab];
+        matmul_nt(&mut logits, &hc, w, rows.len(), d, vocab, false);
+        logits
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = row.iter().map(|v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+impl CustomOp2 for LmHeadNll {
+    fn name(&self) -> &'static str {
+        "lm-head-nll"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (n, d) = l1.shape().dims2()?;
+        let (vocab, dw) = l2.shape().dims2()?;
+        if d != dw || n != self.targets.len() {
+            bail!("lm-head-nll: hidden {:?}, head {:?}, {} targets", l1.dims(), l2.dims(), self.targets.len());
+        }
+        if let Some(bad) = self.targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
+            bail!("lm-head-nll: target id {bad} outside the vocabulary of {vocab}");
+        }
+        let mut nll = vec![0f32; n];
+        for rows in self.active_rows().chunks(CHUNK_ROWS) {
+            let logits = Self::chunk_logits(h, w, rows, d, vocab);
+            let vals: Vec<f32> = logits
+                .par_chunks(vocab)
+                .zip(rows.par_iter())
+                .map(|(l, &r)| log_sum_exp(l) - l[self.targets[r] as usize])
+                .collect();
+            for (&r, v) in rows.iter().zip(vals) {
+                nll[r] = v;
+            }
+        }
+        Ok((CpuStorage::F32(nll), Shape::from(n)))
+    }
+
+    fn bwd(&self, h_t: &Tensor, w_t: &Tensor, _res: &Tensor, g_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = h_t.dims2()?;
+        let vocab = w_t.dim(0)?;
+        let dh = with_f32(h_t, self.name(), |h| {
+            with_f32(w_t, self.name(), |w| {
+                with_f32(g_t, self.name(), |g| {
+                    let mut dh = vec![0f32; n * d];
+                    for rows in self.active_rows().chunks(CHUNK_ROWS) {
+                        let mut p = Self::chunk_logits(h, w, rows, d, vocab);
+                        // dlogits = g · (softmax − onehot(target))
+                        p.par_chunks_mut(vocab).zip(rows.par_iter()).for_each(|(l, &r)| {
+                            let lse = log_sum_exp(l);
+                            for v in l.iter_mut() {
+                                *v = (*v - lse).exp() * g[r];
+                            }
+                            l[self.targets[r] as usize] -= g[r];
+                        });
+                        let mut dhc = vec![0f32; rows.len() * d];
+                        matmul_nn(&mut dhc, &p, w, rows.len(), vocab, d, false);
+                        for (i, &r) in rows.iter().enumerate() {
+                            dh[r * d..(r + 1) * d].copy_from_slice(&dhc[i * d..(i + 1) * d]);
+                        }
+                    }
+                    Ok(dh)
+                })
+            })
+        })?;
+        Ok((Some(Tensor::from_vec(dh, h_t.shape(), h_t.device())?), None))
+    }
+}
+
+/// Per-token negative log-likelihood of `targets` under `softmax(h · Wᵀ)`, for hidden states
+/// `h: [n, d]` and LM head `W: [vocab, d]`; `[n]`, zero where the target is [`IGNORE_INDEX`].
+/// Gradients flow to `h` only (the head is frozen).
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: Arc<Vec<i32>>) -> Result<Tensor> {
+    h.contiguous()?.apply_op2(&w.contiguous()?, LmHeadNll { targets })
+}
+
+/// Full logits `[n, vocab]` for inference (generation, logit checks); no gradient.
+pub fn lm_head_logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, d) = h.dims2()?;
+    let vocab = w.dim(0)?;
+    let logits = with_f32(h, "lm-head-logits", |h| {
+        with_f32(w, "lm-head-logits", |w| {
+            let mut out = vec![0f32; n * vocab];
+            matmul_nt(&mut out, h, w, n, d, vocab, false);
+            Ok(out)
+        })
+    })?;
+    Tensor::from_vec(logits, (n, vocab), h.device())
+}

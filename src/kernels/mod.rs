@@ -1,0 +1,54 @@
+//! Fused CPU training kernels: candle `CustomOp`s with forward *and* backward written on raw
+//! slices. candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`) have no backward and
+//! silently cut the gradient, and its matmul backward computes weight gradients even for frozen
+//! weights; these kernels exist so that the training graph is both correct and lean.
+//!
+//! Every kernel has a finite-difference gradient test and a test against a plain composition
+//! of candle ops (`tests/kernels.rs`).
+
+mod attention;
+mod cross_entropy;
+pub mod gemm;
+mod linear;
+mod rmsnorm;
+mod rope;
+mod swiglu;
+
+pub use attention::causal_attention;
+pub use cross_entropy::{lm_head_logits, lm_head_nll};
+pub use linear::frozen_linear;
+pub use rmsnorm::rms_norm;
+pub use rope::{rope, RopeTables};
+pub use swiglu::swiglu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Result, Storage, Tensor};
+
+/// The contiguous f32 data an op received, or a clear error for anything else.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => bail!("{op}: expected f32 data, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a tensor (used inside backward passes, where the
+/// arguments arrive as tensors rather than storages).
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cs) => f(f32_slice(cs, layout, op)?),
+        _ => bail!("{op}: only the CPU backend is implemented"),
+    }
+}
+
+/// Number of worker threads the kernels split work over (rayon's pool, which
+/// `RAYON_NUM_THREADS` or `--threads` sets).
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}

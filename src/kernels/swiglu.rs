@@ -1,0 +1,68 @@
+//! SwiGLU gate: `silu(g) ⊙ u`, the Llama MLP's element-wise middle, fused with its backward.
+
+use super::{f32_slice, with_f32};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+struct SwiGlu;
+
+const CHUNK: usize = 4096;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, self.name())?;
+        let u = f32_slice(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+            for i in 0..y.len() {
+                y[i] = g[i] * sigmoid(g[i]) * u[i];
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = with_f32(g, self.name(), |g| {
+            with_f32(u, self.name(), |u| {
+                with_f32(dy, self.name(), |dy| {
+                    let mut dg = vec![0f32; g.len()];
+                    let mut du = vec![0f32; g.len()];
+                    dg.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(c, (dg, du))| {
+                            let o = c * CHUNK;
+                            for i in 0..dg.len() {
+                                let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
+                                let s = sigmoid(gv);
+                                du[i] = d * gv * s;
+                                // d silu(g)/dg = s · (1 + g · (1 − s))
+                                dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));
+                            }
+                        });
+                    Ok((dg, du))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dg, g.shape(), g.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) ⊙ up`, both of the same shape.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}

@@ -1,0 +1,250 @@
+//! Each training kernel against (a) a plain composition of candle ops with candle's autograd,
+//! forward and gradients, and (b) central finite differences of a random projection of its output.
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use ferrotune::kernels::{self, RopeTables};
+use std::sync::Arc;
+
+const DEV: Device = Device::Cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // Deterministic pseudo-normal values without relying on candle's global RNG.
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (next().max(1e-12), next());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &DEV).unwrap()
+}
+
+fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    diff / scale
+}
+
+/// Checks `f`'s gradient w.r.t. each input against candle's autograd on `reference`, and
+/// against finite differences for a few coordinates.
+fn check(
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    reference: &dyn Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts);
+    let y_ref = reference(&ts);
+    assert_eq!(y.dims(), y_ref.dims());
+    let fwd_err = max_rel(&y, &y_ref);
+    assert!(fwd_err < tol, "forward differs from the candle composition: {fwd_err}");
+
+    let r = randn(y.dims(), 99);
+    let loss = (&y * &r).unwrap().sum_all().unwrap();
+    let loss_ref = (&y_ref * &r).unwrap().sum_all().unwrap();
+    let g = loss.backward().unwrap();
+    let g_ref = loss_ref.backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let (Some(gi), Some(gr)) = (g.get(v.as_tensor()), g_ref.get(v.as_tensor())) else {
+            panic!("input {i}: missing gradient");
+        };
+        let err = max_rel(gi, gr);
+        assert!(err < tol, "input {i}: gradient differs from candle autograd by {err}");
+
+        // Finite differences in f64 arithmetic on a handful of coordinates.
+        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let gvec: Vec<f32> = gi.flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-2f32;
+        for probe in 0..4 {
+            let idx = (probe * 7919 + 13) % base.len();
+            let eval = |delta: f32| -> f64 {
+                let mut p = base.clone();
+                p[idx] += delta;
+                let mut args = ts.clone();
+                args[i] = Tensor::from_vec(p, v.dims(), &DEV).unwrap();
+                let out = f(&args).to_dtype(DType::F64).unwrap();
+                (out * r.to_dtype(DType::F64).unwrap()).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let an = gvec[idx] as f64;
+            assert!(
+                (fd - an).abs() <= 2e-2 * an.abs().max(1.0),
+                "input {i} coord {idx}: finite difference {fd} vs analytic {an}"
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
+    let x = randn(&[2, 5, 12], 1);
+    let w = randn(&[7, 12], 2);
+    let y = kernels::frozen_linear(&Var::from_tensor(&x).unwrap(), &w).unwrap();
+    let y_ref = x.matmul(&w.t().unwrap().broadcast_left(2).unwrap()).unwrap();
+    assert!(max_rel(&y, &y_ref) < 1e-5);
+    // Input gradient against autograd and finite differences; W enters as a constant.
+    check(
+        &[x],
+        &|a| kernels::frozen_linear(&a[0], &w).unwrap(),
+        &|a| a[0].broadcast_matmul(&w.t().unwrap()).unwrap(),
+        1e-4,
+    );
+    // A weight given as a variable still gets no gradient: it is frozen by construction.
+    let wv = Var::from_tensor(&w).unwrap();
+    let y = kernels::frozen_linear(&Var::from_tensor(&randn(&[3, 12], 3)).unwrap(), wv.as_tensor()).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(wv.as_tensor()).is_none());
+}
+
+fn rms_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let r = (ms + eps).unwrap().sqrt().unwrap().recip().unwrap();
+    x.broadcast_mul(&r).unwrap().broadcast_mul(w).unwrap()
+}
+
+#[test]
+fn rms_norm_gradients() {
+    let x = randn(&[3, 4, 16], 4);
+    let w = randn(&[16], 5).affine(0.5, 1.0).unwrap();
+    check(&[x, w], &|a| kernels::rms_norm(&a[0], &a[1], 1e-5).unwrap(), &|a| rms_ref(&a[0], &a[1], 1e-5), 1e-4);
+}
+
+fn rope_ref(x: &Tensor, inv_freq: &[f32], pos0: usize) -> Tensor {
+    let (_, t, _, d) = x.dims4().unwrap();
+    let half = d / 2;
+    let mut cos = vec![];
+    let mut sin = vec![];
+    for p in pos0..pos0 + t {
+        for rep in 0..2 {
+            let _ = rep;
+            for &f in inv_freq {
+                let a = (p as f32 * f) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (1, t, 1, d), &DEV).unwrap();
+    let sin = Tensor::from_vec(sin, (1, t, 1, d), &DEV).unwrap();
+    let x1 = x.narrow(3, 0, half).unwrap();
+    let x2 = x.narrow(3, half, half).unwrap();
+    let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+    (x.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap()
+}
+
+#[test]
+fn rope_gradients_and_offset() {
+    let inv_freq: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
+    let tables = RopeTables::new(&inv_freq, 64);
+    let x = randn(&[2, 5, 3, 8], 6);
+    for pos0 in [0, 7] {
+        let t = tables.clone();
+        let f = inv_freq.clone();
+        check(&[x.clone()], &move |a| kernels::rope(&a[0], &t, pos0).unwrap(), &move |a| rope_ref(&a[0], &f, pos0), 1e-5);
+    }
+    assert!(kernels::rope(&x, &tables, 60).is_err(), "positions past the table must be refused");
+}
+
+fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let (b, tq, hq, d) = q.dims4().unwrap();
+    let (_, tk, hkv, _) = k.dims4().unwrap();
+    let rep = hq / hkv;
+    let expand = |t: &Tensor| {
+        // [b, tk, hkv, d] -> [b, hq, tk, d], each kv head repeated for its group
+        let t = t.transpose(1, 2).unwrap(); // b hkv tk d
+        let t = t.unsqueeze(2).unwrap().expand((b, hkv, rep, tk, d)).unwrap();
+        t.reshape((b, hq, tk, d)).unwrap()
+    };
+    let qh = q.transpose(1, 2).unwrap().contiguous().unwrap();
+    let kh = expand(k).contiguous().unwrap();
+    let vh = expand(v).contiguous().unwrap();
+    let s = (qh.matmul(&kh.t().unwrap()).unwrap() / (d as f64).sqrt()).unwrap();
+    let off = tk - tq;
+    let mask: Vec<f32> = (0..tq)
+        .flat_map(|i| (0..tk).map(move |j| if j <= i + off { 0.0 } else { -1e9 }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, tq, tk), &DEV).unwrap();
+    let s = s.broadcast_add(&mask).unwrap();
+    let m = s.max_keepdim(D::Minus1).unwrap().detach();
+    let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+    p.matmul(&vh).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn causal_attention_gqa_gradients() {
+    let q = randn(&[2, 6, 4, 8], 7);
+    let k = randn(&[2, 6, 2, 8], 8);
+    let v = randn(&[2, 6, 2, 8], 9);
+    check(
+        &[q, k, v],
+        &|a| kernels::causal_attention(&a[0], &a[1], &a[2]).unwrap(),
+        &|a| attention_ref(&a[0], &a[1], &a[2]),
+        1e-4,
+    );
+}
+
+#[test]
+fn causal_attention_with_fewer_queries_than_keys() {
+    // Decoding with a cache: 2 new queries over 7 keys must equal the last 2 rows of the full run.
+    let q = randn(&[1, 7, 4, 8], 10);
+    let k = randn(&[1, 7, 1, 8], 11);
+    let v = randn(&[1, 7, 1, 8], 12);
+    let full = kernels::causal_attention(&q, &k, &v).unwrap();
+    let tail = kernels::causal_attention(&q.narrow(1, 5, 2).unwrap(), &k, &v).unwrap();
+    assert!(max_rel(&tail, &full.narrow(1, 5, 2).unwrap()) < 1e-6);
+    check(
+        &[q.narrow(1, 4, 3).unwrap().contiguous().unwrap(), k, v],
+        &|a| kernels::causal_attention(&a[0], &a[1], &a[2]).unwrap(),
+        &|a| attention_ref(&a[0], &a[1], &a[2]),
+        1e-4,
+    );
+}
+
+#[test]
+fn swiglu_gradients() {
+    let g = randn(&[4, 10], 13);
+    let u = randn(&[4, 10], 14);
+    let reference = |a: &[Tensor]| {
+        let sig = (a[0].neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        (&a[0] * sig).unwrap().mul(&a[1]).unwrap()
+    };
+    check(&[g, u], &|a| kernels::swiglu(&a[0], &a[1]).unwrap(), &reference, 1e-5);
+}
+
+#[test]
+fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
+    let (n, d, vocab) = (300, 16, 50); // more rows than one chunk
+    let h = randn(&[n, d], 15);
+    let w = randn(&[vocab, d], 16);
+    let targets: Vec<i32> = (0..n).map(|i| if i % 5 == 0 { -100 } else { ((i * 31) % vocab) as i32 }).collect();
+    let targets = Arc::new(targets);
+    let tg = targets.clone();
+    let reference = move |a: &[Tensor]| {
+        let logits = a[0].matmul(&w.t().unwrap()).unwrap();
+        let m = logits.max_keepdim(1).unwrap().detach();
+        let lse = (logits.broadcast_sub(&m).unwrap().exp().unwrap().sum_keepdim(1).unwrap().log().unwrap() + &m).unwrap();
+        let idx: Vec<u32> = tg.iter().map(|&t| t.max(0) as u32).collect();
+        let idx = Tensor::from_vec(idx, (n, 1), &DEV).unwrap();
+        let picked = logits.gather(&idx, 1).unwrap();
+        let keep: Vec<f32> = tg.iter().map(|&t| if t < 0 { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (n, 1), &DEV).unwrap();
+        ((lse - picked).unwrap() * keep).unwrap().squeeze(1).unwrap()
+    };
+    let w2 = randn(&[vocab, d], 16);
+    let tg2 = targets.clone();
+    check(&[h.clone()], &move |a| kernels::lm_head_nll(&a[0], &w2, tg2.clone()).unwrap(), &reference, 1e-4);
+    let nll = kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), targets).unwrap();
+    assert_eq!(nll.i(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "ignored rows have zero loss");
+    let bad = Arc::new(vec![vocab as i32; n]);
+    assert!(kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), bad).is_err(), "out-of-vocab targets are refused");
+}
