@@ -6,5 +6,6 @@ pub mod io_util;
 pub mod formats;
 pub mod data;
 pub mod kernels;
+pub mod testutil;
 
 pub use error::{Error, Result};
