@@ -4,8 +4,18 @@
 pub mod error;
 pub mod io_util;
 pub mod formats;
+pub mod cli;
+pub mod config;
 pub mod data;
+pub mod decode;
+pub mod export;
 pub mod kernels;
 pub mod testutil;
+pub mod methods;
+pub mod models;
+pub mod optim;
+pub mod rng;
+pub mod session;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,2 +1,3 @@
 //! On-disk model formats shared by loading and export.
 pub mod gguf;
+pub mod safetensors;

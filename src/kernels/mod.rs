@@ -15,7 +15,7 @@ mod rope;
 mod swiglu;
 
 pub use attention::causal_attention;
-pub use cross_entropy::{lm_head_logits, lm_head_nll};
+pub use cross_entropy::{lm_head_logits, lm_head_nll, IGNORE_INDEX};
 pub use linear::frozen_linear;
 pub use rmsnorm::rms_norm;
 pub use rope::{rope, RopeTables};

@@ -1,0 +1,12 @@
+use crate::formats::safetensors::SaveDType;
+use anyhow::anyhow;
+use std::path::Path;
+
+pub fn run(model: &Path, adapter: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+    let dtype = SaveDType::parse(dtype).ok_or_else(|| anyhow!("--dtype `{dtype}`: expected f32, bf16 or f16"))?;
+    let mut session = crate::session::Session::load(model, Some(adapter))?;
+    session.merge_adapter()?;
+    crate::export::merged::write_hf_dir(&session, out, dtype)?;
+    eprintln!("merged model written to {}", out.display());
+    Ok(())
+}

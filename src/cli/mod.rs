@@ -1,0 +1,110 @@
+//! The command line: `ferrotune train|eval|generate|merge|inspect-data`.
+
+mod eval;
+mod generate;
+mod inspect;
+mod merge;
+mod train;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "ferrotune", version, about = "Parameter-efficient fine-tuning of pre-trained models")]
+pub struct Cli {
+    /// Worker threads (0 = one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fine-tune a model as a TOML run plan describes.
+    Train {
+        config: PathBuf,
+        /// Override a config key, e.g. `--set learning_rate=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the newest checkpoint in the output directory.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Mean NLL over the target tokens of a JSONL file; the last stdout line is JSON.
+    Eval {
+        /// Hugging Face model directory or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Record format: auto, text, completion, chat, alpaca.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        /// Truncate each example to this many tokens.
+        #[arg(long, default_value_t = 2048)]
+        sequence_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+    },
+    /// Continue a prompt (greedy unless --temperature is set).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Fold an adapter into the base weights and write a Hugging Face model directory.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the merged weights: f32, bf16, f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Show how a run plan's data is tokenized, with non-target tokens marked.
+    InspectData {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// How many examples to show.
+        #[arg(short, long, default_value_t = 3)]
+        n: usize,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::train::trainer::init_threads(cli.threads);
+    match cli.command {
+        Command::Train { config, set, resume } => train::run(&config, &set, resume),
+        Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {
+            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size)
+        }
+        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
+            let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };
+            generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
+        }
+        Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
+        Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
+    }
+}

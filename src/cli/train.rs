@@ -1,0 +1,23 @@
+use crate::config::TrainConfig;
+use crate::train::{train, TrainOptions};
+use anyhow::Context;
+use std::path::Path;
+
+pub fn run(config: &Path, set: &[String], resume: bool) -> anyhow::Result<()> {
+    let cfg = TrainConfig::load(config, set)?;
+    let summary = train(&cfg, &TrainOptions { resume }).with_context(|| format!("training with {}", config.display()))?;
+    if let (Some(b), Some(a)) = (summary.eval_before, summary.eval_after) {
+        eprintln!("eval loss: {b:.4} before, {a:.4} after training");
+    }
+    eprintln!("adapter written to {}", summary.adapter_dir.display());
+    let out = serde_json::json!({
+        "steps": summary.steps,
+        "train_loss": summary.last_loss,
+        "eval_loss_before": summary.eval_before,
+        "eval_loss_after": summary.eval_after,
+        "tokens_per_s": summary.tokens_per_s,
+        "adapter": summary.adapter_dir,
+    });
+    println!("{out}");
+    Ok(())
+}

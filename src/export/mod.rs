@@ -1,0 +1,3 @@
+//! Writing artefacts other tools load: PEFT adapters (see `methods::lora`), merged models.
+
+pub mod merged;

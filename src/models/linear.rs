@@ -1,0 +1,71 @@
+//! A linear *site*: one named projection of the base model (PEFT's module name, e.g.
+//! `model.layers.3.self_attn.q_proj`) with its frozen weight and, optionally, the hook a
+//! fine-tuning method attached to it. Methods only ever see sites, never model internals.
+
+use crate::kernels;
+use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+/// Per-forward facts a method may need: whether we are training (dropout on) and a seed
+/// that changes every micro-batch, from which each site derives its own random stream.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardCtx {
+    pub train: bool,
+    pub seed: u64,
+}
+
+impl ForwardCtx {
+    pub fn eval() -> Self {
+        Self { train: false, seed: 0 }
+    }
+}
+
+/// What a method adds to a linear site. `y` is the base output `x·W0ᵀ + b`.
+pub trait SiteHook: Send + Sync {
+    fn forward(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+}
+
+/// A site as methods see it: its name and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteInfo {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl SiteInfo {
+    /// The last path component (`q_proj`), which `target_modules` lists usually name.
+    pub fn short_name(&self) -> &str {
+        self.name.rsplit('.').next().unwrap_or(&self.name)
+    }
+}
+
+pub struct Linear {
+    pub name: String,
+    /// `[out, in]`, torch Linear layout; frozen.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub hook: Option<Arc<dyn SiteHook>>,
+}
+
+impl Linear {
+    pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { name, weight, bias, hook: None }
+    }
+
+    pub fn info(&self) -> SiteInfo {
+        let (out_features, in_features) = self.weight.dims2().unwrap_or((0, 0));
+        SiteInfo { name: self.name.clone(), in_features, out_features }
+    }
+
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let mut y = kernels::frozen_linear(x, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        match &self.hook {
+            Some(h) => h.forward(x, y, ctx),
+            None => Ok(y),
+        }
+    }
+}

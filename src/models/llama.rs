@@ -1,0 +1,229 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): pre-norm blocks of GQA
+//! attention with RoPE and a SwiGLU MLP, an optional tied LM head. Built from our kernels so
+//! that only what a method makes trainable gets gradients.
+
+use super::config::ModelConfig;
+use super::linear::{ForwardCtx, Linear, SiteInfo};
+use crate::error::{Error, Result};
+use crate::kernels::{self, RopeTables};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// RoPE tables are precomputed up to this many positions at most (longer contexts than this
+/// are not trained on a CPU).
+const MAX_ROPE_TABLE: usize = 65536;
+
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Block {
+    fn linears(&self) -> [&Linear; 7] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.o_proj,
+            &mut self.gate_proj,
+            &mut self.up_proj,
+            &mut self.down_proj,
+        ]
+    }
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    rope: Arc<RopeTables>,
+}
+
+/// Keys and values of the positions seen so far, per layer (`[b, t, h_kv, d]`).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[1])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Takes tensor `name` out of `w`, checking its shape; errors name the model file.
+fn take(w: &mut HashMap<String, Tensor>, name: &str, shape: &[usize], src: &Path) -> Result<Tensor> {
+    let t = w
+        .remove(name)
+        .ok_or_else(|| Error::format(src, format!("tensor `{name}` is missing")))?;
+    if t.dims() != shape {
+        return Err(Error::format(
+            src,
+            format!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), shape),
+        ));
+    }
+    Ok(t)
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named f32 tensors, consuming those it uses.
+    pub fn from_weights(config: ModelConfig, w: &mut HashMap<String, Tensor>, src: &Path) -> Result<Self> {
+        let c = &config;
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
+                let full = format!("{p}.{name}");
+                let weight = take(w, &format!("{full}.weight"), &[out_f, in_f], src)?;
+                let bias = if bias { Some(take(w, &format!("{full}.bias"), &[out_f], src)?) } else { None };
+                Ok(Linear::new(full, weight, bias))
+            };
+            let ab = c.attention_bias;
+            let block = Block {
+                q_proj: lin("self_attn.q_proj", q_out, d, ab)?,
+                k_proj: lin("self_attn.k_proj", kv_out, d, ab)?,
+                v_proj: lin("self_attn.v_proj", kv_out, d, ab)?,
+                o_proj: lin("self_attn.o_proj", d, q_out, false)?,
+                gate_proj: lin("mlp.gate_proj", c.intermediate_size, d, false)?,
+                up_proj: lin("mlp.up_proj", c.intermediate_size, d, false)?,
+                down_proj: lin("mlp.down_proj", d, c.intermediate_size, false)?,
+                input_layernorm: take(w, &format!("{p}.input_layernorm.weight"), &[d], src)?,
+                post_attention_layernorm: take(w, &format!("{p}.post_attention_layernorm.weight"), &[d], src)?,
+            };
+            layers.push(block);
+        }
+        let embed_tokens = take(w, "model.embed_tokens.weight", &[c.vocab_size, d], src)?;
+        let lm_head = match w.remove("lm_head.weight") {
+            Some(t) if !c.tie_word_embeddings => {
+                if t.dims() != [c.vocab_size, d] {
+                    return Err(Error::format(src, format!("tensor `lm_head.weight` has shape {:?}, expected {:?}", t.dims(), [c.vocab_size, d])));
+                }
+                Some(t)
+            }
+            Some(_) => None,
+            None if c.tie_word_embeddings => None,
+            None => return Err(Error::format(src, "tensor `lm_head.weight` is missing and the config does not tie it to the embedding")),
+        };
+        let norm = take(w, "model.norm.weight", &[d], src)?;
+        let table_len = c.max_position_embeddings.clamp(1, MAX_ROPE_TABLE);
+        let rope = RopeTables::new(&c.rope_inv_freq(), table_len);
+        Ok(Self { config, embed_tokens, lm_head, layers, norm, rope })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The LM head weight `[vocab, hidden]` (the embedding when tied).
+    pub fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|b| b.linears())
+    }
+
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|b| b.linears_mut())
+    }
+
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        self.linears().map(Linear::info).collect()
+    }
+
+    /// Every base tensor under its Hugging Face name (the layout a merged export writes).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+        for (i, b) in self.layers.iter().enumerate() {
+            for l in b.linears() {
+                out.push((format!("{}.weight", l.name), l.weight.clone()));
+                if let Some(bias) = &l.bias {
+                    out.push((format!("{}.bias", l.name), bias.clone()));
+                }
+            }
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone()));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        out
+    }
+
+    /// Final-norm hidden states `[b·t, hidden]` for token ids `[b, t]` (row-major). With a
+    /// cache, the ids continue the cached positions and the cache is extended.
+    pub fn hidden(
+        &self,
+        ids: &[u32],
+        b: usize,
+        t: usize,
+        mut cache: Option<&mut KvCache>,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            candle_core::bail!("token id {bad} is outside the vocabulary ({})", c.vocab_size);
+        }
+        let pos0 = cache.as_ref().map_or(0, |k| k.len());
+        let ids_t = Tensor::from_slice(ids, ids.len(), self.device())?;
+        let mut x = self.embed_tokens.index_select(&ids_t, 0)?.reshape((b, t, c.hidden_size))?;
+        for (li, blk) in self.layers.iter().enumerate() {
+            let h = kernels::rms_norm(&x, &blk.input_layernorm, c.rms_norm_eps)?;
+            let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, c.num_attention_heads, c.head_dim))?;
+            let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
+            let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
+            let q = kernels::rope(&q, &self.rope, pos0)?;
+            let mut k = kernels::rope(&k, &self.rope, pos0)?;
+            let mut v = v;
+            if let Some(cache) = cache.as_deref_mut() {
+                if let Some((pk, pv)) = &cache.layers[li] {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                cache.layers[li] = Some((k.clone(), v.clone()));
+            }
+            let a = kernels::causal_attention(&q, &k, &v)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+            x = (x + blk.o_proj.forward(&a, ctx)?)?;
+            let h = kernels::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
+            let m = kernels::swiglu(&blk.gate_proj.forward(&h, ctx)?, &blk.up_proj.forward(&h, ctx)?)?;
+            x = (x + blk.down_proj.forward(&m, ctx)?)?;
+        }
+        kernels::rms_norm(&x, &self.norm, c.rms_norm_eps)?.reshape((b * t, c.hidden_size))
+    }
+
+    /// Per-position NLL `[b·t]` of next-token `targets` (−100 = ignored).
+    pub fn nll(&self, ids: &[u32], targets: Arc<Vec<i32>>, b: usize, t: usize, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let h = self.hidden(ids, b, t, None, ctx)?;
+        kernels::lm_head_nll(&h, self.head_weight(), targets)
+    }
+
+    /// Logits `[b·t, vocab]`; used for generation and checks, never for training.
+    pub fn logits(&self, ids: &[u32], b: usize, t: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let h = self.hidden(ids, b, t, cache, ctx)?;
+        kernels::lm_head_logits(&h, self.head_weight())
+    }
+}

@@ -1,0 +1,165 @@
+//! GGUF model files: metadata → config, tensors dequantized to f32 under Hugging Face names.
+//!
+//! Two conventions differ from Hugging Face and are undone here, as transformers does:
+//! tensor names (`blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`), and for
+//! the `llama` architecture the row order of `attn_q`/`attn_k`, which llama.cpp's converter
+//! permutes for its interleaved RoPE.
+
+use crate::error::{Error, Result};
+use crate::formats::gguf::GgufFile;
+use crate::models::{Llama, ModelConfig, RopeScaling};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// llama.cpp architecture name → transformers `model_type`.
+fn model_type(arch: &str) -> Option<&'static str> {
+    match arch {
+        "llama" => Some("llama"),
+        "mistral" => Some("mistral"),
+        "qwen2" => Some("qwen2"),
+        _ => None,
+    }
+}
+
+pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
+    let arch = g.get_str("general.architecture")?.to_string();
+    let model_type = model_type(&arch).ok_or_else(|| {
+        Error::format(g.path(), format!("architecture `{arch}` is not supported (supported: llama, mistral, qwen2)"))
+    })?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden_size = g.get_u32(&key("embedding_length"))? as usize;
+    let num_attention_heads = g.get_u32(&key("attention.head_count"))? as usize;
+    let num_key_value_heads = g.get_opt_u32(&key("attention.head_count_kv"))?.map_or(num_attention_heads, |v| v as usize);
+    let head_dim = match g.get_opt_u32(&key("attention.key_length"))? {
+        Some(v) => v as usize,
+        None => hidden_size / num_attention_heads.max(1),
+    };
+    let vocab_size = match g.get_opt_u32(&key("vocab_size"))? {
+        Some(v) => v as usize,
+        None => g.get_array("tokenizer.ggml.tokens")?.len(),
+    };
+    let rope_scaling = match g.get_opt_str(&key("rope.scaling.type"))? {
+        None | Some("none") => None,
+        Some("linear") => Some(RopeScaling::Linear { factor: g.get_f32(&key("rope.scaling.factor"))? }),
+        Some(other) => {
+            return Err(Error::format(g.path(), format!("rope scaling type `{other}` is not supported (supported: none, linear)")))
+        }
+    };
+    // Llama 3 GGUFs carry their frequency adjustment as a tensor instead of metadata.
+    let rope_scaling = match g.tensor_info("rope_freqs.weight") {
+        Some(_) => Some(RopeScaling::Factors(g.tensor_f32("rope_freqs.weight")?)),
+        None => rope_scaling,
+    };
+    let cfg = ModelConfig {
+        model_type: model_type.to_string(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: g.get_u32(&key("feed_forward_length"))? as usize,
+        num_hidden_layers: g.get_u32(&key("block_count"))? as usize,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: g.get_f32(&key("attention.layer_norm_rms_epsilon"))? as f64,
+        rope_theta: g.get_opt_f32(&key("rope.freq_base"))?.unwrap_or(10000.0) as f64,
+        rope_scaling,
+        max_position_embeddings: g.get_opt_u32(&key("context_length"))?.unwrap_or(2048) as usize,
+        tie_word_embeddings: g.tensor_info("output.weight").is_none(),
+        attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
+        bos_token_id: g.get_opt_u32("tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: g.get_opt_u32("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+    };
+    cfg.validate().map_err(|e| Error::format(g.path(), e))?;
+    Ok(cfg)
+}
+
+/// GGUF tensor name → Hugging Face name.
+pub fn hf_name(gguf_name: &str) -> Option<String> {
+    match gguf_name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf_name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let module = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2j + t` is Hugging
+/// Face row `t·(d/2) + j`. Works for weights (`cols` > 1) and biases (`cols` = 1).
+pub fn unpermute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    let head_dim = rows / n_heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let src = (h * head_dim + 2 * j + t) * cols;
+                let dst = (h * head_dim + t * half + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_rows`] (for writing GGUF files).
+pub fn permute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let rows = data.len() / cols;
+    let head_dim = rows / n_heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let dst = (h * head_dim + 2 * j + t) * cols;
+                let src = (h * head_dim + t * half + j) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+pub fn load_gguf(path: &Path) -> Result<Llama> {
+    let g = GgufFile::open(path)?;
+    let config = config_from_gguf(&g)?;
+    let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
+    let mut weights = HashMap::new();
+    for info in g.tensors() {
+        if info.name == "rope_freqs.weight" {
+            continue;
+        }
+        let Some(name) = hf_name(&info.name) else {
+            return Err(Error::format(path, format!("tensor `{}` is not part of a {} model", info.name, config.model_type)));
+        };
+        let shape = info.shape();
+        let mut data = g.tensor_f32(&info.name)?;
+        if permuted {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+                data = unpermute_rows(&data, config.num_attention_heads, cols);
+            } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+                data = unpermute_rows(&data, config.num_key_value_heads, cols);
+            }
+        }
+        weights.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Llama::from_weights(config, &mut weights, path)
+}

@@ -1,0 +1,64 @@
+//! AdamW with decoupled weight decay, bias-corrected, eps outside the square root: the
+//! arithmetic of `torch.optim.AdamW` (single-tensor path) step for step, in f32, so that a run
+//! started from the same adapter follows PEFT's trajectory.
+
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Steps taken so far (torch's `state["step"]`).
+    pub step: u64,
+    /// First and second moments, one buffer per parameter.
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig, params: &[Var]) -> Self {
+        let zeros = |p: &Var| vec![0f32; p.elem_count()];
+        Self { config, step: 0, exp_avg: params.iter().map(zeros).collect(), exp_avg_sq: params.iter().map(zeros).collect() }
+    }
+
+    /// One update of every parameter with its gradient at learning rate `lr`.
+    pub fn step(&mut self, params: &[Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        let t = self.step as i32;
+        let bias_correction1 = 1.0 - c.beta1.powi(t);
+        let bias_correction2 = 1.0 - c.beta2.powi(t);
+        let step_size = (lr / bias_correction1) as f32;
+        let bc2_sqrt = bias_correction2.sqrt() as f32;
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let (w1, b2, w2, eps) = ((1.0 - c.beta1) as f32, c.beta2 as f32, (1.0 - c.beta2) as f32, c.eps as f32);
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let mut w: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
+            let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
+            for j in 0..w.len() {
+                if c.weight_decay != 0.0 {
+                    w[j] *= decay;
+                }
+                m[j] += w1 * (g[j] - m[j]); // torch: exp_avg.lerp_(grad, 1 − β1)
+                v[j] = v[j] * b2 + w2 * (g[j] * g[j]);
+                let denom = v[j].sqrt() / bc2_sqrt + eps;
+                w[j] += -step_size * (m[j] / denom);
+            }
+            p.set(&Tensor::from_vec(w, p.shape(), p.device())?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! Turning the plan's dataset entries into encoded training and validation examples.
+
+use crate::config::{DatasetSpec, TrainConfig};
+use crate::data::{epoch_order, load_jsonl_dataset, DatasetFormat, EncodeOptions, EncodedDataset, EncodedExample, TextTokenizer};
+use crate::error::{Error, Result};
+
+pub struct Prepared {
+    pub train: Vec<EncodedExample>,
+    pub val: Vec<EncodedExample>,
+    /// Examples dropped because no target token survived truncation.
+    pub skipped: usize,
+    /// Examples cut at `sequence_len`.
+    pub truncated: usize,
+}
+
+/// Reads and encodes one dataset entry of a plan.
+pub fn load_spec(spec: &DatasetSpec, tok: &TextTokenizer, opts: &EncodeOptions) -> Result<EncodedDataset> {
+    let format = DatasetFormat::from_config("datasets.type", &spec.format)?;
+    load_jsonl_dataset(&spec.path, format, tok, opts)
+}
+
+pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
+    EncodeOptions { train_on_inputs: cfg.train_on_inputs, add_eos: cfg.add_eos, sequence_len: cfg.sequence_len }
+}
+
+pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
+    let opts = encode_options(cfg);
+    let mut train = Vec::new();
+    let (mut skipped, mut truncated) = (0, 0);
+    let mut absorb = |d: EncodedDataset, into: &mut Vec<EncodedExample>| {
+        skipped += d.stats.without_targets;
+        truncated += d.stats.truncated;
+        into.extend(d.examples);
+    };
+    for spec in &cfg.datasets {
+        absorb(load_spec(spec, tok, &opts)?, &mut train);
+    }
+    let mut val = Vec::new();
+    match (&cfg.val_set, cfg.val_size) {
+        (Some(spec), _) => absorb(load_spec(spec, tok, &opts)?, &mut val),
+        (None, Some(size)) => {
+            let n = train.len();
+            let k = if size < 1.0 { (size * n as f64).round().max(1.0) as usize } else { size as usize };
+            if k >= n {
+                return Err(Error::config("val_size", format!("holds out {k} of {n} examples, leaving none to train on")));
+            }
+            // A seed-determined split, independent of the training order's shuffling.
+            let order = epoch_order(n, cfg.seed ^ 0x5EED_0F5A_11D0, 0, true);
+            let mut is_val = vec![false; n];
+            order[..k].iter().for_each(|&i| is_val[i] = true);
+            let mut rest = Vec::with_capacity(n - k);
+            for (i, e) in train.into_iter().enumerate() {
+                if is_val[i] {
+                    val.push(e)
+                } else {
+                    rest.push(e)
+                }
+            }
+            train = rest;
+        }
+        (None, None) => {}
+    }
+    if train.is_empty() {
+        return Err(Error::config("datasets", "no training example has a target token left (check sequence_len and the formats)"));
+    }
+    Ok(Prepared { train, val, skipped, truncated })
+}

@@ -1,0 +1,11 @@
+//! The training loop and everything around it: evaluation, metrics, checkpoints, progress.
+
+pub mod checkpoint;
+pub mod dataset;
+pub mod eval;
+pub mod metrics;
+pub mod progress;
+pub mod trainer;
+
+pub use eval::{evaluate, EvalResult};
+pub use trainer::{train, TrainOptions, TrainSummary};

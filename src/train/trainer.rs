@@ -1,0 +1,308 @@
+//! `ferrotune train`: the loop `micro-batches → loss → backward → clip → AdamW → schedule`,
+//! with evaluation, metrics, checkpoints and bit-exact resume.
+//!
+//! The loss of an optimizer step is the mean NLL over *all* target tokens of that step's
+//! micro-batches: each micro-batch contributes `sum(nll) / n_targets(step)`, so splitting a
+//! batch into micro-batches gives the same update.
+
+use super::checkpoint::{self, TrainerState};
+use super::eval::evaluate;
+use super::metrics::{MetricsLog, StepMetrics};
+use super::progress::Progress;
+use crate::config::TrainConfig;
+use crate::data::batch::{epoch_order, make_batch, Batch};
+use crate::data::EncodedExample;
+use crate::error::{Error, Result};
+use crate::methods::{Lora, LoraConfig};
+use crate::models::{load, ForwardCtx, Llama};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Scheduler};
+use crate::rng::SplitMix64;
+use candle_core::Var;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in `output_dir/checkpoints`.
+    pub resume: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub last_loss: Option<f64>,
+    pub eval_before: Option<f64>,
+    pub eval_after: Option<f64>,
+    pub adapter_dir: PathBuf,
+    pub tokens_per_s: f64,
+}
+
+/// Examples in a fixed, seed-determined order per epoch; sample `k` of the run is example
+/// `order(k / n)[k % n]`, so the data position is one counter.
+struct Sampler {
+    n: usize,
+    seed: u64,
+    shuffle: bool,
+    epoch: u64,
+    order: Vec<usize>,
+}
+
+impl Sampler {
+    fn new(n: usize, seed: u64, shuffle: bool) -> Self {
+        Self { n, seed, shuffle, epoch: 0, order: epoch_order(n, seed, 0, shuffle) }
+    }
+    fn index(&mut self, k: u64) -> usize {
+        let epoch = k / self.n as u64;
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.order = epoch_order(self.n, self.seed, epoch, self.shuffle);
+        }
+        self.order[(k % self.n as u64) as usize]
+    }
+}
+
+fn lora_config(cfg: &TrainConfig) -> LoraConfig {
+    LoraConfig {
+        r: cfg.lora_r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.target_modules(),
+        use_rslora: cfg.use_rslora,
+    }
+}
+
+/// Sets the size of the worker pool once per process (later calls keep the first size).
+pub fn init_threads(threads: usize) {
+    if threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+}
+
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    init_threads(cfg.threads);
+    let out = &cfg.output_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut model = load::load_model(&cfg.base_model)?;
+    let tok = load::load_tokenizer(&cfg.base_model)?;
+    let data = super::dataset::prepare(cfg, &tok)?;
+    let pad_id = tok.pad_id();
+
+    let resume_dir = if opts.resume {
+        Some(checkpoint::latest(out).ok_or_else(|| {
+            Error::Training(format!("--resume: no checkpoint found under {}", out.join("checkpoints").display()))
+        })?)
+    } else {
+        None
+    };
+    let lora = match (&resume_dir, &cfg.init_adapter) {
+        (Some(dir), _) => Lora::load_peft(&mut model, dir)?,
+        (None, Some(adapter)) => Lora::load_peft(&mut model, adapter)?,
+        (None, None) => Lora::attach(&mut model, lora_config(cfg), cfg.seed)?,
+    };
+    let params: Vec<Var> = lora.params().into_iter().map(|(_, v)| v).collect();
+    let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
+    let mut opt = AdamW::new(adam, &params);
+
+    let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
+    let n_train = data.train.len();
+    let total_steps = match (cfg.max_steps, cfg.num_epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
+        (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
+    };
+    let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, total_steps, ferrotune_version: env!("CARGO_PKG_VERSION").into() };
+    if let Some(dir) = &resume_dir {
+        checkpoint::load_optimizer(dir, &lora, &mut opt)?;
+        state = checkpoint::load_state(dir)?;
+        if state.seed != cfg.seed {
+            return Err(Error::config("seed", format!("the checkpoint was trained with seed {}, the config says {}", state.seed, cfg.seed)));
+        }
+        state.total_steps = total_steps;
+    }
+    let sched = Scheduler {
+        kind: LrSchedule::parse(&cfg.lr_scheduler)?,
+        base_lr: cfg.learning_rate,
+        warmup_steps: cfg.warmup_steps,
+        total_steps,
+    };
+    write_run_json(cfg, &model, &lora, &data, total_steps)?;
+    let metrics = MetricsLog::open(&out.join("metrics.jsonl"), resume_dir.as_ref().map(|_| state.step))?;
+    let base_name = base_model_name(&cfg.base_model);
+
+    let progress = Progress::new(total_steps, state.step);
+    progress.println(&format!(
+        "training {} trainable parameters on {} examples ({} validation), {} steps of {} examples",
+        lora.num_params(), n_train, data.val.len(), total_steps, per_step
+    ));
+    let eval_now = |model: &Llama| -> Result<Option<f64>> {
+        if data.val.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(evaluate(model, &data.val, cfg.micro_batch_size, pad_id)?.loss))
+    };
+    let mut eval_before = None;
+    if resume_dir.is_none() {
+        eval_before = eval_now(&model)?;
+        if let Some(l) = eval_before {
+            progress.println(&format!("eval loss before training: {l:.4}"));
+            metrics.append(&StepMetrics { step: 0, eval_loss: Some(l), ..Default::default() })?;
+        }
+    }
+
+    let mut sampler = Sampler::new(n_train, cfg.seed, cfg.shuffle);
+    let mut last_loss = None;
+    let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
+    let (mut tok_total, mut time_total) = (0usize, 0f64);
+    while state.step < total_steps {
+        let t0 = Instant::now();
+        let examples: Vec<&EncodedExample> =
+            (0..per_step as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
+        let batches: Vec<Batch> = examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect();
+        let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+        let n_tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
+        let (loss, mut grads) = step_gradients(&model, &params, &batches, n_targets, cfg.seed, state.step)?;
+        if !loss.is_finite() {
+            return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+        if !grad_norm.is_finite() {
+            return Err(nan_error(state.step + 1, "gradient norm", grad_norm, &last_ckpt));
+        }
+        let lr = sched.lr(state.step);
+        if n_targets > 0 {
+            opt.step(&params, &grads, lr)?;
+        }
+        state.step += 1;
+        state.samples_seen += per_step as u64;
+        let dt = t0.elapsed().as_secs_f64();
+        tok_total += n_tokens;
+        time_total += dt;
+        let tps = n_tokens as f64 / dt.max(1e-9);
+        last_loss = Some(loss);
+        let log = state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps;
+        progress.step(state.step, loss, tps, log);
+        let mut m = StepMetrics {
+            step: state.step,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens_per_s: Some(tps),
+            epoch: Some(state.samples_seen as f64 / n_train as f64),
+            ..Default::default()
+        };
+        let last = state.step == total_steps;
+        if (cfg.eval_steps > 0 && state.step % cfg.eval_steps == 0) || last {
+            m.eval_loss = eval_now(&model)?;
+            if let Some(l) = m.eval_loss {
+                progress.println(&format!("step {}: eval loss {l:.4}", state.step));
+            }
+        }
+        metrics.append(&m)?;
+        if (cfg.save_steps > 0 && state.step % cfg.save_steps == 0) || last {
+            let dir = checkpoint::step_dir(out, state.step);
+            checkpoint::save(&dir, &lora, &opt, &state, &base_name)?;
+            last_ckpt = Some(dir);
+        }
+        if last {
+            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
+        }
+    }
+    // Resumed a run that had already finished: just (re)write the final adapter.
+    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    cfg: &TrainConfig,
+    lora: &Lora,
+    base_name: &str,
+    progress: &Progress,
+    eval_after: Option<f64>,
+    eval_before: Option<f64>,
+    last_loss: Option<f64>,
+    tok_total: usize,
+    time_total: f64,
+    steps: usize,
+) -> Result<TrainSummary> {
+    progress.finish();
+    let adapter_dir = cfg.output_dir.join("adapter");
+    lora.save_peft(&adapter_dir, base_name)?;
+    Ok(TrainSummary {
+        steps,
+        last_loss,
+        eval_before,
+        eval_after,
+        adapter_dir,
+        tokens_per_s: tok_total as f64 / time_total.max(1e-9),
+    })
+}
+
+/// Forward and backward over one optimizer step's micro-batches; returns the step loss and
+/// the summed gradients, one buffer per parameter.
+fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], n_targets: usize, seed: u64, step: usize) -> Result<(f64, Vec<Vec<f32>>)> {
+    let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
+    let mut loss = 0f64;
+    if n_targets == 0 {
+        return Ok((0.0, grads));
+    }
+    for (mi, b) in batches.iter().enumerate() {
+        if b.n_targets == 0 {
+            continue;
+        }
+        let ctx = ForwardCtx { train: true, seed: SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64() };
+        let nll = model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ctx)?;
+        let part = nll.sum_all()?.affine(1.0 / n_targets as f64, 0.0)?;
+        loss += part.to_scalar::<f32>()? as f64;
+        let store = part.backward()?;
+        for (p, acc) in params.iter().zip(grads.iter_mut()) {
+            if let Some(g) = store.get(p.as_tensor()) {
+                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                acc.iter_mut().zip(g).for_each(|(a, x)| *a += x);
+            }
+        }
+    }
+    Ok((loss, grads))
+}
+
+fn nan_error(step: usize, what: &str, value: f64, last_ckpt: &Option<PathBuf>) -> Error {
+    let kept = match last_ckpt {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint had been written yet".into(),
+    };
+    Error::Training(format!(
+        "step {step}: the {what} is {value}; training stopped and nothing from this step was saved ({kept}). \
+         Usual causes: a learning rate too high for this model, or no max_grad_norm."
+    ))
+}
+
+/// The base model's name as PEFT records it (`base_model_name_or_path`).
+pub fn base_model_name(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize) -> Result<()> {
+    let c = &model.config;
+    let run = serde_json::json!({
+        "plan": cfg,
+        "resolved": {
+            "total_steps": total_steps,
+            "examples_per_step": cfg.micro_batch_size * cfg.gradient_accumulation_steps,
+            "train_examples": data.train.len(),
+            "val_examples": data.val.len(),
+            "skipped_examples": data.skipped,
+            "truncated_examples": data.truncated,
+            "lora_scaling": lora.config.scaling(),
+            "trainable_params": lora.num_params(),
+            "adapted_modules": lora.sites.len(),
+            "threads": rayon::current_num_threads(),
+        },
+        "model": {
+            "model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+            "vocab_size": c.vocab_size, "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        },
+        "versions": { "ferrotune": env!("CARGO_PKG_VERSION"), "candle-core": "0.11" },
+    });
+    let path = cfg.output_dir.join("run.json");
+    crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&run).expect("serialisable").as_bytes())
+}

@@ -1,0 +1,165 @@
+//! The decoder and LoRA on tiny models: HF vs GGUF loading, LoRA gradients, merge, PEFT I/O.
+
+mod common;
+
+use candle_core::{Tensor, Var};
+use common::*;
+use ferrotune::formats::gguf::GgmlType;
+use ferrotune::methods::{Lora, LoraConfig, TargetModules};
+use ferrotune::models::{load, ForwardCtx, Llama};
+use std::sync::Arc;
+
+fn ids(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut r = ferrotune::rng::SplitMix64::new(seed);
+    (0..n).map(|_| r.below(vocab as u64) as u32).collect()
+}
+
+fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
+    m.logits(ids, 1, ids.len(), None, &ForwardCtx::eval()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn lora_cfg(targets: TargetModules) -> LoraConfig {
+    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: targets, use_rslora: false }
+}
+
+/// Gives every B a non-zero value so the adapter changes the output.
+fn perturb_b(lora: &Lora, seed: u64) {
+    let mut r = ferrotune::rng::SplitMix64::new(seed);
+    for s in &lora.sites {
+        let n = s.b.elem_count();
+        let v: Vec<f32> = (0..n).map(|_| 0.2 * (2.0 * r.next_f32() - 1.0)).collect();
+        s.b.set(&Tensor::from_vec(v, s.b.shape(), s.b.device()).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn gguf_and_hf_copies_give_the_same_logits() {
+    for spec in [TinySpec::default(), TinySpec { tied: false, qkv_bias: true, ..Default::default() }] {
+        let dir = tempfile::tempdir().unwrap();
+        let vocab = write_tiny_hf(&dir.path().join("hf"), &spec);
+        write_tiny_gguf(&dir.path().join("m.gguf"), &spec, GgmlType::F32);
+        let hf = load::load_model(&dir.path().join("hf")).unwrap();
+        let gg = load::load_model(&dir.path().join("m.gguf")).unwrap();
+        assert_eq!(hf.config.tie_word_embeddings, gg.config.tie_word_embeddings);
+        let x = ids(vocab, 12, 1);
+        let diff = max_abs_diff(&logits(&hf, &x), &logits(&gg, &x));
+        assert_eq!(diff, 0.0, "{}: F32 GGUF must load to exactly the HF weights (q/k un-permuted)", spec.model_type());
+
+        // A quantized GGUF loads too and stays close to the f32 model.
+        write_tiny_gguf(&dir.path().join("q.gguf"), &spec, GgmlType::Q8_0);
+        let q = load::load_model(&dir.path().join("q.gguf")).unwrap();
+        let diff = max_abs_diff(&logits(&hf, &x), &logits(&q, &x));
+        assert!(diff > 0.0 && diff < 0.05, "Q8_0 logits differ by {diff}");
+    }
+}
+
+#[test]
+fn kv_cache_decoding_matches_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_tiny_hf(dir.path(), &TinySpec::default());
+    let m = load::load_model(dir.path()).unwrap();
+    let x = ids(vocab, 9, 2);
+    let full = logits(&m, &x);
+    let mut cache = ferrotune::models::KvCache::new(m.config.num_hidden_layers);
+    let a = m.logits(&x[..5], 1, 5, Some(&mut cache), &ForwardCtx::eval()).unwrap();
+    let b = m.logits(&x[5..], 1, 4, Some(&mut cache), &ForwardCtx::eval()).unwrap();
+    let inc: Vec<f32> = Tensor::cat(&[a, b], 0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(max_abs_diff(&full, &inc) < 1e-5);
+}
+
+#[test]
+fn fresh_lora_is_identity_and_merge_reproduces_adapter_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_tiny_hf(dir.path(), &TinySpec::default());
+    let x = ids(vocab, 10, 3);
+    let base = logits(&load::load_model(dir.path()).unwrap(), &x);
+    let mut m = load::load_model(dir.path()).unwrap();
+    let lora = Lora::attach(&mut m, lora_cfg(TargetModules::AllLinear), 5).unwrap();
+    assert_eq!(lora.sites.len(), 14);
+    assert_eq!(logits(&m, &x), base, "B = 0 at init: the adapter must not change the output");
+    perturb_b(&lora, 9);
+    let adapted = logits(&m, &x);
+    assert!(max_abs_diff(&adapted, &base) > 1e-3, "a non-zero adapter must change the output");
+    lora.merge_into(&mut m).unwrap();
+    let merged = logits(&m, &x);
+    let d = max_abs_diff(&adapted, &merged);
+    assert!(d < 1e-4, "merged model differs from base+adapter by {d}");
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_tiny_hf(dir.path(), &TinySpec::default());
+    let mut m = load::load_model(dir.path()).unwrap();
+    let lora = Lora::attach(&mut m, lora_cfg(TargetModules::Names(vec!["q_proj".into(), "down_proj".into()])), 5).unwrap();
+    perturb_b(&lora, 11);
+    let x = ids(vocab, 8, 4);
+    let targets: Vec<i32> = x[1..].iter().map(|&t| t as i32).chain([-100]).collect();
+    let targets = Arc::new(targets);
+    let loss = |m: &Llama| -> f64 {
+        m.nll(&x, targets.clone(), 1, 8, &ForwardCtx::eval()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let nll = m.nll(&x, targets.clone(), 1, 8, &ForwardCtx::eval()).unwrap().sum_all().unwrap();
+    let grads = nll.backward().unwrap();
+    let params: Vec<(String, Var)> = lora.params();
+    assert_eq!(params.len(), 8);
+    for (name, var) in params.iter().step_by(3) {
+        let g: Vec<f32> = grads.get(var.as_tensor()).expect("every LoRA tensor gets a gradient").flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for probe in 0..3 {
+            let idx = (probe * 37 + 5) % base.len();
+            let eps = 1e-2f32;
+            let eval = |delta: f32| {
+                let mut p = base.clone();
+                p[idx] += delta;
+                var.set(&Tensor::from_vec(p, var.shape(), var.device()).unwrap()).unwrap();
+                let l = loss(&m);
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap()).unwrap();
+                l
+            };
+            let fd = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let an = g[idx] as f64;
+            assert!((fd - an).abs() < 2e-2 * an.abs().max(0.1), "{name}[{idx}]: finite difference {fd}, analytic {an}");
+        }
+    }
+}
+
+#[test]
+fn peft_adapter_round_trip_and_mismatch_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_tiny_hf(&dir.path().join("m"), &TinySpec::default());
+    let mut m = load::load_model(&dir.path().join("m")).unwrap();
+    let lora = Lora::attach(&mut m, lora_cfg(TargetModules::Names(vec!["v_proj".into(), "up_proj".into()])), 5).unwrap();
+    perturb_b(&lora, 13);
+    let x = ids(vocab, 7, 5);
+    let want = logits(&m, &x);
+    let ad = dir.path().join("adapter");
+    lora.save_peft(&ad, "tiny").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["up_proj", "v_proj"]));
+    let st = ferrotune::formats::safetensors::load_f32(&ad.join("adapter_model.safetensors")).unwrap();
+    assert!(st.contains_key("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"));
+    assert_eq!(st["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].dims(), &[4, 32]);
+
+    let mut m2 = load::load_model(&dir.path().join("m")).unwrap();
+    Lora::load_peft(&mut m2, &ad).unwrap();
+    assert_eq!(logits(&m2, &x), want, "a saved and reloaded adapter gives the same logits");
+
+    // The same adapter on a model with other shapes is refused with the tensor named.
+    write_tiny_hf(&dir.path().join("wide"), &TinySpec { hidden: 48, heads: 6, kv_heads: 3, ..Default::default() });
+    let mut wide = load::load_model(&dir.path().join("wide")).unwrap();
+    let err = Lora::load_peft(&mut wide, &ad).err().expect("shape mismatch must fail").to_string();
+    assert!(err.contains("lora_A.weight") && err.contains("shape"), "{err}");
+
+    // A target that matches nothing is refused with the name and what exists.
+    let mut m3 = load::load_model(&dir.path().join("m")).unwrap();
+    let err = Lora::attach(&mut m3, lora_cfg(TargetModules::Names(vec!["qproj".into()])), 1).err().unwrap().to_string();
+    assert!(err.contains("qproj") && err.contains("q_proj"), "{err}");
+}
