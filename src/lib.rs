@@ -15,6 +15,7 @@ pub mod methods;
 pub mod models;
 pub mod optim;
 pub mod rng;
+pub mod runtime;
 pub mod session;
 pub mod train;
 

@@ -94,7 +94,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    crate::train::trainer::init_threads(cli.threads);
+    crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume } => train::run(&config, &set, resume),
         Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {

@@ -2,10 +2,12 @@
 //! tensors (the layout the projections produce, so no transposes are needed).
 //!
 //! Queries may be fewer than keys (decoding with a KV cache): query `i` sits at position
-//! `i + (t_k − t_q)` and sees keys `0..=` that position. Nothing `T × T` is stored: the forward
-//! keeps only its output, and the backward recomputes each score row from q and k (as flash
-//! attention does), first the row's log-sum-exp, then the gradients.
+//! `i + (t_k − t_q)` and sees keys `0..=` that position. Each (batch, head) is one task made of
+//! GEMMs on strided views: `S = Q·Kᵀ`, masked softmax, `O = P·V`. The forward keeps only its
+//! output; the backward recomputes `P` from q and k (as flash attention does). A task holds its
+//! head's `t_q × t_k` scores while it runs, one head per thread at a time, never all heads.
 
+use super::gemm::{matmul_view, View};
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -33,11 +35,13 @@ impl Dims {
         }
         Ok(Self { b, tq, tk, hq, hkv, d, scale: 1.0 / (d as f32).sqrt() })
     }
-    fn q_row(&self, b: usize, i: usize, h: usize) -> usize {
-        ((b * self.tq + i) * self.hq + h) * self.d
+    /// Rows of head `h` of batch `b` in a `[b, t_q, h_q, d]` tensor.
+    fn q_view(&self, b: usize, h: usize) -> View {
+        View::rows((b * self.tq * self.hq + h) * self.d, self.hq * self.d)
     }
-    fn k_row(&self, b: usize, j: usize, g: usize) -> usize {
-        ((b * self.tk + j) * self.hkv + g) * self.d
+    /// Rows of kv head `g` of batch `b` in a `[b, t_k, h_kv, d]` tensor.
+    fn k_view(&self, b: usize, g: usize) -> View {
+        View::rows((b * self.tk * self.hkv + g) * self.d, self.hkv * self.d)
     }
     fn group(&self) -> usize {
         self.hq / self.hkv
@@ -48,23 +52,26 @@ impl Dims {
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// Scaled scores of query row `qi` against the first `n` keys of kv head `g` of batch `b`.
-fn scores(dm: &Dims, q: &[f32], k: &[f32], b: usize, g: usize, n: usize, out: &mut Vec<f32>) {
-    out.clear();
-    for j in 0..n {
-        let kr = dm.k_row(b, j, g);
-        out.push(dot(q, &k[kr..kr + dm.d]) * dm.scale);
+/// `P = softmax(scale · Q_h K_gᵀ)` with the causal mask, `[t_q, t_k]`.
+fn probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize) -> Vec<f32> {
+    let (tq, tk) = (dm.tq, dm.tk);
+    let mut p = vec![0f32; tq * tk];
+    let g = h / dm.group();
+    matmul_view(&mut p, View::rows(0, tk), q, dm.q_view(b, h), k, dm.k_view(b, g).t(), tq, dm.d, tk, false, dm.scale);
+    for (i, row) in p.chunks_mut(tk).enumerate() {
+        let n = dm.visible(i);
+        let (live, masked) = row.split_at_mut(n);
+        let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in live.iter_mut() {
+            *v = (*v - m).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|v| *v *= inv);
+        masked.fill(0.0);
     }
-}
-
-fn log_sum_exp(s: &[f32]) -> f32 {
-    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = s.iter().map(|v| (v - m).exp()).sum();
-    m + sum.ln()
+    p
 }
 
 impl CustomOp3 for CausalAttention {
@@ -83,27 +90,19 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
+        let heads: Vec<Vec<f32>> = (0..dm.b * dm.hq)
+            .into_par_iter()
+            .map(|task| {
+                let (b, h) = (task / dm.hq, task % dm.hq);
+                let p = probabilities(&dm, q, k, b, h);
+                let mut o = vec![0f32; dm.tq * dm.d];
+                let vv = dm.k_view(b, h / dm.group());
+                matmul_view(&mut o, View::rows(0, dm.d), &p, View::rows(0, dm.tk), v, vv, dm.tq, dm.tk, dm.d, false, 1.0);
+                o
+            })
+            .collect();
         let mut out = vec![0f32; q.len()];
-        // One task per (batch, query position): it owns that position's output for all heads.
-        out.par_chunks_mut(dm.hq * dm.d).enumerate().for_each(|(row, o)| {
-            let (b, i) = (row / dm.tq, row % dm.tq);
-            let n = dm.visible(i);
-            let mut s = Vec::with_capacity(n);
-            for h in 0..dm.hq {
-                let g = h / dm.group();
-                let qr = dm.q_row(b, i, h);
-                scores(&dm, &q[qr..qr + dm.d], k, b, g, n, &mut s);
-                let lse = log_sum_exp(&s);
-                let oh = &mut o[h * dm.d..(h + 1) * dm.d];
-                for (j, &sj) in s.iter().enumerate() {
-                    let p = (sj - lse).exp();
-                    let vr = dm.k_row(b, j, g);
-                    for (ov, vv) in oh.iter_mut().zip(&v[vr..vr + dm.d]) {
-                        *ov += p * vv;
-                    }
-                }
-            }
-        });
+        scatter_heads(&mut out, &heads, &dm);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -132,75 +131,78 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Writes per-(batch, head) `[t_q, d]` blocks back into `[b, t_q, h_q, d]` order.
+fn scatter_heads(out: &mut [f32], heads: &[Vec<f32>], dm: &Dims) {
     let d = dm.d;
-    // Per (batch, position, head): the row's log-sum-exp and D = dO·O.
-    let n_rows = dm.b * dm.tq * dm.hq;
-    let mut lse = vec![0f32; n_rows];
-    let mut delta = vec![0f32; n_rows];
-    lse.par_chunks_mut(dm.hq).zip(delta.par_chunks_mut(dm.hq)).enumerate().for_each(|(row, (l, dl))| {
-        let (b, i) = (row / dm.tq, row % dm.tq);
-        let mut s = Vec::new();
-        for h in 0..dm.hq {
-            let qr = dm.q_row(b, i, h);
-            scores(dm, &q[qr..qr + d], k, b, h / dm.group(), dm.visible(i), &mut s);
-            l[h] = log_sum_exp(&s);
-            dl[h] = dot(&dout[qr..qr + d], &o[qr..qr + d]);
+    for (task, o) in heads.iter().enumerate() {
+        let (b, h) = (task / dm.hq, task % dm.hq);
+        for i in 0..dm.tq {
+            let dst = ((b * dm.tq + i) * dm.hq + h) * d;
+            out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
         }
-    });
-    let stat = |b: usize, i: usize, h: usize| (b * dm.tq + i) * dm.hq + h;
+    }
+}
 
-    // dQ_i = scale · Σ_j dS_ij k_j, with dS_ij = P_ij (dO_i·v_j − D_i).
-    let mut dq = vec![0f32; q.len()];
-    dq.par_chunks_mut(dm.hq * d).enumerate().for_each(|(row, dqr)| {
-        let (b, i) = (row / dm.tq, row % dm.tq);
-        let mut s = Vec::new();
-        for h in 0..dm.hq {
-            let g = h / dm.group();
-            let qr = dm.q_row(b, i, h);
-            scores(dm, &q[qr..qr + d], k, b, g, dm.visible(i), &mut s);
-            let (l, dl) = (lse[stat(b, i, h)], delta[stat(b, i, h)]);
-            let dqh = &mut dqr[h * d..(h + 1) * d];
-            for (j, &sj) in s.iter().enumerate() {
-                let kr = dm.k_row(b, j, g);
-                let p = (sj - l).exp();
-                let ds = p * (dot(&dout[qr..qr + d], &v[kr..kr + d]) - dl) * dm.scale;
-                for (a, kv) in dqh.iter_mut().zip(&k[kr..kr + d]) {
-                    *a += ds * kv;
-                }
-            }
-        }
-    });
+/// Gradients of one (batch, kv head) group: dQ of its query heads, dK and dV of the kv head.
+struct GroupGrads {
+    dq: Vec<Vec<f32>>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
 
-    // dK_j, dV_j: one task per (batch, key position) owns that key's rows for all kv heads.
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
-    let off = dm.tk - dm.tq;
-    dk.par_chunks_mut(dm.hkv * d)
-        .zip(dv.par_chunks_mut(dm.hkv * d))
-        .enumerate()
-        .for_each(|(row, (dkr, dvr))| {
-            let (b, j) = (row / dm.tk, row % dm.tk);
-            let first_i = j.saturating_sub(off);
-            for g in 0..dm.hkv {
-                let kr = dm.k_row(b, j, g);
-                let (kj, vj) = (&k[kr..kr + d], &v[kr..kr + d]);
-                let dkh = &mut dkr[g * d..(g + 1) * d];
-                let dvh = &mut dvr[g * d..(g + 1) * d];
-                for h in g * dm.group()..(g + 1) * dm.group() {
-                    for i in first_i..dm.tq {
-                        let qr = dm.q_row(b, i, h);
-                        let (qi, doi) = (&q[qr..qr + d], &dout[qr..qr + d]);
-                        let p = (dot(qi, kj) * dm.scale - lse[stat(b, i, h)]).exp();
-                        let ds = p * (dot(doi, vj) - delta[stat(b, i, h)]) * dm.scale;
-                        for c in 0..d {
-                            dkh[c] += ds * qi[c];
-                            dvh[c] += p * doi[c];
-                        }
+fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (tq, tk, d) = (dm.tq, dm.tk, dm.d);
+    let groups: Vec<GroupGrads> = (0..dm.b * dm.hkv)
+        .into_par_iter()
+        .map(|task| {
+            let (b, g) = (task / dm.hkv, task % dm.hkv);
+            let kv = dm.k_view(b, g);
+            let mut dk = vec![0f32; tk * d];
+            let mut dv = vec![0f32; tk * d];
+            let mut dqs = Vec::with_capacity(dm.group());
+            for h in g * dm.group()..(g + 1) * dm.group() {
+                let qv = dm.q_view(b, h);
+                let p = probabilities(dm, q, k, b, h);
+                // dV += Pᵀ·dO
+                matmul_view(&mut dv, View::rows(0, d), &p, View::rows(0, tk).t(), dout, qv, tk, tq, d, true, 1.0);
+                // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled.
+                let mut ds = vec![0f32; tq * tk];
+                matmul_view(&mut ds, View::rows(0, tk), dout, qv, v, kv.t(), tq, d, tk, false, 1.0);
+                for i in 0..tq {
+                    let r = qv.offset + i * qv.row_stride;
+                    let delta: f32 = dout[r..r + d].iter().zip(&o[r..r + d]).map(|(a, b)| a * b).sum();
+                    let row = &mut ds[i * tk..(i + 1) * tk];
+                    for (s, &pv) in row.iter_mut().zip(&p[i * tk..(i + 1) * tk]) {
+                        *s = pv * (*s - delta) * dm.scale;
                     }
                 }
+                // dQ = dS·K, dK += dSᵀ·Q
+                let mut dq = vec![0f32; tq * d];
+                matmul_view(&mut dq, View::rows(0, d), &ds, View::rows(0, tk), k, kv, tq, tk, d, false, 1.0);
+                matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(0, tk).t(), q, qv, tk, tq, d, true, 1.0);
+                dqs.push(dq);
             }
-        });
+            GroupGrads { dq: dqs, dk, dv }
+        })
+        .collect();
+    let mut dq = vec![0f32; q.len()];
+    let mut dk = vec![0f32; k.len()];
+    let mut dv = vec![0f32; v.len()];
+    for (task, gg) in groups.iter().enumerate() {
+        let (b, g) = (task / dm.hkv, task % dm.hkv);
+        for (hi, block) in gg.dq.iter().enumerate() {
+            let h = g * dm.group() + hi;
+            for i in 0..tq {
+                let dst = ((b * tq + i) * dm.hq + h) * d;
+                dq[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
+            }
+        }
+        for j in 0..tk {
+            let dst = ((b * tk + j) * dm.hkv + g) * d;
+            dk[dst..dst + d].copy_from_slice(&gg.dk[j * d..(j + 1) * d]);
+            dv[dst..dst + d].copy_from_slice(&gg.dv[j * d..(j + 1) * d]);
+        }
+    }
     (dq, dk, dv)
 }
 

@@ -58,3 +58,49 @@ pub fn matmul_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usi
         )
     }
 }
+
+/// A row-major matrix view inside a larger buffer: element `(i, j)` is at
+/// `offset + i * row_stride + j * col_stride`.
+#[derive(Clone, Copy)]
+pub struct View {
+    pub offset: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl View {
+    pub fn rows(offset: usize, row_stride: usize) -> Self {
+        Self { offset, row_stride, col_stride: 1 }
+    }
+    /// The transpose of a row-major view.
+    pub fn t(self) -> Self {
+        Self { offset: self.offset, row_stride: self.col_stride, col_stride: self.row_stride }
+    }
+    fn max_index(&self, rows: usize, cols: usize) -> usize {
+        self.offset + rows.saturating_sub(1) * self.row_stride + cols.saturating_sub(1) * self.col_stride
+    }
+}
+
+/// `c[m,n] = alpha·c + beta·a[m,k]·b[k,n]` on strided views, single-threaded (callers
+/// parallelise over independent products, e.g. attention heads).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_view(
+    c: &mut [f32], cv: View, a: &[f32], av: View, b: &[f32], bv: View,
+    m: usize, k: usize, n: usize, accumulate: bool, beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(cv.max_index(m, n) < c.len() && (k == 0 || (av.max_index(m, k) < a.len() && bv.max_index(k, n) < b.len())));
+    // SAFETY: the assert bounds every element gemm reads or writes through these strides.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            c.as_mut_ptr().add(cv.offset), cv.col_stride as isize, cv.row_stride as isize, accumulate,
+            a.as_ptr().add(av.offset), av.col_stride as isize, av.row_stride as isize,
+            b.as_ptr().add(bv.offset), bv.col_stride as isize, bv.row_stride as isize,
+            1.0, beta, false, false, false,
+            Parallelism::None,
+        )
+    }
+}

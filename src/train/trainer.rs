@@ -72,15 +72,8 @@ fn lora_config(cfg: &TrainConfig) -> LoraConfig {
     }
 }
 
-/// Sets the size of the worker pool once per process (later calls keep the first size).
-pub fn init_threads(threads: usize) {
-    if threads > 0 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    }
-}
-
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    init_threads(cfg.threads);
+    crate::runtime::init_threads(cfg.threads);
     let out = &cfg.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut model = load::load_model(&cfg.base_model)?;
