@@ -4,6 +4,7 @@
 pub mod error;
 pub mod io_util;
 pub mod formats;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

@@ -1,5 +1,6 @@
 //! The command line: `ferrotune train|eval|generate|merge|inspect-data`.
 
+mod bench;
 mod eval;
 mod generate;
 mod inspect;
@@ -82,6 +83,26 @@ pub enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Time LoRA training steps (or forward passes) on a fixed 4×256-token batch; prints JSON.
+    Bench {
+        /// Hugging Face model directory or .gguf file (default: $PEERS_GGUF).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A random model of a known architecture instead (smollm2-135m).
+        #[arg(long)]
+        shape: Option<String>,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Time forward passes only (evaluation throughput).
+        #[arg(long)]
+        forward_only: bool,
+    },
     /// Show how a run plan's data is tokenized, with non-target tokens marked.
     InspectData {
         config: PathBuf,
@@ -106,5 +127,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only } => {
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only };
+            bench::run(model.as_deref(), shape.as_deref(), &opts)
+        }
     }
 }

@@ -65,9 +65,16 @@ impl SiteHook for LoraSite {
             let mask = self.dropout_mask(rows * in_f, ctx, x.device())?.reshape((rows, in_f))?;
             x2 = (x2 * mask)?;
         }
+        // Outside training the parameters enter as constants, so no autograd graph (and none
+        // of the activations it would keep alive) is built for evaluation or generation.
+        let (a, b) = if ctx.train {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_detached_tensor(), self.b.as_detached_tensor())
+        };
         // Same association as PEFT: B(A(x)), then the scaling.
-        let down = x2.matmul(&self.a.as_tensor().t()?)?;
-        let up = down.matmul(&self.b.as_tensor().t()?)?;
+        let down = x2.matmul(&a.t()?)?;
+        let up = down.matmul(&b.t()?)?;
         let delta = (up * self.scaling)?.reshape(y.shape())?;
         y + delta
     }

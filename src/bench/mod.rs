@@ -1,0 +1,148 @@
+//! `ferrotune bench`: the fixed LoRA training workload `../shared/bench/peers/compare.sh` runs
+//! PyTorch + PEFT on (batch 4 × 256 random tokens, LoRA r=16 α=32 on all seven projections,
+//! AdamW lr 2e-4, 2 warm-up + 5 timed steps), so the two can be compared side by side.
+
+use crate::error::{Error, Result};
+use crate::methods::{Lora, LoraConfig, TargetModules};
+use crate::models::{ForwardCtx, Llama, ModelConfig};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::rng::SplitMix64;
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub seq: usize,
+    pub warmup: usize,
+    pub steps: usize,
+    /// Forward only (evaluation throughput) instead of training steps.
+    pub forward_only: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub tokens_per_s: f64,
+    pub peak_rss_mib: f64,
+    pub step_s: Vec<f64>,
+    pub mode: &'static str,
+    pub dtype: &'static str,
+    pub threads: usize,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// SmolLM2-135M's architecture, for benchmarking without the weights.
+pub fn shape_config(name: &str) -> Result<ModelConfig> {
+    match name {
+        "smollm2-135m" => Ok(ModelConfig {
+            model_type: "llama".into(),
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }),
+        other => Err(Error::config("--shape", format!("unknown shape `{other}` (known: smollm2-135m)"))),
+    }
+}
+
+/// A model of the given architecture with small random weights.
+pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Llama> {
+    let mut rng = SplitMix64::new(seed);
+    let mut w = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| -> Result<()> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| offset + scale * (2.0 * rng.next_f32() - 1.0)).collect();
+        w.insert(name, Tensor::from_vec(v, shape, &Device::Cpu)?);
+        Ok(())
+    };
+    let (d, hd, ff) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let s = 1.0 / (d as f32).sqrt();
+    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d], 0.05, 0.0)?;
+    put("model.norm.weight".into(), vec![d], 0.0, 1.0)?;
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        put(format!("{p}.input_layernorm.weight"), vec![d], 0.0, 1.0)?;
+        put(format!("{p}.post_attention_layernorm.weight"), vec![d], 0.0, 1.0)?;
+        put(format!("{p}.self_attn.q_proj.weight"), vec![q, d], s, 0.0)?;
+        put(format!("{p}.self_attn.k_proj.weight"), vec![kv, d], s, 0.0)?;
+        put(format!("{p}.self_attn.v_proj.weight"), vec![kv, d], s, 0.0)?;
+        put(format!("{p}.self_attn.o_proj.weight"), vec![d, q], s, 0.0)?;
+        put(format!("{p}.mlp.gate_proj.weight"), vec![ff, d], s, 0.0)?;
+        put(format!("{p}.mlp.up_proj.weight"), vec![ff, d], s, 0.0)?;
+        put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], 1.0 / (ff as f32).sqrt(), 0.0)?;
+    }
+    Llama::from_weights(cfg, &mut w, Path::new("<random>"))
+}
+
+/// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let cfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::Names(targets.map(String::from).to_vec()), use_rslora: false };
+    let lora = Lora::attach(&mut model, cfg, 1234)?;
+    let params: Vec<Var> = lora.params().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), &params);
+    let (b, t) = (opts.batch, opts.seq);
+    let mut rng = SplitMix64::new(1234);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect();
+    // labels = inputs, shifted inside the loss: position j predicts token j + 1.
+    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
+    let targets = Arc::new(targets);
+    let n_targets = (b * (t - 1)) as f64;
+    let mut step_s = Vec::new();
+    for step in 0..opts.warmup + opts.steps {
+        let t0 = Instant::now();
+        if opts.forward_only {
+            let _ = model.nll(&ids, targets.clone(), b, t, &ForwardCtx::eval())?.sum_all()?.to_scalar::<f32>()?;
+        } else {
+            let loss = model.nll(&ids, targets.clone(), b, t, &ForwardCtx { train: true, seed: step as u64 })?.sum_all()?.affine(1.0 / n_targets, 0.0)?;
+            let grads = loss.backward()?;
+            let g: Vec<Vec<f32>> = params
+                .iter()
+                .map(|p| grads.get(p.as_tensor()).map_or_else(|| Ok(vec![0f32; p.elem_count()]), |g| g.flatten_all()?.to_vec1::<f32>()))
+                .collect::<candle_core::Result<_>>()?;
+            opt.step(&params, &g, 2e-4)?;
+        }
+        if step >= opts.warmup {
+            step_s.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let mean = step_s.iter().sum::<f64>() / step_s.len().max(1) as f64;
+    Ok(BenchReport {
+        tokens_per_s: (b * t) as f64 / mean,
+        peak_rss_mib: peak_rss_mib(),
+        step_s,
+        mode: if opts.forward_only { "forward" } else { "lora-train" },
+        dtype: "f32",
+        threads: rayon::current_num_threads(),
+        batch: b,
+        seq: t,
+    })
+}
