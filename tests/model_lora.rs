@@ -165,3 +165,60 @@ fn peft_adapter_round_trip_and_mismatch_errors() {
     let err = Lora::attach(&mut m3, lora_cfg(TargetModules::Names(vec!["qproj".into()])), 1).err().unwrap().to_string();
     assert!(err.contains("qproj") && err.contains("q_proj"), "{err}");
 }
+
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one");
+    let vocab = write_tiny_hf(&one, &TinySpec::default());
+    // Split the same tensors over two shards with an index, as transformers does.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(one.join(f), sharded.join(f)).unwrap();
+    }
+    let all = ferrotune::formats::safetensors::load_f32(&one.join("model.safetensors")).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let ts: Vec<(String, Tensor)> = part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        ferrotune::formats::safetensors::save(&sharded.join(file), &ts, ferrotune::formats::safetensors::SaveDType::F32, None).unwrap();
+        part.iter().for_each(|n| {
+            map.insert((*n).clone(), serde_json::Value::from(file));
+        });
+    }
+    std::fs::write(sharded.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let x = ids(vocab, 6, 8);
+    assert_eq!(logits(&load::load_model(&one).unwrap(), &x), logits(&load::load_model(&sharded).unwrap(), &x));
+}
+
+#[test]
+fn rslora_scales_by_alpha_over_sqrt_r_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = write_tiny_hf(dir.path(), &TinySpec::default());
+    let x = ids(vocab, 6, 9);
+    let w0 = load::load_model(dir.path()).unwrap().layers[1].o_proj.weight.clone();
+    let mut deltas = vec![];
+    for rs in [false, true] {
+        let mut m = load::load_model(dir.path()).unwrap();
+        let cfg = LoraConfig { use_rslora: rs, ..lora_cfg(TargetModules::Names(vec!["o_proj".into()])) };
+        assert_eq!(cfg.scaling(), if rs { 8.0 / 2.0 } else { 8.0 / 4.0 });
+        let lora = Lora::attach(&mut m, cfg, 3).unwrap();
+        perturb_b(&lora, 4);
+        let want = logits(&m, &x);
+        let ad = dir.path().join(format!("ad-{rs}"));
+        lora.save_peft(&ad, "tiny").unwrap();
+        let mut m2 = load::load_model(dir.path()).unwrap();
+        let back = Lora::load_peft(&mut m2, &ad).unwrap();
+        assert_eq!(back.config.use_rslora, rs);
+        assert_eq!(logits(&m2, &x), want, "use_rslora survives the PEFT round trip");
+        back.merge_into(&mut m2).unwrap();
+        deltas.push((&m2.layers[1].o_proj.weight - &w0).unwrap());
+    }
+    // Same A and B; scaling α/r = 2 vs α/√r = 4: the merged update doubles.
+    let diff = (deltas[1].clone() - (&deltas[0] * 2.0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = deltas[1].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(scale > 1e-3 && diff < 1e-5 * scale.max(1.0), "rsLoRA update is not twice LoRA's: {diff} of {scale}");
+}

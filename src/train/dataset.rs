@@ -25,19 +25,26 @@ pub fn encode_options(cfg: &TrainConfig) -> EncodeOptions {
 
 pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
     let opts = encode_options(cfg);
-    let mut train = Vec::new();
     let (mut skipped, mut truncated) = (0, 0);
-    let mut absorb = |d: EncodedDataset, into: &mut Vec<EncodedExample>| {
+    let mut load = |spec: &DatasetSpec| -> Result<Vec<EncodedExample>> {
+        let d = load_spec(spec, tok, &opts)?;
         skipped += d.stats.without_targets;
         truncated += d.stats.truncated;
-        into.extend(d.examples);
+        Ok(d.examples)
     };
+    let mut train = Vec::new();
     for spec in &cfg.datasets {
-        absorb(load_spec(spec, tok, &opts)?, &mut train);
+        train.extend(load(spec)?);
     }
-    let mut val = Vec::new();
-    match (&cfg.val_set, cfg.val_size) {
-        (Some(spec), _) => absorb(load_spec(spec, tok, &opts)?, &mut val),
+    let explicit_val = cfg.val_set.as_ref().map(&mut load).transpose()?;
+    if train.is_empty() {
+        return Err(Error::config(
+            "datasets",
+            format!("no training example has a target token ({skipped} had none left after truncation to sequence_len = {}); check sequence_len and the dataset formats", cfg.sequence_len),
+        ));
+    }
+    let val = match (explicit_val, cfg.val_size) {
+        (Some(v), _) => v,
         (None, Some(size)) => {
             let n = train.len();
             let k = if size < 1.0 { (size * n as f64).round().max(1.0) as usize } else { size as usize };
@@ -48,7 +55,7 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
             let order = epoch_order(n, cfg.seed ^ 0x5EED_0F5A_11D0, 0, true);
             let mut is_val = vec![false; n];
             order[..k].iter().for_each(|&i| is_val[i] = true);
-            let mut rest = Vec::with_capacity(n - k);
+            let (mut val, mut rest) = (Vec::with_capacity(k), Vec::with_capacity(n - k));
             for (i, e) in train.into_iter().enumerate() {
                 if is_val[i] {
                     val.push(e)
@@ -57,11 +64,9 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
                 }
             }
             train = rest;
+            val
         }
-        (None, None) => {}
-    }
-    if train.is_empty() {
-        return Err(Error::config("datasets", "no training example has a target token left (check sequence_len and the formats)"));
-    }
+        (None, None) => Vec::new(),
+    };
     Ok(Prepared { train, val, skipped, truncated })
 }

@@ -1,0 +1,79 @@
+//! The `ferrotune` binary's command forms, on a tiny model: train (with --set), eval's JSON
+//! last line, merge reproducing base+adapter, generate, inspect-data, and clean failures.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+fn ferrotune(args: &[&str], cwd: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(args).current_dir(cwd).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn last_json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout.lines().last().expect("some stdout")).expect("the last stdout line is JSON")
+}
+
+#[test]
+fn train_eval_merge_generate_inspect() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_tiny_hf(&dir.join("model"), &TinySpec::default());
+    let chat: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("count to {i}")},
+                {"role": "assistant", "content": format!("{}", (0..=i).map(|x| x.to_string()).collect::<Vec<_>>().join(" "))},
+            ]})
+            .to_string()
+        })
+        .collect();
+    write_lines(&dir.join("chat.jsonl"), &chat);
+    write_lines(&dir.join("text.jsonl"), &["{\"text\": \"one two three four\"}".into(), "{\"text\": \"five six\"}".into()]);
+    std::fs::write(
+        dir.join("run.toml"),
+        "base_model = \"model\"\ndatasets = [{ path = \"chat.jsonl\", type = \"chat\" }]\nval_size = 2\nlora_r = 2\nlora_alpha = 4\nmax_steps = 2\nsequence_len = 256\noutput_dir = \"out\"\n",
+    )
+    .unwrap();
+
+    let (ok, out, err) = ferrotune(&["train", "run.toml", "--set", "learning_rate=0.01", "--set", "micro_batch_size=2"], dir);
+    assert!(ok, "train failed: {err}");
+    let summary = last_json(&out);
+    assert_eq!(summary["steps"], 2);
+    assert!(dir.join("out/adapter/adapter_model.safetensors").is_file());
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out/run.json")).unwrap()).unwrap();
+    assert_eq!(run["plan"]["learning_rate"], 0.01, "--set overrides reach the resolved plan");
+    assert_eq!(run["plan"]["micro_batch_size"], 2);
+    let metrics = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap();
+    assert!(metrics.lines().count() >= 3 && metrics.contains("\"grad_norm\""));
+
+    let (ok, out, err) = ferrotune(&["eval", "--model", "model", "--adapter", "out/adapter", "--data", "text.jsonl"], dir);
+    assert!(ok, "eval failed: {err}");
+    let e = last_json(&out);
+    // "one two three four" and "five six" in the tiny byte-level tokenizer: every predicted token counts.
+    assert!(e["tokens"].as_u64().unwrap() > 4);
+    let loss = e["loss"].as_f64().unwrap();
+    assert!((e["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+
+    let (ok, _, err) = ferrotune(&["merge", "--model", "model", "--adapter", "out/adapter", "--out", "merged"], dir);
+    assert!(ok, "merge failed: {err}");
+    let (ok, out, _) = ferrotune(&["eval", "--model", "merged", "--data", "text.jsonl"], dir);
+    assert!(ok);
+    let merged_loss = last_json(&out)["loss"].as_f64().unwrap();
+    assert!((merged_loss - loss).abs() < 1e-5, "merged {merged_loss} vs base+adapter {loss}");
+
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
+    assert!(ok, "generate failed: {err}");
+
+    let (ok, out, err) = ferrotune(&["inspect-data", "run.toml", "-n", "1"], dir);
+    assert!(ok, "inspect-data failed: {err}");
+    assert!(out.contains("[[") && out.contains("targets"), "non-target tokens are marked: {out}");
+
+    // Failures are one clear line on stderr and a non-zero exit, not a panic.
+    let (ok, _, err) = ferrotune(&["eval", "--model", "missing-dir", "--data", "text.jsonl"], dir);
+    assert!(!ok && err.contains("missing-dir") && !err.contains("panicked"), "{err}");
+    let (ok, _, err) = ferrotune(&["train", "run.toml", "--set", "lora_rank=3"], dir);
+    assert!(!ok && err.contains("lora_rank") && !err.contains("panicked"), "{err}");
+}
