@@ -36,8 +36,17 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Uniform in `[0, n)`.
+    /// Uniform in `0..n` (`n > 0`), by rejection so there is no modulo bias.
     pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+        debug_assert!(n > 0);
+        // The top `2^64 mod n` values are rejected so that every residue is equally likely.
+        let rem = (u64::MAX % n + 1) % n;
+        let zone = u64::MAX - rem;
+        loop {
+            let x = self.next_u64();
+            if x <= zone {
+                return x % n;
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Batches of encoded examples, and the (deterministic) order examples are visited in.
 
 use super::encode::{EncodedExample, IGNORE_INDEX};
+use crate::rng::SplitMix64;
 
 /// A padded batch, row-major `[batch_size, seq_len]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,38 +49,6 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
         seq_len: t,
         n_targets,
         lengths,
-    }
-}
-
-/// splitmix64: a small, well-mixed 64-bit generator; the same on every platform.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), by rejection so there is no modulo bias.
-    pub fn below(&mut self, n: u64) -> u64 {
-        debug_assert!(n > 0);
-        // 2^64 mod n values at the top are rejected so that every residue is equally likely.
-        let rem = (u64::MAX % n + 1) % n;
-        let zone = u64::MAX - rem;
-        loop {
-            let x = self.next_u64();
-            if x <= zone {
-                return x % n;
-            }
-        }
     }
 }
 

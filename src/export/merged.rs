@@ -27,15 +27,11 @@ pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<(
             "this model's RoPE uses per-frequency factors (GGUF rope_freqs), which config.json cannot express; refusing to write a model with different positions".into(),
         ));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "merged".into());
-    let tmp = parent.join(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    crate::io_util::write_dir_atomic(out, |tmp| write_files(session, tmp, dtype))
+}
 
+fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {
+    let cfg = &session.model.config;
     let mut json = cfg.to_hf_json();
     json["torch_dtype"] = serde_json::Value::from(match dtype {
         SaveDType::F32 => "float32",
@@ -56,10 +52,7 @@ pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<(
                 }
             }
         }
-        ModelSource::Gguf(_) => session.tokenizer.save_hf_files(&tmp)?,
+        ModelSource::Gguf(_) => session.tokenizer.save_hf_files(tmp)?,
     }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    Ok(())
 }

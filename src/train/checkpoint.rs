@@ -31,27 +31,18 @@ pub fn step_dir(output_dir: &Path, step: usize) -> PathBuf {
 }
 
 pub fn save(dir: &Path, lora: &Lora, opt: &AdamW, state: &TrainerState, base_model: &str) -> Result<()> {
-    let parent = dir.parent().ok_or_else(|| Error::Model(format!("bad checkpoint path {}", dir.display())))?;
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    lora.save_peft(&tmp, base_model)?;
-    let mut tensors = Vec::new();
-    for (i, (key, var)) in lora.params().iter().enumerate() {
-        tensors.push((format!("{key}.exp_avg"), Tensor::from_slice(&opt.exp_avg[i], var.shape(), var.device())?));
-        tensors.push((format!("{key}.exp_avg_sq"), Tensor::from_slice(&opt.exp_avg_sq[i], var.shape(), var.device())?));
-    }
-    let meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
-    st::save(&tmp.join(OPTIMIZER_FILE), &tensors, SaveDType::F32, Some(meta))?;
-    let json = serde_json::to_string_pretty(state).expect("state always serialises");
-    crate::io_util::write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    crate::io_util::write_dir_atomic(dir, |tmp| {
+        lora.save_peft(tmp, base_model)?;
+        let mut tensors = Vec::new();
+        for (i, (key, var)) in lora.params().iter().enumerate() {
+            tensors.push((format!("{key}.exp_avg"), Tensor::from_slice(&opt.exp_avg[i], var.shape(), var.device())?));
+            tensors.push((format!("{key}.exp_avg_sq"), Tensor::from_slice(&opt.exp_avg_sq[i], var.shape(), var.device())?));
+        }
+        let meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
+        st::save(&tmp.join(OPTIMIZER_FILE), &tensors, SaveDType::F32, Some(meta))?;
+        let json = serde_json::to_string_pretty(state).expect("state always serialises");
+        crate::io_util::write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
+    })
 }
 
 /// The checkpoint with the highest step under `output_dir/checkpoints`, if any.

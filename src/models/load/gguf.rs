@@ -103,33 +103,24 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2j + t` is Hugging
 /// Face row `t·(d/2) + j`. Works for weights (`cols` > 1) and biases (`cols` = 1).
 pub fn unpermute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    let head_dim = rows / n_heads;
-    let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_heads {
-        for j in 0..half {
-            for t in 0..2 {
-                let src = (h * head_dim + 2 * j + t) * cols;
-                let dst = (h * head_dim + t * half + j) * cols;
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
-            }
-        }
-    }
-    out
+    reorder_rows(data, n_heads, cols, true)
 }
 
 /// The inverse of [`unpermute_rows`] (for writing GGUF files).
 pub fn permute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let rows = data.len() / cols;
-    let head_dim = rows / n_heads;
+    reorder_rows(data, n_heads, cols, false)
+}
+
+fn reorder_rows(data: &[f32], n_heads: usize, cols: usize, to_hf: bool) -> Vec<f32> {
+    let head_dim = data.len() / cols / n_heads;
     let half = head_dim / 2;
     let mut out = vec![0f32; data.len()];
     for h in 0..n_heads {
         for j in 0..half {
             for t in 0..2 {
-                let dst = (h * head_dim + 2 * j + t) * cols;
-                let src = (h * head_dim + t * half + j) * cols;
+                let gguf_row = (h * head_dim + 2 * j + t) * cols;
+                let hf_row = (h * head_dim + t * half + j) * cols;
+                let (src, dst) = if to_hf { (gguf_row, hf_row) } else { (hf_row, gguf_row) };
                 out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }
