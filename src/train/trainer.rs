@@ -173,7 +173,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         time_total += dt;
         let tps = n_tokens as f64 / dt.max(1e-9);
         last_loss = Some(loss);
-        let log = state.step % cfg.logging_steps.max(1) == 0 || state.step == total_steps;
+        let log = state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == total_steps;
         progress.step(state.step, loss, tps, log);
         let mut m = StepMetrics {
             step: state.step,
@@ -185,14 +185,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             ..Default::default()
         };
         let last = state.step == total_steps;
-        if (cfg.eval_steps > 0 && state.step % cfg.eval_steps == 0) || last {
+        if (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps)) || last {
             m.eval_loss = eval_now(&model)?;
             if let Some(l) = m.eval_loss {
                 progress.println(&format!("step {}: eval loss {l:.4}", state.step));
             }
         }
         metrics.append(&m)?;
-        if (cfg.save_steps > 0 && state.step % cfg.save_steps == 0) || last {
+        if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last {
             let dir = checkpoint::step_dir(out, state.step);
             checkpoint::save(&dir, &lora, &opt, &state, &base_name)?;
             last_ckpt = Some(dir);
