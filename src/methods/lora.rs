@@ -93,12 +93,11 @@ pub fn peft_key(site: &str, which: char) -> String {
 impl Lora {
     /// Attaches freshly initialised adapters (PEFT's default init) to the target sites.
     pub fn attach(model: &mut Llama, config: LoraConfig, seed: u64) -> Result<Self> {
-        Self::attach_with(model, config, |i, site, in_f, out_f, r| {
+        Self::attach_with(model, config, |i, _site, in_f, out_f, r| {
             // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) = 1/√in.
             let bound = 1.0 / (in_f as f32).sqrt();
             let mut rng = SplitMix64::derive(seed, &[0x10a, i as u64]);
             let a: Vec<f32> = (0..r * in_f).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect();
-            let _ = site;
             Ok((Tensor::from_vec(a, (r, in_f), &Device::Cpu)?, Tensor::zeros((out_f, r), candle_core::DType::F32, &Device::Cpu)?))
         })
     }

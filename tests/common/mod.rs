@@ -191,10 +191,10 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, proj_type: GgmlType) {
     for (name, shape, mut v) in tiny_weights(spec, vocab) {
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
         // llama.cpp permutes q/k rows for the llama architecture only.
-        if spec.qkv_bias {
-        } else if name.contains("q_proj") {
+        let permuted = spec.model_type() == "llama";
+        if permuted && name.contains("q_proj") {
             v = ferrotune::models::load::permute_rows(&v, spec.heads, cols);
-        } else if name.contains("k_proj") {
+        } else if permuted && name.contains("k_proj") {
             v = ferrotune::models::load::permute_rows(&v, spec.kv_heads, cols);
         }
         let ty = if shape.len() == 2 && name != "model.embed_tokens.weight" { proj_type } else { GgmlType::F32 };
