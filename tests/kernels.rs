@@ -248,3 +248,30 @@ fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     let bad = Arc::new(vec![vocab as i32; n]);
     assert!(kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), bad).is_err(), "out-of-vocab targets are refused");
 }
+
+#[test]
+fn dropout_mask_is_seeded_scaled_and_reused_by_the_backward() {
+    let x = randn(&[64, 50], 17);
+    let p = 0.25f32;
+    let y = kernels::dropout(&x, p, 5).unwrap();
+    let again = kernels::dropout(&x, p, 5).unwrap();
+    let other = kernels::dropout(&x, p, 6).unwrap();
+    let (xv, yv): (Vec<f32>, Vec<f32>) = (x.flatten_all().unwrap().to_vec1().unwrap(), y.flatten_all().unwrap().to_vec1().unwrap());
+    assert_eq!(yv, again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "same seed, same mask");
+    assert_ne!(yv, other.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "another seed, another mask");
+    let dropped = yv.iter().filter(|v| **v == 0.0).count() as f64 / yv.len() as f64;
+    assert!((dropped - 0.25).abs() < 0.03, "dropped share {dropped}");
+    for (a, b) in xv.iter().zip(&yv) {
+        assert!(*b == 0.0 || (b - a / (1.0 - p)).abs() < 1e-6);
+    }
+    // The gradient is the same mask: d(sum(y ⊙ r))/dx = r ⊙ mask / (1 − p).
+    let v = Var::from_tensor(&x).unwrap();
+    let r = randn(&[64, 50], 18);
+    let g = (kernels::dropout(v.as_tensor(), p, 5).unwrap() * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let gv: Vec<f32> = g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let rv: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+    for i in 0..gv.len() {
+        let want = if yv[i] == 0.0 { 0.0 } else { rv[i] / (1.0 - p) };
+        assert!((gv[i] - want).abs() < 1e-5, "element {i}: {} vs {want}", gv[i]);
+    }
+}

@@ -8,6 +8,7 @@
 
 mod attention;
 mod cross_entropy;
+mod dropout;
 pub mod gemm;
 mod linear;
 mod rmsnorm;
@@ -16,6 +17,7 @@ mod swiglu;
 
 pub use attention::causal_attention;
 pub use cross_entropy::{lm_head_logits, lm_head_nll, IGNORE_INDEX};
+pub use dropout::dropout;
 pub use linear::frozen_linear;
 pub use rmsnorm::rms_norm;
 pub use rope::{rope, RopeTables};

@@ -47,23 +47,13 @@ pub struct LoraSite {
     stream: u64,
 }
 
-impl LoraSite {
-    fn dropout_mask(&self, n: usize, ctx: &ForwardCtx, dev: &Device) -> candle_core::Result<Tensor> {
-        let keep = 1.0 - self.dropout;
-        let mut rng = SplitMix64::derive(ctx.seed, &[self.stream]);
-        let mask: Vec<f32> = (0..n).map(|_| if rng.next_f32() < keep { 1.0 / keep } else { 0.0 }).collect();
-        Tensor::from_vec(mask, n, dev)
-    }
-}
-
 impl SiteHook for LoraSite {
     fn forward(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let in_f = *x.dims().last().unwrap_or(&0);
         let rows = x.elem_count() / in_f.max(1);
         let mut x2 = x.reshape((rows, in_f))?;
         if ctx.train && self.dropout > 0.0 {
-            let mask = self.dropout_mask(rows * in_f, ctx, x.device())?.reshape((rows, in_f))?;
-            x2 = (x2 * mask)?;
+            x2 = crate::kernels::dropout(&x2, self.dropout, SplitMix64::derive(ctx.seed, &[self.stream]).next_u64())?;
         }
         // Outside training the parameters enter as constants, so no autograd graph (and none
         // of the activations it would keep alive) is built for evaluation or generation.
