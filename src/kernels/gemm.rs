@@ -13,50 +13,12 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 
 /// `c[m,n] (+)= a[m,k] · b[n,k]ᵀ` (b stored row-major as `[n, k]`, e.g. a torch Linear weight).
 pub fn matmul_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: the asserts above bound every index gemm touches given these strides.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), 1, k as isize,
-            b.as_ptr(), k as isize, 1,
-            1.0, 1.0, false, false, false,
-            parallelism(m, n, k),
-        )
-    }
+    gemm_views(c, View::rows(0, n), a, View::rows(0, k), b, View::rows(0, k).t(), m, k, n, accumulate, 1.0, parallelism(m, n, k));
 }
 
 /// `c[m,n] (+)= a[m,k] · b[k,n]`.
 pub fn matmul_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: as above.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), 1, k as isize,
-            b.as_ptr(), 1, n as isize,
-            1.0, 1.0, false, false, false,
-            parallelism(m, n, k),
-        )
-    }
-}
-
-/// `c[m,n] (+)= a[k,m]ᵀ · b[k,n]` (a weight-gradient shaped product).
-pub fn matmul_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(a.len() >= k * m && b.len() >= k * n && c.len() >= m * n);
-    // SAFETY: as above.
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), m as isize, 1,
-            b.as_ptr(), 1, n as isize,
-            1.0, 1.0, false, false, false,
-            parallelism(m, n, k),
-        )
-    }
+    gemm_views(c, View::rows(0, n), a, View::rows(0, k), b, View::rows(0, n), m, k, n, accumulate, 1.0, parallelism(m, n, k));
 }
 
 /// A row-major matrix view inside a larger buffer: element `(i, j)` is at
@@ -81,12 +43,20 @@ impl View {
     }
 }
 
-/// `c[m,n] = alpha·c + beta·a[m,k]·b[k,n]` on strided views, single-threaded (callers
-/// parallelise over independent products, e.g. attention heads).
+/// `c[m,n] (+)= beta·a[m,k]·b[k,n]` on strided views, single-threaded (callers parallelise
+/// over independent products, e.g. attention heads).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_view(
     c: &mut [f32], cv: View, a: &[f32], av: View, b: &[f32], bv: View,
     m: usize, k: usize, n: usize, accumulate: bool, beta: f32,
+) {
+    gemm_views(c, cv, a, av, b, bv, m, k, n, accumulate, beta, Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_views(
+    c: &mut [f32], cv: View, a: &[f32], av: View, b: &[f32], bv: View,
+    m: usize, k: usize, n: usize, accumulate: bool, beta: f32, par: Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -100,7 +70,7 @@ pub fn matmul_view(
             a.as_ptr().add(av.offset), av.col_stride as isize, av.row_stride as isize,
             b.as_ptr().add(bv.offset), bv.col_stride as isize, bv.row_stride as isize,
             1.0, beta, false, false, false,
-            Parallelism::None,
+            par,
         )
     }
 }
