@@ -2,7 +2,10 @@
 //! PyTorch + PEFT on (batch 4 × 256 random tokens, LoRA r=16 α=32 on all seven projections,
 //! AdamW lr 2e-4, 2 warm-up + 5 timed steps), so the two can be compared side by side.
 
+use crate::data::Batch;
 use crate::error::{Error, Result};
+use crate::kernels::IGNORE_INDEX;
+use crate::train::trainer::step_gradients;
 use crate::methods::{Lora, LoraConfig, TargetModules};
 use crate::models::{ForwardCtx, Llama, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
@@ -113,22 +116,19 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let mut rng = SplitMix64::new(1234);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect();
     // labels = inputs, shifted inside the loss: position j predicts token j + 1.
-    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
-    let targets = Arc::new(targets);
-    let n_targets = (b * (t - 1)) as f64;
+    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { IGNORE_INDEX } else { ids[i + 1] as i32 }).collect();
+    let n_targets = b * (t - 1);
+    let batch = Batch { input_ids: ids, targets, batch_size: b, seq_len: t, n_targets, lengths: vec![t; b] };
     let mut step_s = Vec::new();
     for step in 0..opts.warmup + opts.steps {
         let t0 = Instant::now();
         if opts.forward_only {
-            let _ = model.nll(&ids, targets.clone(), b, t, &ForwardCtx::eval())?.sum_all()?.to_scalar::<f32>()?;
+            let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), b, t, &ForwardCtx::eval())?;
+            let _ = nll.sum_all()?.to_scalar::<f32>()?;
         } else {
-            let loss = model.nll(&ids, targets.clone(), b, t, &ForwardCtx { train: true, seed: step as u64 })?.sum_all()?.affine(1.0 / n_targets, 0.0)?;
-            let grads = loss.backward()?;
-            let g: Vec<Vec<f32>> = params
-                .iter()
-                .map(|p| grads.get(p.as_tensor()).map_or_else(|| Ok(vec![0f32; p.elem_count()]), |g| g.flatten_all()?.to_vec1::<f32>()))
-                .collect::<candle_core::Result<_>>()?;
-            opt.step(&params, &g, 2e-4)?;
+            // The trainer's own step, so the bench times what `ferrotune train` runs.
+            let (_, grads) = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step)?;
+            opt.step(&params, &grads, 2e-4)?;
         }
         if step >= opts.warmup {
             step_s.push(t0.elapsed().as_secs_f64());

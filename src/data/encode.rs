@@ -12,8 +12,9 @@ use super::formats::{Example, Message};
 use super::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
 
-/// Label value of a position that is not trained on (the Hugging Face convention).
-pub const IGNORE_INDEX: i32 = -100;
+/// Label value of a position that is not trained on (the Hugging Face convention); the loss
+/// kernel defines it, the pipeline writes it.
+pub use crate::kernels::IGNORE_INDEX;
 
 /// How examples become training sequences.
 #[derive(Debug, Clone, PartialEq, Eq)]

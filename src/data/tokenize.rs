@@ -177,22 +177,11 @@ impl TextTokenizer {
             ),
         };
         let pad_id = pad.map(|p| p.1).or(eos_token.as_ref().map(|e| e.1)).unwrap_or(0);
-        Self::finish(inner, tok_path.to_path_buf(), bos_token, eos_token, pad_id, chat_template)
+        Self::from_parts(inner, tok_path.to_path_buf(), bos_token, eos_token, pad_id, chat_template)
     }
 
     /// Assembles a tokenizer from its parts.
     pub fn from_parts(
-        inner: tokenizers::Tokenizer,
-        source: PathBuf,
-        bos_token: Option<(String, u32)>,
-        eos_token: Option<(String, u32)>,
-        pad_id: u32,
-        chat_template: Option<ChatTemplate>,
-    ) -> Result<Self> {
-        Self::finish(inner, source, bos_token, eos_token, pad_id, chat_template)
-    }
-
-    fn finish(
         inner: tokenizers::Tokenizer,
         source: PathBuf,
         bos_token: Option<(String, u32)>,
@@ -247,7 +236,7 @@ impl TextTokenizer {
             .map(|p| p.1)
             .or(built.eos.as_ref().map(|e| e.1))
             .unwrap_or(0);
-        Self::finish(inner, path.to_path_buf(), built.bos, built.eos, pad_id, chat_template)
+        Self::from_parts(inner, path.to_path_buf(), built.bos, built.eos, pad_id, chat_template)
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {

@@ -233,7 +233,7 @@ fn finish(
 
 /// Forward and backward over one optimizer step's micro-batches; returns the step loss and
 /// the summed gradients, one buffer per parameter.
-fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], n_targets: usize, seed: u64, step: usize) -> Result<(f64, Vec<Vec<f32>>)> {
+pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], n_targets: usize, seed: u64, step: usize) -> Result<(f64, Vec<Vec<f32>>)> {
     let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
     let mut loss = 0f64;
     if n_targets == 0 {
