@@ -242,11 +242,11 @@ fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     };
     let w2 = randn(&[vocab, d], 16);
     let tg2 = targets.clone();
-    check(&[h.clone()], &move |a| kernels::lm_head_nll(&a[0], &w2, tg2.clone()).unwrap(), &reference, 1e-4);
-    let nll = kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), targets).unwrap();
+    check(&[h.clone()], &move |a| kernels::lm_head_nll(&a[0], &w2, tg2.clone(), true).unwrap(), &reference, 1e-4);
+    let nll = kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), targets, false).unwrap();
     assert_eq!(nll.i(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "ignored rows have zero loss");
     let bad = Arc::new(vec![vocab as i32; n]);
-    assert!(kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), bad).is_err(), "out-of-vocab targets are refused");
+    assert!(kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), bad, false).is_err(), "out-of-vocab targets are refused");
 }
 
 #[test]
@@ -274,4 +274,36 @@ fn dropout_mask_is_seeded_scaled_and_reused_by_the_backward() {
         let want = if yv[i] == 0.0 { 0.0 } else { rv[i] / (1.0 - p) };
         assert!((gv[i] - want).abs() < 1e-5, "element {i}: {} vs {want}", gv[i]);
     }
+}
+
+#[test]
+fn lora_linear_matches_the_unfused_branch_with_and_without_dropout() {
+    // Big enough (rows × features) that the GEMMs run multi-threaded.
+    let (rows, d_in, d_out, r) = (40, 48, 36, 4);
+    let x = randn(&[2, rows / 2, d_in], 19);
+    let w = randn(&[d_out, d_in], 20);
+    let a = randn(&[r, d_in], 21);
+    let b = randn(&[d_out, r], 22);
+    let s = 1.5f32;
+    for p in [0.0f32, 0.3] {
+        let (w1, w2) = (w.clone(), w.clone());
+        let reference = move |t: &[Tensor]| {
+            let xd = kernels::dropout(&t[0], p, 7).unwrap();
+            let base = t[0].broadcast_matmul(&w1.t().unwrap()).unwrap();
+            let branch = xd.broadcast_matmul(&t[1].t().unwrap()).unwrap().broadcast_matmul(&t[2].t().unwrap()).unwrap();
+            (base + (branch * s as f64).unwrap()).unwrap()
+        };
+        check(
+            &[x.clone(), a.clone(), b.clone()],
+            &move |t| kernels::lora_linear(&t[0], &w2, &t[1], &t[2], s, p, 7).unwrap(),
+            &reference,
+            1e-4,
+        );
+    }
+    // The frozen weight never gets a gradient, even when passed as a variable.
+    let wv = Var::from_tensor(&w).unwrap();
+    let av = Var::from_tensor(&a).unwrap();
+    let y = kernels::lora_linear(&x, wv.as_tensor(), av.as_tensor(), &b, s, 0.0, 0).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(wv.as_tensor()).is_none() && g.get(av.as_tensor()).is_some());
 }

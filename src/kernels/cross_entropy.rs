@@ -4,12 +4,15 @@
 //!
 //! The op returns the per-token NLL (0 where the target is ignored); the caller sums and
 //! normalises it, which keeps "mean over all target tokens of the optimizer step" a caller's
-//! decision. The backward recomputes each chunk's logits instead of storing them.
+//! decision. When the caller will want the gradient, the forward also forms each row's
+//! `∂nll_i/∂h_i = (softmax − onehot)·W` while the chunk's logits are at hand and keeps only
+//! that (`tokens × hidden`, a few MB): the backward then just scales rows, instead of
+//! recomputing the logits GEMM.
 
 use super::{f32_slice, gemm::matmul_nn, gemm::matmul_nt, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Label value meaning "no loss at this position" (transformers' convention).
 pub const IGNORE_INDEX: i32 = -100;
@@ -19,6 +22,10 @@ const CHUNK_ROWS: usize = 128;
 
 struct LmHeadNll {
     targets: Arc<Vec<i32>>,
+    /// Form the per-row gradients during the forward.
+    want_grad: bool,
+    /// `∂nll_i/∂h_i` for every row (zero rows where the target is ignored).
+    row_grads: Mutex<Option<Vec<f32>>>,
 }
 
 impl LmHeadNll {
@@ -74,46 +81,47 @@ impl CustomOp2 for LmHeadNll {
             bail!("lm-head-nll: target id {bad} outside the vocabulary of {vocab}");
         }
         let mut nll = vec![0f32; n];
+        let mut row_grads = if self.want_grad { Some(vec![0f32; n * d]) } else { None };
         for rows in self.active_rows().chunks(CHUNK_ROWS) {
-            let logits = Self::chunk_logits(h, w, rows, d, vocab);
+            let mut logits = Self::chunk_logits(h, w, rows, d, vocab);
             let vals: Vec<f32> = logits
-                .par_chunks(vocab)
+                .par_chunks_mut(vocab)
                 .zip(rows.par_iter())
-                .map(|(l, &r)| log_sum_exp(l) - l[self.targets[r] as usize])
+                .map(|(l, &r)| {
+                    let target = self.targets[r] as usize;
+                    let lse = log_sum_exp(l);
+                    let val = lse - l[target];
+                    if self.want_grad {
+                        // The logits become ∂nll/∂logits = softmax − onehot(target).
+                        l.iter_mut().for_each(|v| *v = (*v - lse).exp());
+                        l[target] -= 1.0;
+                    }
+                    val
+                })
                 .collect();
             for (&r, v) in rows.iter().zip(vals) {
                 nll[r] = v;
             }
+            if let Some(dh) = row_grads.as_mut() {
+                let mut dhc = vec![0f32; rows.len() * d];
+                matmul_nn(&mut dhc, &logits, w, rows.len(), vocab, d, false);
+                for (i, &r) in rows.iter().enumerate() {
+                    dh[r * d..(r + 1) * d].copy_from_slice(&dhc[i * d..(i + 1) * d]);
+                }
+            }
         }
+        *self.row_grads.lock().unwrap() = row_grads;
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
-    fn bwd(&self, h_t: &Tensor, w_t: &Tensor, _res: &Tensor, g_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, d) = h_t.dims2()?;
-        let vocab = w_t.dim(0)?;
-        let dh = with_f32(h_t, self.name(), |h| {
-            with_f32(w_t, self.name(), |w| {
-                with_f32(g_t, self.name(), |g| {
-                    let mut dh = vec![0f32; n * d];
-                    for rows in self.active_rows().chunks(CHUNK_ROWS) {
-                        let mut p = Self::chunk_logits(h, w, rows, d, vocab);
-                        // dlogits = g · (softmax − onehot(target))
-                        p.par_chunks_mut(vocab).zip(rows.par_iter()).for_each(|(l, &r)| {
-                            let lse = log_sum_exp(l);
-                            for v in l.iter_mut() {
-                                *v = (*v - lse).exp() * g[r];
-                            }
-                            l[self.targets[r] as usize] -= g[r];
-                        });
-                        let mut dhc = vec![0f32; rows.len() * d];
-                        matmul_nn(&mut dhc, &p, w, rows.len(), vocab, d, false);
-                        for (i, &r) in rows.iter().enumerate() {
-                            dh[r * d..(r + 1) * d].copy_from_slice(&dhc[i * d..(i + 1) * d]);
-                        }
-                    }
-                    Ok(dh)
-                })
-            })
+    fn bwd(&self, h_t: &Tensor, _w: &Tensor, _res: &Tensor, g_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = h_t.dim(1)?;
+        let Some(mut dh) = self.row_grads.lock().unwrap().take() else {
+            bail!("lm-head-nll: a gradient was asked of a forward run without `want_grad`");
+        };
+        with_f32(g_t, self.name(), |g| {
+            dh.par_chunks_mut(d).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|v| *v *= gi));
+            Ok(())
         })?;
         Ok((Some(Tensor::from_vec(dh, h_t.shape(), h_t.device())?), None))
     }
@@ -121,9 +129,11 @@ impl CustomOp2 for LmHeadNll {
 
 /// Per-token negative log-likelihood of `targets` under `softmax(h · Wᵀ)`, for hidden states
 /// `h: [n, d]` and LM head `W: [vocab, d]`; `[n]`, zero where the target is [`IGNORE_INDEX`].
-/// Gradients flow to `h` only (the head is frozen).
-pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: Arc<Vec<i32>>) -> Result<Tensor> {
-    h.contiguous()?.apply_op2(&w.contiguous()?, LmHeadNll { targets })
+/// Gradients flow to `h` only (the head is frozen), and only when `want_grad` (which costs a
+/// second GEMM in the forward; evaluation passes `false`).
+pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: Arc<Vec<i32>>, want_grad: bool) -> Result<Tensor> {
+    let op = LmHeadNll { targets, want_grad, row_grads: Mutex::new(None) };
+    h.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
 /// Full logits `[n, vocab]` for inference (generation, logit checks); no gradient.

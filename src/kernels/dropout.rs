@@ -56,6 +56,12 @@ impl CustomOp1 for Dropout {
     }
 }
 
+/// The dropout mask for `(p, seed)` applied to a slice: what [`dropout`] computes, for kernels
+/// that fuse dropout into a larger op.
+pub(crate) fn apply_mask(src: &[f32], p: f32, seed: u64) -> Vec<f32> {
+    Dropout { seed, p }.apply(src)
+}
+
 /// Zeroes each element with probability `p` and scales the rest by `1/(1−p)`; the same
 /// `seed` gives the same mask.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {

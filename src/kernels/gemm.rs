@@ -21,6 +21,25 @@ pub fn matmul_nn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usi
     gemm_views(c, View::rows(0, n), a, View::rows(0, k), b, View::rows(0, n), m, k, n, accumulate, 1.0, parallelism(m, n, k));
 }
 
+/// `c[m,n] = accumulate·c + beta·a[m,k] · b[n,k]ᵀ`: [`matmul_nt`] with the product scaled.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt_scaled(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool, beta: f32) {
+    gemm_views(c, View::rows(0, n), a, View::rows(0, k), b, View::rows(0, k).t(), m, k, n, accumulate, beta, parallelism(m, n, k));
+}
+
+/// `c[m,n] = accumulate·c + beta·a[m,k] · b[k,n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn_scaled(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool, beta: f32) {
+    gemm_views(c, View::rows(0, n), a, View::rows(0, k), b, View::rows(0, n), m, k, n, accumulate, beta, parallelism(m, n, k));
+}
+
+/// `c[m,n] = accumulate·c + beta·a[k,m]ᵀ · b[k,n]` (both operands stored with `k` rows: the
+/// weight-gradient shape `dyᵀ·x`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_tn_scaled(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool, beta: f32) {
+    gemm_views(c, View::rows(0, n), a, View::rows(0, m).t(), b, View::rows(0, n), m, k, n, accumulate, beta, parallelism(m, n, k));
+}
+
 /// A row-major matrix view inside a larger buffer: element `(i, j)` is at
 /// `offset + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy)]

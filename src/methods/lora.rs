@@ -48,13 +48,7 @@ pub struct LoraSite {
 }
 
 impl SiteHook for LoraSite {
-    fn forward(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let in_f = *x.dims().last().unwrap_or(&0);
-        let rows = x.elem_count() / in_f.max(1);
-        let mut x2 = x.reshape((rows, in_f))?;
-        if ctx.train && self.dropout > 0.0 {
-            x2 = crate::kernels::dropout(&x2, self.dropout, SplitMix64::derive(ctx.seed, &[self.stream]).next_u64())?;
-        }
+    fn forward(&self, x: &Tensor, w0: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         // Outside training the parameters enter as constants, so no autograd graph (and none
         // of the activations it would keep alive) is built for evaluation or generation.
         let (a, b) = if ctx.train {
@@ -62,11 +56,9 @@ impl SiteHook for LoraSite {
         } else {
             (self.a.as_detached_tensor(), self.b.as_detached_tensor())
         };
-        // Same association as PEFT: B(A(x)), then the scaling.
-        let down = x2.matmul(&a.t()?)?;
-        let up = down.matmul(&b.t()?)?;
-        let delta = (up * self.scaling)?.reshape(y.shape())?;
-        y + delta
+        let dropout = if ctx.train { self.dropout } else { 0.0 };
+        let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
+        crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)
     }
 }
 

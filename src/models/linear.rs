@@ -20,9 +20,11 @@ impl ForwardCtx {
     }
 }
 
-/// What a method adds to a linear site. `y` is the base output `x·W0ᵀ + b`.
+/// What a method does at a linear site. The hook computes the whole product, base included,
+/// so that a method can fuse its branch with the base matmul; the site adds the bias after.
 pub trait SiteHook: Send + Sync {
-    fn forward(&self, x: &Tensor, y: Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// `x·W0ᵀ` plus the method's contribution, for the frozen base weight `w0: [out, in]`.
+    fn forward(&self, x: &Tensor, w0: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
 }
 
 /// A site as methods see it: its name and shape.
@@ -59,12 +61,12 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mut y = kernels::frozen_linear(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        match &self.hook {
-            Some(h) => h.forward(x, y, ctx),
+        let y = match &self.hook {
+            Some(h) => h.forward(x, &self.weight, ctx)?,
+            None => kernels::frozen_linear(x, &self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }

@@ -218,7 +218,7 @@ impl Llama {
     /// Per-position NLL `[b·t]` of next-token `targets` (−100 = ignored).
     pub fn nll(&self, ids: &[u32], targets: Arc<Vec<i32>>, b: usize, t: usize, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, b, t, None, ctx)?;
-        kernels::lm_head_nll(&h, self.head_weight(), targets)
+        kernels::lm_head_nll(&h, self.head_weight(), targets, ctx.train)
     }
 
     /// Logits `[b·t, vocab]`; used for generation and checks, never for training.

@@ -1,0 +1,119 @@
+//! A frozen linear layer with a LoRA branch, as one op:
+//! `y = x·W0ᵀ + s · (drop(x)·Aᵀ)·Bᵀ`.
+//!
+//! Built from candle ops the branch costs two transposes, four small matmuls on candle's
+//! single-threaded element-wise path, a scaling, an add and, in the backward, a gradient
+//! accumulation for `x` (which feeds both the base and the branch). Here every product is one
+//! call into the multi-threaded GEMM, the scaling rides on the GEMM's `beta`, the branch is
+//! added into the base output in place, and the backward writes `dx` once. The rank-r
+//! intermediate `drop(x)·Aᵀ` is recomputed in the backward rather than kept.
+
+use super::dropout::apply_mask;
+use super::gemm::{matmul_nn, matmul_nn_scaled, matmul_nt, matmul_nt_scaled, matmul_tn_scaled};
+use super::{f32_slice, with_f32};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+struct LoraLinear {
+    /// Frozen base weight `[out, in]`.
+    w: Tensor,
+    scaling: f32,
+    dropout: f32,
+    seed: u64,
+}
+
+impl LoraLinear {
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        if self.dropout > 0.0 {
+            apply_mask(x, self.dropout, self.seed).into()
+        } else {
+            x.into()
+        }
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout, sa: &CpuStorage, la: &Layout, sb: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(sx, lx, self.name())?;
+        let a = f32_slice(sa, la, self.name())?;
+        let b = f32_slice(sb, lb, self.name())?;
+        let (out_f, in_f) = self.w.dims2()?;
+        let (r, a_in) = la.shape().dims2()?;
+        let (b_out, b_r) = lb.shape().dims2()?;
+        let dims = lx.shape().dims();
+        if dims.last() != Some(&in_f) || a_in != in_f || b_out != out_f || b_r != r {
+            bail!("lora-linear: x {dims:?}, W [{out_f}, {in_f}], A {:?}, B {:?} do not fit", la.dims(), lb.dims());
+        }
+        let rows = x.len() / in_f.max(1);
+        let xd = self.dropped(x);
+        let mut h = vec![0f32; rows * r];
+        matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
+        let mut y = vec![0f32; rows * out_f];
+        with_f32(&self.w, self.name(), |w| {
+            matmul_nt(&mut y, x, w, rows, in_f, out_f, false);
+            Ok(())
+        })?;
+        matmul_nt_scaled(&mut y, &h, b, rows, r, out_f, true, self.scaling);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, x_t: &Tensor, a_t: &Tensor, b_t: &Tensor, _res: &Tensor, dy_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_f, in_f) = self.w.dims2()?;
+        let r = a_t.dim(0)?;
+        let rows = x_t.elem_count() / in_f.max(1);
+        let s = self.scaling;
+        let name = self.name();
+        let (dx, da, db) = with_f32(x_t, name, |x| {
+            with_f32(a_t, name, |a| {
+                with_f32(b_t, name, |b| {
+                    with_f32(dy_t, name, |dy| {
+                        with_f32(&self.w, name, |w| {
+                            let xd = self.dropped(x);
+                            let mut h = vec![0f32; rows * r];
+                            matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
+                            // dB = s·dyᵀ·h
+                            let mut db = vec![0f32; out_f * r];
+                            matmul_tn_scaled(&mut db, dy, &h, out_f, rows, r, false, s);
+                            // gh = s·dy·B, the gradient reaching the branch's rank-r activations
+                            let mut gh = vec![0f32; rows * r];
+                            matmul_nn_scaled(&mut gh, dy, b, rows, out_f, r, false, s);
+                            // dA = ghᵀ·drop(x)
+                            let mut da = vec![0f32; r * in_f];
+                            matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
+                            // dx = dy·W0 + drop'(gh·A)
+                            let mut dx = vec![0f32; rows * in_f];
+                            matmul_nn(&mut dx, dy, w, rows, out_f, in_f, false);
+                            if self.dropout > 0.0 {
+                                let mut t = vec![0f32; rows * in_f];
+                                matmul_nn(&mut t, &gh, a, rows, r, in_f, false);
+                                let t = apply_mask(&t, self.dropout, self.seed);
+                                dx.iter_mut().zip(t).for_each(|(d, v)| *d += v);
+                            } else {
+                                matmul_nn_scaled(&mut dx, &gh, a, rows, r, in_f, true, 1.0);
+                            }
+                            Ok((dx, da, db))
+                        })
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x_t.shape(), x_t.device())?),
+            Some(Tensor::from_vec(da, a_t.shape(), a_t.device())?),
+            Some(Tensor::from_vec(db, b_t.shape(), b_t.device())?),
+        ))
+    }
+}
+
+/// `x·Wᵀ + scaling · (dropout(x)·Aᵀ)·Bᵀ` for `x: [.., in]`, frozen `W: [out, in]`, `A: [r, in]`,
+/// `B: [out, r]`. Gradients flow to `x`, `A` and `B`; the dropout mask is a function of
+/// `seed` (as [`super::dropout`]), and `dropout = 0` disables it.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f32, dropout: f32, seed: u64) -> Result<Tensor> {
+    let op = LoraLinear { w: w.contiguous()?, scaling, dropout, seed };
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
+}
