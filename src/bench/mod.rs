@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Forward only (evaluation throughput) instead of training steps.
     pub forward_only: bool,
+    /// `lora`, `rslora`, or `none` (the bare base model; forward-only only).
+    pub method: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,7 +34,12 @@ pub struct BenchReport {
     pub tokens_per_s: f64,
     pub peak_rss_mib: f64,
     pub step_s: Vec<f64>,
+    /// Useful FLOPs per step divided by the measured GEMM peak ([`gemm_peak_gflops`]).
+    pub mfu: f64,
+    pub flops_per_token: f64,
+    pub gemm_peak_gflops: f64,
     pub mode: &'static str,
+    pub method: String,
     pub dtype: &'static str,
     pub threads: usize,
     pub batch: usize,
@@ -106,11 +113,63 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// Useful FLOPs per token of one step: 2 per weight for each product with a frozen weight
+/// (forward, plus the input gradient when training), 6 per trainable adapter weight (forward,
+/// input and weight gradients), and the attention products `Q·Kᵀ` and `P·V` over the full
+/// `seq × seq` square (as usually counted; the causal half is what actually runs).
+pub fn flops_per_token(cfg: &ModelConfig, seq: usize, adapter_params: usize, training: bool) -> f64 {
+    let (d, ff, hd) = (cfg.hidden_size as f64, cfg.intermediate_size as f64, cfg.head_dim as f64);
+    let (q, kv) = (cfg.num_attention_heads as f64 * hd, cfg.num_key_value_heads as f64 * hd);
+    let layers = cfg.num_hidden_layers as f64;
+    let frozen = layers * (d * q + 2.0 * d * kv + q * d + 3.0 * d * ff) + cfg.vocab_size as f64 * d;
+    let attention = layers * 4.0 * seq as f64 * q;
+    if training {
+        4.0 * frozen + 6.0 * adapter_params as f64 + 3.0 * attention
+    } else {
+        2.0 * frozen + 2.0 * adapter_params as f64 + attention
+    }
+}
+
+/// The best f32 GEMM rate (GFLOP/s) this machine reaches through our GEMM wrapper on the
+/// current thread pool, over a large square product and the workload's own MLP shape: the
+/// ceiling MFU is measured against. Each shape's rate is the median of 9 runs: this machine's
+/// single runs scatter by ±30%, and a lucky outlier is not a peak the workload could sustain.
+pub fn gemm_peak_gflops() -> f64 {
+    let mut best = 0f64;
+    for (m, k, n) in [(1024, 1024, 1024), (1024, 576, 1536), (2048, 2048, 512)] {
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; n * k];
+        let mut c = vec![0f32; m * n];
+        let mut rates: Vec<f64> = (0..9)
+            .map(|_| {
+                let t0 = Instant::now();
+                crate::kernels::gemm::matmul_nt(&mut c, &a, &b, m, k, n, false);
+                2.0 * (m * k * n) as f64 / t0.elapsed().as_secs_f64() / 1e9
+            })
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        best = best.max(rates[rates.len() / 2]);
+    }
+    best
+}
+
 pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let cfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::Names(targets.map(String::from).to_vec()), use_rslora: false };
-    let lora = Lora::attach(&mut model, cfg, 1234)?;
-    let params: Vec<Var> = lora.params().into_iter().map(|(_, v)| v).collect();
+    let use_rslora = match opts.method.as_str() {
+        "lora" => false,
+        "rslora" => true,
+        "none" if opts.forward_only => false,
+        "none" => return Err(Error::config("--method", "`none` trains nothing: use it with --forward-only")),
+        other => return Err(Error::config("--method", format!("unknown method `{other}` (known: lora, rslora, none)"))),
+    };
+    let params: Vec<Var> = if opts.method == "none" {
+        Vec::new()
+    } else {
+        let cfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::Names(targets.map(String::from).to_vec()), use_rslora };
+        let lora = Lora::attach(&mut model, cfg, 1234)?;
+        lora.params().into_iter().map(|(_, v)| v).collect()
+    };
+    let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let (b, t) = (opts.batch, opts.seq);
     let mut rng = SplitMix64::new(1234);
@@ -135,8 +194,15 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let mean = step_s.iter().sum::<f64>() / step_s.len().max(1) as f64;
+    let tokens_per_s = (b * t) as f64 / mean;
+    let flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
+    let peak = gemm_peak_gflops();
     Ok(BenchReport {
-        tokens_per_s: (b * t) as f64 / mean,
+        tokens_per_s,
+        mfu: tokens_per_s * flops / (peak * 1e9),
+        flops_per_token: flops,
+        gemm_peak_gflops: peak,
+        method: opts.method.clone(),
         peak_rss_mib: peak_rss_mib(),
         step_s,
         mode: if opts.forward_only { "forward" } else { "lora-train" },

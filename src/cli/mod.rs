@@ -102,6 +102,10 @@ pub enum Command {
         /// Time forward passes only (evaluation throughput).
         #[arg(long)]
         forward_only: bool,
+        /// What to attach: lora, rslora (r=16, α=32, all seven projections) or none (the bare
+        /// base model, forward-only). Default: lora when training, none with --forward-only.
+        #[arg(long)]
+        method: Option<String>,
     },
     /// Show how a run plan's data is tokenized, with non-target tokens marked.
     InspectData {
@@ -127,8 +131,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
-        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only } => {
-            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only };
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, method } => {
+            let method = method.unwrap_or_else(|| if forward_only { "none" } else { "lora" }.to_string());
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method };
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }

@@ -7,6 +7,7 @@
 //! output; the backward recomputes `P` from q and k (as flash attention does). A task holds its
 //! head's `t_q × t_k` scores while it runs, one head per thread at a time, never all heads.
 
+use super::vexp::exp_sub;
 use super::gemm::{matmul_view, View};
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -62,12 +63,8 @@ fn probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize) -> Vec<f32
         let n = dm.visible(i);
         let (live, masked) = row.split_at_mut(n);
         let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in live.iter_mut() {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        exp_sub(live, m);
+        let inv = 1.0 / live.iter().sum::<f32>();
         live.iter_mut().for_each(|v| *v *= inv);
         masked.fill(0.0);
     }

@@ -9,6 +9,7 @@
 //! that (`tokens × hidden`, a few MB): the backward then just scales rows, instead of
 //! recomputing the logits GEMM.
 
+use super::vexp::{exp_sub, lane_sum};
 use super::{f32_slice, gemm::matmul_nn, gemm::matmul_nt, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -45,23 +46,14 @@ impl LmHeadNll {
     }
 }
 
-/// Log-sum-exp of a logit row. The sum runs over the whole vocabulary (tens of thousands of
-/// terms), where a plain f32 running sum drifts by ~1e-4 relative; eight f32 lanes (as
-/// vectorised libraries sum) folded into an f64 keep it at f32 rounding level.
-fn log_sum_exp(row: &[f32]) -> f32 {
+/// Replaces a logit row by `exp(logit − max)` and returns its log-sum-exp and the sum of the
+/// exponentials. The sum runs over the whole vocabulary (tens of thousands of terms), where a
+/// plain f32 running sum drifts by ~1e-4 relative; [`lane_sum`] keeps it at rounding level.
+fn exp_in_place(row: &mut [f32]) -> (f32, f64) {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut lanes = [0f32; 8];
-    let mut total = 0f64;
-    for chunk in row.chunks(1024) {
-        for block in chunk.chunks(8) {
-            for (l, v) in lanes.iter_mut().zip(block) {
-                *l += (v - m).exp();
-            }
-        }
-        total += lanes.iter().map(|&x| x as f64).sum::<f64>();
-        lanes = [0f32; 8];
-    }
-    m + total.ln() as f32
+    exp_sub(row, m);
+    let sum = lane_sum(row);
+    (m + sum.ln() as f32, sum)
 }
 
 impl CustomOp2 for LmHeadNll {
@@ -89,14 +81,15 @@ impl CustomOp2 for LmHeadNll {
                 .zip(rows.par_iter())
                 .map(|(l, &r)| {
                     let target = self.targets[r] as usize;
-                    let lse = log_sum_exp(l);
-                    let val = lse - l[target];
+                    let target_logit = l[target];
+                    let (lse, sum) = exp_in_place(l);
                     if self.want_grad {
-                        // The logits become ∂nll/∂logits = softmax − onehot(target).
-                        l.iter_mut().for_each(|v| *v = (*v - lse).exp());
+                        // The row becomes ∂nll/∂logits = softmax − onehot(target).
+                        let inv = (1.0 / sum) as f32;
+                        l.iter_mut().for_each(|v| *v *= inv);
                         l[target] -= 1.0;
                     }
-                    val
+                    lse - target_logit
                 })
                 .collect();
             for (&r, v) in rows.iter().zip(vals) {

@@ -15,6 +15,7 @@ mod lora_linear;
 mod rmsnorm;
 mod rope;
 mod swiglu;
+pub(crate) mod vexp;
 
 pub use attention::causal_attention;
 pub use cross_entropy::{lm_head_logits, lm_head_nll, IGNORE_INDEX};
