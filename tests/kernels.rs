@@ -2,7 +2,8 @@
 //! forward and gradients, and (b) central finite differences of a random projection of its output.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
-use ferrotune::kernels::{self, RopeTables};
+use ferrotune::formats::gguf::quants::{self, GgmlType};
+use ferrotune::kernels::{self, FrozenWeight, RopeTables};
 use std::sync::Arc;
 
 const DEV: Device = Device::Cpu;
@@ -84,25 +85,61 @@ fn check(
     }
 }
 
+fn frozen(t: &Tensor) -> FrozenWeight {
+    FrozenWeight::from_tensor(t).unwrap()
+}
+
 #[test]
-fn frozen_linear_matches_matmul_and_gives_no_weight_gradient() {
+fn frozen_linear_matches_matmul() {
     let x = randn(&[2, 5, 12], 1);
     let w = randn(&[7, 12], 2);
-    let y = kernels::frozen_linear(&Var::from_tensor(&x).unwrap(), &w).unwrap();
+    let fw = frozen(&w);
+    let y = kernels::frozen_linear(&Var::from_tensor(&x).unwrap(), &fw).unwrap();
     let y_ref = x.matmul(&w.t().unwrap().broadcast_left(2).unwrap()).unwrap();
     assert!(max_rel(&y, &y_ref) < 1e-5);
     // Input gradient against autograd and finite differences; W enters as a constant.
     check(
         &[x],
-        &|a| kernels::frozen_linear(&a[0], &w).unwrap(),
+        &|a| kernels::frozen_linear(&a[0], &fw).unwrap(),
         &|a| a[0].broadcast_matmul(&w.t().unwrap()).unwrap(),
         1e-4,
     );
-    // A weight given as a variable still gets no gradient: it is frozen by construction.
-    let wv = Var::from_tensor(&w).unwrap();
-    let y = kernels::frozen_linear(&Var::from_tensor(&randn(&[3, 12], 3)).unwrap(), wv.as_tensor()).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    assert!(grads.get(wv.as_tensor()).is_none());
+}
+
+/// For every storage type a GGUF base may arrive in: the tiled product on the blocks equals
+/// dequantize-then-matmul (forward and input gradient) within f32 rounding. The matrix is tall
+/// enough (300 rows of 512) to span several tiles, one of them partial.
+#[test]
+fn frozen_linear_on_gguf_blocks_equals_dequantize_then_matmul() {
+    let (out_f, in_f) = (300, 512);
+    let w = randn(&[out_f, in_f], 23);
+    let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+    let x = randn(&[3, 7, in_f], 24);
+    let dy = randn(&[3, 7, out_f], 25);
+    for ty in [GgmlType::BF16, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let bytes = quants::quantize(ty, &wv).unwrap();
+        let fw = FrozenWeight::from_blocks(ty, bytes.clone(), out_f, in_f).unwrap();
+        assert_eq!(fw.storage_bytes(), bytes.len());
+        let deq = Tensor::from_vec(quants::dequantize(ty, &bytes, out_f * in_f).unwrap(), (out_f, in_f), &DEV).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = kernels::frozen_linear(xv.as_tensor(), &fw).unwrap();
+        let y_ref = x.broadcast_matmul(&deq.t().unwrap()).unwrap();
+        let err = max_rel(&y, &y_ref);
+        assert!(err < 1e-5, "{ty}: forward differs from dequantize-then-matmul by {err}");
+        let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx_ref = dy.broadcast_matmul(&deq).unwrap();
+        let err = max_rel(g.get(xv.as_tensor()).unwrap(), &dx_ref);
+        assert!(err < 1e-5, "{ty}: input gradient differs by {err}");
+        // The fused LoRA op reads the same blocks.
+        let a = randn(&[4, in_f], 26);
+        let b = randn(&[out_f, 4], 27);
+        let yl = kernels::lora_linear(&x, &fw, &a, &b, 0.5, 0.0, 0).unwrap();
+        let yl_ref = (&y_ref + (x.broadcast_matmul(&a.t().unwrap()).unwrap().broadcast_matmul(&b.t().unwrap()).unwrap() * 0.5).unwrap()).unwrap();
+        assert!(max_rel(&yl, &yl_ref) < 1e-5, "{ty}: lora-linear on blocks");
+    }
+    // Rows that are not whole blocks are refused, not misread.
+    assert!(FrozenWeight::from_blocks(GgmlType::Q4K, vec![0; 144], 1, 255).is_err());
+    assert!(FrozenWeight::from_blocks(GgmlType::Q8_0, vec![0; 10], 1, 32).is_err());
 }
 
 fn rms_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
@@ -242,11 +279,13 @@ fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     };
     let w2 = randn(&[vocab, d], 16);
     let tg2 = targets.clone();
+    let w2 = frozen(&w2);
     check(&[h.clone()], &move |a| kernels::lm_head_nll(&a[0], &w2, tg2.clone(), true).unwrap(), &reference, 1e-4);
-    let nll = kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), targets, false).unwrap();
+    let w3 = frozen(&randn(&[vocab, d], 16));
+    let nll = kernels::lm_head_nll(&h, &w3, targets, false).unwrap();
     assert_eq!(nll.i(0).unwrap().to_scalar::<f32>().unwrap(), 0.0, "ignored rows have zero loss");
     let bad = Arc::new(vec![vocab as i32; n]);
-    assert!(kernels::lm_head_nll(&h, &randn(&[vocab, d], 16), bad, false).is_err(), "out-of-vocab targets are refused");
+    assert!(kernels::lm_head_nll(&h, &w3, bad, false).is_err(), "out-of-vocab targets are refused");
 }
 
 #[test]
@@ -295,15 +334,9 @@ fn lora_linear_matches_the_unfused_branch_with_and_without_dropout() {
         };
         check(
             &[x.clone(), a.clone(), b.clone()],
-            &move |t| kernels::lora_linear(&t[0], &w2, &t[1], &t[2], s, p, 7).unwrap(),
+            &move |t| kernels::lora_linear(&t[0], &frozen(&w2), &t[1], &t[2], s, p, 7).unwrap(),
             &reference,
             1e-4,
         );
     }
-    // The frozen weight never gets a gradient, even when passed as a variable.
-    let wv = Var::from_tensor(&w).unwrap();
-    let av = Var::from_tensor(&a).unwrap();
-    let y = kernels::lora_linear(&x, wv.as_tensor(), av.as_tensor(), &b, s, 0.0, 0).unwrap();
-    let g = y.sum_all().unwrap().backward().unwrap();
-    assert!(g.get(wv.as_tensor()).is_none() && g.get(av.as_tensor()).is_some());
 }

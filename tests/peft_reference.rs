@@ -141,7 +141,7 @@ fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
     };
     let a = load::load_model(&gguf).unwrap();
     let b = load::load_model(&hf_dir).unwrap();
-    let (wa, wb) = (a.named_weights(), b.named_weights());
+    let (wa, wb) = (a.named_weights().unwrap(), b.named_weights().unwrap());
     assert_eq!(wa.len(), wb.len());
     let mut worst = (0f32, String::new());
     for ((na, ta), (nb, tb)) in wa.iter().zip(&wb) {

@@ -41,7 +41,7 @@ fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {
     let text = serde_json::to_string_pretty(&json).expect("serialisable");
     crate::io_util::write_atomic(&tmp.join("config.json"), text.as_bytes())?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    st::save(&tmp.join("model.safetensors"), &session.model.named_weights(), dtype, Some(meta))?;
+    st::save(&tmp.join("model.safetensors"), &session.model.named_weights()?, dtype, Some(meta))?;
 
     match &session.source {
         ModelSource::HfDir(dir) => {

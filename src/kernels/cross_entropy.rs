@@ -10,8 +10,9 @@
 //! recomputing the logits GEMM.
 
 use super::vexp::{exp_sub, lane_sum};
-use super::{f32_slice, gemm::matmul_nn, gemm::matmul_nt, with_f32};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::frozen_weight::FrozenWeight;
+use super::{f32_slice, with_f32};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +23,8 @@ pub const IGNORE_INDEX: i32 = -100;
 const CHUNK_ROWS: usize = 128;
 
 struct LmHeadNll {
+    /// LM head `[vocab, d]`.
+    w: FrozenWeight,
     targets: Arc<Vec<i32>>,
     /// Form the per-row gradients during the forward.
     want_grad: bool,
@@ -35,13 +38,13 @@ impl LmHeadNll {
     }
 
     /// Logits of the given rows: `[rows.len(), vocab]`.
-    fn chunk_logits(h: &[f32], w: &[f32], rows: &[usize], d: usize, vocab: usize) -> Vec<f32> {
+    fn chunk_logits(&self, h: &[f32], rows: &[usize], d: usize) -> Vec<f32> {
         let mut hc = Vec::with_capacity(rows.len() * d);
         for &r in rows {
             hc.extend_from_slice(&h[r * d..(r + 1) * d]);
         }
-        let mut logits = vec![0f32; rows.len() * vocab];
-        matmul_nt(&mut logits, &hc, w, rows.len(), d, vocab, false);
+        let mut logits = vec![0f32; rows.len() * self.w.dims().0];
+        self.w.matmul_t(&hc, rows.len(), &mut logits, false);
         logits
     }
 }
@@ -56,18 +59,17 @@ fn exp_in_place(row: &mut [f32]) -> (f32, f64) {
     (m + sum.ln() as f32, sum)
 }
 
-impl CustomOp2 for LmHeadNll {
+impl CustomOp1 for LmHeadNll {
     fn name(&self) -> &'static str {
         "lm-head-nll"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout) -> Result<(CpuStorage, Shape)> {
         let h = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
         let (n, d) = l1.shape().dims2()?;
-        let (vocab, dw) = l2.shape().dims2()?;
+        let (vocab, dw) = self.w.dims();
         if d != dw || n != self.targets.len() {
-            bail!("lm-head-nll: hidden {:?}, head {:?}, {} targets", l1.dims(), l2.dims(), self.targets.len());
+            bail!("lm-head-nll: hidden {:?}, head [{vocab}, {dw}], {} targets", l1.dims(), self.targets.len());
         }
         if let Some(bad) = self.targets.iter().find(|&&t| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab)) {
             bail!("lm-head-nll: target id {bad} outside the vocabulary of {vocab}");
@@ -75,7 +77,7 @@ impl CustomOp2 for LmHeadNll {
         let mut nll = vec![0f32; n];
         let mut row_grads = if self.want_grad { Some(vec![0f32; n * d]) } else { None };
         for rows in self.active_rows().chunks(CHUNK_ROWS) {
-            let mut logits = Self::chunk_logits(h, w, rows, d, vocab);
+            let mut logits = self.chunk_logits(h, rows, d);
             let vals: Vec<f32> = logits
                 .par_chunks_mut(vocab)
                 .zip(rows.par_iter())
@@ -97,7 +99,7 @@ impl CustomOp2 for LmHeadNll {
             }
             if let Some(dh) = row_grads.as_mut() {
                 let mut dhc = vec![0f32; rows.len() * d];
-                matmul_nn(&mut dhc, &logits, w, rows.len(), vocab, d, false);
+                self.w.matmul(&logits, rows.len(), &mut dhc, false);
                 for (i, &r) in rows.iter().enumerate() {
                     dh[r * d..(r + 1) * d].copy_from_slice(&dhc[i * d..(i + 1) * d]);
                 }
@@ -107,7 +109,7 @@ impl CustomOp2 for LmHeadNll {
         Ok((CpuStorage::F32(nll), Shape::from(n)))
     }
 
-    fn bwd(&self, h_t: &Tensor, _w: &Tensor, _res: &Tensor, g_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, h_t: &Tensor, _res: &Tensor, g_t: &Tensor) -> Result<Option<Tensor>> {
         let d = h_t.dim(1)?;
         let Some(mut dh) = self.row_grads.lock().unwrap().take() else {
             bail!("lm-head-nll: a gradient was asked of a forward run without `want_grad`");
@@ -116,7 +118,7 @@ impl CustomOp2 for LmHeadNll {
             dh.par_chunks_mut(d).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|v| *v *= gi));
             Ok(())
         })?;
-        Ok((Some(Tensor::from_vec(dh, h_t.shape(), h_t.device())?), None))
+        Ok(Some(Tensor::from_vec(dh, h_t.shape(), h_t.device())?))
     }
 }
 
@@ -124,21 +126,19 @@ impl CustomOp2 for LmHeadNll {
 /// `h: [n, d]` and LM head `W: [vocab, d]`; `[n]`, zero where the target is [`IGNORE_INDEX`].
 /// Gradients flow to `h` only (the head is frozen), and only when `want_grad` (which costs a
 /// second GEMM in the forward; evaluation passes `false`).
-pub fn lm_head_nll(h: &Tensor, w: &Tensor, targets: Arc<Vec<i32>>, want_grad: bool) -> Result<Tensor> {
-    let op = LmHeadNll { targets, want_grad, row_grads: Mutex::new(None) };
-    h.contiguous()?.apply_op2(&w.contiguous()?, op)
+pub fn lm_head_nll(h: &Tensor, w: &FrozenWeight, targets: Arc<Vec<i32>>, want_grad: bool) -> Result<Tensor> {
+    let op = LmHeadNll { w: w.clone(), targets, want_grad, row_grads: Mutex::new(None) };
+    h.contiguous()?.apply_op1(op)
 }
 
 /// Full logits `[n, vocab]` for inference (generation, logit checks); no gradient.
-pub fn lm_head_logits(h: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (n, d) = h.dims2()?;
-    let vocab = w.dim(0)?;
+pub fn lm_head_logits(h: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
+    let (n, _) = h.dims2()?;
+    let vocab = w.dims().0;
     let logits = with_f32(h, "lm-head-logits", |h| {
-        with_f32(w, "lm-head-logits", |w| {
-            let mut out = vec![0f32; n * vocab];
-            matmul_nt(&mut out, h, w, n, d, vocab, false);
-            Ok(out)
-        })
+        let mut out = vec![0f32; n * vocab];
+        w.matmul_t(h, n, &mut out, false);
+        Ok(out)
     })?;
     Tensor::from_vec(logits, (n, vocab), h.device())
 }

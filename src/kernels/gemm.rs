@@ -62,6 +62,15 @@ impl View {
     }
 }
 
+/// `c[m,n] (+)= beta·a[m,k]·b[k,n]` on strided views, multi-threaded when large enough.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    c: &mut [f32], cv: View, a: &[f32], av: View, b: &[f32], bv: View,
+    m: usize, k: usize, n: usize, accumulate: bool, beta: f32,
+) {
+    gemm_views(c, cv, a, av, b, bv, m, k, n, accumulate, beta, parallelism(m, n, k))
+}
+
 /// `c[m,n] (+)= beta·a[m,k]·b[k,n]` on strided views, single-threaded (callers parallelise
 /// over independent products, e.g. attention heads).
 #[allow(clippy::too_many_arguments)]

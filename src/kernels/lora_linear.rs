@@ -9,13 +9,14 @@
 //! intermediate `drop(x)·Aᵀ` is recomputed in the backward rather than kept.
 
 use super::dropout::apply_mask;
+use super::frozen_weight::FrozenWeight;
 use super::gemm::{matmul_nn, matmul_nn_scaled, matmul_nt, matmul_nt_scaled, matmul_tn_scaled};
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 struct LoraLinear {
     /// Frozen base weight `[out, in]`.
-    w: Tensor,
+    w: FrozenWeight,
     scaling: f32,
     dropout: f32,
     seed: u64,
@@ -40,7 +41,7 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(sx, lx, self.name())?;
         let a = f32_slice(sa, la, self.name())?;
         let b = f32_slice(sb, lb, self.name())?;
-        let (out_f, in_f) = self.w.dims2()?;
+        let (out_f, in_f) = self.w.dims();
         let (r, a_in) = la.shape().dims2()?;
         let (b_out, b_r) = lb.shape().dims2()?;
         let dims = lx.shape().dims();
@@ -52,10 +53,7 @@ impl CustomOp3 for LoraLinear {
         let mut h = vec![0f32; rows * r];
         matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
         let mut y = vec![0f32; rows * out_f];
-        with_f32(&self.w, self.name(), |w| {
-            matmul_nt(&mut y, x, w, rows, in_f, out_f, false);
-            Ok(())
-        })?;
+        self.w.matmul_t(x, rows, &mut y, false);
         matmul_nt_scaled(&mut y, &h, b, rows, r, out_f, true, self.scaling);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = out_f;
@@ -63,7 +61,7 @@ impl CustomOp3 for LoraLinear {
     }
 
     fn bwd(&self, x_t: &Tensor, a_t: &Tensor, b_t: &Tensor, _res: &Tensor, dy_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = self.w.dims2()?;
+        let (out_f, in_f) = self.w.dims();
         let r = a_t.dim(0)?;
         let rows = x_t.elem_count() / in_f.max(1);
         let s = self.scaling;
@@ -72,7 +70,7 @@ impl CustomOp3 for LoraLinear {
             with_f32(a_t, name, |a| {
                 with_f32(b_t, name, |b| {
                     with_f32(dy_t, name, |dy| {
-                        with_f32(&self.w, name, |w| {
+                        {
                             let xd = self.dropped(x);
                             let mut h = vec![0f32; rows * r];
                             matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
@@ -87,7 +85,7 @@ impl CustomOp3 for LoraLinear {
                             matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
                             // dx = dy·W0 + drop'(gh·A)
                             let mut dx = vec![0f32; rows * in_f];
-                            matmul_nn(&mut dx, dy, w, rows, out_f, in_f, false);
+                            self.w.matmul(dy, rows, &mut dx, false);
                             if self.dropout > 0.0 {
                                 let mut t = vec![0f32; rows * in_f];
                                 matmul_nn(&mut t, &gh, a, rows, r, in_f, false);
@@ -97,7 +95,7 @@ impl CustomOp3 for LoraLinear {
                                 matmul_nn_scaled(&mut dx, &gh, a, rows, r, in_f, true, 1.0);
                             }
                             Ok((dx, da, db))
-                        })
+                        }
                     })
                 })
             })
@@ -113,7 +111,7 @@ impl CustomOp3 for LoraLinear {
 /// `x·Wᵀ + scaling · (dropout(x)·Aᵀ)·Bᵀ` for `x: [.., in]`, frozen `W: [out, in]`, `A: [r, in]`,
 /// `B: [out, r]`. Gradients flow to `x`, `A` and `B`; the dropout mask is a function of
 /// `seed` (as [`super::dropout`]), and `dropout = 0` disables it.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f32, dropout: f32, seed: u64) -> Result<Tensor> {
-    let op = LoraLinear { w: w.contiguous()?, scaling, dropout, seed };
+pub fn lora_linear(x: &Tensor, w: &FrozenWeight, a: &Tensor, b: &Tensor, scaling: f32, dropout: f32, seed: u64) -> Result<Tensor> {
+    let op = LoraLinear { w: w.clone(), scaling, dropout, seed };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }

@@ -9,6 +9,7 @@
 mod attention;
 mod cross_entropy;
 mod dropout;
+mod frozen_weight;
 pub mod gemm;
 mod linear;
 mod lora_linear;
@@ -20,6 +21,7 @@ pub(crate) mod vexp;
 pub use attention::causal_attention;
 pub use cross_entropy::{lm_head_logits, lm_head_nll, IGNORE_INDEX};
 pub use dropout::dropout;
+pub use frozen_weight::FrozenWeight;
 pub use linear::frozen_linear;
 pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;

@@ -5,6 +5,7 @@
 use super::targets::TargetModules;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
+use crate::kernels::FrozenWeight;
 use crate::models::{ForwardCtx, Llama, SiteHook};
 use crate::rng::SplitMix64;
 use candle_core::{Device, Tensor, Var};
@@ -48,7 +49,7 @@ pub struct LoraSite {
 }
 
 impl SiteHook for LoraSite {
-    fn forward(&self, x: &Tensor, w0: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         // Outside training the parameters enter as constants, so no autograd graph (and none
         // of the activations it would keep alive) is built for evaluation or generation.
         let (a, b) = if ctx.train {
@@ -179,13 +180,14 @@ impl Lora {
         crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
     }
 
-    /// Folds every adapter into its base weight (`W ← W0 + s·B·A`) and detaches the hooks.
+    /// Folds every adapter into its base weight (`W ← W0 + s·B·A`, in f32 over the dequantized
+    /// base: a merged weight is f32 whatever the base was stored in) and detaches the hooks.
     pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
         let s = self.config.scaling();
         for lin in model.linears_mut() {
             if let Some(site) = self.sites.iter().find(|x| x.site == lin.name) {
                 let delta = (site.b.as_tensor().matmul(site.a.as_tensor())? * s)?;
-                lin.weight = (&lin.weight + delta)?;
+                lin.weight = FrozenWeight::from_tensor(&(lin.weight.to_tensor()? + delta)?)?;
                 lin.hook = None;
             }
         }

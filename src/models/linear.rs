@@ -2,7 +2,7 @@
 //! `model.layers.3.self_attn.q_proj`) with its frozen weight and, optionally, the hook a
 //! fine-tuning method attached to it. Methods only ever see sites, never model internals.
 
-use crate::kernels;
+use crate::kernels::{self, FrozenWeight};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
@@ -24,7 +24,7 @@ impl ForwardCtx {
 /// so that a method can fuse its branch with the base matmul; the site adds the bias after.
 pub trait SiteHook: Send + Sync {
     /// `x·W0ᵀ` plus the method's contribution, for the frozen base weight `w0: [out, in]`.
-    fn forward(&self, x: &Tensor, w0: &Tensor, ctx: &ForwardCtx) -> Result<Tensor>;
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor>;
 }
 
 /// A site as methods see it: its name and shape.
@@ -44,19 +44,19 @@ impl SiteInfo {
 
 pub struct Linear {
     pub name: String,
-    /// `[out, in]`, torch Linear layout; frozen.
-    pub weight: Tensor,
+    /// `[out, in]`, torch Linear layout; frozen, f32 or in GGUF blocks.
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub hook: Option<Arc<dyn SiteHook>>,
 }
 
 impl Linear {
-    pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+    pub fn new(name: String, weight: FrozenWeight, bias: Option<Tensor>) -> Self {
         Self { name, weight, bias, hook: None }
     }
 
     pub fn info(&self) -> SiteInfo {
-        let (out_features, in_features) = self.weight.dims2().unwrap_or((0, 0));
+        let (out_features, in_features) = self.weight.dims();
         SiteInfo { name: self.name.clone(), in_features, out_features }
     }
 

@@ -5,7 +5,7 @@
 use super::config::ModelConfig;
 use super::linear::{ForwardCtx, Linear, SiteInfo};
 use crate::error::{Error, Result};
-use crate::kernels::{self, RopeTables};
+use crate::kernels::{self, FrozenWeight, RopeTables};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,9 +46,9 @@ impl Block {
 
 pub struct Llama {
     pub config: ModelConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: FrozenWeight,
     /// `None` when the head is tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<FrozenWeight>,
     pub layers: Vec<Block>,
     pub norm: Tensor,
     rope: Arc<RopeTables>,
@@ -72,23 +72,58 @@ impl KvCache {
     }
 }
 
-/// Takes tensor `name` out of `w`, checking its shape; errors name the model file.
-fn take(w: &mut HashMap<String, Tensor>, name: &str, shape: &[usize], src: &Path) -> Result<Tensor> {
-    let t = w
-        .remove(name)
-        .ok_or_else(|| Error::format(src, format!("tensor `{name}` is missing")))?;
-    if t.dims() != shape {
-        return Err(Error::format(
-            src,
-            format!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), shape),
-        ));
+/// Where [`Llama::from_weights`] takes the model's tensors from: dense f32 tensors by Hugging
+/// Face name, and optionally matrices kept in GGUF blocks (linear and embedding weights of a
+/// quantized GGUF), which take precedence.
+struct Source<'a> {
+    dense: &'a mut HashMap<String, Tensor>,
+    blocks: &'a mut HashMap<String, FrozenWeight>,
+    path: &'a Path,
+}
+
+impl Source<'_> {
+    /// Takes dense tensor `name`, checking its shape; errors name the model file.
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .dense
+            .remove(name)
+            .ok_or_else(|| Error::format(self.path, format!("tensor `{name}` is missing")))?;
+        if t.dims() != shape {
+            return Err(Error::format(self.path, format!("tensor `{name}` has shape {:?}, expected {:?}", t.dims(), shape)));
+        }
+        Ok(t)
     }
-    Ok(t)
+
+    /// Takes matrix `name` as a frozen weight, from the block map or the dense one.
+    fn take_frozen(&mut self, name: &str, rows: usize, cols: usize) -> Result<FrozenWeight> {
+        match self.blocks.remove(name) {
+            Some(w) if w.dims() != (rows, cols) => {
+                Err(Error::format(self.path, format!("tensor `{name}` has shape {:?}, expected {:?}", w.dims(), (rows, cols))))
+            }
+            Some(w) => Ok(w),
+            None => Ok(FrozenWeight::from_tensor(&self.take(name, &[rows, cols])?)?),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.dense.contains_key(name) || self.blocks.contains_key(name)
+    }
 }
 
 impl Llama {
     /// Builds the model from Hugging Face-named f32 tensors, consuming those it uses.
     pub fn from_weights(config: ModelConfig, w: &mut HashMap<String, Tensor>, src: &Path) -> Result<Self> {
+        Self::from_mixed_weights(config, w, &mut HashMap::new(), src)
+    }
+
+    /// As [`Llama::from_weights`], with some matrices already in frozen (e.g. quantized) form.
+    pub fn from_mixed_weights(
+        config: ModelConfig,
+        dense: &mut HashMap<String, Tensor>,
+        blocks: &mut HashMap<String, FrozenWeight>,
+        src: &Path,
+    ) -> Result<Self> {
+        let mut w = Source { dense, blocks, path: src };
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
@@ -97,8 +132,8 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
                 let full = format!("{p}.{name}");
-                let weight = take(w, &format!("{full}.weight"), &[out_f, in_f], src)?;
-                let bias = if bias { Some(take(w, &format!("{full}.bias"), &[out_f], src)?) } else { None };
+                let weight = w.take_frozen(&format!("{full}.weight"), out_f, in_f)?;
+                let bias = if bias { Some(w.take(&format!("{full}.bias"), &[out_f])?) } else { None };
                 Ok(Linear::new(full, weight, bias))
             };
             let ab = c.attention_bias;
@@ -110,35 +145,31 @@ impl Llama {
                 gate_proj: lin("mlp.gate_proj", c.intermediate_size, d, false)?,
                 up_proj: lin("mlp.up_proj", c.intermediate_size, d, false)?,
                 down_proj: lin("mlp.down_proj", d, c.intermediate_size, false)?,
-                input_layernorm: take(w, &format!("{p}.input_layernorm.weight"), &[d], src)?,
-                post_attention_layernorm: take(w, &format!("{p}.post_attention_layernorm.weight"), &[d], src)?,
+                input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
+                post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
             };
             layers.push(block);
         }
-        let embed_tokens = take(w, "model.embed_tokens.weight", &[c.vocab_size, d], src)?;
-        let lm_head = match w.remove("lm_head.weight") {
-            Some(t) if !c.tie_word_embeddings => {
-                if t.dims() != [c.vocab_size, d] {
-                    return Err(Error::format(src, format!("tensor `lm_head.weight` has shape {:?}, expected {:?}", t.dims(), [c.vocab_size, d])));
-                }
-                Some(t)
+        let embed_tokens = w.take_frozen("model.embed_tokens.weight", c.vocab_size, d)?;
+        let lm_head = match (w.contains("lm_head.weight"), c.tie_word_embeddings) {
+            (true, false) => Some(w.take_frozen("lm_head.weight", c.vocab_size, d)?),
+            (_, true) => None,
+            (false, false) => {
+                return Err(Error::format(src, "tensor `lm_head.weight` is missing and the config does not tie it to the embedding"))
             }
-            Some(_) => None,
-            None if c.tie_word_embeddings => None,
-            None => return Err(Error::format(src, "tensor `lm_head.weight` is missing and the config does not tie it to the embedding")),
         };
-        let norm = take(w, "model.norm.weight", &[d], src)?;
+        let norm = w.take("model.norm.weight", &[d])?;
         let table_len = c.max_position_embeddings.clamp(1, MAX_ROPE_TABLE);
         let rope = RopeTables::new(&c.rope_inv_freq(), table_len);
         Ok(Self { config, embed_tokens, lm_head, layers, norm, rope })
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        self.norm.device()
     }
 
     /// The LM head weight `[vocab, hidden]` (the embedding when tied).
-    pub fn head_weight(&self) -> &Tensor {
+    pub fn head_weight(&self) -> &FrozenWeight {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
@@ -154,12 +185,13 @@ impl Llama {
         self.linears().map(Linear::info).collect()
     }
 
-    /// Every base tensor under its Hugging Face name (the layout a merged export writes).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
+    /// Every base tensor under its Hugging Face name, in f32 (dequantized where stored in
+    /// blocks): the layout a merged export writes.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.to_tensor()?)];
         for (i, b) in self.layers.iter().enumerate() {
             for l in b.linears() {
-                out.push((format!("{}.weight", l.name), l.weight.clone()));
+                out.push((format!("{}.weight", l.name), l.weight.to_tensor()?));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{}.bias", l.name), bias.clone()));
                 }
@@ -169,9 +201,19 @@ impl Llama {
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.clone()));
+            out.push(("lm_head.weight".to_string(), h.to_tensor()?));
         }
-        out
+        Ok(out)
+    }
+
+    /// Rows of the embedding for `ids`, `[ids.len(), hidden]`.
+    fn embed(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let d = self.config.hidden_size;
+        let mut x = vec![0f32; ids.len() * d];
+        for (row, &id) in x.chunks_mut(d).zip(ids) {
+            self.embed_tokens.rows_into(id as usize, row);
+        }
+        Tensor::from_vec(x, (ids.len(), d), self.device())
     }
 
     /// Final-norm hidden states `[b·t, hidden]` for token ids `[b, t]` (row-major). With a
@@ -189,8 +231,7 @@ impl Llama {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", c.vocab_size);
         }
         let pos0 = cache.as_ref().map_or(0, |k| k.len());
-        let ids_t = Tensor::from_slice(ids, ids.len(), self.device())?;
-        let mut x = self.embed_tokens.index_select(&ids_t, 0)?.reshape((b, t, c.hidden_size))?;
+        let mut x = self.embed(ids)?.reshape((b, t, c.hidden_size))?;
         for (li, blk) in self.layers.iter().enumerate() {
             let h = kernels::rms_norm(&x, &blk.input_layernorm, c.rms_norm_eps)?;
             let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, c.num_attention_heads, c.head_dim))?;

@@ -1,0 +1,169 @@
+//! A frozen base weight `[out, in]` (torch Linear layout) kept in the form it was loaded or
+//! chosen in: plain f32, or rows of GGUF blocks (BF16, F16, Q8_0, Q4_K, …). The kernels read
+//! it through two products only, `x·Wᵀ` (forward) and `g·W` (input gradient), so a
+//! quantized weight is never dequantized whole: each product walks it in tiles of rows,
+//! dequantizes one tile into a small scratch buffer and runs the GEMM on that tile.
+//!
+//! Every GGUF type stores a matrix row as whole blocks, so a row is a contiguous byte range
+//! and a tile of rows is a slice of the tensor's bytes.
+
+use super::gemm::{matmul_nt, matmul_strided, View};
+use crate::formats::gguf::quants::{dequantize_into, f32_to_bf16, GgmlType};
+use candle_core::{bail, Device, Result, Tensor};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Tiles hold about this many dequantized elements (256 KB of f32: resident in L2 while the
+/// GEMM streams the activations past it).
+const TILE_ELEMS: usize = 65536;
+
+#[derive(Clone)]
+pub struct FrozenWeight {
+    out: usize,
+    inp: usize,
+    data: Arc<Data>,
+}
+
+enum Data {
+    F32(Vec<f32>),
+    Blocks { ty: GgmlType, bytes: Vec<u8>, row_bytes: usize },
+}
+
+impl std::fmt::Debug for FrozenWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrozenWeight[{}, {}; {}]", self.out, self.inp, self.dtype_name())
+    }
+}
+
+impl FrozenWeight {
+    pub fn from_f32(data: Vec<f32>, out: usize, inp: usize) -> Result<Self> {
+        if data.len() != out * inp {
+            bail!("frozen weight: {} values for a [{out}, {inp}] matrix", data.len());
+        }
+        Ok(Self { out, inp, data: Arc::new(Data::F32(data)) })
+    }
+
+    /// From a 2-D f32 tensor.
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let (out, inp) = t.dims2()?;
+        Self::from_f32(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?, out, inp)
+    }
+
+    /// From GGUF block bytes: `out` rows of `inp` elements each, rows stored one after another.
+    pub fn from_blocks(ty: GgmlType, bytes: Vec<u8>, out: usize, inp: usize) -> Result<Self> {
+        if !ty.can_dequantize() {
+            bail!("frozen weight: {ty} blocks cannot be dequantized");
+        }
+        let Some(row_bytes) = ty.bytes_for(inp) else {
+            bail!("frozen weight: rows of {inp} elements are not whole {ty} blocks of {}", ty.block_size());
+        };
+        if bytes.len() != out * row_bytes {
+            bail!("frozen weight: {} bytes for [{out}, {inp}] {ty} (expected {})", bytes.len(), out * row_bytes);
+        }
+        if ty == GgmlType::F32 {
+            let v = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            return Self::from_f32(v, out, inp);
+        }
+        Ok(Self { out, inp, data: Arc::new(Data::Blocks { ty, bytes, row_bytes }) })
+    }
+
+    /// The same weight rounded to bf16 (round to nearest even), for the bf16 path.
+    pub fn to_bf16(&self) -> Result<Self> {
+        let v = self.to_f32_vec();
+        let bytes = v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
+        Self::from_blocks(GgmlType::BF16, bytes, self.out, self.inp)
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+
+    /// Storage type: `F32`, `BF16`, `Q4_1`, …
+    pub fn dtype_name(&self) -> &'static str {
+        match &*self.data {
+            Data::F32(_) => "F32",
+            Data::Blocks { ty, .. } => ty.name(),
+        }
+    }
+
+    /// Bytes the weight occupies in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match &*self.data {
+            Data::F32(v) => v.len() * 4,
+            Data::Blocks { bytes, .. } => bytes.len(),
+        }
+    }
+
+    /// Rows `r0..r0 + out.len() / in`, dequantized into `out`.
+    pub fn rows_into(&self, r0: usize, out: &mut [f32]) {
+        let n_rows = out.len() / self.inp.max(1);
+        assert!(r0 + n_rows <= self.out && out.len() == n_rows * self.inp, "frozen weight: rows out of range");
+        match &*self.data {
+            Data::F32(v) => out.copy_from_slice(&v[r0 * self.inp..(r0 + n_rows) * self.inp]),
+            Data::Blocks { ty, bytes, row_bytes } => {
+                // Small chunks of rows in parallel: generation (one token) spends most of its
+                // time here.
+                let rows_per_task = (4096 / self.inp).max(1);
+                out.par_chunks_mut(rows_per_task * self.inp).enumerate().for_each(|(c, o)| {
+                    let first = r0 + c * rows_per_task;
+                    let n = o.len() / self.inp;
+                    let src = &bytes[first * row_bytes..(first + n) * row_bytes];
+                    dequantize_into(*ty, src, o).expect("sizes were checked at construction");
+                });
+            }
+        }
+    }
+
+    /// The whole matrix in f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.out * self.inp];
+        self.rows_into(0, &mut v);
+        v
+    }
+
+    /// The whole matrix as an f32 tensor (merging, exports, checks).
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_f32_vec(), (self.out, self.inp), &Device::Cpu)
+    }
+
+    fn tile_rows(&self) -> usize {
+        (TILE_ELEMS / self.inp.max(1)).clamp(16, 1024)
+    }
+
+    /// `y[m, out] (+)= x[m, in] · Wᵀ`.
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+        let (out, inp) = (self.out, self.inp);
+        assert!(x.len() == m * inp && y.len() == m * out, "frozen weight: x·Wᵀ operand sizes");
+        if let Data::F32(w) = &*self.data {
+            return matmul_nt(y, x, w, m, inp, out, accumulate);
+        }
+        let tile = self.tile_rows();
+        let mut scratch = vec![0f32; tile.min(out) * inp];
+        for r0 in (0..out).step_by(tile) {
+            let n = tile.min(out - r0);
+            let w = &mut scratch[..n * inp];
+            self.rows_into(r0, w);
+            // y[:, r0..r0+n] (+)= x · w_tileᵀ
+            matmul_strided(y, View::rows(r0, out), x, View::rows(0, inp), w, View::rows(0, inp).t(), m, inp, n, accumulate, 1.0);
+        }
+    }
+
+    /// `dx[m, in] (+)= g[m, out] · W`.
+    pub fn matmul(&self, g: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
+        let (out, inp) = (self.out, self.inp);
+        assert!(g.len() == m * out && dx.len() == m * inp, "frozen weight: g·W operand sizes");
+        if let Data::F32(w) = &*self.data {
+            return matmul_strided(dx, View::rows(0, inp), g, View::rows(0, out), w, View::rows(0, inp), m, out, inp, accumulate, 1.0);
+        }
+        let tile = self.tile_rows();
+        let mut scratch = vec![0f32; tile.min(out) * inp];
+        for r0 in (0..out).step_by(tile) {
+            let n = tile.min(out - r0);
+            let w = &mut scratch[..n * inp];
+            self.rows_into(r0, w);
+            // dx (+)= g[:, r0..r0+n] · w_tile
+            matmul_strided(dx, View::rows(0, inp), g, View::rows(r0, out), w, View::rows(0, inp), m, n, inp, accumulate || r0 > 0, 1.0);
+        }
+    }
+}
