@@ -104,6 +104,14 @@ pub struct TrainConfig {
     /// Compute the loss on prompt/user tokens too.
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// GGUF base: keep the linear/embedding matrices in their quantized blocks (dequantized
+    /// tile by tile inside the kernels) instead of dequantizing them to f32 at load.
+    #[serde(default = "d_true")]
+    pub load_quantized: bool,
+    /// Storage of the f32 base matrices: `f32`, or `bf16` (half the memory; f32 accumulation;
+    /// adapters and optimizer state stay f32).
+    #[serde(default = "d_base_dtype")]
+    pub base_dtype: String,
     /// Append the EOS token (as a target) to text, completion and alpaca examples.
     #[serde(default = "d_true")]
     pub add_eos: bool,
@@ -157,6 +165,10 @@ fn d_eps() -> f64 {
 fn d_seed() -> u64 {
     42
 }
+fn d_base_dtype() -> String {
+    "f32".into()
+}
+
 fn d_true() -> bool {
     true
 }
@@ -198,6 +210,16 @@ impl TrainConfig {
         }
     }
 
+    /// How to hold the base model's frozen weights.
+    pub fn load_options(&self) -> Result<crate::models::load::LoadOptions> {
+        let bf16 = match self.base_dtype.as_str() {
+            "f32" => false,
+            "bf16" => true,
+            other => return Err(Error::config("base_dtype", format!("`{other}`: expected \"f32\" or \"bf16\""))),
+        };
+        Ok(crate::models::load::LoadOptions { keep_quantized: self.load_quantized, bf16 })
+    }
+
     pub fn validate(&self) -> Result<()> {
         let pos = |k: &str, v: usize| if v == 0 { Err(Error::config(k, "must be at least 1")) } else { Ok(()) };
         if self.adapter != "lora" {
@@ -226,6 +248,7 @@ impl TrainConfig {
             return Err(Error::config("val_size", "must be positive (a share < 1 or a count)"));
         }
         crate::optim::LrSchedule::parse(&self.lr_scheduler)?;
+        self.load_options()?;
         for d in self.datasets.iter().chain(self.val_set.iter()) {
             crate::data::DatasetFormat::from_config("datasets.type", &d.format)?;
         }

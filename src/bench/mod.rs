@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub forward_only: bool,
     /// `lora`, `rslora`, or `none` (the bare base model; forward-only only).
     pub method: String,
+    /// How the base weights were loaded (`f32`, `bf16`, `gguf`), for the report.
+    pub dtype: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,7 +42,9 @@ pub struct BenchReport {
     pub gemm_peak_gflops: f64,
     pub mode: &'static str,
     pub method: String,
-    pub dtype: &'static str,
+    pub dtype: String,
+    /// Bytes of the frozen base matrices as stored, in MiB.
+    pub frozen_weights_mib: f64,
     pub threads: usize,
     pub batch: usize,
     pub seq: usize,
@@ -206,7 +210,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         peak_rss_mib: peak_rss_mib(),
         step_s,
         mode: if opts.forward_only { "forward" } else { "lora-train" },
-        dtype: "f32",
+        dtype: opts.dtype.clone(),
+        frozen_weights_mib: model.frozen_bytes() as f64 / (1024.0 * 1024.0),
         threads: rayon::current_num_threads(),
         batch: b,
         seq: t,

@@ -206,6 +206,32 @@ impl Llama {
         Ok(out)
     }
 
+    /// Rounds every f32 frozen matrix (linear layers, embedding, head) to bf16; matrices kept
+    /// in other block types stay as they are.
+    pub fn frozen_to_bf16(&mut self) -> Result<()> {
+        let to_bf16 = |w: &mut FrozenWeight| -> Result<()> {
+            if w.dtype_name() == "F32" {
+                *w = w.to_bf16()?;
+            }
+            Ok(())
+        };
+        to_bf16(&mut self.embed_tokens)?;
+        if let Some(h) = self.lm_head.as_mut() {
+            to_bf16(h)?;
+        }
+        for l in self.linears_mut() {
+            to_bf16(&mut l.weight)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the frozen matrices occupy (as stored).
+    pub fn frozen_bytes(&self) -> usize {
+        self.embed_tokens.storage_bytes()
+            + self.lm_head.as_ref().map_or(0, FrozenWeight::storage_bytes)
+            + self.linears().map(|l| l.weight.storage_bytes()).sum::<usize>()
+    }
+
     /// Rows of the embedding for `ids`, `[ids.len(), hidden]`.
     fn embed(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let d = self.config.hidden_size;

@@ -76,7 +76,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     crate::runtime::init_threads(cfg.threads);
     let out = &cfg.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut model = load::load_model(&cfg.base_model)?;
+    let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
     let tok = load::load_tokenizer(&cfg.base_model)?;
     let data = super::dataset::prepare(cfg, &tok)?;
     let pad_id = tok.pad_id();

@@ -1,4 +1,6 @@
-//! GGUF model files: metadata → config, tensors dequantized to f32 under Hugging Face names.
+//! GGUF model files: metadata → config, tensors under Hugging Face names: matrices of the
+//! linear layers and the embedding kept in their GGUF blocks (frozen weights the kernels read
+//! tile by tile) or dequantized to f32, everything else in f32.
 //!
 //! Two conventions differ from Hugging Face and are undone here, as transformers does:
 //! tensor names (`blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`), and for
@@ -6,7 +8,9 @@
 //! permutes for its interleaved RoPE.
 
 use crate::error::{Error, Result};
+use crate::formats::gguf::quants::GgmlType;
 use crate::formats::gguf::GgufFile;
+use crate::kernels::FrozenWeight;
 use crate::models::{Llama, ModelConfig, RopeScaling};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -102,19 +106,21 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 
 /// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2j + t` is Hugging
 /// Face row `t·(d/2) + j`. Works for weights (`cols` > 1) and biases (`cols` = 1).
-pub fn unpermute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+/// `cols` is the length of a row in elements of `T` (for a quantized matrix, its row's bytes:
+/// the permutation moves whole rows, so it applies to blocks unchanged).
+pub fn unpermute_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize) -> Vec<T> {
     reorder_rows(data, n_heads, cols, true)
 }
 
 /// The inverse of [`unpermute_rows`] (for writing GGUF files).
-pub fn permute_rows(data: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+pub fn permute_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize) -> Vec<T> {
     reorder_rows(data, n_heads, cols, false)
 }
 
-fn reorder_rows(data: &[f32], n_heads: usize, cols: usize, to_hf: bool) -> Vec<f32> {
+fn reorder_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize, to_hf: bool) -> Vec<T> {
     let head_dim = data.len() / cols / n_heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_heads {
         for j in 0..half {
             for t in 0..2 {
@@ -128,10 +134,23 @@ fn reorder_rows(data: &[f32], n_heads: usize, cols: usize, to_hf: bool) -> Vec<f
     out
 }
 
-pub fn load_gguf(path: &Path) -> Result<Llama> {
+/// Whether the tensor `name` (Hugging Face naming) may stay in blocks: the matrices the kernels
+/// read through [`FrozenWeight`] (linear layers, embedding, LM head).
+fn is_frozen_matrix(name: &str) -> bool {
+    const LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+        || LINEARS.iter().any(|l| name.ends_with(&format!(".{l}.weight")))
+}
+
+/// Loads a GGUF model. With `keep_blocks`, the linear, embedding and head matrices stay in
+/// their stored type (Q4_1, Q8_0, F16, …) and are dequantized tile by tile when used;
+/// otherwise every tensor is dequantized to f32 here.
+pub fn load_gguf(path: &Path, keep_blocks: bool) -> Result<Llama> {
     let g = GgufFile::open(path)?;
     let config = config_from_gguf(&g)?;
     let permuted = matches!(config.model_type.as_str(), "llama" | "mistral");
+    let mut blocks = HashMap::new();
     let mut weights = HashMap::new();
     for info in g.tensors() {
         if info.name == "rope_freqs.weight" {
@@ -141,16 +160,31 @@ pub fn load_gguf(path: &Path) -> Result<Llama> {
             return Err(Error::format(path, format!("tensor `{}` is not part of a {} model", info.name, config.model_type)));
         };
         let shape = info.shape();
-        let mut data = g.tensor_f32(&info.name)?;
-        if permuted {
-            let cols = if shape.len() == 2 { shape[1] } else { 1 };
-            if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
-                data = unpermute_rows(&data, config.num_attention_heads, cols);
-            } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
-                data = unpermute_rows(&data, config.num_key_value_heads, cols);
+        let heads = if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
+            Some(config.num_attention_heads)
+        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        let ty = info.ggml_type;
+        if let (true, &[rows, cols]) = (keep_blocks && is_frozen_matrix(&name), shape.as_slice()) {
+            if ty != GgmlType::F32 && ty.can_dequantize() {
+                let mut bytes = g.tensor_bytes(&info.name)?.to_vec();
+                if let (true, Some(h)) = (permuted, heads) {
+                    bytes = unpermute_rows(&bytes, h, bytes.len() / rows);
+                }
+                let w = FrozenWeight::from_blocks(ty, bytes, rows, cols).map_err(|e| Error::format(path, format!("tensor `{}`: {e}", info.name)))?;
+                blocks.insert(name, w);
+                continue;
             }
+        }
+        let mut data = g.tensor_f32(&info.name)?;
+        if let (true, Some(h)) = (permuted, heads) {
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            data = unpermute_rows(&data, h, cols);
         }
         weights.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
-    Llama::from_weights(config, &mut weights, path)
+    Llama::from_mixed_weights(config, &mut weights, &mut blocks, path)
 }

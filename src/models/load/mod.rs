@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
 pub use gguf::{config_from_gguf, load_gguf, permute_rows, unpermute_rows};
+
 pub use hf::load_hf_dir;
 
 /// Where a model comes from; everything that takes `--model PATH` accepts both.
@@ -43,12 +44,45 @@ impl ModelSource {
     }
 }
 
-/// Loads the model at `path` (HF directory or `.gguf`), weights as f32.
-pub fn load_model(path: &Path) -> Result<Llama> {
-    match ModelSource::detect(path)? {
-        ModelSource::HfDir(dir) => load_hf_dir(&dir),
-        ModelSource::Gguf(file) => load_gguf(&file),
+/// How the frozen base matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Keep a GGUF's quantized (or f16/bf16) matrices in their blocks instead of dequantizing
+    /// them to f32 (config key `load_quantized`).
+    pub keep_quantized: bool,
+    /// Store the f32 base matrices in bf16 (config key `base_dtype = "bf16"`): half the
+    /// memory, products still accumulate in f32. Matrices kept in GGUF blocks are unchanged.
+    pub bf16: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { keep_quantized: true, bf16: false }
     }
+}
+
+impl LoadOptions {
+    /// Every weight in f32, as stored or dequantized.
+    pub fn f32() -> Self {
+        Self { keep_quantized: false, bf16: false }
+    }
+}
+
+/// Loads the model at `path` (HF directory or `.gguf`) with the default [`LoadOptions`]
+/// (GGUF blocks kept, other weights f32).
+pub fn load_model(path: &Path) -> Result<Llama> {
+    load_model_with(path, &LoadOptions::default())
+}
+
+pub fn load_model_with(path: &Path, opts: &LoadOptions) -> Result<Llama> {
+    let mut model = match ModelSource::detect(path)? {
+        ModelSource::HfDir(dir) => load_hf_dir(&dir)?,
+        ModelSource::Gguf(file) => load_gguf(&file, opts.keep_quantized)?,
+    };
+    if opts.bf16 {
+        model.frozen_to_bf16()?;
+    }
+    Ok(model)
 }
 
 /// Loads the tokenizer that belongs to the model at `path`: `tokenizer.json` (+ config) from a
