@@ -104,6 +104,10 @@ pub struct TrainConfig {
     /// Compute the loss on prompt/user tokens too.
     #[serde(default)]
     pub train_on_inputs: bool,
+    /// Recompute each block's activations in the backward instead of keeping them (activation
+    /// memory no longer grows with depth; about one extra forward of compute).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// GGUF base: keep the linear/embedding matrices in their quantized blocks (dequantized
     /// tile by tile inside the kernels) instead of dequantizing them to f32 at load.
     #[serde(default = "d_true")]

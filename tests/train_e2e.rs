@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use ferrotune::config::TrainConfig;
+use ferrotune::formats::gguf::GgmlType;
 use ferrotune::train::{train, TrainOptions};
 use std::path::Path;
 
@@ -24,10 +25,20 @@ fn dataset(dir: &Path) {
 
 fn plan(dir: &Path, extra: &str) -> TrainConfig {
     write_tiny_hf(&dir.join("model"), &TinySpec::default());
+    plan_for(dir, "model", extra)
+}
+
+/// A plan whose base is a tiny GGUF with its projections stored as `ty`.
+fn plan_gguf(dir: &Path, ty: GgmlType, extra: &str) -> TrainConfig {
+    write_tiny_gguf(&dir.join("m.gguf"), &TinySpec::default(), ty);
+    plan_for(dir, "m.gguf", extra)
+}
+
+fn plan_for(dir: &Path, base: &str, extra: &str) -> TrainConfig {
     dataset(dir);
     let text = format!(
         r#"
-base_model = "model"
+base_model = {base:?}
 datasets = [{{ path = "train.jsonl" }}]
 val_set = {{ path = "val.jsonl" }}
 lora_r = 4
@@ -86,6 +97,67 @@ fn micro_batches_with_accumulation_give_the_same_update() {
         assert!(d <= 1e-4 * s.max(1e-3), "{k}: adapters differ by {d}");
     }
     assert!(la[2] < la[0], "training should lower the loss: {la:?}");
+}
+
+/// Runs two plans and returns their per-step losses, checking both have `steps` of them.
+fn two_runs(a: &TrainConfig, b: &TrainConfig, steps: usize) -> (Vec<f64>, Vec<f64>) {
+    train(a, &TrainOptions::default()).unwrap();
+    train(b, &TrainOptions::default()).unwrap();
+    let (la, lb) = (losses(&a.output_dir), losses(&b.output_dir));
+    assert_eq!((la.len(), lb.len()), (steps, steps));
+    (la, lb)
+}
+
+fn max_rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / x.abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_run() {
+    // Dropout on, so the recomputed forward must redraw exactly the same masks.
+    let extra = "micro_batch_size = 2\ngradient_accumulation_steps = 2\nmax_steps = 3\nlora_dropout = 0.1";
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pa = plan(a.path(), extra);
+    let pb = plan(b.path(), &format!("{extra}\ngradient_checkpointing = true"));
+    let (la, lb) = two_runs(&pa, &pb, 3);
+    eprintln!("checkpointed vs stored activations: largest relative loss difference {:.2e}", max_rel_diff(&la, &lb));
+    assert!(max_rel_diff(&la, &lb) < 1e-5, "losses differ: {la:?} vs {lb:?}");
+    let (ta, tb) = (load_adapter(&pa.output_dir.join("adapter")), load_adapter(&pb.output_dir.join("adapter")));
+    for (k, t) in &ta {
+        let d = (t - &tb[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-4 * s.max(1e-3), "{k}: adapters differ by {d}");
+    }
+}
+
+/// The bf16 path (base matrices stored in bf16, f32 accumulation, f32 adapter and AdamW)
+/// follows the f32 run over 20 steps.
+#[test]
+fn bf16_base_follows_the_f32_run_over_20_steps() {
+    let extra = "micro_batch_size = 2\nmax_steps = 20";
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (la, lb) = two_runs(&plan(a.path(), extra), &plan(b.path(), &format!("{extra}\nbase_dtype = \"bf16\"")), 20);
+    let d = max_rel_diff(&la, &lb);
+    eprintln!("bf16 vs f32: largest relative loss difference over 20 steps {d:.2e}");
+    assert!(d > 0.0 && d < 0.01, "bf16 losses differ from f32 by {d} (relative): {la:?} vs {lb:?}");
+    assert!(lb[19] < lb[0], "bf16 training should lower the loss: {lb:?}");
+}
+
+/// Training on a quantized GGUF kept in its blocks follows the run on the dequantized model
+/// (the same values, products in another summation order) over 20 steps.
+#[test]
+fn quantized_gguf_base_follows_the_dequantized_run() {
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let extra = "micro_batch_size = 2\nmax_steps = 20";
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let pa = plan_gguf(a.path(), ty, &format!("{extra}\nload_quantized = false"));
+        let pb = plan_gguf(b.path(), ty, extra);
+        let (la, lb) = two_runs(&pa, &pb, 20);
+        let d = max_rel_diff(&la, &lb);
+        eprintln!("{ty} blocks vs dequantized: largest relative loss difference over 20 steps {d:.2e}");
+        assert!(d < 1e-3, "{ty}: losses on blocks differ from the dequantized run by {d}: {la:?} vs {lb:?}");
+        assert!(lb[19] < lb[0], "{ty}: training should lower the loss: {lb:?}");
+    }
 }
 
 #[test]

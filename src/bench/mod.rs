@@ -5,7 +5,7 @@
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::kernels::IGNORE_INDEX;
-use crate::train::trainer::step_gradients;
+use crate::train::grads::step_gradients;
 use crate::methods::{Lora, LoraConfig, TargetModules};
 use crate::models::{ForwardCtx, Llama, ModelConfig};
 use crate::optim::{AdamW, AdamWConfig};
@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub forward_only: bool,
     /// `lora`, `rslora`, or `none` (the bare base model; forward-only only).
     pub method: String,
+    /// Per-block activation checkpointing.
+    pub checkpointing: bool,
     /// How the base weights were loaded (`f32`, `bf16`, `gguf`), for the report.
     pub dtype: String,
 }
@@ -41,6 +43,7 @@ pub struct BenchReport {
     pub flops_per_token: f64,
     pub gemm_peak_gflops: f64,
     pub mode: &'static str,
+    pub checkpointing: bool,
     pub method: String,
     pub dtype: String,
     /// Bytes of the frozen base matrices as stored, in MiB.
@@ -190,7 +193,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             let _ = nll.sum_all()?.to_scalar::<f32>()?;
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
-            let (_, grads) = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step)?;
+            let (_, grads) = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step, opts.checkpointing)?;
             opt.step(&params, &grads, 2e-4)?;
         }
         if step >= opts.warmup {
@@ -209,6 +212,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         method: opts.method.clone(),
         peak_rss_mib: peak_rss_mib(),
         step_s,
+        checkpointing: opts.checkpointing,
         mode: if opts.forward_only { "forward" } else { "lora-train" },
         dtype: opts.dtype.clone(),
         frozen_weights_mib: model.frozen_bytes() as f64 / (1024.0 * 1024.0),

@@ -102,6 +102,9 @@ pub enum Command {
         /// Time forward passes only (evaluation throughput).
         #[arg(long)]
         forward_only: bool,
+        /// Per-block activation checkpointing (recompute in the backward).
+        #[arg(long)]
+        checkpointing: bool,
         /// Base weights: f32 (dequantized), bf16 (stored bf16, f32 accumulation) or gguf (the
         /// GGUF's own quantized blocks, dequantized tile by tile).
         #[arg(long, default_value = "f32")]
@@ -135,9 +138,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
-        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, dtype, method } => {
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method } => {
             let method = method.unwrap_or_else(|| if forward_only { "none" } else { "lora" }.to_string());
-            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype };
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing };
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }

@@ -252,34 +252,53 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         ctx: &ForwardCtx,
     ) -> candle_core::Result<Tensor> {
+        let pos0 = cache.as_ref().map_or(0, |k| k.len());
+        let mut x = self.embed_ids(ids, b, t)?;
+        for li in 0..self.layers.len() {
+            x = self.block_forward(li, &x, pos0, cache.as_deref_mut(), ctx)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// The residual stream entering the first block, `[b, t, hidden]`.
+    pub fn embed_ids(&self, ids: &[u32], b: usize, t: usize) -> candle_core::Result<Tensor> {
         let c = &self.config;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             candle_core::bail!("token id {bad} is outside the vocabulary ({})", c.vocab_size);
         }
-        let pos0 = cache.as_ref().map_or(0, |k| k.len());
-        let mut x = self.embed(ids)?.reshape((b, t, c.hidden_size))?;
-        for (li, blk) in self.layers.iter().enumerate() {
-            let h = kernels::rms_norm(&x, &blk.input_layernorm, c.rms_norm_eps)?;
-            let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, c.num_attention_heads, c.head_dim))?;
-            let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
-            let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
-            let q = kernels::rope(&q, &self.rope, pos0)?;
-            let mut k = kernels::rope(&k, &self.rope, pos0)?;
-            let mut v = v;
-            if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache.layers[li] {
-                    k = Tensor::cat(&[pk, &k], 1)?;
-                    v = Tensor::cat(&[pv, &v], 1)?;
-                }
-                cache.layers[li] = Some((k.clone(), v.clone()));
+        self.embed(ids)?.reshape((b, t, c.hidden_size))
+    }
+
+    /// Block `li` applied to the residual stream `x: [b, t, hidden]` at positions from `pos0`.
+    pub fn block_forward(&self, li: usize, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let blk = &self.layers[li];
+        let (b, t, _) = x.dims3()?;
+        let h = kernels::rms_norm(x, &blk.input_layernorm, c.rms_norm_eps)?;
+        let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, c.num_attention_heads, c.head_dim))?;
+        let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
+        let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
+        let q = kernels::rope(&q, &self.rope, pos0)?;
+        let mut k = kernels::rope(&k, &self.rope, pos0)?;
+        let mut v = v;
+        if let Some(cache) = cache {
+            if let Some((pk, pv)) = &cache.layers[li] {
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
-            let a = kernels::causal_attention(&q, &k, &v)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
-            x = (x + blk.o_proj.forward(&a, ctx)?)?;
-            let h = kernels::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
-            let m = kernels::swiglu(&blk.gate_proj.forward(&h, ctx)?, &blk.up_proj.forward(&h, ctx)?)?;
-            x = (x + blk.down_proj.forward(&m, ctx)?)?;
+            cache.layers[li] = Some((k.clone(), v.clone()));
         }
-        kernels::rms_norm(&x, &self.norm, c.rms_norm_eps)?.reshape((b * t, c.hidden_size))
+        let a = kernels::causal_attention(&q, &k, &v)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+        let x = (x + blk.o_proj.forward(&a, ctx)?)?;
+        let h = kernels::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
+        let m = kernels::swiglu(&blk.gate_proj.forward(&h, ctx)?, &blk.up_proj.forward(&h, ctx)?)?;
+        x + blk.down_proj.forward(&m, ctx)?
+    }
+
+    /// The final norm over the last block's output, flattened to `[b·t, hidden]`.
+    pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        kernels::rms_norm(x, &self.norm, self.config.rms_norm_eps)?.reshape((b * t, d))
     }
 
     /// Per-position NLL `[b·t]` of next-token `targets` (−100 = ignored).

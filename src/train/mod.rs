@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod dataset;
 pub mod eval;
+pub mod grads;
 pub mod metrics;
 pub mod progress;
 pub mod trainer;

@@ -7,6 +7,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
+use super::grads::step_gradients;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
 use crate::config::TrainConfig;
@@ -14,12 +15,10 @@ use crate::data::batch::{epoch_order, make_batch, Batch};
 use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::methods::{Lora, LoraConfig};
-use crate::models::{load, ForwardCtx, Llama};
+use crate::models::{load, Llama};
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Scheduler};
-use crate::rng::SplitMix64;
 use candle_core::Var;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -154,7 +153,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let batches: Vec<Batch> = examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect();
         let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
         let n_tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
-        let (loss, mut grads) = step_gradients(&model, &params, &batches, n_targets, cfg.seed, state.step)?;
+        let (loss, mut grads) = step_gradients(&model, &params, &batches, n_targets, cfg.seed, state.step, cfg.gradient_checkpointing)?;
         if !loss.is_finite() {
             return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
         }
@@ -229,33 +228,6 @@ fn finish(
         adapter_dir,
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
     })
-}
-
-/// Forward and backward over one optimizer step's micro-batches; returns the step loss and
-/// the summed gradients, one buffer per parameter.
-pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], n_targets: usize, seed: u64, step: usize) -> Result<(f64, Vec<Vec<f32>>)> {
-    let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
-    let mut loss = 0f64;
-    if n_targets == 0 {
-        return Ok((0.0, grads));
-    }
-    for (mi, b) in batches.iter().enumerate() {
-        if b.n_targets == 0 {
-            continue;
-        }
-        let ctx = ForwardCtx { train: true, seed: SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64() };
-        let nll = model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ctx)?;
-        let part = nll.sum_all()?.affine(1.0 / n_targets as f64, 0.0)?;
-        loss += part.to_scalar::<f32>()? as f64;
-        let store = part.backward()?;
-        for (p, acc) in params.iter().zip(grads.iter_mut()) {
-            if let Some(g) = store.get(p.as_tensor()) {
-                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                acc.iter_mut().zip(g).for_each(|(a, x)| *a += x);
-            }
-        }
-    }
-    Ok((loss, grads))
 }
 
 fn nan_error(step: usize, what: &str, value: f64, last_ckpt: &Option<PathBuf>) -> Error {
