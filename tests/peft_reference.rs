@@ -139,7 +139,7 @@ fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
         eprintln!("skipped: needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (run ../shared/bench/peers/setup.sh)");
         return;
     };
-    let a = load::load_model(&gguf).unwrap();
+    let a = load::load_model_with(&gguf, &load::LoadOptions::f32()).unwrap();
     let b = load::load_model(&hf_dir).unwrap();
     let (wa, wb) = (a.named_weights().unwrap(), b.named_weights().unwrap());
     assert_eq!(wa.len(), wb.len());
@@ -156,6 +156,15 @@ fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
     let x: Vec<u32> = (0..40).map(|i| (i * 997 + 13) % 49152).collect();
     let la = a.logits(&x, 1, 40, None, &ForwardCtx::eval()).unwrap();
     let lb = b.logits(&x, 1, 40, None, &ForwardCtx::eval()).unwrap();
-    let d = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&la - &lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0);
+    // Kept in its Q4_1 blocks (the default), the same values enter the products tile by tile:
+    // the logits agree up to f32 summation order.
+    let q = load::load_model(&gguf).unwrap();
+    assert_eq!(q.layers[0].q_proj.weight.dtype_name(), "Q4_1");
+    let lq = q.logits(&x, 1, 40, None, &ForwardCtx::eval()).unwrap();
+    let d = (&lq - &lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = lb.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    eprintln!("logits from Q4_1 blocks vs dequantized: max abs difference {d:.2e} (logit scale {scale:.1})");
+    assert!(d <= 1e-5 * scale, "logits from blocks differ by {d}");
 }
