@@ -228,6 +228,19 @@ fn causal_attention_gqa_gradients() {
         &|a| attention_ref(&a[0], &a[1], &a[2]),
         1e-4,
     );
+    // Long enough for several causal row blocks (the last one partial), and with fewer
+    // queries than keys so the blocks' key counts are offset.
+    let k = randn(&[1, 150, 1, 8], 28);
+    let v = randn(&[1, 150, 1, 8], 29);
+    for tq in [150, 100] {
+        let q = randn(&[1, tq, 2, 8], 30);
+        check(
+            &[q, k.clone(), v.clone()],
+            &|a| kernels::causal_attention(&a[0], &a[1], &a[2]).unwrap(),
+            &|a| attention_ref(&a[0], &a[1], &a[2]),
+            1e-4,
+        );
+    }
 }
 
 #[test]

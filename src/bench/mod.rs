@@ -49,6 +49,8 @@ pub struct BenchReport {
     /// Bytes of the frozen base matrices as stored, in MiB.
     pub frozen_weights_mib: f64,
     pub threads: usize,
+    /// The SIMD/matrix features of this CPU that matter for the kernels (from /proc/cpuinfo).
+    pub cpu_features: Vec<String>,
     pub batch: usize,
     pub seq: usize,
 }
@@ -106,6 +108,18 @@ pub fn random_model(cfg: ModelConfig, seed: u64) -> Result<Llama> {
         put(format!("{p}.mlp.down_proj.weight"), vec![d, ff], 1.0 / (ff as f32).sqrt(), 0.0)?;
     }
     Llama::from_weights(cfg, &mut w, Path::new("<random>"))
+}
+
+/// Which of the features the kernels could use this CPU reports (Linux `/proc/cpuinfo`).
+pub fn cpu_features() -> Vec<String> {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let line = flags.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let have: Vec<&str> = line.split_whitespace().collect();
+    ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"]
+        .into_iter()
+        .filter(|f| have.contains(f))
+        .map(String::from)
+        .collect()
 }
 
 /// Peak resident set size of this process so far (Linux `VmHWM`), in MiB.
@@ -217,6 +231,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         dtype: opts.dtype.clone(),
         frozen_weights_mib: model.frozen_bytes() as f64 / (1024.0 * 1024.0),
         threads: rayon::current_num_threads(),
+        cpu_features: cpu_features(),
         batch: b,
         seq: t,
     })

@@ -15,6 +15,9 @@ use rayon::prelude::*;
 
 struct CausalAttention;
 
+/// Query rows per causal block (a 256-token sequence then computes 5/8 of the full square).
+const ROW_BLOCK: usize = 64;
+
 #[derive(Clone, Copy)]
 struct Dims {
     b: usize,
@@ -47,6 +50,15 @@ impl Dims {
     fn group(&self) -> usize {
         self.hq / self.hkv
     }
+    /// Query rows in blocks of [`ROW_BLOCK`], each with the number of keys its last row sees:
+    /// `(first row, end row, keys)`. Products over a block stop at its keys, so the masked
+    /// upper triangle is (mostly) never computed.
+    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.tq).step_by(ROW_BLOCK).map(move |i0| {
+            let i1 = (i0 + ROW_BLOCK).min(self.tq);
+            (i0, i1, self.visible(i1 - 1))
+        })
+    }
     /// Number of keys query `i` may attend to.
     fn visible(&self, i: usize) -> usize {
         i + (self.tk - self.tq) + 1
@@ -58,7 +70,11 @@ fn probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize) -> Vec<f32
     let (tq, tk) = (dm.tq, dm.tk);
     let mut p = vec![0f32; tq * tk];
     let g = h / dm.group();
-    matmul_view(&mut p, View::rows(0, tk), q, dm.q_view(b, h), k, dm.k_view(b, g).t(), tq, dm.d, tk, false, dm.scale);
+    let (qv, kv) = (dm.q_view(b, h), dm.k_view(b, g));
+    for (i0, i1, keys) in dm.row_blocks() {
+        let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
+        matmul_view(&mut p, View::rows(i0 * tk, tk), q, qb, k, kv.t(), i1 - i0, dm.d, keys, false, dm.scale);
+    }
     for (i, row) in p.chunks_mut(tk).enumerate() {
         let n = dm.visible(i);
         let (live, masked) = row.split_at_mut(n);
@@ -92,9 +108,12 @@ impl CustomOp3 for CausalAttention {
             .map(|task| {
                 let (b, h) = (task / dm.hq, task % dm.hq);
                 let p = probabilities(&dm, q, k, b, h);
-                let mut o = vec![0f32; dm.tq * dm.d];
+                let (tk, d) = (dm.tk, dm.d);
+                let mut o = vec![0f32; dm.tq * d];
                 let vv = dm.k_view(b, h / dm.group());
-                matmul_view(&mut o, View::rows(0, dm.d), &p, View::rows(0, dm.tk), v, vv, dm.tq, dm.tk, dm.d, false, 1.0);
+                for (i0, i1, keys) in dm.row_blocks() {
+                    matmul_view(&mut o, View::rows(i0 * d, d), &p, View::rows(i0 * tk, tk), v, vv, i1 - i0, keys, d, false, 1.0);
+                }
                 o
             })
             .collect();
@@ -160,11 +179,15 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
             for h in g * dm.group()..(g + 1) * dm.group() {
                 let qv = dm.q_view(b, h);
                 let p = probabilities(dm, q, k, b, h);
-                // dV += Pᵀ·dO
-                matmul_view(&mut dv, View::rows(0, d), &p, View::rows(0, tk).t(), dout, qv, tk, tq, d, true, 1.0);
-                // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled.
                 let mut ds = vec![0f32; tq * tk];
-                matmul_view(&mut ds, View::rows(0, tk), dout, qv, v, kv.t(), tq, d, tk, false, 1.0);
+                for (i0, i1, keys) in dm.row_blocks() {
+                    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
+                    // dV[..keys] += P[blk, ..keys]ᵀ·dO[blk]
+                    matmul_view(&mut dv, View::rows(0, d), &p, View::rows(i0 * tk, tk).t(), dout, qb, keys, i1 - i0, d, true, 1.0);
+                    // dP[blk, ..keys] = dO[blk]·V[..keys]ᵀ
+                    matmul_view(&mut ds, View::rows(i0 * tk, tk), dout, qb, v, kv.t(), i1 - i0, d, keys, false, 1.0);
+                }
+                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
                 for i in 0..tq {
                     let r = qv.offset + i * qv.row_stride;
                     let delta: f32 = dout[r..r + d].iter().zip(&o[r..r + d]).map(|(a, b)| a * b).sum();
@@ -173,10 +196,13 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
                         *s = pv * (*s - delta) * dm.scale;
                     }
                 }
-                // dQ = dS·K, dK += dSᵀ·Q
+                // dQ[blk] = dS[blk, ..keys]·K[..keys], dK[..keys] += dS[blk, ..keys]ᵀ·Q[blk]
                 let mut dq = vec![0f32; tq * d];
-                matmul_view(&mut dq, View::rows(0, d), &ds, View::rows(0, tk), k, kv, tq, tk, d, false, 1.0);
-                matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(0, tk).t(), q, qv, tk, tq, d, true, 1.0);
+                for (i0, i1, keys) in dm.row_blocks() {
+                    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
+                    matmul_view(&mut dq, View::rows(i0 * d, d), &ds, View::rows(i0 * tk, tk), k, kv, i1 - i0, keys, d, false, 1.0);
+                    matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(i0 * tk, tk).t(), q, qb, keys, i1 - i0, d, true, 1.0);
+                }
                 dqs.push(dq);
             }
             GroupGrads { dq: dqs, dk, dv }
