@@ -1,7 +1,8 @@
-//! The command line: `ferrotune train|eval|generate|merge|inspect-data`.
+//! The command line: `ferrotune train|eval|generate|merge|export|inspect-data`.
 
 mod bench;
 mod eval;
+mod export;
 mod generate;
 mod inspect;
 mod merge;
@@ -83,6 +84,38 @@ pub enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Write an adapter for other tools: peft, merged-safetensors, merged-gguf, gguf-lora.
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        /// peft, merged-safetensors, merged-gguf or gguf-lora.
+        #[arg(long)]
+        format: String,
+        /// Output directory (peft, merged-safetensors) or .gguf file.
+        #[arg(long)]
+        out: PathBuf,
+        /// merged-safetensors: f32, bf16, f16 (default f32); gguf-lora: f32, f16, bf16 (default f32).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// merged-gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (default q8_0).
+        #[arg(long)]
+        quant: Option<String>,
+    },
+    /// Logits of every position of given token ids, as JSON (for checks against other runtimes).
+    #[command(hide = true)]
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        ids: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time LoRA training steps (or forward passes) on a fixed 4×256-token batch; prints JSON.
     Bench {
         /// Hugging Face model directory or .gguf file (default: $PEERS_GGUF).
@@ -137,6 +170,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
         }
         Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
+        Command::Export { model, adapter, format, out, dtype, quant } => export::run(&export::ExportArgs {
+            model: &model,
+            adapter: &adapter,
+            format: &format,
+            out: &out,
+            dtype: dtype.as_deref(),
+            quant: quant.as_deref(),
+        }),
+        Command::Logits { model, adapter, ids, out } => export::run_logits(&model, adapter.as_deref(), &ids, &out),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
         Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method } => {
             let method = method.unwrap_or_else(|| if forward_only { "none" } else { "lora" }.to_string());

@@ -1,0 +1,138 @@
+//! `ferrotune export`: an adapter as a PEFT directory, a merged HF directory, a merged GGUF or
+//! a llama.cpp LoRA GGUF; and the hidden `ferrotune logits` used by the llama.cpp check.
+
+use crate::export::gguf::{self as gx, parse_lora_type, parse_merged_type};
+use crate::export::ExportFormat;
+use crate::formats::safetensors::SaveDType;
+use crate::methods::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::models::ForwardCtx;
+use crate::session::Session;
+use anyhow::{anyhow, bail, Context};
+use std::path::Path;
+
+pub struct ExportArgs<'a> {
+    pub model: &'a Path,
+    pub adapter: &'a Path,
+    pub format: &'a str,
+    pub out: &'a Path,
+    pub dtype: Option<&'a str>,
+    pub quant: Option<&'a str>,
+}
+
+pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
+    let format = ExportFormat::parse(a.format)?;
+    // Reject options that do not apply before the (slow) model load.
+    if a.quant.is_some() && format != ExportFormat::MergedGguf {
+        bail!("--quant applies to --format merged-gguf only (for {} use --dtype)", format.name());
+    }
+    if a.dtype.is_some() && matches!(format, ExportFormat::MergedGguf | ExportFormat::Peft) {
+        bail!(
+            "--dtype does not apply to --format {} ({})",
+            format.name(),
+            if format == ExportFormat::Peft { "the adapter is copied as is" } else { "use --quant f32|f16|bf16|q8_0|…" }
+        );
+    }
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match format {
+        ExportFormat::Peft => export_peft(a.model, a.adapter, a.out),
+        ExportFormat::MergedSafetensors => {
+            let d = a.dtype.unwrap_or("f32");
+            let dtype = SaveDType::parse(d).ok_or_else(|| anyhow!("--dtype `{d}`: expected f32, bf16 or f16"))?;
+            let mut session = Session::load(a.model, Some(a.adapter))?;
+            session.merge_adapter()?;
+            crate::export::merged::write_hf_dir(&session, a.out, dtype)?;
+            eprintln!("merged model (safetensors, {d}) written to {}", a.out.display());
+            Ok(())
+        }
+        ExportFormat::MergedGguf => {
+            let quant = parse_merged_type(a.quant.unwrap_or("q8_0"))?;
+            let mut session = Session::load(a.model, Some(a.adapter))?;
+            session.merge_adapter()?;
+            let r = gx::write_merged_gguf(&session, a.out, quant)?;
+            // One line per (row length, type used): which tensors fell back, as llama-quantize would.
+            let mut groups: Vec<((usize, crate::formats::gguf::GgmlType), Vec<&str>)> = Vec::new();
+            for f in &r.fallbacks {
+                match groups.iter_mut().find(|(k, _)| *k == (f.row, f.used)) {
+                    Some((_, names)) => names.push(&f.tensor),
+                    None => groups.push(((f.row, f.used), vec![&f.tensor])),
+                }
+            }
+            for ((row, used), names) in &groups {
+                let shown = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+                let more = if names.len() > 3 { format!(", … ({} in all)", names.len()) } else { String::new() };
+                eprintln!("note: rows of {row} are not whole {quant} blocks; stored as {used} (llama.cpp's fallback): {shown}{more}");
+            }
+            let meta = if r.metadata_from_source { "metadata copied from the source GGUF" } else { "llama metadata and tokenizer written from the HF directory" };
+            eprintln!(
+                "merged GGUF ({quant}, {} tensors, {:.1} MiB; {meta}) written to {}",
+                r.tensors,
+                r.bytes as f64 / (1 << 20) as f64,
+                a.out.display()
+            );
+            Ok(())
+        }
+        ExportFormat::GgufLora => {
+            let dtype = parse_lora_type(a.dtype.unwrap_or("f32"))?;
+            for note in gx::check_lora_representable(a.adapter)? {
+                eprintln!("note: {note}");
+            }
+            let session = Session::load(a.model, Some(a.adapter))?;
+            let c = &session.lora.as_ref().expect("loaded with an adapter").config;
+            if c.use_rslora {
+                eprintln!(
+                    "note: rsLoRA adapter (scaling α/√r = {}/√{} = {:.6}); llama.cpp scales by adapter.lora.alpha / r and has no rsLoRA flag, so adapter.lora.alpha = α·√r = {:.6} is written",
+                    c.alpha,
+                    c.r,
+                    c.scaling(),
+                    c.alpha * (c.r as f64).sqrt()
+                );
+            }
+            let r = gx::write_gguf_lora(&session, a.out, dtype)?;
+            eprintln!(
+                "LoRA GGUF ({} pairs, r = {}, adapter.lora.alpha = {}, arch {}, {dtype}) written to {}",
+                r.pairs,
+                r.rank,
+                r.alpha,
+                r.architecture,
+                a.out.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Checks that the adapter loads onto the model, then copies its two files to `out`.
+fn export_peft(model: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
+    Session::load(model, Some(adapter)).with_context(|| format!("the adapter {} does not load onto {}", adapter.display(), model.display()))?;
+    crate::io_util::write_dir_atomic(out, |tmp| {
+        for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+            let src = adapter.join(f);
+            std::fs::copy(&src, tmp.join(f)).map_err(|e| crate::Error::io(&src, e))?;
+        }
+        Ok(())
+    })?;
+    eprintln!("PEFT adapter written to {}", out.display());
+    Ok(())
+}
+
+/// Writes the logits of every position of `ids` (comma-separated token ids) as JSON:
+/// `{"ids": [...], "vocab": V, "logits": [[V floats] per position]}`.
+pub fn run_logits(model: &Path, adapter: Option<&Path>, ids: &str, out: &Path) -> anyhow::Result<()> {
+    let ids: Vec<u32> = ids
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse::<u32>().map_err(|e| anyhow!("--ids: `{s}` is not a token id ({e})")))
+        .collect::<anyhow::Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--ids: give at least one token id");
+    }
+    let session = Session::load(model, adapter)?;
+    let logits = session.model.logits(&ids, 1, ids.len(), None, &ForwardCtx::eval())?;
+    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+    let v = serde_json::json!({"ids": ids, "vocab": session.model.config.vocab_size, "logits": rows});
+    crate::io_util::write_atomic(out, serde_json::to_string(&v)?.as_bytes())?;
+    eprintln!("logits of {} positions written to {}", ids.len(), out.display());
+    Ok(())
+}
