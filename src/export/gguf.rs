@@ -87,31 +87,9 @@ pub fn file_type(t: GgmlType) -> u32 {
     }
 }
 
-/// Hugging Face tensor name → llama.cpp's (the inverse of the loader's `hf_name`).
+/// Hugging Face tensor name → llama.cpp's (the loader's table, read the other way).
 pub fn gguf_tensor_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
+    crate::models::load::gguf_name(hf)
 }
 
 /// Whether llama.cpp's converter permutes q/k rows for this model family.
@@ -767,6 +745,12 @@ mod tests {
         assert_eq!(gguf_tensor_name("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
         assert_eq!(gguf_tensor_name("model.layers.1.self_attn.q_proj.bias").as_deref(), Some("blk.1.attn_q.bias"));
         assert_eq!(gguf_tensor_name("lm_head.weight").as_deref(), Some("output.weight"));
+        for hf in ["model.norm.weight", "model.layers.12.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"] {
+            let g = gguf_tensor_name(hf).unwrap();
+            assert_eq!(crate::models::load::hf_name(&g).as_deref(), Some(hf), "{g}");
+        }
+        assert_eq!(gguf_tensor_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(gguf_tensor_name("model.layers.1.mlp.act_fn.weight"), None);
         assert_eq!(storage_type(GgmlType::Q4K, &[576, 576]), (GgmlType::Q5_0, true));
         assert_eq!(storage_type(GgmlType::Q6K, &[576, 1536]), (GgmlType::Q6K, false));
         assert_eq!(storage_type(GgmlType::Q8_0, &[4, 48]), (GgmlType::F16, true));

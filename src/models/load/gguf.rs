@@ -77,31 +77,48 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// Whole-model tensors: (llama.cpp name, Hugging Face name).
+const MODEL_TENSORS: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-block modules: (llama.cpp `blk.N.<name>`, Hugging Face `model.layers.N.<name>`).
+const BLOCK_MODULES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Maps a name between the two conventions; `to_hf` picks the direction.
+fn map_name(name: &str, to_hf: bool) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| if to_hf { (pair.0, pair.1) } else { (pair.1, pair.0) };
+    if let Some((_, to)) = MODEL_TENSORS.iter().map(pick).find(|(from, _)| *from == name) {
+        return Some(to.to_string());
+    }
+    let (from_prefix, to_prefix) = if to_hf { ("blk.", "model.layers.") } else { ("model.layers.", "blk.") };
+    let (layer, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let (_, to) = BLOCK_MODULES.iter().map(pick).find(|(from, _)| *from == module)?;
+    Some(format!("{to_prefix}{layer}.{to}.{suffix}"))
+}
+
 /// GGUF tensor name → Hugging Face name.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
-    match gguf_name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf_name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let module = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{module}.{suffix}"))
+    map_name(gguf_name, true)
+}
+
+/// Hugging Face tensor name → GGUF (llama.cpp) name.
+pub fn gguf_name(hf_name: &str) -> Option<String> {
+    map_name(hf_name, false)
 }
 
 /// Undoes llama.cpp's q/k row permutation: within each head, GGUF row `2j + t` is Hugging

@@ -7,7 +7,7 @@ use super::llama::Llama;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
-pub use gguf::{config_from_gguf, load_gguf, permute_rows, unpermute_rows};
+pub use gguf::{config_from_gguf, gguf_name, hf_name, load_gguf, permute_rows, unpermute_rows};
 
 pub use hf::load_hf_dir;
 
