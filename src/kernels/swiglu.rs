@@ -1,5 +1,6 @@
 //! SwiGLU gate: `silu(g) ⊙ u`, the Llama MLP's element-wise middle, fused with its backward.
 
+use super::vexp::sigmoid;
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -8,9 +9,6 @@ struct SwiGlu;
 
 const CHUNK: usize = 4096;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
 
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
@@ -25,8 +23,11 @@ impl CustomOp2 for SwiGlu {
         }
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+            let mut s = [0f32; CHUNK];
+            let s = &mut s[..y.len()];
+            sigmoid(g, s);
             for i in 0..y.len() {
-                y[i] = g[i] * sigmoid(g[i]) * u[i];
+                y[i] = g[i] * s[i] * u[i];
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -43,9 +44,12 @@ impl CustomOp2 for SwiGlu {
                         .enumerate()
                         .for_each(|(c, (dg, du))| {
                             let o = c * CHUNK;
+                            let mut sig = [0f32; CHUNK];
+                            let sig = &mut sig[..dg.len()];
+                            sigmoid(&g[o..o + dg.len()], sig);
                             for i in 0..dg.len() {
                                 let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
-                                let s = sigmoid(gv);
+                                let s = sig[i];
                                 du[i] = d * gv * s;
                                 // d silu(g)/dg = s · (1 + g · (1 − s))
                                 dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));

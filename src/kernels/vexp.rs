@@ -54,6 +54,30 @@ pub fn exp_sub(v: &mut [f32], m: f32) {
     exp_sub_portable(v, m)
 }
 
+#[inline(always)]
+fn sigmoid_portable(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 1.0 / (1.0 + exp_one(-v));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_avx2(x: &[f32], out: &mut [f32]) {
+    sigmoid_portable(x, out)
+}
+
+/// `out[i] = 1 / (1 + exp(−x[i]))` (the logistic function, SwiGLU's gate).
+pub fn sigmoid(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { sigmoid_avx2(x, out) };
+    }
+    sigmoid_portable(x, out)
+}
+
 /// Sum of a slice in eight f32 lanes (the order vectorised code adds in) folded into f64 every
 /// 1024 elements, so that sums over a whole vocabulary stay at f32 rounding level.
 pub fn lane_sum(v: &[f32]) -> f64 {
@@ -99,6 +123,20 @@ mod tests {
         let mut w = [3.0f32, 5.0];
         exp_sub(&mut w, 5.0);
         assert!((w[0] - (-2f32).exp()).abs() < 1e-7 && w[1] == 1.0);
+    }
+
+    #[test]
+    fn sigmoid_matches_the_formula_and_saturates() {
+        let xs: Vec<f32> = (0..20_001).map(|i| -100.0 + i as f32 * 0.01).collect();
+        let mut s = vec![0f32; xs.len()];
+        sigmoid(&xs, &mut s);
+        for (x, y) in xs.iter().zip(&s) {
+            let want = 1.0 / (1.0 + (-(*x as f64)).exp());
+            assert!((*y as f64 - want).abs() <= 2e-7 * want.max(1e-30) + 1e-38, "sigmoid({x}) = {y}, want {want}");
+        }
+        let mut ends = [0f32; 2];
+        sigmoid(&[-1000.0, 1000.0], &mut ends);
+        assert!(ends[0] < 1e-30 && ends[1] == 1.0, "{ends:?}");
     }
 
     #[test]
