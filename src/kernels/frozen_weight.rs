@@ -7,7 +7,7 @@
 //! Every GGUF type stores a matrix row as whole blocks, so a row is a contiguous byte range
 //! and a tile of rows is a slice of the tensor's bytes.
 
-use super::gemm::{matmul_nt, matmul_strided, View};
+use super::gemm::{matmul_strided, View};
 use crate::formats::gguf::quants::{dequantize_into, f32_to_bf16, GgmlType};
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -127,43 +127,41 @@ impl FrozenWeight {
         Tensor::from_vec(self.to_f32_vec(), (self.out, self.inp), &Device::Cpu)
     }
 
-    fn tile_rows(&self) -> usize {
-        (TILE_ELEMS / self.inp.max(1)).clamp(16, 1024)
+    /// Calls `f(first_row, rows, tile)` for consecutive tiles of rows covering the matrix, each
+    /// in f32. An f32 matrix is one tile, read in place; blocks are dequantized a tile at a time
+    /// into one reused scratch buffer.
+    fn for_each_tile(&self, mut f: impl FnMut(usize, usize, &[f32])) {
+        let (out, inp) = (self.out, self.inp);
+        if let Data::F32(w) = &*self.data {
+            return f(0, out, w);
+        }
+        let tile = (TILE_ELEMS / inp.max(1)).clamp(16, 1024);
+        let mut scratch = vec![0f32; tile.min(out) * inp];
+        for r0 in (0..out).step_by(tile) {
+            let n = tile.min(out - r0);
+            let w = &mut scratch[..n * inp];
+            self.rows_into(r0, w);
+            f(r0, n, w);
+        }
     }
 
     /// `y[m, out] (+)= x[m, in] · Wᵀ`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         let (out, inp) = (self.out, self.inp);
         assert!(x.len() == m * inp && y.len() == m * out, "frozen weight: x·Wᵀ operand sizes");
-        if let Data::F32(w) = &*self.data {
-            return matmul_nt(y, x, w, m, inp, out, accumulate);
-        }
-        let tile = self.tile_rows();
-        let mut scratch = vec![0f32; tile.min(out) * inp];
-        for r0 in (0..out).step_by(tile) {
-            let n = tile.min(out - r0);
-            let w = &mut scratch[..n * inp];
-            self.rows_into(r0, w);
+        self.for_each_tile(|r0, n, w| {
             // y[:, r0..r0+n] (+)= x · w_tileᵀ
             matmul_strided(y, View::rows(r0, out), x, View::rows(0, inp), w, View::rows(0, inp).t(), m, inp, n, accumulate, 1.0);
-        }
+        });
     }
 
     /// `dx[m, in] (+)= g[m, out] · W`.
     pub fn matmul(&self, g: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
         let (out, inp) = (self.out, self.inp);
         assert!(g.len() == m * out && dx.len() == m * inp, "frozen weight: g·W operand sizes");
-        if let Data::F32(w) = &*self.data {
-            return matmul_strided(dx, View::rows(0, inp), g, View::rows(0, out), w, View::rows(0, inp), m, out, inp, accumulate, 1.0);
-        }
-        let tile = self.tile_rows();
-        let mut scratch = vec![0f32; tile.min(out) * inp];
-        for r0 in (0..out).step_by(tile) {
-            let n = tile.min(out - r0);
-            let w = &mut scratch[..n * inp];
-            self.rows_into(r0, w);
-            // dx (+)= g[:, r0..r0+n] · w_tile
+        self.for_each_tile(|r0, n, w| {
+            // dx (+)= g[:, r0..r0+n] · w_tile; every tile after the first adds to the previous ones.
             matmul_strided(dx, View::rows(0, inp), g, View::rows(r0, out), w, View::rows(0, inp), m, n, inp, accumulate || r0 > 0, 1.0);
-        }
+        });
     }
 }
