@@ -249,15 +249,20 @@ impl Llama {
         ids: &[u32],
         b: usize,
         t: usize,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         ctx: &ForwardCtx,
     ) -> candle_core::Result<Tensor> {
+        self.final_norm(&self.residual(ids, b, t, cache, ctx)?)
+    }
+
+    /// The residual stream after the last block, `[b, t, hidden]` (before the final norm).
+    fn residual(&self, ids: &[u32], b: usize, t: usize, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let pos0 = cache.as_ref().map_or(0, |k| k.len());
         let mut x = self.embed_ids(ids, b, t)?;
         for li in 0..self.layers.len() {
             x = self.block_forward(li, &x, pos0, cache.as_deref_mut(), ctx)?;
         }
-        self.final_norm(&x)
+        Ok(x)
     }
 
     /// The residual stream entering the first block, `[b, t, hidden]`.
@@ -303,8 +308,13 @@ impl Llama {
 
     /// Per-position NLL `[b·t]` of next-token `targets` (−100 = ignored).
     pub fn nll(&self, ids: &[u32], targets: Arc<Vec<i32>>, b: usize, t: usize, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let h = self.hidden(ids, b, t, None, ctx)?;
-        kernels::lm_head_nll(&h, self.head_weight(), targets, ctx.train)
+        self.head_nll(&self.residual(ids, b, t, None, ctx)?, targets, ctx)
+    }
+
+    /// The final norm, LM head and per-position NLL over the last block's output `x: [b, t,
+    /// hidden]`; the gradient w.r.t. `x` is prepared only when training.
+    pub fn head_nll(&self, x: &Tensor, targets: Arc<Vec<i32>>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        kernels::lm_head_nll(&self.final_norm(x)?, self.head_weight(), targets, ctx.train)
     }
 
     /// Logits `[b·t, vocab]`; used for generation and checks, never for training.

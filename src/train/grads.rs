@@ -43,8 +43,7 @@ pub fn step_gradients(
         loss += if checkpointing {
             checkpointed_backward(model, params, b, targets, scale, &ctx, &mut grads)?
         } else {
-            let h = model.hidden(&b.input_ids, b.batch_size, b.seq_len, None, &ctx)?;
-            let part = crate::kernels::lm_head_nll(&h, model.head_weight(), targets, true)?.sum_all()?.affine(scale, 0.0)?;
+            let part = model.nll(&b.input_ids, targets, b.batch_size, b.seq_len, &ctx)?.sum_all()?.affine(scale, 0.0)?;
             accumulate(&part.backward()?, params, &mut grads)?;
             part.to_scalar::<f32>()? as f64
         };
@@ -71,8 +70,7 @@ fn checkpointed_backward(
     }
     // The head: loss and the gradient reaching the last block's output.
     let x_last = Var::from_tensor(&x)?;
-    let h = model.final_norm(x_last.as_tensor())?;
-    let part = crate::kernels::lm_head_nll(&h, model.head_weight(), targets, true)?.sum_all()?.affine(scale, 0.0)?;
+    let part = model.head_nll(x_last.as_tensor(), targets, ctx)?.sum_all()?.affine(scale, 0.0)?;
     let store = part.backward()?;
     accumulate(&store, params, grads)?;
     let mut g = grad_of(&store, x_last.as_tensor())?;
