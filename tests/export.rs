@@ -10,24 +10,9 @@ use ferrotune::export::gguf::{self as gx, storage_type};
 use ferrotune::formats::gguf::{GgmlType, GgufFile, GgufValue};
 use ferrotune::methods::{Lora, LoraConfig, TargetModules};
 use ferrotune::models::load::{self, permute_rows};
-use ferrotune::models::{ForwardCtx, Llama};
 use ferrotune::session::Session;
 use std::path::Path;
 use std::process::Command;
-
-fn ids(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut r = ferrotune::rng::SplitMix64::new(seed);
-    (0..n).map(|_| r.below(vocab as u64) as u32).collect()
-}
-
-fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
-    m.logits(ids, 1, ids.len(), None, &ForwardCtx::eval()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 /// A PEFT adapter on every linear module of the model at `model`, with non-zero B.
 fn make_adapter(model: &Path, dir: &Path, r: usize, alpha: f64, use_rslora: bool, seed: u64) {

@@ -9,20 +9,6 @@ use ferrotune::methods::{Lora, LoraConfig, TargetModules};
 use ferrotune::models::{load, ForwardCtx, Llama};
 use std::sync::Arc;
 
-fn ids(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
-    let mut r = ferrotune::rng::SplitMix64::new(seed);
-    (0..n).map(|_| r.below(vocab as u64) as u32).collect()
-}
-
-fn logits(m: &Llama, ids: &[u32]) -> Vec<f32> {
-    m.logits(ids, 1, ids.len(), None, &ForwardCtx::eval()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
 fn lora_cfg(targets: TargetModules) -> LoraConfig {
     LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: targets, use_rslora: false }
 }

@@ -33,6 +33,23 @@ impl TinySpec {
     }
 }
 
+/// `n` seeded random token ids below `vocab`.
+pub fn ids(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut r = SplitMix64::new(seed);
+    (0..n).map(|_| r.below(vocab as u64) as u32).collect()
+}
+
+/// Logits of one sequence, flattened `[len · vocab]`.
+pub fn logits(m: &ferrotune::models::Llama, ids: &[u32]) -> Vec<f32> {
+    let ctx = ferrotune::models::ForwardCtx::eval();
+    m.logits(ids, 1, ids.len(), None, &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
 /// `(hf name, shape, values)` for every tensor of the tiny model.
 pub fn tiny_weights(spec: &TinySpec, vocab: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut rng = SplitMix64::new(spec.seed);
