@@ -31,6 +31,9 @@ pub enum Error {
     /// Training stopped because the run itself went wrong (e.g. a NaN loss).
     #[error("{0}")]
     Training(String),
+    /// A signal (SIGINT, SIGTERM) stopped the run; a checkpoint was written.
+    #[error("{detail}")]
+    Interrupted { signal: i32, detail: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

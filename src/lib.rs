@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod decode;
 pub mod export;
+pub mod failpoint;
 pub mod kernels;
 pub mod testutil;
 pub mod methods;

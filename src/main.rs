@@ -6,7 +6,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A run stopped by a signal exits as shells expect of one (130 for Ctrl-C).
+            match e.chain().find_map(|c| c.downcast_ref::<ferrotune::Error>()) {
+                Some(ferrotune::Error::Interrupted { signal, .. }) => std::process::ExitCode::from((128 + signal) as u8),
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

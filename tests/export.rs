@@ -381,3 +381,66 @@ fn cli_export_formats_and_refusals() {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("lg.json")).unwrap()).unwrap();
     assert_eq!(v["logits"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn exports_never_destroy_what_is_there() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_tiny_gguf(&dir.join("m.gguf"), &TinySpec::default(), GgmlType::Q8_0);
+    make_adapter(&dir.join("m.gguf"), &dir.join("ad"), 2, 4.0, false, 7);
+    let user_files = |out: &Path| {
+        std::fs::create_dir_all(out.join("sub")).unwrap();
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        std::fs::write(out.join("sub/keep.bin"), "mine too").unwrap();
+    };
+    let kept = |out: &Path| {
+        assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine", "{}", out.display());
+        assert_eq!(std::fs::read_to_string(out.join("sub/keep.bin")).unwrap(), "mine too", "{}", out.display());
+    };
+    let folder_exports: [&[&str]; 3] = [
+        &["merge", "--model", "m.gguf", "--adapter", "ad", "--out", "merged"],
+        &["export", "--model", "m.gguf", "--adapter", "ad", "--format", "peft", "--out", "peft"],
+        &["export", "--model", "m.gguf", "--adapter", "ad", "--format", "merged-safetensors", "--out", "hf"],
+    ];
+    for args in folder_exports {
+        let out = dir.join(args[args.len() - 1]);
+        user_files(&out);
+        let (ok, err) = ferrotune(args, dir);
+        assert!(!ok && err.contains("not empty") && err.contains("--overwrite") && err.contains("notes.txt"), "{args:?}: {err}");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 2, "a refused export writes nothing: {args:?}");
+        kept(&out);
+        let (ok, err) = ferrotune(&[args, &["--overwrite"]].concat(), dir);
+        assert!(ok, "{args:?} --overwrite: {err}");
+        kept(&out);
+        let written = if args[0] == "export" && args[6] == "peft" { "adapter_model.safetensors" } else { "model.safetensors" };
+        assert!(out.join(written).is_file(), "{args:?}");
+        // A second --overwrite replaces the export's files again and still keeps the user's.
+        let (ok, err) = ferrotune(&[args, &["--overwrite"]].concat(), dir);
+        assert!(ok, "{err}");
+        kept(&out);
+        assert!(std::fs::read_dir(dir).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with('.')), "no temporaries left");
+    }
+    // Into a new or empty folder no flag is needed.
+    std::fs::create_dir(dir.join("empty")).unwrap();
+    let (ok, err) = ferrotune(&["export", "--model", "m.gguf", "--adapter", "ad", "--format", "peft", "--out", "empty"], dir);
+    assert!(ok, "{err}");
+
+    for format in ["merged-gguf", "gguf-lora"] {
+        let out = dir.join(format!("{format}.gguf"));
+        std::fs::write(&out, "precious").unwrap();
+        let args = ["export", "--model", "m.gguf", "--adapter", "ad", "--format", format, "--out", out.to_str().unwrap()];
+        let (ok, err) = ferrotune(&args, dir);
+        assert!(!ok && err.contains("already exists") && err.contains("--overwrite"), "{format}: {err}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "precious");
+        let (ok, err) = ferrotune(&[&args[..], &["--overwrite"]].concat(), dir);
+        assert!(ok, "{format}: {err}");
+        GgufFile::open(&out).unwrap();
+        // A folder where a file goes is refused even with --overwrite.
+        std::fs::create_dir_all(dir.join("a-folder")).unwrap();
+        let (ok, err) = ferrotune(&["export", "--model", "m.gguf", "--adapter", "ad", "--format", format, "--out", "a-folder", "--overwrite"], dir);
+        assert!(!ok && err.contains("is a folder"), "{format}: {err}");
+    }
+    // A file where a folder goes is refused even with --overwrite.
+    let (ok, err) = ferrotune(&["merge", "--model", "m.gguf", "--adapter", "ad", "--out", "merged-gguf.gguf", "--overwrite"], dir);
+    assert!(!ok && err.contains("not a folder"), "{err}");
+}

@@ -4,6 +4,7 @@
 use crate::export::gguf::{self as gx, parse_lora_type, parse_merged_type};
 use crate::export::ExportFormat;
 use crate::formats::safetensors::SaveDType;
+use crate::io_util::{check_output_path, OutputKind};
 use crate::methods::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::models::ForwardCtx;
 use crate::session::Session;
@@ -17,6 +18,7 @@ pub struct ExportArgs<'a> {
     pub out: &'a Path,
     pub dtype: Option<&'a str>,
     pub quant: Option<&'a str>,
+    pub overwrite: bool,
 }
 
 pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
@@ -32,6 +34,11 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
             if format == ExportFormat::Peft { "the adapter is copied as is" } else { "use --quant f32|f16|bf16|q8_0|…" }
         );
     }
+    let kind = match format {
+        ExportFormat::Peft | ExportFormat::MergedSafetensors => OutputKind::Dir,
+        ExportFormat::MergedGguf | ExportFormat::GgufLora => OutputKind::File,
+    };
+    check_output_path(a.out, kind, a.overwrite)?;
     if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -106,7 +113,7 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
 /// Checks that the adapter loads onto the model, then copies its two files to `out`.
 fn export_peft(model: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
     Session::load(model, Some(adapter)).with_context(|| format!("the adapter {} does not load onto {}", adapter.display(), model.display()))?;
-    crate::io_util::write_dir_atomic(out, |tmp| {
+    crate::io_util::write_files_into(out, |tmp| {
         for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
             let src = adapter.join(f);
             std::fs::copy(&src, tmp.join(f)).map_err(|e| crate::Error::io(&src, e))?;

@@ -1,9 +1,11 @@
 use crate::formats::safetensors::SaveDType;
+use crate::io_util::{check_output_path, OutputKind};
 use anyhow::anyhow;
 use std::path::Path;
 
-pub fn run(model: &Path, adapter: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+pub fn run(model: &Path, adapter: &Path, out: &Path, dtype: &str, overwrite: bool) -> anyhow::Result<()> {
     let dtype = SaveDType::parse(dtype).ok_or_else(|| anyhow!("--dtype `{dtype}`: expected f32, bf16 or f16"))?;
+    check_output_path(out, OutputKind::Dir, overwrite)?;
     let mut session = crate::session::Session::load(model, Some(adapter))?;
     session.merge_adapter()?;
     crate::export::merged::write_hf_dir(&session, out, dtype)?;

@@ -29,9 +29,13 @@ pub enum Command {
         /// Override a config key, e.g. `--set learning_rate=1e-4` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Continue from the newest checkpoint in the output directory.
+        /// Continue the run in output_dir from its newest checkpoint (the plan must be the run's).
         #[arg(long)]
         resume: bool,
+        /// Start again in an output_dir that holds an earlier run: its checkpoints, metrics,
+        /// run.json and adapter files are removed (other files there are kept).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Mean NLL over the target tokens of a JSONL file; the last stdout line is JSON.
     Eval {
@@ -83,6 +87,10 @@ pub enum Command {
         /// Storage dtype of the merged weights: f32, bf16, f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Write into an existing, non-empty --out folder, replacing only the merged model's
+        /// own files (config, weights, tokenizer); other files there are kept.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Write an adapter for other tools: peft, merged-safetensors, merged-gguf, gguf-lora.
     Export {
@@ -102,6 +110,10 @@ pub enum Command {
         /// merged-gguf: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k (default q8_0).
         #[arg(long)]
         quant: Option<String>,
+        /// Replace an existing --out file, or write into an existing, non-empty --out folder
+        /// (only the export's own files are replaced; other files there are kept).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Logits of every position of given token ids, as JSON (for checks against other runtimes).
     #[command(hide = true)]
@@ -161,7 +173,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
-        Command::Train { config, set, resume } => train::run(&config, &set, resume),
+        Command::Train { config, set, resume, overwrite } => train::run(&config, &set, resume, overwrite),
         Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {
             eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size)
         }
@@ -169,14 +181,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };
             generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
         }
-        Command::Merge { model, adapter, out, dtype } => merge::run(&model, &adapter, &out, &dtype),
-        Command::Export { model, adapter, format, out, dtype, quant } => export::run(&export::ExportArgs {
+        Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
+        Command::Export { model, adapter, format, out, dtype, quant, overwrite } => export::run(&export::ExportArgs {
             model: &model,
             adapter: &adapter,
             format: &format,
             out: &out,
             dtype: dtype.as_deref(),
             quant: quant.as_deref(),
+            overwrite,
         }),
         Command::Logits { model, adapter, ids, out } => export::run_logits(&model, adapter.as_deref(), &ids, &out),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),

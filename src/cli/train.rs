@@ -3,9 +3,10 @@ use crate::train::{train, TrainOptions};
 use anyhow::Context;
 use std::path::Path;
 
-pub fn run(config: &Path, set: &[String], resume: bool) -> anyhow::Result<()> {
+pub fn run(config: &Path, set: &[String], resume: bool, overwrite: bool) -> anyhow::Result<()> {
     let cfg = TrainConfig::load(config, set)?;
-    let summary = train(&cfg, &TrainOptions { resume }).with_context(|| format!("training with {}", config.display()))?;
+    crate::train::interrupt::install();
+    let summary = train(&cfg, &TrainOptions { resume, overwrite }).with_context(|| format!("training with {}", config.display()))?;
     if let (Some(b), Some(a)) = (summary.eval_before, summary.eval_after) {
         eprintln!("eval loss: {b:.4} before, {a:.4} after training");
     }

@@ -1,5 +1,6 @@
 //! A merged Hugging Face model directory: `config.json`, `model.safetensors` with the adapter
-//! folded in, and the tokenizer files, written into a temporary folder and renamed into place.
+//! folded in, and the tokenizer files, written into a temporary folder and renamed into place
+//! (file by file when the folder exists, so nothing else in it is touched).
 
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
@@ -27,7 +28,7 @@ pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<(
             "this model's RoPE uses per-frequency factors (GGUF rope_freqs), which config.json cannot express; refusing to write a model with different positions".into(),
         ));
     }
-    crate::io_util::write_dir_atomic(out, |tmp| write_files(session, tmp, dtype))
+    crate::io_util::write_files_into(out, |tmp| write_files(session, tmp, dtype))
 }
 
 fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {

@@ -2,6 +2,8 @@
 //! and `trainer_state.json` (step, data position, seed). A checkpoint is written into a
 //! temporary folder and renamed into place, so a crash leaves the previous one intact.
 
+use crate::config::TrainConfig;
+use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
 use crate::methods::Lora;
@@ -24,15 +26,23 @@ pub struct TrainerState {
     pub seed: u64,
     pub total_steps: usize,
     pub ferrotune_version: String,
+    /// What the run is (see [`plan_identity`]); `--resume` continues only the same run.
+    /// Absent in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub plan: Option<serde_json::Value>,
+    /// SHA-256 of the encoded training and validation examples (see [`data_fingerprint`]).
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
 }
 
 pub fn step_dir(output_dir: &Path, step: usize) -> PathBuf {
-    output_dir.join("checkpoints").join(format!("step-{step}"))
+    output_dir.join(super::run_dir::CHECKPOINTS_DIR).join(format!("step-{step}"))
 }
 
 pub fn save(dir: &Path, lora: &Lora, opt: &AdamW, state: &TrainerState, base_model: &str) -> Result<()> {
     crate::io_util::write_dir_atomic(dir, |tmp| {
         lora.save_peft(tmp, base_model)?;
+        crate::failpoint::hit("checkpoint");
         let mut tensors = Vec::new();
         for (i, (key, var)) in lora.params().iter().enumerate() {
             tensors.push((format!("{key}.exp_avg"), Tensor::from_slice(&opt.exp_avg[i], var.shape(), var.device())?));
@@ -47,16 +57,82 @@ pub fn save(dir: &Path, lora: &Lora, opt: &AdamW, state: &TrainerState, base_mod
 
 /// The checkpoint with the highest step under `output_dir/checkpoints`, if any.
 pub fn latest(output_dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(output_dir.join("checkpoints")).ok()?;
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let step: usize = n.strip_prefix("step-")?.parse().ok()?;
-            e.path().join(STATE_FILE).is_file().then_some((step, e.path()))
-        })
-        .max_by_key(|(s, _)| *s)
-        .map(|(_, p)| p)
+    super::run_dir::checkpoint_dirs(output_dir).into_iter().rev().map(|(_, p)| p).find(|p| p.join(STATE_FILE).is_file())
+}
+
+/// Keys that say how a run is carried out, not what it computes: they may differ on `--resume`.
+/// (`max_steps`/`num_epochs` may change too; the trainer checks them against the checkpoint's step.)
+const RUN_ONLY_KEYS: &[&str] = &["threads", "logging_steps", "save_steps", "eval_steps", "output_dir", "max_steps", "num_epochs"];
+
+/// The plan as what it computes: the run-only keys dropped and file paths made absolute, so the
+/// same run started from another working directory compares equal.
+pub fn plan_identity(cfg: &TrainConfig) -> serde_json::Value {
+    let mut cfg = cfg.clone();
+    let canon = |p: &mut PathBuf| {
+        if let Ok(c) = std::fs::canonicalize(&*p) {
+            *p = c;
+        }
+    };
+    canon(&mut cfg.base_model);
+    cfg.datasets.iter_mut().for_each(|d| canon(&mut d.path));
+    if let Some(v) = cfg.val_set.as_mut() {
+        canon(&mut v.path);
+    }
+    if let Some(a) = cfg.init_adapter.as_mut() {
+        canon(a);
+    }
+    let mut v = serde_json::to_value(&cfg).expect("the plan serialises");
+    if let Some(map) = v.as_object_mut() {
+        for k in RUN_ONLY_KEYS {
+            map.remove(*k);
+        }
+    }
+    v
+}
+
+/// SHA-256 over every encoded example's tokens and labels: the data a run trains on, whatever
+/// files and formats it came from.
+pub fn data_fingerprint(train: &[EncodedExample], val: &[EncodedExample]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (tag, set) in [(b"train", train), (b"valid", val)] {
+        h.update(tag);
+        h.update((set.len() as u64).to_le_bytes());
+        for e in set {
+            h.update((e.input_ids.len() as u64).to_le_bytes());
+            e.input_ids.iter().for_each(|t| h.update(t.to_le_bytes()));
+            e.labels.iter().for_each(|l| h.update(l.to_le_bytes()));
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Refuses to continue, under the current plan, a run recorded with another one, naming the
+/// first key that differs and both values. `what` names where the recorded plan came from.
+pub fn check_same_plan(recorded: &serde_json::Value, current: &serde_json::Value, what: &Path) -> Result<()> {
+    let (Some(old), Some(new)) = (recorded.as_object(), current.as_object()) else {
+        return Err(Error::format(what, "the recorded plan is not a JSON object"));
+    };
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let (a, b) = (old.get(k.as_str()), new.get(k.as_str()));
+        if a != b {
+            let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+            return Err(Error::config(
+                k.as_str(),
+                format!(
+                    "--resume: the run in {} was started with {k} = {}, this plan says {k} = {}; resuming would silently keep the old value. \
+                     Set it back to continue that run, or start a new one with --overwrite or another output_dir",
+                    what.display(),
+                    show(a),
+                    show(b)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn load_state(dir: &Path) -> Result<TrainerState> {

@@ -4,8 +4,10 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod eval;
 pub mod grads;
+pub mod interrupt;
 pub mod metrics;
 pub mod progress;
+pub mod run_dir;
 pub mod trainer;
 
 pub use eval::{evaluate, EvalResult};

@@ -10,6 +10,8 @@ use super::eval::evaluate;
 use super::grads::step_gradients;
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
+use super::run_dir::{self, RunLock};
+use super::interrupt;
 use crate::config::TrainConfig;
 use crate::data::batch::{epoch_order, make_batch, Batch};
 use crate::data::EncodedExample;
@@ -23,8 +25,11 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
-    /// Continue from the newest checkpoint in `output_dir/checkpoints`.
+    /// Continue the run in `output_dir` from its newest checkpoint (or start it, if it never
+    /// reached one). Refused when the plan differs from the run's.
     pub resume: bool,
+    /// Start again in an `output_dir` that holds an earlier run, removing that run's files.
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -73,20 +78,36 @@ fn lora_config(cfg: &TrainConfig) -> LoraConfig {
 
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     crate::runtime::init_threads(cfg.threads);
+    if opts.resume && opts.overwrite {
+        return Err(Error::config("--overwrite", "give --resume (continue the run) or --overwrite (start again), not both"));
+    }
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    if out.exists() && !out.is_dir() {
+        return Err(Error::config("output_dir", format!("{} is a file; output_dir must be a folder", out.display())));
+    }
+    let (_lock, takeover) = RunLock::acquire(out)?;
+    if let Some(note) = takeover {
+        eprintln!("{note}");
+    }
+    for p in run_dir::remove_leftovers(out)? {
+        eprintln!("note: removed {}, left by an interrupted write", p.display());
+    }
+    let previous = run_dir::previous_run(out);
+    if opts.overwrite && !previous.is_empty() {
+        run_dir::remove_previous_run(out)?;
+        eprintln!("--overwrite: removed the earlier run's {} from {}", previous.join(", "), out.display());
+    } else if !opts.resume {
+        run_dir::check_fresh_start(out, &previous)?;
+    }
+
     let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
     let tok = load::load_tokenizer(&cfg.base_model)?;
     let data = super::dataset::prepare(cfg, &tok)?;
     let pad_id = tok.pad_id();
+    let identity = checkpoint::plan_identity(cfg);
+    let fingerprint = checkpoint::data_fingerprint(&data.train, &data.val);
+    let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
-    let resume_dir = if opts.resume {
-        Some(checkpoint::latest(out).ok_or_else(|| {
-            Error::Training(format!("--resume: no checkpoint found under {}", out.join("checkpoints").display()))
-        })?)
-    } else {
-        None
-    };
     let lora = match (&resume_dir, &cfg.init_adapter) {
         (Some(dir), _) => Lora::load_peft(&mut model, dir)?,
         (None, Some(adapter)) => Lora::load_peft(&mut model, adapter)?,
@@ -103,14 +124,40 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
         (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
     };
-    let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, total_steps, ferrotune_version: env!("CARGO_PKG_VERSION").into() };
+    let mut state = TrainerState {
+        step: 0,
+        samples_seen: 0,
+        seed: cfg.seed,
+        total_steps,
+        ferrotune_version: env!("CARGO_PKG_VERSION").into(),
+        plan: Some(identity),
+        data_fingerprint: Some(fingerprint.clone()),
+    };
     if let Some(dir) = &resume_dir {
         checkpoint::load_optimizer(dir, &lora, &mut opt)?;
-        state = checkpoint::load_state(dir)?;
-        if state.seed != cfg.seed {
-            return Err(Error::config("seed", format!("the checkpoint was trained with seed {}, the config says {}", state.seed, cfg.seed)));
+        let saved = checkpoint::load_state(dir)?;
+        if saved.seed != cfg.seed {
+            return Err(Error::config("seed", format!("the checkpoint was trained with seed {}, the config says {}", saved.seed, cfg.seed)));
         }
-        state.total_steps = total_steps;
+        if saved.step > total_steps {
+            return Err(Error::config(
+                "max_steps",
+                format!("--resume: {} is at step {}, past this plan's last step {total_steps}; the finished run's adapter is kept as it is", dir.display(), saved.step),
+            ));
+        }
+        if saved.total_steps != total_steps {
+            eprintln!(
+                "note: this plan has {total_steps} steps where the run was started with {}; the learning-rate schedule is recomputed for {total_steps}",
+                saved.total_steps
+            );
+        }
+        if saved.step == total_steps {
+            eprintln!("the run already finished at step {total_steps}; its final adapter is written again from {}", dir.display());
+        } else {
+            eprintln!("resuming from {} (step {} of {total_steps})", dir.display(), saved.step);
+        }
+        state.step = saved.step;
+        state.samples_seen = saved.samples_seen;
     }
     let sched = Scheduler {
         kind: LrSchedule::parse(&cfg.lr_scheduler)?,
@@ -118,8 +165,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         warmup_steps: cfg.warmup_steps,
         total_steps,
     };
-    write_run_json(cfg, &model, &lora, &data, total_steps)?;
-    let metrics = MetricsLog::open(&out.join("metrics.jsonl"), resume_dir.as_ref().map(|_| state.step))?;
+    write_run_json(cfg, &model, &lora, &data, total_steps, &fingerprint)?;
+    let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = base_model_name(&cfg.base_model);
 
     let progress = Progress::new(total_steps, state.step);
@@ -142,6 +189,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
     }
 
+    if let Some(sig) = interrupt::requested() {
+        progress.finish();
+        return Err(interrupted(sig, state.step, total_steps, resume_dir.as_deref()));
+    }
     let mut sampler = Sampler::new(n_train, cfg.seed, cfg.shuffle);
     let mut last_loss = None;
     let mut last_ckpt: Option<PathBuf> = resume_dir.clone();
@@ -154,6 +205,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
         let n_tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
         let (loss, mut grads) = step_gradients(&model, &params, &batches, n_targets, cfg.seed, state.step, cfg.gradient_checkpointing)?;
+        crate::failpoint::hit("step");
         if !loss.is_finite() {
             return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
         }
@@ -191,10 +243,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         metrics.append(&m)?;
-        if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last {
+        let signal = interrupt::requested();
+        if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last || signal.is_some() {
             let dir = checkpoint::step_dir(out, state.step);
             checkpoint::save(&dir, &lora, &opt, &state, &base_name)?;
             last_ckpt = Some(dir);
+        }
+        if let (Some(sig), false) = (signal, last) {
+            progress.finish();
+            return Err(interrupted(sig, state.step, total_steps, last_ckpt.as_deref()));
         }
         if last {
             return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
@@ -218,8 +275,12 @@ fn finish(
     steps: usize,
 ) -> Result<TrainSummary> {
     progress.finish();
-    let adapter_dir = cfg.output_dir.join("adapter");
-    lora.save_peft(&adapter_dir, base_name)?;
+    let adapter_dir = cfg.output_dir.join(run_dir::ADAPTER_DIR);
+    crate::io_util::write_files_into(&adapter_dir, |tmp| {
+        lora.save_peft(tmp, base_name)?;
+        crate::failpoint::hit("adapter");
+        Ok(())
+    })?;
     Ok(TrainSummary {
         steps,
         last_loss,
@@ -228,6 +289,51 @@ fn finish(
         adapter_dir,
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
     })
+}
+
+/// Where `--resume` continues from: the newest checkpoint, if the run in `output_dir` is the
+/// one this plan describes (checked against the checkpoint, or `run.json` before the first).
+fn resume_point(cfg: &TrainConfig, identity: &serde_json::Value, fingerprint: &str) -> Result<Option<PathBuf>> {
+    let out = &cfg.output_dir;
+    let check_data = |recorded: Option<&str>, what: &Path| match recorded {
+        Some(r) if r != fingerprint => Err(Error::config(
+            "datasets",
+            format!(
+                "--resume: the training examples differ from those of the run in {} (a dataset file changed, or a key that shapes the examples); \
+                 resuming would continue on other data. Restore the data, or start a new run with --overwrite or another output_dir",
+                what.display()
+            ),
+        )),
+        _ => Ok(()),
+    };
+    if let Some(dir) = checkpoint::latest(out) {
+        let state = checkpoint::load_state(&dir)?;
+        match &state.plan {
+            Some(plan) => checkpoint::check_same_plan(plan, identity, &dir)?,
+            None => eprintln!("note: {} predates recorded plans; only its seed is checked against this plan", dir.display()),
+        }
+        check_data(state.data_fingerprint.as_deref(), &dir)?;
+        return Ok(Some(dir));
+    }
+    let run_json = out.join(run_dir::RUN_FILE);
+    if run_json.is_file() {
+        let run: serde_json::Value = serde_json::from_str(&crate::io_util::read_to_string(&run_json)?)
+            .map_err(|e| Error::format(&run_json, format!("not valid JSON: {e}")))?;
+        let plan: TrainConfig = serde_json::from_value(run["plan"].clone())
+            .map_err(|e| Error::format(&run_json, format!("field `plan`: {e}")))?;
+        checkpoint::check_same_plan(&checkpoint::plan_identity(&plan), identity, &run_json)?;
+        check_data(run["resolved"]["data_fingerprint"].as_str(), &run_json)?;
+        eprintln!("--resume: the run in {} wrote no checkpoint yet; starting it from step 0", out.display());
+    } else {
+        eprintln!("--resume: nothing to resume in {}; starting a new run", out.display());
+    }
+    Ok(None)
+}
+
+fn interrupted(sig: i32, step: usize, total: usize, checkpoint: Option<&Path>) -> Error {
+    let name = interrupt::signal_name(sig);
+    let saved = checkpoint.map_or("no checkpoint".to_string(), |p| format!("checkpoint written to {}", p.display()));
+    Error::Interrupted { signal: sig, detail: format!("{name}: stopped after step {step} of {total}; {saved}. Continue with `ferrotune train CONFIG --resume`") }
 }
 
 fn nan_error(step: usize, what: &str, value: f64, last_ckpt: &Option<PathBuf>) -> Error {
@@ -246,7 +352,7 @@ pub fn base_model_name(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize) -> Result<()> {
+fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str) -> Result<()> {
     let c = &model.config;
     let run = serde_json::json!({
         "plan": cfg,
@@ -257,6 +363,7 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
             "val_examples": data.val.len(),
             "skipped_examples": data.skipped,
             "truncated_examples": data.truncated,
+            "data_fingerprint": data_fingerprint,
             "lora_scaling": lora.config.scaling(),
             "trainable_params": lora.num_params(),
             "adapted_modules": lora.sites.len(),
@@ -268,6 +375,6 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
         },
         "versions": { "ferrotune": env!("CARGO_PKG_VERSION"), "candle-core": "0.11" },
     });
-    let path = cfg.output_dir.join("run.json");
+    let path = cfg.output_dir.join(run_dir::RUN_FILE);
     crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&run).expect("serialisable").as_bytes())
 }
