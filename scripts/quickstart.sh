@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "quickstart: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 bash scripts/fetch-model.sh
 cargo build --release
-target/release/ferrotune train examples/quickstart/gsm8k-lora.toml "$@"
+# The quickstart is a demo: running it again starts its run again (--overwrite replaces only the
+# earlier quickstart run's files), unless asked to --resume it.
+case " $* " in
+  *" --resume "*) target/release/ferrotune train examples/quickstart/gsm8k-lora.toml "$@" ;;
+  *) target/release/ferrotune train examples/quickstart/gsm8k-lora.toml --overwrite "$@" ;;
+esac

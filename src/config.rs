@@ -183,18 +183,31 @@ impl TrainConfig {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
         let text = crate::io_util::read_to_string(path)?;
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| Error::format(path, format!("invalid TOML: {e}")))?;
+        // Which keys came from `--set`, so that a bad value is blamed on the flag, not the file.
+        let mut set_by_flag: Vec<(String, &str)> = Vec::new();
         for o in overrides {
             let (key, value) = o
                 .split_once('=')
-                .ok_or_else(|| Error::config(o.as_str(), "--set expects key=value"))?;
+                .ok_or_else(|| Error::config(o.as_str(), format!("--set {o}: expected KEY=VALUE")))?;
             let key = key.trim();
-            let value = parse_value(value.trim());
-            table.insert(key.to_string(), value);
+            if key.is_empty() {
+                return Err(Error::config(o.as_str(), format!("--set {o}: the key before `=` is empty")));
+            }
+            table.insert(key.to_string(), parse_value(value.trim()));
+            set_by_flag.retain(|(k, _)| k != key);
+            set_by_flag.push((key.to_string(), o.as_str()));
         }
-        let mut cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| Error::format(path, e.message().to_string()))?;
+        let mut cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| blame_key(path, &text, &set_by_flag, e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config { key, detail } => match set_by_flag.iter().find(|(k, _)| *k == key) {
+                Some((_, flag)) => Error::Config { detail: format!("--set {flag}: {detail}"), key },
+                None => Error::Config { detail: format!("{detail} (in {})", path.display()), key },
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -236,20 +249,36 @@ impl TrainConfig {
         pos("micro_batch_size", self.micro_batch_size)?;
         pos("gradient_accumulation_steps", self.gradient_accumulation_steps)?;
         pos("lora_r", self.lora_r)?;
+        let in_range = |key: &str, v: f64, ok: bool, expected: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::config(key, format!("is {v}; expected {expected}")))
+            }
+        };
+        in_range("learning_rate", self.learning_rate, self.learning_rate > 0.0, "a positive number such as 2e-4")?;
+        in_range("lora_alpha", self.lora_alpha, self.lora_alpha > 0.0, "a positive number (0 scales the adapter to nothing: training would change nothing)")?;
+        let dropout = self.lora_dropout as f64;
+        in_range("lora_dropout", dropout, (0.0..1.0).contains(&dropout), "a probability in [0, 1)")?;
+        in_range("adam_beta1", self.adam_beta1, (0.0..1.0).contains(&self.adam_beta1), "a number in [0, 1) such as 0.9")?;
+        in_range("adam_beta2", self.adam_beta2, (0.0..1.0).contains(&self.adam_beta2), "a number in [0, 1) such as 0.999")?;
+        in_range("adam_epsilon", self.adam_epsilon, self.adam_epsilon > 0.0, "a small positive number such as 1e-8 (0 divides by zero where a moment is 0)")?;
+        in_range("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "0 or a positive number such as 0.01")?;
+        in_range("max_grad_norm", self.max_grad_norm, self.max_grad_norm >= 0.0, "a positive number, or 0 to disable clipping")?;
+        if let Some(e) = self.num_epochs {
+            in_range("num_epochs", e, e > 0.0, "a positive number of epochs")?;
+        }
+        if let Some(v) = self.val_size {
+            in_range("val_size", v, v > 0.0, "a share below 1 or a positive count of examples")?;
+        }
+        if self.max_steps == Some(0) {
+            return Err(Error::config("max_steps", "is 0; expected at least 1 step (or leave it out and set num_epochs)"));
+        }
         if self.num_epochs.is_none() && self.max_steps.is_none() {
             return Err(Error::config("num_epochs", "set num_epochs or max_steps"));
         }
-        if self.num_epochs.is_some_and(|e| !(e > 0.0)) {
-            return Err(Error::config("num_epochs", "must be positive"));
-        }
-        if !(self.learning_rate > 0.0) {
-            return Err(Error::config("learning_rate", "must be positive"));
-        }
         if self.val_set.is_some() && self.val_size.is_some() {
             return Err(Error::config("val_size", "give val_set or val_size, not both"));
-        }
-        if self.val_size.is_some_and(|v| !(v > 0.0)) {
-            return Err(Error::config("val_size", "must be positive (a share < 1 or a count)"));
         }
         crate::optim::LrSchedule::parse(&self.lr_scheduler)?;
         self.load_options()?;
@@ -262,6 +291,39 @@ impl TrainConfig {
     pub fn target_modules(&self) -> TargetModules {
         self.lora_target_modules.resolve()
     }
+}
+
+/// A type error while reading the plan, as a message naming the key and where its value came
+/// from: `--set KEY=VALUE`, or the config file and the key's line in it.
+fn blame_key(path: &Path, text: &str, set_by_flag: &[(String, &str)], e: serde_path_to_error::Error<toml::de::Error>) -> Error {
+    let key_path = e.path().to_string();
+    let message = plain_types(e.inner().message());
+    // serde reports a missing or unknown key at the enclosing table; name the key itself.
+    let named = |prefix: &str| message.strip_prefix(prefix).and_then(|m| m.split('`').next()).map(str::to_string);
+    let key = named("unknown field `").or_else(|| named("missing field `")).map_or(key_path.clone(), |k| {
+        if key_path == "." || key_path.is_empty() {
+            k
+        } else {
+            format!("{key_path}.{k}")
+        }
+    });
+    let top = key.split(['.', '[']).next().unwrap_or(&key).to_string();
+    if let Some((_, flag)) = set_by_flag.iter().find(|(k, _)| *k == top) {
+        return Error::config(top, format!("--set {flag}: {message}"));
+    }
+    let line = text
+        .lines()
+        .position(|l| l.trim_start().strip_prefix(top.as_str()).is_some_and(|rest| rest.trim_start().starts_with('=')))
+        .map(|i| format!(" (line {})", i + 1))
+        .unwrap_or_default();
+    Error::format(path, format!("key `{key}`{line}: {message}"))
+}
+
+/// serde's type names as a user would say them.
+fn plain_types(message: &str) -> String {
+    [("expected f64", "expected a number"), ("expected f32", "expected a number"), ("expected usize", "expected a whole number ≥ 0"), ("expected u64", "expected a whole number ≥ 0"), ("expected a boolean", "expected true or false")]
+        .iter()
+        .fold(message.to_string(), |m, (from, to)| m.replace(from, to))
 }
 
 /// A `--set` value: TOML syntax when it parses (numbers, booleans, arrays, quoted strings),

@@ -5,13 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Reading or writing a file failed at the OS level.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// Reading or writing a file failed at the OS level. The OS error is part of this message
+    /// and deliberately not a `source`: chained printing (`{:#}`) would repeat it.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     /// A file exists but its contents are not what the format requires.
     #[error("{path}: {detail}")]
     Format { path: PathBuf, detail: String },
@@ -25,6 +22,9 @@ pub enum Error {
     /// A configuration key or command-line value is missing, unknown or out of range.
     #[error("config key `{key}`: {detail}")]
     Config { key: String, detail: String },
+    /// A command-line option's value is out of range or conflicts with another option.
+    #[error("{flag}: {detail}")]
+    Flag { flag: String, detail: String },
     /// The model and something applied to it (an adapter, a target list) do not fit.
     #[error("{0}")]
     Model(String),
@@ -42,10 +42,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), cause: source }
     }
     pub fn format(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
         Error::Format {
@@ -59,6 +56,9 @@ impl Error {
             line,
             detail: detail.into(),
         }
+    }
+    pub fn flag(flag: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Flag { flag: flag.into(), detail: detail.into() }
     }
     pub fn config(key: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Config {

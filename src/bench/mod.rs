@@ -76,7 +76,7 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
         }),
-        other => Err(Error::config("--shape", format!("unknown shape `{other}` (known: smollm2-135m)"))),
+        other => Err(Error::flag("--shape", format!("unknown shape `{other}` (known: smollm2-135m)"))),
     }
 }
 
@@ -180,8 +180,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         "lora" => false,
         "rslora" => true,
         "none" if opts.forward_only => false,
-        "none" => return Err(Error::config("--method", "`none` trains nothing: use it with --forward-only")),
-        other => return Err(Error::config("--method", format!("unknown method `{other}` (known: lora, rslora, none)"))),
+        "none" => return Err(Error::flag("--method", "`none` trains nothing: use it with --forward-only")),
+        other => return Err(Error::flag("--method", format!("unknown method `{other}` (known: lora, rslora, none)"))),
     };
     let params: Vec<Var> = if opts.method == "none" {
         Vec::new()

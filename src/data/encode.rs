@@ -56,9 +56,11 @@ impl EncodedExample {
     }
 
     /// False when nothing is trained on (e.g. truncation cut the whole completion off); such
-    /// examples contribute no loss and callers should count and report them.
+    /// examples contribute no loss and callers should count and report them. The first
+    /// position's label never counts: no token precedes it to predict it from, so a one-token
+    /// example (`{"text": ""}` plus EOS) trains on nothing.
     pub fn has_targets(&self) -> bool {
-        self.labels.iter().any(|&l| l != IGNORE_INDEX)
+        self.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX)
     }
 
     pub fn len(&self) -> usize {

@@ -95,5 +95,8 @@ pub fn load_jsonl_dataset(
     opts: &EncodeOptions,
 ) -> Result<EncodedDataset> {
     let records = read_jsonl(path)?;
+    if records.is_empty() {
+        return Err(Error::format(path, "holds no records (it is empty or only blank lines); expected one JSON object per line"));
+    }
     encode_records(&records, format, tok, opts)
 }

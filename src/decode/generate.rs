@@ -15,6 +15,22 @@ pub struct SamplingOptions {
     pub seed: u64,
 }
 
+impl SamplingOptions {
+    /// Refuses values that would silently sample garbage or fall back to another mode.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::flag("--temperature", format!("is {}; expected 0 (greedy) or a positive number such as 0.7", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::flag("--top-p", format!("is {}; expected a probability in (0, 1], such as 0.9 (1 keeps every token)", self.top_p)));
+        }
+        if self.top_p < 1.0 && self.temperature == 0.0 {
+            return Err(Error::flag("--top-p", "applies to sampling only; set --temperature above 0 too (with temperature 0 decoding is greedy)"));
+        }
+        Ok(())
+    }
+}
+
 /// The token ids a prompt starts from: raw text as `tokenizer(text)` gives it, or the chat
 /// template applied to one user message with the assistant turn opened.
 pub fn prompt_ids(tok: &TextTokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
@@ -69,9 +85,25 @@ pub fn generate(
     opts: &SamplingOptions,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Vec<u32>> {
+    opts.validate()?;
     let ids = prompt_ids(tok, prompt, chat)?;
     if ids.is_empty() {
         return Err(Error::Model("the prompt encodes to no tokens".into()));
+    }
+    let context = model.config.max_position_embeddings;
+    if ids.len() > context {
+        return Err(Error::Model(format!(
+            "the prompt is {} tokens long, past the model's context of {context} tokens (max_position_embeddings / GGUF context_length); shorten it",
+            ids.len()
+        )));
+    }
+    let room = context - ids.len();
+    if opts.max_new_tokens > room {
+        eprintln!(
+            "note: the prompt ({} tokens) leaves room for {room} new tokens in the model's context of {context}; generation stops there (asked for {})",
+            ids.len(),
+            opts.max_new_tokens
+        );
     }
     let mut stop: Vec<u32> = model.config.eos_token_ids.clone();
     stop.extend(tok.eos_id());
@@ -80,7 +112,7 @@ pub fn generate(
     let mut out: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut next_input = ids;
-    for _ in 0..opts.max_new_tokens {
+    for _ in 0..opts.max_new_tokens.min(room) {
         let t = next_input.len();
         let logits = model.logits(&next_input, 1, t, Some(&mut cache), &ForwardCtx::eval())?;
         let last: Vec<f32> = logits.get(t - 1)?.to_vec1()?;

@@ -56,14 +56,14 @@ fn type_list(types: &[GgmlType]) -> String {
 pub fn parse_merged_type(s: &str) -> Result<GgmlType> {
     GgmlType::from_name(s)
         .filter(|t| MERGED_TYPES.contains(t))
-        .ok_or_else(|| Error::config("--quant", format!("`{s}` is not a supported type (expected one of: {})", type_list(&MERGED_TYPES))))
+        .ok_or_else(|| Error::flag("--quant", format!("`{s}` is not a supported type (expected one of: {})", type_list(&MERGED_TYPES))))
 }
 
 /// Parses the `--dtype` of a LoRA GGUF (`f32`, `f16`, `bf16`).
 pub fn parse_lora_type(s: &str) -> Result<GgmlType> {
     GgmlType::from_name(s)
         .filter(|t| LORA_TYPES.contains(t))
-        .ok_or_else(|| Error::config("--dtype", format!("`{s}` is not supported for a LoRA GGUF (expected one of: {})", type_list(&LORA_TYPES))))
+        .ok_or_else(|| Error::flag("--dtype", format!("`{s}` is not supported for a LoRA GGUF (expected one of: {})", type_list(&LORA_TYPES))))
 }
 
 /// llama.cpp's `general.file_type` (`enum llama_ftype`) for a model whose matrices are `t`.
@@ -185,7 +185,7 @@ pub fn write_merged_gguf(session: &Session, out: &Path, quant: GgmlType) -> Resu
         return Err(Error::Model("merge the adapter before writing a merged model".into()));
     }
     if !MERGED_TYPES.contains(&quant) {
-        return Err(Error::config("--quant", format!("`{quant}` is not supported (expected one of: {})", type_list(&MERGED_TYPES))));
+        return Err(Error::flag("--quant", format!("`{quant}` is not supported (expected one of: {})", type_list(&MERGED_TYPES))));
     }
     let cfg = &session.model.config;
     let named = session.model.named_weights()?;
@@ -643,7 +643,7 @@ pub struct LoraGgufReport {
 pub fn write_gguf_lora(session: &Session, out: &Path, dtype: GgmlType) -> Result<LoraGgufReport> {
     let lora = session.lora.as_ref().ok_or_else(|| Error::Model("gguf-lora needs an adapter (--adapter)".into()))?;
     if !LORA_TYPES.contains(&dtype) {
-        return Err(Error::config("--dtype", format!("`{dtype}` is not supported for a LoRA GGUF (expected one of: {})", type_list(&LORA_TYPES))));
+        return Err(Error::flag("--dtype", format!("`{dtype}` is not supported for a LoRA GGUF (expected one of: {})", type_list(&LORA_TYPES))));
     }
     let c = &lora.config;
     if c.alpha == 0.0 {

@@ -32,7 +32,7 @@ impl ExportFormat {
     pub fn parse(s: &str) -> crate::Result<Self> {
         Self::ALL.into_iter().find(|f| f.name() == s.trim()).ok_or_else(|| {
             let all: Vec<&str> = Self::ALL.iter().map(|f| f.name()).collect();
-            crate::Error::config("--format", format!("unknown format `{s}` (expected one of: {})", all.join(", ")))
+            crate::Error::flag("--format", format!("unknown format `{s}` (expected one of: {})", all.join(", ")))
         })
     }
 }

@@ -99,6 +99,13 @@ impl Lora {
                         format!("tensor `{key}` has shape {:?} but this model needs {:?}: the adapter was trained for a different model", t.dims(), shape),
                     ));
                 }
+                let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::format(
+                        src,
+                        format!("tensor `{key}` holds {} at index {i}: the adapter is corrupt or its training diverged", values[i]),
+                    ));
+                }
                 Ok(t)
             };
             Ok((get('A', [r, in_f])?, get('B', [out_f, r])?))

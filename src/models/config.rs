@@ -112,6 +112,24 @@ impl ModelConfig {
 
     /// Checks the shape relations the model code relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        let at_least_one = [
+            ("vocab_size", "vocab_size / the tokenizer's token list", self.vocab_size),
+            ("hidden_size", "embedding_length", self.hidden_size),
+            ("intermediate_size", "feed_forward_length", self.intermediate_size),
+            ("num_hidden_layers", "block_count", self.num_hidden_layers),
+            ("max_position_embeddings", "context_length", self.max_position_embeddings),
+        ];
+        for (hf, gguf, v) in at_least_one {
+            if v == 0 {
+                return Err(format!("{hf} (GGUF: {gguf}) is 0; a usable model needs at least 1"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(format!("rms_norm_eps is {}; expected a small positive number such as 1e-5", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta (GGUF: rope.freq_base) is {}; expected a positive number such as 10000", self.rope_theta));
+        }
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
             return Err("attention heads and head_dim must be positive".into());
         }

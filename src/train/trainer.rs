@@ -79,7 +79,7 @@ fn lora_config(cfg: &TrainConfig) -> LoraConfig {
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     crate::runtime::init_threads(cfg.threads);
     if opts.resume && opts.overwrite {
-        return Err(Error::config("--overwrite", "give --resume (continue the run) or --overwrite (start again), not both"));
+        return Err(Error::flag("--overwrite", "give --resume (continue the run) or --overwrite (start again), not both"));
     }
     let out = &cfg.output_dir;
     if out.exists() && !out.is_dir() {
@@ -103,6 +103,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
     let tok = load::load_tokenizer(&cfg.base_model)?;
     let data = super::dataset::prepare(cfg, &tok)?;
+    check_data_fits(cfg, &model, &data)?;
     let pad_id = tok.pad_id();
     let identity = checkpoint::plan_identity(cfg);
     let fingerprint = checkpoint::data_fingerprint(&data.train, &data.val);
@@ -159,6 +160,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         state.step = saved.step;
         state.samples_seen = saved.samples_seen;
     }
+    if cfg.warmup_steps >= total_steps {
+        eprintln!(
+            "warning: warmup_steps = {} is not below the run's {total_steps} steps: the learning rate never leaves warm-up (the first step trains at 0)",
+            cfg.warmup_steps
+        );
+    }
     let sched = Scheduler {
         kind: LrSchedule::parse(&cfg.lr_scheduler)?,
         base_lr: cfg.learning_rate,
@@ -178,7 +185,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if data.val.is_empty() {
             return Ok(None);
         }
-        Ok(Some(evaluate(model, &data.val, cfg.micro_batch_size, pad_id)?.loss))
+        let loss = evaluate(model, &data.val, cfg.micro_batch_size, pad_id)?.loss;
+        if !loss.is_finite() {
+            return Err(Error::Training(format!("the validation loss is {loss}: the model produces non-finite logits on the validation examples")));
+        }
+        Ok(Some(loss))
     };
     let mut eval_before = None;
     if resume_dir.is_none() {
@@ -289,6 +300,33 @@ fn finish(
         adapter_dir,
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
     })
+}
+
+/// Says what truncation did to the data, and refuses examples the model's positions cannot hold
+/// before any work is done (RoPE is tabulated up to the context length).
+fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prepared) -> Result<()> {
+    let total = data.train.len() + data.val.len() + data.skipped;
+    if data.skipped > 0 {
+        eprintln!(
+            "warning: {} of {total} examples were dropped: no target token left after truncation to sequence_len = {} (or none to begin with)",
+            data.skipped, cfg.sequence_len
+        );
+    }
+    if data.truncated > 0 {
+        eprintln!("note: {} of {total} examples were cut at sequence_len = {}", data.truncated, cfg.sequence_len);
+    }
+    let context = model.config.max_position_embeddings;
+    let longest = data.train.iter().chain(&data.val).map(|e| e.len()).max().unwrap_or(0);
+    if longest > context {
+        return Err(Error::config(
+            "sequence_len",
+            format!(
+                "is {}, and examples reach {longest} tokens, past the model's context of {context} (max_position_embeddings / GGUF context_length); set sequence_len to at most {context}",
+                cfg.sequence_len
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where `--resume` continues from: the newest checkpoint, if the run in `output_dir` is the
