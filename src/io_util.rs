@@ -15,6 +15,7 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    remove_dead_writers_temps(path);
     let tmp = temp_sibling(path);
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
@@ -96,6 +97,7 @@ pub fn write_files_into(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
 fn filled_temp_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let parent = parent_of(dir);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    remove_dead_writers_temps(dir);
     let tmp = temp_dir_name(dir, "partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -121,11 +123,42 @@ fn temp_dir_name(path: &Path, kind: &str) -> PathBuf {
 /// Whether a directory entry's name is one of the temporary names this module creates
 /// (`.X.tmp-PID`, `.X.partial-PID`, `.X.old-PID`): what an interrupted write leaves behind.
 pub fn is_leftover_temp(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.') else { return false };
-    ["tmp", "partial", "old"].iter().any(|kind| {
-        rest.rsplit_once(&format!(".{kind}-"))
-            .is_some_and(|(stem, pid)| !stem.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-    })
+    parse_temp_name(name).is_some()
+}
+
+/// `.X.KIND-PID` → (`X`, PID) for our temporary kinds.
+fn parse_temp_name(entry: &str) -> Option<(&str, u32)> {
+    let (name, tail) = entry.strip_prefix('.')?.rsplit_once('.')?;
+    let (kind, pid) = tail.split_once('-')?;
+    let valid = !name.is_empty() && ["tmp", "partial", "old"].contains(&kind) && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    valid.then(|| Some((name, pid.parse().ok()?))).flatten()
+}
+
+/// Removes the temporaries that writers of `path` which are no longer running left beside it
+/// (a killed export's half-written `.model.gguf.tmp-PID`, say). A live writer's are kept, so
+/// this is safe without a lock; failures only leave litter, so they are ignored.
+fn remove_dead_writers_temps(path: &Path) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else { return };
+    let Ok(entries) = std::fs::read_dir(parent_of(path)) else { return };
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = leftover_pid(&entry_name, &name) else { continue };
+        if pid != std::process::id() && !process_alive(pid) {
+            let p = entry.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+/// The writer's PID if `entry` is one of our temporaries for a file called `name`.
+fn leftover_pid(entry: &str, name: &str) -> Option<u32> {
+    parse_temp_name(entry).filter(|(n, _)| *n == name).map(|(_, pid)| pid)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 only checks that the process exists (EPERM means it does).
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 /// Removes the leftovers of interrupted writes directly inside `dir`; returns their names.
@@ -224,6 +257,23 @@ mod tests {
         for n in ["adapter", ".hidden", ".x.tmp-", ".x.tmp-12a", "a.tmp-12", ".tmp-12", ".x.partial"] {
             assert!(!is_leftover_temp(n), "{n}");
         }
+    }
+
+    #[test]
+    fn a_dead_writers_temporaries_are_removed_a_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("m.gguf");
+        // PID 0x7fff_fff0 is beyond any pid_max, so certainly not running.
+        let dead = d.path().join(format!(".m.gguf.tmp-{}", 0x7fff_fff0u32));
+        let live = d.path().join(".m.gguf.tmp-1"); // init: always running
+        let other = d.path().join(format!(".other.gguf.tmp-{}", 0x7fff_fff0u32));
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, "x").unwrap();
+        }
+        write_atomic(&out, b"new").unwrap();
+        assert!(!dead.exists() && live.exists() && other.exists());
+        assert_eq!(leftover_pid(".adapter.partial-12", "adapter"), Some(12));
+        assert_eq!(leftover_pid(".adapter2.partial-12", "adapter"), None);
     }
 
     #[test]

@@ -12,14 +12,36 @@ pub fn load_f32(path: &Path) -> Result<HashMap<String, Tensor>> {
     // SAFETY: the map is read-only and lives only inside this function; model files are not
     // expected to change while they are being read.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+        let culprit = truncated_tensor(&mmap).map(|t| format!("; {t}")).unwrap_or_default();
+        Error::format(path, format!("not a valid safetensors file: {e}{culprit}"))
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let t = view_to_f32(&view).map_err(|d| Error::format(path, format!("tensor `{name}`: {d}")))?;
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// For a file the safetensors crate rejects: the first tensor (in data order) whose bytes lie
+/// past the end of the file, as "tensor `name` needs bytes a..b of the data, which has only c",
+/// so a truncated download names what it lost. `None` when the header itself is unreadable.
+fn truncated_tensor(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = bytes.len() - 8 - n;
+    let mut spans: Vec<(u64, u64, &str)> = header
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(k, v)| {
+            let o = v.get("data_offsets")?.as_array()?;
+            Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?, k.as_str()))
+        })
+        .collect();
+    spans.sort();
+    let (a, b, name) = spans.into_iter().find(|&(_, end, _)| end > data_len as u64)?;
+    Some(format!("tensor `{name}` needs bytes {a}..{b} of the data, which has only {data_len} (the file is truncated)"))
 }
 
 fn view_to_f32(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
