@@ -196,6 +196,28 @@ fn one_run_per_folder_and_ctrl_c_leaves_a_resumable_checkpoint() {
     assert!(e.contains("SIGTERM") && e.contains("checkpoint written to"), "{e}");
 }
 
+#[test]
+fn ctrl_c_during_the_first_evaluation_stops_without_waiting_for_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    setup(dir, "max_steps = 5\nval_set = { path = \"val.jsonl\" }");
+    // A validation set whose evaluation takes far longer than the test waits.
+    let val: Vec<String> = (0..60000).map(|i| serde_json::json!({"prompt": format!("Q{i}: {i} plus {i}?\n"), "completion": format!("{}", 2 * i)}).to_string()).collect();
+    write_lines(&dir.join("val.jsonl"), &val);
+    let log = dir.join("log");
+    let mut run = spawn(dir, &[], &[], &log);
+    wait_for("the plan to be written", || dir.join("out/run.json").exists());
+    std::thread::sleep(Duration::from_millis(100));
+    let t = Instant::now();
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let status = run.wait().unwrap();
+    let e = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{e}");
+    assert!(e.contains("stopped after step 0 of 5; no checkpoint"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "stopped {:?} after the signal", t.elapsed());
+    assert_eq!(steps_logged(&dir.join("out")), 0);
+}
+
 /// kill -9 at 20+ instants, each followed by `--resume` (repeated until the run finishes):
 /// the final adapter and the logged losses must equal an uninterrupted run's, bit for bit.
 #[test]

@@ -2,7 +2,7 @@
 
 use crate::data::batch::make_batch;
 use crate::data::EncodedExample;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::models::{ForwardCtx, Llama};
 use serde::Serialize;
 use std::sync::Arc;
@@ -21,6 +21,11 @@ pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, p
     let mut sum = 0f64;
     let mut tokens = 0usize;
     for chunk in examples.chunks(batch_size.max(1)) {
+        // A long evaluation must not hold up a Ctrl-C'd training run (no-op unless `train`
+        // installed its signal handler).
+        if let Some(signal) = super::interrupt::requested() {
+            return Err(Error::Interrupted { signal, detail: "evaluation interrupted".into() });
+        }
         let refs: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = make_batch(&refs, pad_id);
         if batch.n_targets == 0 {

@@ -185,7 +185,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if data.val.is_empty() {
             return Ok(None);
         }
-        let loss = evaluate(model, &data.val, cfg.micro_batch_size, pad_id)?.loss;
+        let loss = match evaluate(model, &data.val, cfg.micro_batch_size, pad_id) {
+            // Ctrl-C during an evaluation: skip it; the loop's signal check then saves and stops.
+            Err(Error::Interrupted { .. }) => return Ok(None),
+            r => r?.loss,
+        };
         if !loss.is_finite() {
             return Err(Error::Training(format!("the validation loss is {loss}: the model produces non-finite logits on the validation examples")));
         }
