@@ -213,7 +213,7 @@ fn ctrl_c_during_the_first_evaluation_stops_without_waiting_for_it() {
     let status = run.wait().unwrap();
     let e = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(130), "{e}");
-    assert!(e.contains("stopped after step 0 of 5; no checkpoint"), "{e}");
+    assert!(e.contains("stopped before step 1 of 5, with nothing new to save"), "{e}");
     assert!(t.elapsed() < Duration::from_secs(5), "stopped {:?} after the signal", t.elapsed());
     assert_eq!(steps_logged(&dir.join("out")), 0);
 }

@@ -206,7 +206,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
 
     if let Some(sig) = interrupt::requested() {
         progress.finish();
-        return Err(interrupted(sig, state.step, total_steps, resume_dir.as_deref()));
+        return Err(interrupted(sig, &format!("stopped before step {} of {total_steps}, with nothing new to save", state.step + 1)));
     }
     let mut sampler = Sampler::new(n_train, cfg.seed, cfg.shuffle);
     let mut last_loss = None;
@@ -266,7 +266,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         if let (Some(sig), false) = (signal, last) {
             progress.finish();
-            return Err(interrupted(sig, state.step, total_steps, last_ckpt.as_deref()));
+            let saved = last_ckpt.as_ref().map_or("no checkpoint".into(), |p| format!("checkpoint written to {}", p.display()));
+            return Err(interrupted(sig, &format!("stopped after step {} of {total_steps}; {saved}", state.step)));
         }
         if last {
             return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
@@ -372,10 +373,9 @@ fn resume_point(cfg: &TrainConfig, identity: &serde_json::Value, fingerprint: &s
     Ok(None)
 }
 
-fn interrupted(sig: i32, step: usize, total: usize, checkpoint: Option<&Path>) -> Error {
-    let name = interrupt::signal_name(sig);
-    let saved = checkpoint.map_or("no checkpoint".to_string(), |p| format!("checkpoint written to {}", p.display()));
-    Error::Interrupted { signal: sig, detail: format!("{name}: stopped after step {step} of {total}; {saved}. Continue with `ferrotune train CONFIG --resume`") }
+fn interrupted(sig: i32, what: &str) -> Error {
+    let detail = format!("{}: {what}. Continue with `ferrotune train CONFIG --resume`", interrupt::signal_name(sig));
+    Error::Interrupted { signal: sig, detail }
 }
 
 fn nan_error(step: usize, what: &str, value: f64, last_ckpt: &Option<PathBuf>) -> Error {
