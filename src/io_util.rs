@@ -302,8 +302,8 @@ mod tests {
     fn dir_atomic_replaces_and_failed_fill_keeps_the_old() {
         let d = tempfile::tempdir().unwrap();
         let ck = d.path().join("step-1");
-        write_dir_atomic(&ck, |t| Ok(std::fs::write(t.join("x"), "1").unwrap())).unwrap();
-        write_dir_atomic(&ck, |t| Ok(std::fs::write(t.join("y"), "2").unwrap())).unwrap();
+        write_dir_atomic(&ck, |t| std::fs::write(t.join("x"), "1").map_err(|e| Error::io(t, e))).unwrap();
+        write_dir_atomic(&ck, |t| std::fs::write(t.join("y"), "2").map_err(|e| Error::io(t, e))).unwrap();
         assert!(!ck.join("x").exists() && ck.join("y").is_file());
         let r = write_dir_atomic(&ck, |_| Err(Error::Training("boom".into())));
         assert!(r.is_err() && ck.join("y").is_file());

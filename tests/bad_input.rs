@@ -30,6 +30,9 @@ fn refused(r: &Run, needles: &[&str]) {
     }
 }
 
+/// Rewrites one adapter tensor: (key, shape, values) → (shape, values).
+type Reshape = dyn Fn(&str, &[usize], Vec<f32>) -> (Vec<usize>, Vec<f32>);
+
 const PLAN: &str = "base_model = \"model\"\ndatasets = [{ path = \"train.jsonl\" }]\nlora_r = 2\nlora_alpha = 4\n\
                     sequence_len = 64\nmax_steps = 1\noutput_dir = \"out\"\n";
 
@@ -189,7 +192,7 @@ fn bad_models_adapters_and_sampling_options() {
     // Adapters that do not fit the model, or hold NaN.
     let adapter = dir.join("out/adapter");
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
-    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value), tensors: &dyn Fn(&str, &[usize], Vec<f32>) -> (Vec<usize>, Vec<f32>)| {
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value), tensors: &Reshape| {
         let out = dir.join(name);
         std::fs::create_dir_all(&out).unwrap();
         let mut c = cfg.clone();
