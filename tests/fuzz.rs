@@ -1,0 +1,43 @@
+//! Regression tests for bugs found by fuzzing the parsers of user files (see `ferrotune::fuzz`).
+
+mod common;
+
+use ferrotune::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
+use ferrotune::fuzz::alloc::TrackingAlloc;
+
+/// Refuses (and reports) allocations of more than 2 GiB, so a length-driven allocation fails
+/// loudly instead of taking the machine's memory.
+#[global_allocator]
+static ALLOC: TrackingAlloc = TrackingAlloc;
+
+/// Bug: a GGUF (or config.json) claiming 2^32-1 layers made the loader reserve memory for that
+/// many layers before looking for their tensors (a 500 GB allocation, then an abort).
+#[test]
+fn huge_layer_count_is_an_error_not_an_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("tiny.gguf");
+    common::write_tiny_gguf(&src, &common::TinySpec::default(), GgmlType::Q8_0);
+    let g = GgufFile::open(&src).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in g.metadata() {
+        w.add_metadata(k.clone(), v.clone());
+    }
+    w.add_metadata("llama.block_count", GgufValue::U32(u32::MAX));
+    for t in g.tensors() {
+        w.add_tensor_raw(t.name.clone(), &t.shape(), t.ggml_type, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+    }
+    let bad = tmp.path().join("bad.gguf");
+    w.write(&bad).unwrap();
+    let e = ferrotune::models::load::load_gguf(&bad, true).err().expect("loading must fail").to_string();
+    assert!(e.contains("bad.gguf") && e.contains("model.layers.2.") && e.contains("missing"), "{e}");
+}
+
+/// Found reading the loader while fixing the above (release builds wrap instead of panicking,
+/// so the fuzzer cannot see it): `heads × head_dim` from a config.json could overflow.
+#[test]
+fn head_dim_overflow_is_an_error() {
+    let cfg = r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 4611686018427387904, "num_key_value_heads": 4611686018427387904, "head_dim": 8}"#;
+    let e = ferrotune::models::ModelConfig::from_hf_json(std::path::Path::new("config.json"), cfg).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("overflows"), "{e}");
+}
