@@ -32,6 +32,34 @@ fn huge_layer_count_is_an_error_not_an_allocation() {
     assert!(e.contains("bad.gguf") && e.contains("model.layers.2.") && e.contains("missing"), "{e}");
 }
 
+/// Bug: the `tokenizers` library panics (instead of returning an error) when a
+/// `tokenizer.json`'s decoder cannot be deserialized, e.g. nested past serde_json's depth limit.
+#[test]
+fn tokenizer_json_with_an_undecodable_decoder_is_an_error() {
+    let mut v: serde_json::Value = serde_json::from_str(&ferrotune::testutil::tiny_tokenizer_json()).unwrap();
+    let mut deep = serde_json::json!({"type": "ByteLevel"});
+    for _ in 0..200 {
+        deep = serde_json::Value::Array(vec![deep]);
+    }
+    v["decoder"] = deep;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+    let e = ferrotune::data::TextTokenizer::from_hf_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("cannot load the tokenizer"), "{e}");
+}
+
+/// Bug: the `tokenizers` library panics (slice index underflow) building a BPE model whose
+/// `continuing_subword_prefix` is longer than a merged token.
+#[test]
+fn tokenizer_json_with_a_long_subword_prefix_is_an_error() {
+    let mut v: serde_json::Value = serde_json::from_str(&ferrotune::testutil::tiny_tokenizer_json()).unwrap();
+    v["model"]["continuing_subword_prefix"] = serde_json::json!("#####");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
+    let e = ferrotune::data::TextTokenizer::from_hf_dir(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("tokenizers library failed"), "{e}");
+}
+
 /// Found reading the loader while fixing the above (release builds wrap instead of panicking,
 /// so the fuzzer cannot see it): `heads × head_dim` from a config.json could overflow.
 #[test]
