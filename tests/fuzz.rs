@@ -4,6 +4,7 @@ mod common;
 
 use ferrotune::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
 use ferrotune::fuzz::alloc::TrackingAlloc;
+use std::time::{Duration, Instant};
 
 /// Refuses (and reports) allocations of more than 2 GiB, so a length-driven allocation fails
 /// loudly instead of taking the machine's memory.
@@ -58,6 +59,30 @@ fn tokenizer_json_with_a_long_subword_prefix_is_an_error() {
     std::fs::write(dir.path().join("tokenizer.json"), v.to_string()).unwrap();
     let e = ferrotune::data::TextTokenizer::from_hf_dir(dir.path()).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json") && e.contains("tokenizers library failed"), "{e}");
+}
+
+/// Bug: a chat template with nested loops rendered for hours (10^10 iterations).
+#[test]
+fn endless_chat_template_runs_out_of_fuel() {
+    let src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+    let t = ferrotune::data::ChatTemplate::new(src, String::new(), String::new()).unwrap();
+    let started = Instant::now();
+    let e = t.render(&[ferrotune::data::Message::new("user", "hi")], false).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(e.contains("chat template") && e.contains("fuel"), "{e}");
+}
+
+/// Bug: a chat template could write without bound (100 MB strings in a loop).
+#[test]
+fn chat_template_output_is_capped() {
+    let src = "{% for i in range(100) %}{{ 'abcdefghij' * 1000000 }}{% endfor %}";
+    let t = ferrotune::data::ChatTemplate::new(src, String::new(), String::new()).unwrap();
+    let e = t.render(&[ferrotune::data::Message::new("user", "hi")], false).unwrap_err().to_string();
+    assert!(e.contains("longer than 64 MiB"), "{e}");
+    // The cap is far above what a real conversation renders to.
+    let ok = "{% for i in range(10) %}{{ 'abcdefghij' * 100000 }}{% endfor %}";
+    let t = ferrotune::data::ChatTemplate::new(ok, String::new(), String::new()).unwrap();
+    assert_eq!(t.render(&[], false).unwrap().len(), 10_000_000);
 }
 
 /// Found reading the loader while fixing the above (release builds wrap instead of panicking,

@@ -69,6 +69,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -114,9 +115,41 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
+        let mut out = CappedOutput(Vec::new());
         template
-            .render(ctx)
-            .map_err(|e| template_error("rendering the chat template failed", e))
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| template_error("rendering the chat template failed", e))?;
+        String::from_utf8(out.0).map_err(|_| Error::config("chat_template", "the rendered chat template is not valid UTF-8"))
+    }
+}
+
+/// Instructions one render may execute. Real chat templates spend tens per message, so this is
+/// far beyond any conversation, yet it stops a template that loops for hours (nested
+/// `range(100000)` loops, found by `ferrotune::fuzz`) within about a second.
+const RENDER_FUEL: u64 = 20_000_000;
+
+/// The most text one render may produce. A training example is at most tens of thousands of
+/// tokens; a template (from a downloaded `tokenizer_config.json`) that writes gigabytes, e.g.
+/// a 100 MB string in a loop, gets an error instead of exhausting memory.
+const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// The render target: a buffer that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct CappedOutput(Vec<u8>);
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the rendered chat template is longer than {} MiB",
+                MAX_RENDERED_BYTES >> 20
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
