@@ -1,15 +1,161 @@
-//! Regression tests for bugs found by fuzzing the parsers of user files (see `ferrotune::fuzz`).
+//! Fuzzing of every parser of user files (see `ferrotune::fuzz`) with a fixed seed —
+//! `FERROTUNE_FUZZ_CASES` cases per parser, 10^4 by default — and one regression test per bug
+//! the fuzzer found.
 
 mod common;
 
 use ferrotune::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
-use ferrotune::fuzz::alloc::TrackingAlloc;
+use ferrotune::fuzz::{self, alloc::TrackingAlloc, FailureKind, Options, Target};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Refuses (and reports) allocations of more than 2 GiB, so a length-driven allocation fails
-/// loudly instead of taking the machine's memory.
+/// Lets the driver bound each case's largest allocation, and refuses (and reports) any over
+/// 2 GiB, so a length-driven allocation fails loudly instead of taking the machine's memory.
 #[global_allocator]
 static ALLOC: TrackingAlloc = TrackingAlloc;
+
+const SEED: u64 = 20_261_203;
+
+fn cases() -> u64 {
+    std::env::var("FERROTUNE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+}
+
+/// The targets are built once (tiny model, tokenizer, adapter) and shared by the tests.
+fn targets() -> &'static (PathBuf, Vec<Target>) {
+    static T: OnceLock<(PathBuf, Vec<Target>)> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = fuzz::scratch_dir("test").unwrap();
+        let targets = fuzz::all_targets(&dir).unwrap();
+        (dir, targets)
+    })
+}
+
+fn target(name: &str) -> &'static Target {
+    targets().1.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no fuzz target `{name}`"))
+}
+
+fn fuzz(name: &str) {
+    let (dir, _) = targets();
+    let r = fuzz::run_target(target(name), &Options::new(SEED, cases(), dir.clone()));
+    println!("{name}: {} cases, {} ok, {} errors, {} failures in {:.1}s", r.cases, r.ok, r.errors, r.failures.len(), r.elapsed.as_secs_f64());
+    let failures: Vec<String> = r
+        .failures
+        .iter()
+        .map(|f| format!("{f} (reproduce: cargo run --release --example fuzz -- --only {name} --seed {SEED} --case {})", f.case))
+        .collect();
+    assert!(failures.is_empty(), "{} failing cases:\n{}", failures.len(), failures.join("\n"));
+    assert_eq!(r.ok + r.errors, r.cases);
+    // A mutator that only produced garbage would never get past the first check.
+    assert!(r.ok > 0 && r.errors > 0, "{name}: {} ok, {} errors: the mutations are not reaching the parser", r.ok, r.errors);
+}
+
+#[test]
+fn fuzz_gguf() {
+    fuzz("gguf");
+}
+
+#[test]
+fn fuzz_gguf_tokenizer() {
+    fuzz("gguf-tokenizer");
+}
+
+#[test]
+fn fuzz_safetensors() {
+    fuzz("safetensors");
+}
+
+#[test]
+fn fuzz_config_json() {
+    fuzz("config.json");
+}
+
+#[test]
+fn fuzz_tokenizer_json() {
+    fuzz("tokenizer.json");
+}
+
+#[test]
+fn fuzz_tokenizer_config_json() {
+    fuzz("tokenizer_config.json");
+}
+
+#[test]
+fn fuzz_chat_template() {
+    fuzz("chat-template");
+}
+
+#[test]
+fn fuzz_adapter_config_json() {
+    fuzz("adapter_config.json");
+}
+
+#[test]
+fn fuzz_adapter_weights() {
+    fuzz("adapter_model.safetensors");
+}
+
+#[test]
+fn fuzz_run_plan() {
+    fuzz("run-plan");
+}
+
+#[test]
+fn fuzz_jsonl() {
+    fuzz("jsonl");
+}
+
+/// Every target has a test above (a new parser must not go unfuzzed by accident).
+#[test]
+fn every_target_is_fuzzed() {
+    let src = include_str!("fuzz.rs");
+    for t in &targets().1 {
+        assert!(src.contains(&format!("fuzz(\"{}\")", t.name)), "target `{}` has no test", t.name);
+    }
+}
+
+/// The unmutated seeds parse: the fixtures are valid, so mutations start from working files.
+#[test]
+fn first_seed_of_every_target_parses() {
+    let (dir, targets) = targets();
+    for t in targets {
+        let d = dir.join(format!("seed-{}", t.name));
+        std::fs::create_dir_all(&d).unwrap();
+        if let Err(e) = (t.run)(&t.seeds[0], &d) {
+            panic!("target `{}`: its first seed fails: {e}", t.name);
+        }
+    }
+}
+
+/// The driver reports each kind of failure (so a clean run means something).
+#[test]
+fn driver_catches_panics_slowness_and_big_allocations() {
+    let dir = fuzz::scratch_dir("driver").unwrap();
+    let make = |name: &'static str, run: ferrotune::fuzz::Runner| Target {
+        name,
+        seeds: vec![b"seed".to_vec()],
+        mutate: |_, s, _| s.to_vec(),
+        run,
+    };
+    let mut opts = Options::new(1, 3, dir);
+    opts.slow_case = Duration::from_millis(50);
+    let r = fuzz::run_target(&make("panics", Box::new(|_, _| panic!("boom"))), &opts);
+    assert_eq!(r.panics(), 3);
+    assert!(matches!(&r.failures[0].kind, FailureKind::Panic(m) if m.contains("boom")), "{:?}", r.failures);
+    let r = fuzz::run_target(&make("slow", Box::new(|_, _| Ok(std::thread::sleep(Duration::from_millis(80))))), &opts);
+    assert!(r.failures.iter().all(|f| matches!(f.kind, FailureKind::Slow(_))) && r.failures.len() == 3);
+    let r = fuzz::run_target(
+        &make("allocates", Box::new(|_, _| Ok(drop(std::hint::black_box(vec![1u8; 200 << 20]))))),
+        &opts,
+    );
+    let big = r.failures.iter().filter(|f| matches!(f.kind, FailureKind::Allocation { bytes, input: 4 } if bytes >= 200 << 20));
+    assert_eq!(big.count(), 3, "{:?}", r.failures);
+    let r = fuzz::run_target(&make("fine", Box::new(|_, _| Ok(()))), &opts);
+    assert!(r.failures.is_empty() && r.ok == 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions: one per bug the fuzzer found
 
 /// Bug: a GGUF (or config.json) claiming 2^32-1 layers made the loader reserve memory for that
 /// many layers before looking for their tensors (a 500 GB allocation, then an abort).
