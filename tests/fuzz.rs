@@ -6,7 +6,7 @@ mod common;
 
 use ferrotune::formats::gguf::{GgmlType, GgufFile, GgufValue, GgufWriter};
 use ferrotune::fuzz::{self, alloc::TrackingAlloc, FailureKind, Options, Target};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -157,26 +157,66 @@ fn driver_catches_panics_slowness_and_big_allocations() {
 // ---------------------------------------------------------------------------------------------
 // Regressions: one per bug the fuzzer found
 
-/// Bug: a GGUF (or config.json) claiming 2^32-1 layers made the loader reserve memory for that
-/// many layers before looking for their tensors (a 500 GB allocation, then an abort).
-#[test]
-fn huge_layer_count_is_an_error_not_an_allocation() {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("tiny.gguf");
+/// The tiny GGUF model of `tests/common` (2 layers, Q8_0 projections), rewritten with some
+/// metadata values and some tensors (name, torch shape, F32 bytes) replaced.
+fn edited_tiny_gguf(dir: &Path, meta: &[(&str, GgufValue)], tensors: &[(&str, &[usize], Vec<u8>)]) -> PathBuf {
+    let src = dir.join("tiny.gguf");
     common::write_tiny_gguf(&src, &common::TinySpec::default(), GgmlType::Q8_0);
     let g = GgufFile::open(&src).unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in g.metadata() {
         w.add_metadata(k.clone(), v.clone());
     }
-    w.add_metadata("llama.block_count", GgufValue::U32(u32::MAX));
-    for t in g.tensors() {
-        w.add_tensor_raw(t.name.clone(), &t.shape(), t.ggml_type, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap();
+    for (k, v) in meta {
+        w.add_metadata(*k, v.clone());
     }
-    let bad = tmp.path().join("bad.gguf");
-    w.write(&bad).unwrap();
-    let e = ferrotune::models::load::load_gguf(&bad, true).err().expect("loading must fail").to_string();
-    assert!(e.contains("bad.gguf") && e.contains("model.layers.2.") && e.contains("missing"), "{e}");
+    for t in g.tensors() {
+        match tensors.iter().find(|(name, _, _)| *name == t.name) {
+            Some((name, shape, bytes)) => w.add_tensor_raw(*name, shape, GgmlType::F32, bytes.clone()).unwrap(),
+            None => w.add_tensor_raw(t.name.clone(), &t.shape(), t.ggml_type, g.tensor_bytes(&t.name).unwrap().to_vec()).unwrap(),
+        }
+    }
+    let out = dir.join("edited.gguf");
+    w.write(&out).unwrap();
+    out
+}
+
+fn load_error(path: &Path) -> String {
+    ferrotune::models::load::load_gguf(path, true).err().expect("loading must fail").to_string()
+}
+
+/// Bug: a GGUF (or config.json) claiming 2^32-1 layers made the loader reserve memory for that
+/// many layers before looking for their tensors (a 500 GB allocation, then an abort).
+#[test]
+fn huge_layer_count_is_an_error_not_an_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = edited_tiny_gguf(tmp.path(), &[("llama.block_count", GgufValue::U32(u32::MAX))], &[]);
+    let e = load_error(&bad);
+    assert!(e.contains("edited.gguf") && e.contains("model.layers.2.") && e.contains("missing"), "{e}");
+}
+
+/// Bug: an attention projection with a zero dimension divided by zero while undoing
+/// llama.cpp's q/k row permutation; its shape is now checked against the heads first.
+#[test]
+fn q_projection_with_a_zero_dimension_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hd = common::TinySpec::default().head_dim();
+    for (shape, expected) in [(vec![0, 32], "expected 32 rows"), (vec![32, 0], "expected [32, 32]"), (vec![hd, 32], "expected 32 rows")] {
+        let n: usize = shape.iter().product();
+        let bad = edited_tiny_gguf(tmp.path(), &[], &[("blk.0.attn_q.weight", &shape, vec![0u8; 4 * n])]);
+        let e = load_error(&bad);
+        let names_it = e.contains("blk.0.attn_q.weight") || e.contains("model.layers.0.self_attn.q_proj.weight");
+        assert!(e.contains("edited.gguf") && names_it && e.contains(expected), "{shape:?}: {e}");
+    }
+}
+
+/// Bug: `block_count = 0` (or any zero size) loaded "successfully" as an empty model.
+#[test]
+fn zero_layers_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = edited_tiny_gguf(tmp.path(), &[("llama.block_count", GgufValue::U32(0))], &[]);
+    let e = load_error(&bad);
+    assert!(e.contains("edited.gguf") && e.contains("num_hidden_layers must be at least 1"), "{e}");
 }
 
 /// Bug: the `tokenizers` library panics (instead of returning an error) when a

@@ -112,6 +112,17 @@ impl ModelConfig {
 
     /// Checks the shape relations the model code relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        // A zero here loads as an empty model that "works" and produces garbage.
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
             return Err("attention heads and head_dim must be positive".into());
         }
