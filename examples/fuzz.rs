@@ -66,29 +66,31 @@ fn main() {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(t) = selected.get(i) else { break };
                 let r = fuzz::run_target(t, &opts);
-                println!(
-                    "{:<26} {:>9} {:>9} {:>9} {:>7} {:>8.1}",
+                // One print per target, failures included, so parallel output does not interleave.
+                let mut out = format!(
+                    "{:<26} {:>9} {:>9} {:>9} {:>7} {:>8.1}\n",
                     r.target, r.cases, r.ok, r.errors, r.failures.len(), r.elapsed.as_secs_f64()
                 );
+                for f in r.failures.iter().take(20) {
+                    out += &format!("  FAIL {}: {f} (reproduce: --only {} --seed {seed} --case {})\n", r.target, r.target, f.case);
+                }
+                if std::env::var_os("FUZZ_SHOW_ERRORS").is_some() {
+                    for e in &r.sample_errors {
+                        out += &format!("  {} error: {}\n", r.target, e.chars().take(200).collect::<String>());
+                    }
+                }
+                print!("{out}");
                 reports.lock().expect("no poisoning").push(r);
             });
         }
     });
     let reports = reports.into_inner().expect("no poisoning");
-    let mut failed = false;
-    for r in &reports {
-        for f in r.failures.iter().take(20) {
-            failed = true;
-            println!("FAIL {}: {f} (reproduce: --only {} --seed {seed} --case {})", r.target, r.target, f.case);
-        }
-        if std::env::var_os("FUZZ_SHOW_ERRORS").is_some() {
-            for e in &r.sample_errors {
-                println!("  {} error: {}", r.target, e.chars().take(200).collect::<String>());
-            }
-        }
-    }
+    let total: u64 = reports.iter().map(|r| r.cases).sum();
+    let failed: usize = reports.iter().map(|r| r.failures.len()).sum();
+    let panics: usize = reports.iter().map(|r| r.panics()).sum();
+    println!("total: {total} cases, {failed} failures ({panics} panics)");
     let _ = std::fs::remove_dir_all(&work);
-    std::process::exit(failed as i32);
+    std::process::exit((failed > 0) as i32);
 }
 
 fn usage(msg: &str) -> ! {
