@@ -280,3 +280,15 @@ fn head_dim_overflow_is_an_error() {
     let e = ferrotune::models::ModelConfig::from_hf_json(std::path::Path::new("config.json"), cfg).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("overflows"), "{e}");
 }
+
+/// Preference pairs are not read yet: the fuzzer feeds them (plain and chat-style), and they
+/// must be refused with a message that says so, naming the file and line.
+#[test]
+fn preference_pairs_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prefs.jsonl");
+    std::fs::write(&path, "\n{\"prompt\": \"Sky?\", \"chosen\": \"Blue.\", \"rejected\": \"Green.\"}\n").unwrap();
+    let records = ferrotune::data::read_jsonl(&path).unwrap();
+    let e = ferrotune::data::Example::from_record(&records[0], ferrotune::data::DatasetFormat::Auto).unwrap_err().to_string();
+    assert!(e.contains("prefs.jsonl:2") && e.contains("preference pairs") && e.contains("not supported"), "{e}");
+}
