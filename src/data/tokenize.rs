@@ -37,10 +37,10 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 /// Runs a call into the `tokenizers` library, turning a panic into an error message. The
-/// library panics instead of returning an error on some malformed `tokenizer.json` files (a
-/// decoder or pre-tokenizer it cannot deserialize, a BPE vocabulary whose merges or prefixes
-/// do not fit together, found by `ferrotune::fuzz`), and a bad file must give a message, not
-/// abort the program. (The panic hook still prints the library's own message first.)
+/// library panics instead of returning an error on some malformed `tokenizer.json` files
+/// (found by `ferrotune::fuzz`: a decoder it cannot deserialize, a BPE model whose
+/// `continuing_subword_prefix` is longer than a merged token), and a bad file must give a
+/// message, not abort the program. (The panic hook still prints the library's message first.)
 fn guard<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
         let msg = p

@@ -339,12 +339,11 @@ pub fn all_targets(workdir: &Path) -> Result<Vec<Target>> {
     let mut config_seeds: Vec<Vec<u8>> = CONFIG_SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect();
     config_seeds.push(tiny.config_json.clone().into_bytes());
 
-    let t = tiny.clone();
     let gguf = Target {
         name: "gguf",
         seeds: gguf_seeds,
         mutate: gguf_mut::mutate_any,
-        run: Box::new(move |input, dir| run_gguf(input, dir, &t)),
+        run: Box::new(run_gguf),
     };
     let gguf_tokenizer = Target {
         name: "gguf-tokenizer",
@@ -474,7 +473,7 @@ pub fn all_targets(workdir: &Path) -> Result<Vec<Target>> {
 }
 
 /// The GGUF reader (every tensor read back), then the model loader in both weight modes.
-fn run_gguf(input: &[u8], dir: &Path, _tiny: &Tiny) -> Result<()> {
+fn run_gguf(input: &[u8], dir: &Path) -> Result<()> {
     let path = dir.join("model.gguf");
     write(&path, input)?;
     let g = GgufFile::open(&path)?;
