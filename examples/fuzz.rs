@@ -53,8 +53,7 @@ fn main() {
         println!("{} case {case}: {:?}", t.name, (t.run)(&input, &dir).map_err(|e| e.to_string()));
         return;
     }
-    let mut opts = Options::new(seed, cases, work.clone());
-    opts.slow_case = std::time::Duration::from_secs(5);
+    let opts = Options::new(seed, cases, work.clone());
     println!("seed {seed}, {cases} cases per parser, allocation check {}", if fuzz::alloc::installed() { "on" } else { "off" });
     println!("{:<26} {:>9} {:>9} {:>9} {:>7} {:>8}", "parser", "cases", "ok", "errors", "fails", "seconds");
     // Two parsers at a time: the reference machine has two cores.

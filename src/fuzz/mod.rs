@@ -49,7 +49,10 @@ impl Options {
         Options {
             seed,
             cases,
-            slow_case: Duration::from_secs(5),
+            // A template that burns its whole fuel takes about a second per render on a busy
+            // 2-core machine; ten leaves room for a loaded CI box, and anything slower than
+            // that is a bug.
+            slow_case: Duration::from_secs(10),
             hang_limit: Duration::from_secs(120),
             workdir,
         }
