@@ -639,6 +639,8 @@ mod tests {
         assert_eq!(render("{{ 'hELLO'.capitalize() }}{{ 'a\nb'.splitlines() }}"), r#"Hello["a", "b"]"#);
         assert_eq!(render("{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}{{ messages[0].get('x', 'd') }}"), "role=user;content=héllo wörld;d");
         assert_eq!(render("{% for i in [1, 2, 3] %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}"), "1");
+        assert_eq!(render("{{ messages[0].keys() | length }}{{ messages[0].values() | list | length }}{{ messages[0].items() | length }}"), "222");
+        assert_eq!(render("{{ messages[0].keys() | list }}"), r#"["role", "content"]"#);
     }
 
     #[test]
