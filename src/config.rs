@@ -191,7 +191,11 @@ impl TrainConfig {
             let value = parse_value(value.trim());
             table.insert(key.to_string(), value);
         }
-        let mut cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| Error::format(path, e.message().to_string()))?;
+        // Deserialized from text (the file with the overrides merged in) rather than from the
+        // table: a value of the wrong type then comes with a span, which names its key (the
+        // table route says only "invalid type: sequence, expected f64").
+        let merged = toml::to_string(&table).map_err(|e| Error::format(path, format!("cannot merge the --set overrides: {e}")))?;
+        let mut cfg: TrainConfig = toml::from_str(&merged).map_err(|e| plan_error(path, &merged, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         cfg.validate()?;
@@ -261,6 +265,19 @@ impl TrainConfig {
 
     pub fn target_modules(&self) -> TargetModules {
         self.lora_target_modules.resolve()
+    }
+}
+
+/// A deserialization error of the merged plan, quoting the line of the offending key (the
+/// merged text's line numbers would not match the user's file, so they are not given).
+fn plan_error(path: &Path, merged: &str, e: &toml::de::Error) -> Error {
+    let line = e.span().and_then(|span| {
+        let start = merged.get(..span.start)?.rfind('\n').map_or(0, |i| i + 1);
+        merged[start..].lines().next()
+    });
+    match line {
+        Some(l) if !l.trim().is_empty() => Error::format(path, format!("{} (in `{}`)", e.message(), l.trim())),
+        _ => Error::format(path, e.message().to_string()),
     }
 }
 

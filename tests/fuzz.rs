@@ -292,3 +292,18 @@ fn preference_pairs_are_refused_clearly() {
     let e = ferrotune::data::Example::from_record(&records[0], ferrotune::data::DatasetFormat::Auto).unwrap_err().to_string();
     assert!(e.contains("prefs.jsonl:2") && e.contains("preference pairs") && e.contains("not supported"), "{e}");
 }
+
+/// Found reading the fuzzer's sample errors: a run-plan value of the wrong type was reported as
+/// "invalid type: sequence, expected f64" without saying which key.
+#[test]
+fn run_plan_type_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    std::fs::write(&path, "base_model = \"m.gguf\"\ndatasets = [{ path = \"d.jsonl\" }]\nmax_steps = 3\noutput_dir = \"out\"\nlora_alpha = []\n").unwrap();
+    let e = ferrotune::config::TrainConfig::load(&path, &[]).unwrap_err().to_string();
+    assert!(e.contains("run.toml") && e.contains("expected f64") && e.contains("lora_alpha = []"), "{e}");
+    let e = ferrotune::config::TrainConfig::load(&path, &["lora_alpha=2".into(), "lora_r=-1".into()]).unwrap_err().to_string();
+    assert!(e.contains("lora_r = -1"), "{e}");
+    let e = ferrotune::config::TrainConfig::load(&path, &["lora_alpha=2".into(), "datasets=[{ path = 1 }]".into()]).unwrap_err().to_string();
+    assert!(e.contains("path = 1"), "{e}");
+}
