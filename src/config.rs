@@ -188,6 +188,9 @@ impl TrainConfig {
                 .split_once('=')
                 .ok_or_else(|| Error::config(o.as_str(), "--set expects key=value"))?;
             let key = key.trim();
+            if key.is_empty() {
+                return Err(Error::config(o.as_str(), "--set expects key=value (the key is empty)"));
+            }
             let value = parse_value(value.trim());
             table.insert(key.to_string(), value);
         }

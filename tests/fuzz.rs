@@ -306,4 +306,7 @@ fn run_plan_type_errors_name_the_key() {
     assert!(e.contains("lora_r = -1"), "{e}");
     let e = ferrotune::config::TrainConfig::load(&path, &["lora_alpha=2".into(), "datasets=[{ path = 1 }]".into()]).unwrap_err().to_string();
     assert!(e.contains("path = 1"), "{e}");
+    // `--set =x` used to end as "unknown field ``".
+    let e = ferrotune::config::TrainConfig::load(&path, &["=2".into()]).unwrap_err().to_string();
+    assert!(e.contains("`=2`") && e.contains("the key is empty"), "{e}");
 }
