@@ -29,7 +29,9 @@ fn weird_value(rng: &mut SplitMix64) -> Value {
         9 => json!(""),
         10 => json!([]),
         11 => json!({}),
-        12 => json!(*pick(rng, &KEYS)),
+        12 if one_in(rng, 2) => json!(*pick(rng, &KEYS)),
+        // safetensors dtypes, so a header mutation can retype a tensor.
+        12 => json!(*pick(rng, &["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3"])),
         13 => json!(4294967296u64),
         14 => json!(2.5),
         _ => json!("\u{0}\u{FFFD}<|im_end|>{{ x }}{% if %}"),

@@ -68,7 +68,8 @@ struct Tiny {
     config: ModelConfig,
     config_json: String,
     weights: HashMap<String, Tensor>,
-    safetensors: Vec<u8>,
+    /// `model.safetensors` in F32, F16 and BF16 (the reader converts each differently).
+    safetensors: Vec<Vec<u8>>,
     tokenizer_json: String,
     tokenizer_config_json: String,
     tokenizer: TextTokenizer,
@@ -154,8 +155,11 @@ impl Tiny {
         }
         let weights: HashMap<String, Tensor> = named.iter().cloned().collect();
         let st_path = dir.join("model.safetensors");
-        st::save(&st_path, &named, SaveDType::F32, None)?;
-        let safetensors = read(&st_path)?;
+        let mut safetensors = Vec::new();
+        for dtype in [SaveDType::F32, SaveDType::F16, SaveDType::BF16] {
+            st::save(&st_path, &named, dtype, None)?;
+            safetensors.push(read(&st_path)?);
+        }
 
         let mut model = Llama::from_weights(config.clone(), &mut weights.clone(), dir)?;
         let lora_cfg = LoraConfig {
@@ -326,7 +330,8 @@ pub fn all_targets(workdir: &Path) -> Result<Vec<Target>> {
     let mut adapter_config_seeds = vec![tiny.adapter_config.clone()];
     adapter_config_seeds.extend(std::fs::read(peft_ref.join("adapter_config.json")).ok());
     // The reference adapter's weights are 19 MB; its header and first tensor bytes are enough.
-    let mut safetensors_seeds = vec![tiny.safetensors.clone(), tiny.adapter_weights.clone()];
+    let mut safetensors_seeds = tiny.safetensors.clone();
+    safetensors_seeds.push(tiny.adapter_weights.clone());
     if let Ok(b) = std::fs::read(peft_ref.join("adapter_model.safetensors")) {
         safetensors_seeds.push(b[..b.len().min(64 << 10)].to_vec());
     }
@@ -375,7 +380,7 @@ pub fn all_targets(workdir: &Path) -> Result<Vec<Target>> {
         seeds: config_seeds,
         mutate: json_mut::mutate_json,
         run: Box::new(move |input, dir| {
-            write(&dir.join("model.safetensors"), &t.safetensors)?;
+            write(&dir.join("model.safetensors"), &t.safetensors[0])?;
             let path = dir.join("config.json");
             write(&path, input)?;
             ModelConfig::from_hf_json(&path, &String::from_utf8_lossy(input))?;
