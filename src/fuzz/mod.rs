@@ -11,7 +11,9 @@
 //! panics (caught with `catch_unwind`), never runs longer than [`Options::slow_case`] (a case
 //! still running after [`Options::hang_limit`] aborts the process with its index, since a hang
 //! cannot be interrupted), and — when [`alloc::TrackingAlloc`] is the global allocator — never
-//! makes a single allocation larger than [`alloc_bound`] of the input's size.
+//! makes a single allocation larger than [`alloc_bound`] of the input's size. An error must
+//! also carry its context: a bare tensor-library error ([`Error::Candle`], which names no file)
+//! counts as a failure too.
 
 pub mod alloc;
 mod gguf_mut;
