@@ -51,6 +51,7 @@ fn main() {
         let dir = work.join(t.name);
         std::fs::create_dir_all(&dir).expect("scratch folder");
         println!("{} case {case}: {:?}", t.name, (t.run)(&input, &dir).map_err(|e| e.to_string()));
+        let _ = std::fs::remove_dir_all(&work);
         return;
     }
     let opts = Options::new(seed, cases, work.clone());

@@ -124,6 +124,7 @@ fn first_seed_of_every_target_parses() {
         if let Err(e) = (t.run)(&t.seeds[0], &d) {
             panic!("target `{}`: its first seed fails: {e}", t.name);
         }
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
 
@@ -137,7 +138,7 @@ fn driver_catches_panics_slowness_and_big_allocations() {
         mutate: |_, s, _| s.to_vec(),
         run,
     };
-    let mut opts = Options::new(1, 3, dir);
+    let mut opts = Options::new(1, 3, dir.clone());
     opts.slow_case = Duration::from_millis(50);
     let r = fuzz::run_target(&make("panics", Box::new(|_, _| panic!("boom"))), &opts);
     assert_eq!(r.panics(), 3);
@@ -152,6 +153,7 @@ fn driver_catches_panics_slowness_and_big_allocations() {
     assert_eq!(big.count(), 3, "{:?}", r.failures);
     let r = fuzz::run_target(&make("fine", Box::new(|_, _| Ok(()))), &opts);
     assert!(r.failures.is_empty() && r.ok == 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---------------------------------------------------------------------------------------------

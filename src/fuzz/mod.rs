@@ -225,6 +225,7 @@ pub fn run_target(target: &Target, opts: &Options) -> Report {
         done.store(true, Ordering::Relaxed);
     });
     report.elapsed = started.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
     report
 }
 

@@ -313,7 +313,10 @@ const PLAN_MINIMAL: &str = "base_model = \"m.gguf\"\ndatasets = [{ path = \"d.js
 
 /// Every target, with seeds and fixtures built under `workdir/fixtures`.
 pub fn all_targets(workdir: &Path) -> Result<Vec<Target>> {
-    let tiny = Arc::new(Tiny::build(&workdir.join("fixtures"))?);
+    let fixtures = workdir.join("fixtures");
+    let tiny = Arc::new(Tiny::build(&fixtures)?);
+    // Everything needed was read into memory.
+    let _ = std::fs::remove_dir_all(&fixtures);
     let mut gguf_seeds = vec![
         tiny.gguf(GgmlType::F32)?,
         tiny.gguf(GgmlType::Q8_0)?,
