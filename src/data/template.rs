@@ -147,6 +147,13 @@ impl std::io::Write for CappedOutput {
                 MAX_RENDERED_BYTES >> 20
             )));
         }
+        let needed = self.0.len() + buf.len();
+        if needed > self.0.capacity() {
+            // Grow by doubling, but never past the cap: plain doubling would allocate up to
+            // twice the cap at once (an 80 MB buffer for 40 MB of output, found by the fuzzer).
+            let target = (2 * self.0.capacity()).clamp(needed, MAX_RENDERED_BYTES);
+            self.0.reserve_exact(target - self.0.len());
+        }
         self.0.extend_from_slice(buf);
         Ok(buf.len())
     }
