@@ -2,6 +2,7 @@
 //! See `DESIGN.md` in the shared folder for the architecture; module layout follows it.
 
 pub mod error;
+pub mod fuzz;
 pub mod io_util;
 pub mod formats;
 pub mod bench;

@@ -110,7 +110,9 @@ impl Example {
     /// 3. `instruction` and `output` → Alpaca (`input` optional);
     /// 4. `question` and `answer` (GSM8K style) → completion with
     ///    `prompt = question + "\n"` and `completion = answer`;
-    /// 5. `text` → text.
+    /// 5. `text` → text;
+    /// 6. `chosen` and `rejected` (a preference pair) → an error saying these are not supported
+    ///    yet.
     ///
     /// Other keys are ignored. A missing or mistyped field, an empty message list, or a message
     /// role outside system/user/assistant/tool gives an [`Error::data`] naming the file, line and
@@ -134,6 +136,12 @@ impl Example {
                     });
                 } else if has("text") {
                     DatasetFormat::Text
+                } else if has("chosen") && has("rejected") {
+                    return Err(record.error(
+                        "preference pairs (`prompt`, `chosen`, `rejected`, for DPO-style training) \
+                         are not supported yet; LoRA fine-tuning needs `messages`, \
+                         `prompt`+`completion`, `instruction`+`output`, `question`+`answer` or `text`",
+                    ));
                 } else {
                     let mut keys: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
                     keys.sort_unstable();

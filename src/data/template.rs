@@ -11,14 +11,17 @@
 //!   `indent`, `separators`, `sort_keys` and `ensure_ascii` arguments;
 //! - the Python methods templates call on values: strings `strip lstrip rstrip startswith endswith
 //!   split rsplit splitlines upper lower title capitalize replace find count join isdigit isalpha
-//!   isspace isalnum isupper islower`, dicts `items keys values get` (implemented through minijinja's
-//!   unknown-method callback, since `minijinja-contrib` is not a dependency).
+//!   isspace isalnum isupper islower`, dicts `items keys values get`: minijinja-contrib's
+//!   `pycompat`, with the methods where it differs from Python written here ([`python_method`]);
+//! - `{% break %}` / `{% continue %}` (jinja2's `loopcontrols` extension) through minijinja's
+//!   `loop_controls` feature.
 //!
-//! Known limitation: `{% break %}` / `{% continue %}` (jinja2's `loopcontrols` extension, which
-//! transformers enables) need minijinja's `loop_controls` cargo feature, which this crate does not
-//! enable; templates using them fail to compile with a clear error. Dict literals written inside a
-//! template iterate in sorted key order (minijinja without `preserve_order`); message dicts keep
-//! `role, content` order.
+//! `tojson` and `strftime_now` stay hand-written: minijinja's own `tojson` escapes `<`, `>`, `&`
+//! and `'` for HTML and has no `separators`/`sort_keys`/`ensure_ascii`, and minijinja-contrib's
+//! `datetime` feature offers `now()` with `time`-crate format descriptions, not strftime.
+//!
+//! Known limitation: dict literals written inside a template iterate in sorted key order
+//! (minijinja without `preserve_order`); message dicts keep `role, content` order.
 
 use super::formats::Message;
 use crate::error::{Error, Result};
@@ -69,6 +72,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
@@ -114,9 +118,48 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
+        let mut out = CappedOutput(Vec::new());
         template
-            .render(ctx)
-            .map_err(|e| template_error("rendering the chat template failed", e))
+            .render_captured_to(ctx, &mut out)
+            .map_err(|e| template_error("rendering the chat template failed", e))?;
+        String::from_utf8(out.0).map_err(|_| Error::config("chat_template", "the rendered chat template is not valid UTF-8"))
+    }
+}
+
+/// Instructions one render may execute. Real chat templates spend tens per message, so this is
+/// far beyond any conversation, yet it stops a template that loops for hours (nested
+/// `range(100000)` loops, found by `ferrotune::fuzz`) within about a second.
+const RENDER_FUEL: u64 = 20_000_000;
+
+/// The most text one render may produce. A training example is at most tens of thousands of
+/// tokens; a template (from a downloaded `tokenizer_config.json`) that writes gigabytes, e.g.
+/// a 100 MB string in a loop, gets an error instead of exhausting memory.
+const MAX_RENDERED_BYTES: usize = 64 << 20;
+
+/// The render target: a buffer that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct CappedOutput(Vec<u8>);
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other(format!(
+                "the rendered chat template is longer than {} MiB",
+                MAX_RENDERED_BYTES >> 20
+            )));
+        }
+        let needed = self.0.len() + buf.len();
+        if needed > self.0.capacity() {
+            // Grow by doubling, but never past the cap: plain doubling would allocate up to
+            // twice the cap at once (an 80 MB buffer for 40 MB of output, found by the fuzzer).
+            let target = (2 * self.0.capacity()).clamp(needed, MAX_RENDERED_BYTES);
+            self.0.reserve_exact(target - self.0.len());
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -359,98 +402,65 @@ fn no_more_args(args: &[Value], n: usize, method: &str) -> std::result::Result<(
     }
 }
 
-/// Strings a `startswith`/`endswith` argument stands for: one string or a tuple/list of them.
-fn affixes(v: Option<&Value>, method: &str) -> std::result::Result<Vec<String>, minijinja::Error> {
-    match v {
-        Some(v) if v.kind() == ValueKind::String => Ok(vec![v.as_str().unwrap_or_default().to_string()]),
-        Some(v) if v.kind() == ValueKind::Seq => v
-            .try_iter()?
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| invalid(format!("{method}(): expected strings")))
-            })
-            .collect(),
-        _ => Err(invalid(format!("{method}() takes a string or a tuple of strings"))),
-    }
-}
-
+/// Python methods on values: minijinja-contrib's `pycompat` callback (strings `strip lstrip
+/// rstrip startswith endswith upper lower capitalize replace splitlines …`, dicts `items keys
+/// values get`), except for the string methods [`kept_string_method`] handles, where contrib's
+/// result differs from Python's and so from what transformers renders.
 fn python_method(
     state: &State,
     value: &Value,
     method: &str,
     args: &[Value],
 ) -> std::result::Result<Value, minijinja::Error> {
-    match value.kind() {
-        ValueKind::String => string_method(value.as_str().unwrap_or_default(), method, args),
-        ValueKind::Map => match method {
-            "items" => {
-                no_more_args(args, 0, method)?;
-                state.apply_filter("items", std::slice::from_ref(value))
-            }
-            "keys" => {
-                no_more_args(args, 0, method)?;
-                Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()))
-            }
-            "values" => {
-                no_more_args(args, 0, method)?;
-                let mut out = Vec::new();
-                for k in value.try_iter()? {
-                    out.push(value.get_item(&k)?);
-                }
-                Ok(Value::from(out))
-            }
-            "get" => {
-                no_more_args(args, 2, method)?;
-                let key = args.first().ok_or_else(|| invalid("get() needs a key"))?;
-                let v = value.get_item(key)?;
-                Ok(if v.is_undefined() {
-                    args.get(1).cloned().unwrap_or(Value::from(()))
-                } else {
-                    v
-                })
-            }
-            _ => Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
-        },
-        _ => Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
+    if let Some(s) = value.as_str() {
+        if let Some(v) = kept_string_method(s, method, args) {
+            return v;
+        }
     }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
 }
 
-fn string_method(s: &str, method: &str, args: &[Value]) -> std::result::Result<Value, minijinja::Error> {
-    let strip_set = |args: &[Value]| -> std::result::Result<Option<Vec<char>>, minijinja::Error> {
-        no_more_args(args, 1, method)?;
-        Ok(arg_str(args, 0, method)?.map(|c| c.chars().collect()))
-    };
+/// The string methods written here because minijinja-contrib 2.24 differs from Python:
+/// - `split`/`rsplit`: contrib has no `rsplit`; both share Python's rules (whitespace runs when
+///   no separator is given, `maxsplit` from the left or right, an empty separator is an error);
+/// - `find`/`count`: contrib returns byte offsets where Python counts characters, and its
+///   `count('')` never terminates (Python: `len + 1`);
+/// - `join`: contrib prints non-string items, Python raises;
+/// - `title`: contrib capitalizes only after punctuation or whitespace (`"1st"`), Python after
+///   any uncased character (`"1St"`);
+/// - `is*`: contrib is true for `""` and wants every character cased (`"A1".isupper()` is
+///   false there), Python is false for `""` and looks at the cased characters only.
+///
+/// `None` hands the method on to contrib.
+fn kept_string_method(s: &str, method: &str, args: &[Value]) -> Option<std::result::Result<Value, minijinja::Error>> {
     let v = match method {
-        "strip" => match strip_set(args)? {
-            None => Value::from(s.trim()),
-            Some(cs) => Value::from(s.trim_matches(|c| cs.contains(&c))),
-        },
-        "lstrip" => match strip_set(args)? {
-            None => Value::from(s.trim_start()),
-            Some(cs) => Value::from(s.trim_start_matches(|c| cs.contains(&c))),
-        },
-        "rstrip" => match strip_set(args)? {
-            None => Value::from(s.trim_end()),
-            Some(cs) => Value::from(s.trim_end_matches(|c| cs.contains(&c))),
-        },
-        "startswith" => {
+        "split" | "rsplit" => split(s, method, args),
+        "find" => (|| {
             no_more_args(args, 1, method)?;
-            Value::from(affixes(args.first(), method)?.iter().any(|p| s.starts_with(p.as_str())))
-        }
-        "endswith" => {
+            let sub = arg_str(args, 0, method)?.ok_or_else(|| invalid("find() needs an argument"))?;
+            Ok(Value::from(match s.find(sub) {
+                Some(b) => s[..b].chars().count() as i64,
+                None => -1,
+            }))
+        })(),
+        "count" => (|| {
             no_more_args(args, 1, method)?;
-            Value::from(affixes(args.first(), method)?.iter().any(|p| s.ends_with(p.as_str())))
-        }
-        "upper" => Value::from(s.to_uppercase()),
-        "lower" => Value::from(s.to_lowercase()),
-        "capitalize" => {
-            let mut chars = s.chars();
-            match chars.next() {
-                None => Value::from(""),
-                Some(f) => Value::from(f.to_uppercase().chain(chars.flat_map(char::to_lowercase)).collect::<String>()),
-            }
-        }
+            let sub = arg_str(args, 0, method)?.ok_or_else(|| invalid("count() needs an argument"))?;
+            Ok(Value::from(if sub.is_empty() {
+                s.chars().count() as i64 + 1
+            } else {
+                s.matches(sub).count() as i64
+            }))
+        })(),
+        "join" => (|| {
+            no_more_args(args, 1, method)?;
+            let items = args.first().ok_or_else(|| invalid("join() needs an argument"))?;
+            let parts: Vec<String> = items
+                .try_iter()?
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| invalid("join(): expected strings")))
+                .collect::<std::result::Result<_, _>>()?;
+            Ok(Value::from(parts.join(s)))
+        })(),
         "title" => {
             let mut out = String::with_capacity(s.len());
             let mut prev_cased = false;
@@ -462,102 +472,65 @@ fn string_method(s: &str, method: &str, args: &[Value]) -> std::result::Result<V
                 }
                 prev_cased = c.is_alphabetic();
             }
-            Value::from(out)
+            Ok(Value::from(out))
         }
-        "replace" => {
-            no_more_args(args, 3, method)?;
-            let old = arg_str(args, 0, method)?.ok_or_else(|| invalid("replace() needs 2 arguments"))?;
-            let new = arg_str(args, 1, method)?.ok_or_else(|| invalid("replace() needs 2 arguments"))?;
-            match arg_int(args, 2, method)? {
-                Some(n) if n >= 0 => Value::from(s.replacen(old, new, n as usize)),
-                _ => Value::from(s.replace(old, new)),
-            }
-        }
-        "split" | "rsplit" => {
-            no_more_args(args, 2, method)?;
-            let sep = arg_str(args, 0, method)?;
-            let maxsplit = arg_int(args, 1, method)?.filter(|&n| n >= 0).map(|n| n as usize);
-            let parts: Vec<Value> = match (sep, maxsplit, method) {
-                (Some(""), _, _) => return Err(invalid(format!("{method}(): empty separator"))),
-                (Some(sep), None, _) => s.split(sep).map(Value::from).collect(),
-                (Some(sep), Some(n), "split") => s.splitn(n + 1, sep).map(Value::from).collect(),
-                (Some(sep), Some(n), _) => {
-                    let mut v: Vec<Value> = s.rsplitn(n + 1, sep).map(Value::from).collect();
-                    v.reverse();
-                    v
-                }
-                (None, None, _) => s.split_whitespace().map(Value::from).collect(),
-                (None, Some(n), "split") => {
-                    let mut out = Vec::new();
-                    let mut rest = s.trim_start();
-                    while !rest.is_empty() {
-                        if out.len() == n {
-                            out.push(Value::from(rest));
-                            break;
-                        }
-                        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-                        out.push(Value::from(&rest[..end]));
-                        rest = rest[end..].trim_start();
-                    }
-                    out
-                }
-                (None, Some(n), _) => {
-                    let mut out = Vec::new();
-                    let mut rest = s.trim_end();
-                    while !rest.is_empty() {
-                        if out.len() == n {
-                            out.push(Value::from(rest));
-                            break;
-                        }
-                        let start = rest.rfind(char::is_whitespace).map(|i| i + rest[i..].chars().next().map_or(1, char::len_utf8)).unwrap_or(0);
-                        out.push(Value::from(&rest[start..]));
-                        rest = rest[..start].trim_end();
-                    }
-                    out.reverse();
-                    out
-                }
-            };
-            Value::from(parts)
-        }
-        "splitlines" => {
-            no_more_args(args, 0, method)?;
-            Value::from(s.lines().map(Value::from).collect::<Vec<_>>())
-        }
-        "find" => {
-            no_more_args(args, 1, method)?;
-            let sub = arg_str(args, 0, method)?.ok_or_else(|| invalid("find() needs an argument"))?;
-            Value::from(match s.find(sub) {
-                Some(b) => s[..b].chars().count() as i64,
-                None => -1,
-            })
-        }
-        "count" => {
-            no_more_args(args, 1, method)?;
-            let sub = arg_str(args, 0, method)?.ok_or_else(|| invalid("count() needs an argument"))?;
-            if sub.is_empty() {
-                Value::from(s.chars().count() as i64 + 1)
-            } else {
-                Value::from(s.matches(sub).count() as i64)
-            }
-        }
-        "join" => {
-            no_more_args(args, 1, method)?;
-            let items = args.first().ok_or_else(|| invalid("join() needs an argument"))?;
-            let parts: Vec<String> = items
-                .try_iter()?
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| invalid("join(): expected strings")))
-                .collect::<std::result::Result<_, _>>()?;
-            Value::from(parts.join(s))
-        }
-        "isdigit" => Value::from(!s.is_empty() && s.chars().all(|c| c.is_numeric())),
-        "isalpha" => Value::from(!s.is_empty() && s.chars().all(char::is_alphabetic)),
-        "isalnum" => Value::from(!s.is_empty() && s.chars().all(char::is_alphanumeric)),
-        "isspace" => Value::from(!s.is_empty() && s.chars().all(char::is_whitespace)),
-        "isupper" => Value::from(s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase)),
-        "islower" => Value::from(s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase)),
-        _ => return Err(minijinja::Error::from(ErrorKind::UnknownMethod)),
+        "isdigit" => Ok(Value::from(!s.is_empty() && s.chars().all(|c| c.is_numeric()))),
+        "isalpha" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_alphabetic))),
+        "isalnum" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_alphanumeric))),
+        "isspace" => Ok(Value::from(!s.is_empty() && s.chars().all(char::is_whitespace))),
+        "isupper" => Ok(Value::from(s.chars().any(char::is_uppercase) && !s.chars().any(char::is_lowercase))),
+        "islower" => Ok(Value::from(s.chars().any(char::is_lowercase) && !s.chars().any(char::is_uppercase))),
+        _ => return None,
     };
-    Ok(v)
+    Some(v)
+}
+
+/// Python's `str.split(sep=None, maxsplit=-1)` and `str.rsplit(...)`.
+fn split(s: &str, method: &str, args: &[Value]) -> std::result::Result<Value, minijinja::Error> {
+    no_more_args(args, 2, method)?;
+    let sep = arg_str(args, 0, method)?;
+    let maxsplit = arg_int(args, 1, method)?.filter(|&n| n >= 0).map(|n| n as usize);
+    let parts: Vec<Value> = match (sep, maxsplit, method) {
+        (Some(""), _, _) => return Err(invalid(format!("{method}(): empty separator"))),
+        (Some(sep), None, _) => s.split(sep).map(Value::from).collect(),
+        (Some(sep), Some(n), "split") => s.splitn(n + 1, sep).map(Value::from).collect(),
+        (Some(sep), Some(n), _) => {
+            let mut v: Vec<Value> = s.rsplitn(n + 1, sep).map(Value::from).collect();
+            v.reverse();
+            v
+        }
+        (None, None, _) => s.split_whitespace().map(Value::from).collect(),
+        (None, Some(n), "split") => {
+            let mut out = Vec::new();
+            let mut rest = s.trim_start();
+            while !rest.is_empty() {
+                if out.len() == n {
+                    out.push(Value::from(rest));
+                    break;
+                }
+                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+                out.push(Value::from(&rest[..end]));
+                rest = rest[end..].trim_start();
+            }
+            out
+        }
+        (None, Some(n), _) => {
+            let mut out = Vec::new();
+            let mut rest = s.trim_end();
+            while !rest.is_empty() {
+                if out.len() == n {
+                    out.push(Value::from(rest));
+                    break;
+                }
+                let start = rest.rfind(char::is_whitespace).map(|i| i + rest[i..].chars().next().map_or(1, char::len_utf8)).unwrap_or(0);
+                out.push(Value::from(&rest[start..]));
+                rest = rest[..start].trim_end();
+            }
+            out.reverse();
+            out
+        }
+    };
+    Ok(Value::from(parts))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -646,6 +619,35 @@ mod tests {
         let t = 1_722_000_309;
         assert_eq!(strftime_utc("%d %b %Y %H:%M:%S %A %j", t).unwrap(), "26 Jul 2024 13:25:09 Friday 208");
         assert_eq!(strftime_utc("%Y-%m-%d", 0).unwrap(), "1970-01-01");
+    }
+
+    fn render(src: &str) -> String {
+        let t = ChatTemplate::new(src, String::new(), String::new()).unwrap();
+        t.render(&[Message::new("user", "héllo wörld")], false).unwrap()
+    }
+
+    /// The methods kept by hand give Python's results where minijinja-contrib's do not.
+    #[test]
+    fn kept_methods_match_python() {
+        assert_eq!(render("{{ '1st place'.title() }}"), "1St Place");
+        assert_eq!(render("{{ 'ab'.count('') }}|{{ 'aaa'.count('a') }}"), "3|3");
+        assert_eq!(render("{{ messages[0].content.find('w') }}"), "6");
+        assert_eq!(render("{{ ''.isdigit() }}{{ ''.isspace() }}{{ 'A1'.isupper() }}{{ 'a1'.islower() }}"), "FalseFalseTrueTrue");
+        assert_eq!(render("{{ 'a,b,c'.rsplit(',', 1) }}{{ ' a  b '.split() }}"), r#"["a,b", "c"]["a", "b"]"#);
+        let t = ChatTemplate::new("{{ '-'.join([1, 2]) }}", String::new(), String::new()).unwrap();
+        assert!(t.render(&[], false).is_err(), "Python's join refuses non-strings");
+    }
+
+    /// The methods taken from minijinja-contrib, and loop controls.
+    #[test]
+    fn contrib_methods_and_loop_controls() {
+        assert_eq!(render("{{ '  x  '.strip() }}|{{ 'xxaxx'.lstrip('x') }}|{{ 'Ab'.upper() }}{{ 'Ab'.lower() }}"), "x|axx|ABab");
+        assert_eq!(render("{{ 'abc'.startswith(('x', 'a')) }}{{ 'abc'.endswith('bc') }}{{ 'aXa'.replace('a', 'b', 1) }}"), "TrueTruebXa");
+        assert_eq!(render("{{ 'hELLO'.capitalize() }}{{ 'a\nb'.splitlines() }}"), r#"Hello["a", "b"]"#);
+        assert_eq!(render("{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}{{ messages[0].get('x', 'd') }}"), "role=user;content=héllo wörld;d");
+        assert_eq!(render("{% for i in [1, 2, 3] %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}"), "1");
+        assert_eq!(render("{{ messages[0].keys() | length }}{{ messages[0].values() | list | length }}{{ messages[0].items() | length }}"), "222");
+        assert_eq!(render("{{ messages[0].keys() | list }}"), r#"["role", "content"]"#);
     }
 
     #[test]

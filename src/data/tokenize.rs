@@ -36,6 +36,22 @@ impl std::fmt::Debug for TextTokenizer {
     }
 }
 
+/// Runs a call into the `tokenizers` library, turning a panic into an error message. The
+/// library panics instead of returning an error on some malformed `tokenizer.json` files
+/// (found by `ferrotune::fuzz`: a decoder it cannot deserialize, a BPE model whose
+/// `continuing_subword_prefix` is longer than a merged token), and a bad file must give a
+/// message, not abort the program. (The panic hook still prints the library's message first.)
+fn guard<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("the tokenizers library failed on this tokenizer: {msg}")
+    })
+}
+
 /// A special token as `tokenizer_config.json` writes it: `"<s>"` or `{"content": "<s>", ...}`.
 fn config_token(v: Option<&Value>) -> Option<String> {
     match v? {
@@ -133,8 +149,8 @@ impl TextTokenizer {
         cfg_path: &Path,
         template: Option<(String, PathBuf)>,
     ) -> Result<Self> {
-        let mut inner: tokenizers::Tokenizer = tokenizer_json
-            .parse()
+        let mut inner: tokenizers::Tokenizer = guard(|| tokenizer_json.parse::<tokenizers::Tokenizer>())
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| Error::format(tok_path, format!("cannot load the tokenizer: {e}")))?;
         let lookup = |inner: &tokenizers::Tokenizer, key: &str| -> Result<Option<(String, u32)>> {
             match config.and_then(|c| config_token(c.get(key))) {
@@ -216,8 +232,8 @@ impl TextTokenizer {
         let built = build_gguf_tokenizer(path, get)?;
         let text = serde_json::to_string(&built.json)
             .map_err(|e| Error::format(path, format!("cannot serialize the tokenizer: {e}")))?;
-        let inner: tokenizers::Tokenizer = text
-            .parse()
+        let inner: tokenizers::Tokenizer = guard(|| text.parse::<tokenizers::Tokenizer>())
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| Error::format(path, format!("cannot build the tokenizer from the GGUF metadata: {e}")))?;
         let chat_template = match &built.chat_template {
             None => None,
@@ -244,7 +260,9 @@ impl TextTokenizer {
     }
 
     pub(crate) fn encode_raw(&self, text: &str, add_special_tokens: bool) -> Result<tokenizers::Encoding> {
-        self.inner.encode(text, add_special_tokens).map_err(|e| self.err(e))
+        guard(|| self.inner.encode(text, add_special_tokens))
+            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err(e))
     }
 
     /// Token ids of `text`. With `add_special_tokens` the post-processor runs (what HF's
@@ -267,7 +285,9 @@ impl TextTokenizer {
 
     /// Text of `ids`; `skip_special` drops special tokens.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+        guard(|| self.inner.decode(ids, skip_special))
+            .map_err(|e| self.err(e))?
+            .map_err(|e| self.err(e))
     }
 
     /// Number of ids, added tokens included (the embedding needs at least this many rows).

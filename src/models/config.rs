@@ -142,6 +142,12 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
+        // The projections are `heads · head_dim` wide; the model code multiplies unchecked.
+        for (what, heads) in [("num_attention_heads", self.num_attention_heads), ("num_key_value_heads", self.num_key_value_heads)] {
+            if heads.checked_mul(self.head_dim).is_none() {
+                return Err(format!("{what} ({heads}) × head_dim ({}) overflows", self.head_dim));
+            }
+        }
         Ok(())
     }
 

@@ -127,7 +127,9 @@ impl Llama {
         let c = &config;
         let (d, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: the count comes from the file, and the loop
+        // below stops at the first missing tensor, so only layers that exist take memory.
+        let mut layers = Vec::new();
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {

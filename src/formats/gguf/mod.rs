@@ -492,6 +492,12 @@ fn check_tensor_extents(tensors: &[TensorInfo], data_offset: u64, file_len: u64)
     Ok(())
 }
 
+/// The metadata of a GGUF held in memory, in file order (header validation included; the
+/// message says what is wrong). For tools that edit GGUF bytes, such as the fuzzer.
+pub fn parse_metadata_bytes(buf: &[u8]) -> std::result::Result<Vec<(String, GgufValue)>, String> {
+    parse_header(buf).map(|h| h.metadata)
+}
+
 /// An opened, memory-mapped GGUF file with its parsed header.
 pub struct GgufFile {
     path: PathBuf,
@@ -809,14 +815,27 @@ impl GgufWriter {
         let header = self
             .header_bytes(alignment)
             .map_err(|e| Error::format(path, e))?;
-        crate::io_util::write_atomic_with(path, |w| {
-            w.write_all(&header)?;
-            for t in &self.tensors {
-                w.write_all(&t.bytes)?;
-                write_padding(w, t.bytes.len() as u64, alignment)?;
-            }
-            Ok(())
-        })
+        crate::io_util::write_atomic_with(path, |w| self.write_body(w, &header, alignment))
+    }
+
+    /// The whole file in memory (for tools that build GGUFs without touching the disk, such as
+    /// the fuzzer).
+    pub fn to_bytes(&self) -> std::result::Result<Vec<u8>, String> {
+        let alignment = self.alignment()? as u64;
+        let header = self.header_bytes(alignment)?;
+        let mut out = Vec::new();
+        self.write_body(&mut out, &header, alignment)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn write_body(&self, w: &mut impl Write, header: &[u8], alignment: u64) -> std::io::Result<()> {
+        w.write_all(header)?;
+        for t in &self.tensors {
+            w.write_all(&t.bytes)?;
+            write_padding(w, t.bytes.len() as u64, alignment)?;
+        }
+        Ok(())
     }
 
     /// Everything up to the data section, padded to the alignment. Tensor offsets are the
@@ -873,12 +892,13 @@ fn write_padding(w: &mut impl Write, len: u64, alignment: u64) -> std::io::Resul
     w.write_all(&vec![0u8; pad as usize])
 }
 
-fn put_str(w: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(w: &mut Vec<u8>, s: &str) {
     w.extend_from_slice(&(s.len() as u64).to_le_bytes());
     w.extend_from_slice(s.as_bytes());
 }
 
-fn put_value(w: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), String> {
+/// Appends a value's encoding (without its type id).
+pub(crate) fn put_value(w: &mut Vec<u8>, v: &GgufValue) -> std::result::Result<(), String> {
     match v {
         GgufValue::U8(x) => w.push(*x),
         GgufValue::I8(x) => w.push(*x as u8),

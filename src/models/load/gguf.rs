@@ -135,6 +135,9 @@ pub fn permute_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize) 
 }
 
 fn reorder_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize, to_hf: bool) -> Vec<T> {
+    if data.is_empty() || cols == 0 || n_heads == 0 {
+        return data.to_vec(); // nothing to move (and nothing to divide by)
+    }
     let head_dim = data.len() / cols / n_heads;
     let half = head_dim / 2;
     let mut out = vec![T::default(); data.len()];
@@ -184,6 +187,16 @@ pub fn load_gguf(path: &Path, keep_blocks: bool) -> Result<Llama> {
         } else {
             None
         };
+        if let Some(h) = heads {
+            // The row permutation below needs whole heads; check before touching the data.
+            let want = h * config.head_dim;
+            if shape.first() != Some(&want) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{}` has shape {shape:?}, expected {want} rows ({h} heads of {})", info.name, config.head_dim),
+                ));
+            }
+        }
         let ty = info.ggml_type;
         if let (true, &[rows, cols]) = (keep_blocks && is_frozen_matrix(&name), shape.as_slice()) {
             if ty != GgmlType::F32 && ty.can_dequantize() {
