@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod eval;
 pub mod grads;
+pub mod memory;
 pub mod metrics;
 pub mod progress;
 pub mod trainer;

@@ -39,7 +39,7 @@ pub struct TrainSummary {
 
 /// Examples in a fixed, seed-determined order per epoch; sample `k` of the run is example
 /// `order(k / n)[k % n]`, so the data position is one counter.
-struct Sampler {
+pub(super) struct Sampler {
     n: usize,
     seed: u64,
     shuffle: bool,
@@ -48,10 +48,10 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(n: usize, seed: u64, shuffle: bool) -> Self {
+    pub(super) fn new(n: usize, seed: u64, shuffle: bool) -> Self {
         Self { n, seed, shuffle, epoch: 0, order: epoch_order(n, seed, 0, shuffle) }
     }
-    fn index(&mut self, k: u64) -> usize {
+    pub(super) fn index(&mut self, k: u64) -> usize {
         let epoch = k / self.n as u64;
         if epoch != self.epoch {
             self.epoch = epoch;
