@@ -173,7 +173,7 @@ fn resume_continues_bit_for_bit() {
     train(&pb, &TrainOptions::default()).unwrap();
     std::fs::remove_dir_all(pb.output_dir.join("checkpoints/step-6")).unwrap();
     std::fs::remove_dir_all(pb.output_dir.join("adapter")).unwrap();
-    let resumed = train(&pb, &TrainOptions { resume: true }).unwrap();
+    let resumed = train(&pb, &TrainOptions { resume: true, ..Default::default() }).unwrap();
 
     assert_eq!(losses(&pa.output_dir), losses(&pb.output_dir), "the resumed trajectory must equal the uninterrupted one");
     assert_eq!(adapter_bytes(&full.adapter_dir), adapter_bytes(&resumed.adapter_dir));

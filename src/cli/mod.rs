@@ -32,6 +32,9 @@ pub enum Command {
         /// Continue from the newest checkpoint in the output directory.
         #[arg(long)]
         resume: bool,
+        /// Train even when the memory estimate exceeds the available memory.
+        #[arg(long)]
+        force: bool,
     },
     /// Mean NLL over the target tokens of a JSONL file; the last stdout line is JSON.
     Eval {
@@ -161,7 +164,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
-        Command::Train { config, set, resume } => train::run(&config, &set, resume),
+        Command::Train { config, set, resume, force } => train::run(&config, &set, resume, force),
         Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {
             eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size)
         }

@@ -8,6 +8,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
 use super::grads::step_gradients;
+use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
 use crate::config::TrainConfig;
@@ -25,6 +26,8 @@ use std::time::Instant;
 pub struct TrainOptions {
     /// Continue from the newest checkpoint in `output_dir/checkpoints`.
     pub resume: bool,
+    /// Train even when the memory estimate exceeds the available memory.
+    pub force: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +38,8 @@ pub struct TrainSummary {
     pub eval_after: Option<f64>,
     pub adapter_dir: PathBuf,
     pub tokens_per_s: f64,
+    /// The peak memory estimated before loading (see `memory`).
+    pub memory_estimate: Option<MemoryEstimate>,
 }
 
 /// Examples in a fixed, seed-determined order per epoch; sample `k` of the run is example
@@ -75,10 +80,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     crate::runtime::init_threads(cfg.threads);
     let out = &cfg.output_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
     let tok = load::load_tokenizer(&cfg.base_model)?;
     let data = super::dataset::prepare(cfg, &tok)?;
     let pad_id = tok.pad_id();
+    let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
+    let n_train = data.train.len();
+    let total_steps = match (cfg.max_steps, cfg.num_epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
+        (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
+    };
+    // Before the model is loaded: a run that cannot fit is refused here, not killed later.
+    let (memory, _) = check_run(cfg, &data.train, &data.val, total_steps, opts.force)?;
+    let with_memory = |s: TrainSummary| TrainSummary { memory_estimate: Some(memory), ..s };
+    let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
 
     let resume_dir = if opts.resume {
         Some(checkpoint::latest(out).ok_or_else(|| {
@@ -96,13 +111,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
     let mut opt = AdamW::new(adam, &params);
 
-    let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
-    let n_train = data.train.len();
-    let total_steps = match (cfg.max_steps, cfg.num_epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
-        (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
-    };
     let mut state = TrainerState { step: 0, samples_seen: 0, seed: cfg.seed, total_steps, ferrotune_version: env!("CARGO_PKG_VERSION").into() };
     if let Some(dir) = &resume_dir {
         checkpoint::load_optimizer(dir, &lora, &mut opt)?;
@@ -118,7 +126,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         warmup_steps: cfg.warmup_steps,
         total_steps,
     };
-    write_run_json(cfg, &model, &lora, &data, total_steps)?;
+    write_run_json(cfg, &model, &lora, &data, total_steps, &memory)?;
     let metrics = MetricsLog::open(&out.join("metrics.jsonl"), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = base_model_name(&cfg.base_model);
 
@@ -197,11 +205,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             last_ckpt = Some(dir);
         }
         if last {
-            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
+            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
         }
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
-    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step)
+    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -227,6 +235,7 @@ fn finish(
         eval_after,
         adapter_dir,
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
+        memory_estimate: None,
     })
 }
 
@@ -246,7 +255,7 @@ pub fn base_model_name(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize) -> Result<()> {
+fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize, memory: &MemoryEstimate) -> Result<()> {
     let c = &model.config;
     let run = serde_json::json!({
         "plan": cfg,
@@ -261,6 +270,8 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
             "trainable_params": lora.num_params(),
             "adapted_modules": lora.sites.len(),
             "threads": rayon::current_num_threads(),
+            "memory_estimate_mib": memory.to_json()["total_mib"],
+            "memory_estimate": memory.to_json(),
         },
         "model": {
             "model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
