@@ -47,8 +47,7 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         adapter_params: if opts.forward_only { 0 } else { adapter_params },
         threads: rayon::current_num_threads(),
     };
-    let est = memory::estimate(&footprint, &step, process);
-    report.memory_estimate_mib = Some((est.total as f64 / 1048576.0 * 10.0).round() / 10.0);
+    report.memory_estimate_mib = Some(memory::estimate(&footprint, &step, process).total_mib());
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

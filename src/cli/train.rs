@@ -19,7 +19,7 @@ pub fn run(config: &Path, set: &[String], resume: bool, force: bool) -> anyhow::
         "tokens_per_s": summary.tokens_per_s,
         "adapter": summary.adapter_dir,
         // The estimate made before loading beside what the kernel measured (`VmHWM`).
-        "memory_estimate_mib": summary.memory_estimate.map(|m| m.to_json()["total_mib"].clone()),
+        "memory_estimate_mib": summary.memory_estimate.map(|m| m.total_mib()),
         "peak_rss_mib": peak_resident_bytes().map(|b| (b as f64 / 1048576.0 * 10.0).round() / 10.0),
     });
     println!("{out}");

@@ -240,6 +240,11 @@ impl MemoryEstimate {
         )
     }
 
+    /// The total in MiB, to one decimal (as reported beside `peak_rss_mib`).
+    pub fn total_mib(&self) -> f64 {
+        (mib(self.total) * 10.0).round() / 10.0
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let r = |b: u64| (mib(b) * 10.0).round() / 10.0;
         serde_json::json!({
@@ -350,7 +355,7 @@ pub fn process_bytes() -> u64 {
 
 /// Sizes of the largest micro-batches the run will form: it replays the run's own sampler
 /// over all its steps (training) and walks the validation set in order (evaluation).
-pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize) -> Result<StepShape> {
+pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize, adapter_params: u64) -> StepShape {
     let mb = cfg.micro_batch_size.max(1);
     let per_step = mb * cfg.gradient_accumulation_steps.max(1);
     let (mut train_tokens, mut train_seq) = (0, 0);
@@ -369,8 +374,7 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
         eval_tokens = eval_tokens.max(chunk.len() * t);
         eval_seq = eval_seq.max(t);
     }
-    let adapter_params = lora_params_of(cfg)?;
-    Ok(StepShape {
+    StepShape {
         train_tokens,
         train_seq,
         eval_tokens,
@@ -378,29 +382,16 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
         checkpointing: cfg.gradient_checkpointing,
         adapter_params,
         threads: rayon::current_num_threads(),
-    })
-}
-
-fn lora_params_of(cfg: &TrainConfig) -> Result<u64> {
-    let fp_cfg = model_config(&cfg.base_model)?;
-    lora_params(&fp_cfg, &cfg.target_modules(), cfg.lora_r)
-}
-
-fn model_config(path: &Path) -> Result<ModelConfig> {
-    match ModelSource::detect(path)? {
-        ModelSource::HfDir(dir) => {
-            let p = dir.join("config.json");
-            ModelConfig::from_hf_json(&p, &crate::io_util::read_to_string(&p)?)
-        }
-        ModelSource::Gguf(file) => config_from_gguf(&GgufFile::open(&file)?),
     }
 }
 
-/// The estimate for the run `cfg` describes, on its prepared data.
+/// The estimate for the run `cfg` describes, on its prepared data. The adapter is the one the
+/// plan describes (`lora_r`, `lora_target_modules`), also when `init_adapter` or `--resume`
+/// will load one.
 pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize, process: u64) -> Result<MemoryEstimate> {
     let fp = Footprint::of_model(&cfg.base_model, &cfg.load_options()?)?;
-    let shape = step_shape(cfg, train, val, total_steps)?;
-    Ok(estimate(&fp, &shape, process))
+    let params = lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?;
+    Ok(estimate(&fp, &step_shape(cfg, train, val, total_steps, params), process))
 }
 
 /// Memory the run may still allocate, and where that figure comes from.

@@ -270,7 +270,7 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
             "trainable_params": lora.num_params(),
             "adapted_modules": lora.sites.len(),
             "threads": rayon::current_num_threads(),
-            "memory_estimate_mib": memory.to_json()["total_mib"],
+            "memory_estimate_mib": memory.total_mib(),
             "memory_estimate": memory.to_json(),
         },
         "model": {
