@@ -116,3 +116,21 @@ fn a_run_over_the_available_memory_is_refused_with_advice_unless_forced() {
     let (ok, _, err) = train(dir, &[], Some("lots"));
     assert!(!ok && err.contains("FERROTUNE_AVAILABLE_MEMORY_MIB") && err.contains("`lots`") && !err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn the_weights_term_is_what_loading_stores() {
+    use ferrotune::models::load::{load_model_with, LoadOptions};
+    use ferrotune::train::memory::Footprint;
+    let d = tempfile::tempdir().unwrap();
+    let spec = TinySpec { tied: false, ..TinySpec::default() };
+    write_tiny_hf(&d.path().join("hf"), &spec);
+    write_tiny_gguf(&d.path().join("q.gguf"), &spec, ferrotune::formats::gguf::GgmlType::Q8_0);
+    for base in ["hf", "q.gguf"] {
+        for opts in [LoadOptions::f32(), LoadOptions { keep_quantized: true, bf16: false }, LoadOptions { keep_quantized: true, bf16: true }] {
+            let path = d.path().join(base);
+            let fp = Footprint::of_model(&path, &opts).unwrap();
+            let m = load_model_with(&path, &opts).unwrap();
+            assert_eq!(fp.frozen, m.frozen_bytes() as u64, "{base} {opts:?}");
+        }
+    }
+}
