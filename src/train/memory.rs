@@ -97,12 +97,13 @@ impl Footprint {
         }
         let elems: u64 = matrices.iter().sum();
         let largest = matrices.iter().copied().max().unwrap_or(0) * F32;
-        let biases = if c.attention_bias { c.num_hidden_layers as u64 * (site_shapes_block_out(c)) } else { 0 };
+        let biases = if c.attention_bias { c.num_hidden_layers as u64 * qkv_out(c) } else { 0 };
         let dense = (c.num_hidden_layers as u64 * 2 * d + d + biases) * F32 + rope_bytes(c);
         let frozen = elems * if bf16 { 2 } else { F32 };
-        // All tensors in f32 at once, the mapped file, and the copy `from_tensor` makes of one
-        // matrix; the bf16 rounding afterwards holds less than that.
-        let load_peak = mapped + elems * F32 + dense + largest;
+        // All tensors in f32 at once; on top, a shard's mapped file while it is read, then the
+        // copy `FrozenWeight::from_tensor` makes of one matrix, and with bf16 that matrix's f32
+        // copy and bf16 bytes while it is rounded.
+        let load_peak = elems * F32 + dense + mapped.max(largest + if bf16 { largest / 2 } else { 0 });
         Self { config, frozen, dense, load_peak }
     }
 
@@ -133,8 +134,10 @@ impl Footprint {
             }
         }
         dense += rope_bytes(&config);
-        // The file stays mapped (its pages resident) until every tensor is built from it.
-        let load_peak = file_len(path) + built + largest + rope_bytes(&config);
+        // The file stays mapped (its pages resident) until every tensor is built from it and
+        // `from_tensor` has copied the f32 matrices one at a time; bf16 rounding comes after.
+        let rounding = if opts.bf16 { largest + largest / 2 } else { 0 };
+        let load_peak = built + rope_bytes(&config) + (file_len(path) + largest).max(rounding);
         Ok(Self { config, frozen, dense, load_peak })
     }
 
@@ -153,7 +156,7 @@ fn rope_bytes(c: &ModelConfig) -> u64 {
 }
 
 /// Output features of q, k and v summed (the biases of an `attention_bias` model).
-fn site_shapes_block_out(c: &ModelConfig) -> u64 {
+fn qkv_out(c: &ModelConfig) -> u64 {
     ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) as u64
 }
 
