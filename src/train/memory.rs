@@ -18,7 +18,9 @@
 //!   With `gradient_checkpointing` only the block inputs stay, plus one block's graph at a
 //!   time in the backward;
 //! - **process**: what the process holds when the estimate is made (binary, libraries,
-//!   tokenizer and the encoded data), read from `/proc/self/status`.
+//!   tokenizer and the encoded data), read from `/proc/self/status`;
+//! - **runtime**: one constant for what no tensor accounts for, measured once
+//!   ([`RUNTIME_OVERHEAD`]).
 //!
 //! The sizes of the micro-batches come from the run's own sampler: the largest padded
 //! micro-batch this run will form, not `micro_batch_size × sequence_len`.
