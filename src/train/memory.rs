@@ -50,11 +50,11 @@ const HEAD_CHUNK_ROWS: u64 = 128;
 const MAX_ROPE_TABLE: u64 = 65536;
 /// What the process holds before the model loads when `/proc` cannot tell (not Linux).
 const FALLBACK_PROCESS: u64 = 32 * MIB;
-/// What a running step adds that no tensor accounts for: code pages of the kernels touched
-/// for the first time, the GEMM's packing buffers, worker stacks, and the allocator's
-/// fragmentation as steps repeat. Measured once, as the gap between `VmHWM` and the other
-/// terms: 10–20 MiB on the SmolLM2-135M bench workloads, 6–11 MiB on the test model of
-/// `tests/memory_estimate.rs`.
+/// What the running process adds that no tensor accounts for: code pages touched for the
+/// first time (the binary's text is 12 MB), the GEMM's packing buffers, worker stacks, and
+/// the allocator's fragmentation as steps repeat. Measured once, as the gap between `VmHWM`
+/// and the other terms: 10–20 MiB on the SmolLM2-135M bench workloads, 6–11 MiB on the test
+/// model of `tests/memory_estimate.rs`.
 const RUNTIME_OVERHEAD: u64 = 12 * MIB;
 
 /// The base model as it will sit in memory, worked out from its headers alone.
@@ -138,14 +138,39 @@ impl Footprint {
         dense += rope_bytes(&config);
         // The file stays mapped (its pages resident) until every tensor is built from it and
         // `from_tensor` has copied the f32 matrices one at a time; bf16 rounding comes after.
+        // The parsed header (vocabulary, merges, tensor names) lives as long as the file.
         let rounding = if opts.bf16 { largest + largest / 2 } else { 0 };
-        let load_peak = built + rope_bytes(&config) + (file_len(path) + largest).max(rounding);
+        let load_peak = built + rope_bytes(&config) + (file_len(path) + parsed_header_bytes(&g) + largest).max(rounding);
         Ok(Self { config, frozen, dense, load_peak })
     }
 
     pub fn weights(&self) -> u64 {
         self.frozen + self.dense
     }
+}
+
+/// Heap bytes of a parsed GGUF header: every metadata value is a `GgufValue` (a string or an
+/// array its own allocation), every tensor a `TensorInfo` with its name and dims.
+fn parsed_header_bytes(g: &GgufFile) -> u64 {
+    use crate::formats::gguf::{GgufValue, TensorInfo};
+    // glibc's chunk for an n-byte request: 8 bytes of header, 16-byte granules, 32 at least.
+    fn chunk(n: usize) -> u64 {
+        if n == 0 { 0 } else { ((n + 8).next_multiple_of(16)).max(32) as u64 }
+    }
+    fn value(v: &GgufValue) -> u64 {
+        match v {
+            GgufValue::String(s) => chunk(s.capacity()),
+            GgufValue::Array(a) => chunk(a.capacity() * std::mem::size_of::<GgufValue>()) + a.iter().map(value).sum::<u64>(),
+            _ => 0,
+        }
+    }
+    let meta: u64 = g.metadata().iter().map(|(k, v)| chunk(k.capacity()) + std::mem::size_of::<(String, GgufValue)>() as u64 + value(v)).sum();
+    let tensors: u64 = g
+        .tensors()
+        .iter()
+        .map(|t| std::mem::size_of::<TensorInfo>() as u64 + chunk(t.name.capacity()) + chunk(t.dims.capacity() * 8))
+        .sum();
+    meta + tensors
 }
 
 fn file_len(p: &Path) -> u64 {
@@ -241,7 +266,7 @@ impl MemoryEstimate {
             gib(self.activations),
             gib(self.process),
             gib(RUNTIME_OVERHEAD),
-            gib(self.process + self.load_peak),
+            gib(self.process + RUNTIME_OVERHEAD + self.load_peak),
         )
     }
 
@@ -259,7 +284,7 @@ impl MemoryEstimate {
             "activations_mib": r(self.activations),
             "process_mib": r(self.process),
             "runtime_mib": r(RUNTIME_OVERHEAD),
-            "load_peak_mib": r(self.process + self.load_peak),
+            "load_peak_mib": r(self.process + RUNTIME_OVERHEAD + self.load_peak),
         })
     }
 }
@@ -334,8 +359,9 @@ pub fn estimate(fp: &Footprint, s: &StepShape, process: u64) -> MemoryEstimate {
     let adapter = if s.adapter_params == 0 { 0 } else { 4 * p + grad_store };
     let activations = activation_bytes(c, s);
     let weights = fp.weights();
-    let steady = weights + adapter + activations + RUNTIME_OVERHEAD;
-    MemoryEstimate { total: process + steady.max(fp.load_peak), weights, adapter, activations, process, load_peak: fp.load_peak }
+    let steady = weights + adapter + activations;
+    let total = process + RUNTIME_OVERHEAD + steady.max(fp.load_peak);
+    MemoryEstimate { total, weights, adapter, activations, process, load_peak: fp.load_peak }
 }
 
 /// Resident bytes of this process now (`VmRSS`), when `/proc` can tell.
