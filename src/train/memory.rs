@@ -300,21 +300,32 @@ fn block_floats_per_token(c: &ModelConfig) -> u64 {
     6 * d + (2 * q + 2 * kv + kv + q) + 3 * ff
 }
 
-/// Bytes of the largest short-lived buffer set of a step over `tokens` rows of length `seq`,
-/// on top of what the graph keeps: the LM head's logits chunk; the MLP backward (the gradient
-/// of `silu(gate)·up` being consumed, the gate's and up's gradients it produces, and the
-/// zero tensor plus sum candle's `GradStore` forms when it first stores one: five
+/// Bytes of the largest short-lived buffer set of a step over `tokens` rows, on top of what
+/// the graph keeps: the LM head's logits chunk; the MLP backward (the gradient of
+/// `silu(gate)·up` being consumed, the gate's and up's gradients it produces, and the zero
+/// tensor plus sum candle's `GradStore` forms when it first stores one: five
 /// `tokens × intermediate` buffers, with a few residual-stream gradients); or attention's
-/// per-thread score tiles with the gathered head outputs/gradients.
-fn transient_bytes(c: &ModelConfig, tokens: u64, seq: u64, threads: u64, training: bool) -> u64 {
+/// gathered outputs/gradients.
+fn transient_bytes(c: &ModelConfig, tokens: u64, training: bool) -> u64 {
     let (d, ff, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let rows = tokens.min(HEAD_CHUNK_ROWS);
     let head = rows * v + 2 * rows * d;
-    let tiles = if training { 2 } else { 1 } * threads.max(1) * seq * seq;
-    let attention = tiles + 2 * tokens * (q + 2 * kv);
+    let attention = 2 * tokens * (q + 2 * kv);
     let mlp = if training { tokens * (5 * ff + 4 * d) } else { tokens * 2 * ff };
     head.max(attention).max(mlp) * F32
+}
+
+/// Bytes attention's worker threads hold, in their own allocator arenas (so on top of the
+/// main thread's peak, not sharing its freed memory): per thread, a head's `seq × seq`
+/// probabilities (and in the backward its score gradient), plus the per-head outputs or
+/// gradients before they are gathered. The arenas do not always fit a new tile into the
+/// previous one's hole: one more tile per thread covers that (measured at 1 × 2048 tokens,
+/// where the tiles are 16 MiB each).
+fn attention_worker_bytes(c: &ModelConfig, tokens: u64, seq: u64, threads: u64, training: bool) -> u64 {
+    let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
+    let tiles_per_thread = if training { 3 } else { 2 };
+    (threads.max(1) * tiles_per_thread * seq * seq + tokens * (q + 2 * kv)) * F32
 }
 
 /// Activation bytes at the peak of a training step (or of an evaluation forward).
@@ -324,12 +335,12 @@ fn activation_bytes(c: &ModelConfig, s: &StepShape) -> u64 {
     let threads = s.threads as u64;
     // Evaluation keeps no graph: at most one block's tensors and the residual stream.
     let (et, es) = (s.eval_tokens as u64, s.eval_seq as u64);
-    let eval = (et * (block + 2 * d)) * F32 + transient_bytes(c, et, es, threads, false);
+    let eval = (et * (block + 2 * d)) * F32 + transient_bytes(c, et, false) + attention_worker_bytes(c, et, es, threads, false);
     if s.adapter_params == 0 {
         return eval;
     }
     let (n, t) = (s.train_tokens as u64, s.train_seq as u64);
-    let transient = transient_bytes(c, n, t, threads, true);
+    let transient = transient_bytes(c, n, true) + attention_worker_bytes(c, n, t, threads, true);
     let train = if s.checkpointing {
         // `grads::checkpointed_backward` keeps the input of every block, the last output and
         // its copy as a `Var` (`Var::from_tensor` copies), the head's norm output (the head's
