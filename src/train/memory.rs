@@ -390,8 +390,16 @@ fn status_kib(field: &str) -> Option<u64> {
     s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// What the process holds now, or a fixed allowance where that cannot be read.
+/// What the process holds now, or a fixed allowance where that cannot be read. Memory freed
+/// so far (reading and tokenizing the data) is handed back to the kernel first: the runtime
+/// keeps freed heap memory for reuse (`runtime::tune_allocator`), and the steps will reuse
+/// it, so counting it here as well would count it twice.
 pub fn process_bytes() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     resident_bytes().unwrap_or(FALLBACK_PROCESS)
 }
 
