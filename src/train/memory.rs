@@ -676,6 +676,32 @@ mod tests {
     }
 
     #[test]
+    fn step_shape_replays_the_batches_the_run_forms() {
+        let cfg = |steps: usize, shuffle: bool| -> TrainConfig {
+            toml::from_str(&format!(
+                "base_model = 'm'\ndatasets = [{{ path = 'd' }}]\noutput_dir = 'o'\nmicro_batch_size = 2\nmax_steps = {steps}\nshuffle = {shuffle}\n"
+            ))
+            .unwrap()
+        };
+        let ex = |n: usize| EncodedExample { input_ids: vec![5; n], labels: vec![5; n], truncated: false };
+        let train: Vec<EncodedExample> = [10, 20, 50, 30].into_iter().map(ex).collect();
+        let val: Vec<EncodedExample> = [7, 3, 9].into_iter().map(ex).collect();
+        // In order, the first step pads [10, 20] to 20; the longest example comes in step 2.
+        let s = step_shape(&cfg(1, false), &train, &val, 1, 0);
+        assert_eq!((s.train_tokens, s.train_seq), (40, 20));
+        let s = step_shape(&cfg(2, false), &train, &val, 2, 0);
+        assert_eq!((s.train_tokens, s.train_seq), (100, 50));
+        // Evaluation batches the validation set in order: [7, 3] → 14, [9] → 9.
+        assert_eq!((s.eval_tokens, s.eval_seq), (14, 9));
+        // Shuffled, the sampler's own order decides; over two epochs every example is seen.
+        let mut sampler = Sampler::new(4, 42, true);
+        let first: Vec<usize> = (0..2).map(|k| train[sampler.index(k)].input_ids.len()).collect();
+        let s = step_shape(&cfg(1, true), &train, &val, 1, 0);
+        assert_eq!(s.train_tokens, 2 * first.iter().max().unwrap());
+        assert_eq!(step_shape(&cfg(4, true), &train, &val, 4, 0).train_seq, 50);
+    }
+
+    #[test]
     fn cgroup_limit_room() {
         let d = tempfile::tempdir().unwrap();
         let (l, u) = (d.path().join("limit"), d.path().join("usage"));
