@@ -97,8 +97,8 @@ fn a_run_over_the_available_memory_is_refused_with_advice_unless_forced() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     setup(dir, false);
-    // 110 MiB: less than the plain run needs (about 160 MiB beyond the process), more than
-    // the checkpointed one does (about 75 MiB).
+    // 110 MiB: less than the plain run needs (about 170 MiB beyond the process), more than
+    // the checkpointed one does (about 85 MiB).
     let (ok, _, err) = train(dir, &[], Some("110"));
     assert!(!ok, "refused");
     assert!(err.contains("only 0.11 GiB is available ($FERROTUNE_AVAILABLE_MEMORY_MIB)"), "{err}");
