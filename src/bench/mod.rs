@@ -37,6 +37,9 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub tokens_per_s: f64,
     pub peak_rss_mib: f64,
+    /// The peak `ferrotune train` would estimate for this workload before loading (see
+    /// `train::memory`), to read beside `peak_rss_mib`.
+    pub memory_estimate_mib: Option<f64>,
     pub step_s: Vec<f64>,
     /// Useful FLOPs per step divided by the measured GEMM peak ([`gemm_peak_gflops`]).
     pub mfu: f64,
@@ -225,6 +228,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         gemm_peak_gflops: peak,
         method: opts.method.clone(),
         peak_rss_mib: peak_rss_mib(),
+        memory_estimate_mib: None,
         step_s,
         checkpointing: opts.checkpointing,
         mode: if opts.forward_only { "forward" } else { "lora-train" },

@@ -1,5 +1,7 @@
 use crate::bench::{random_model, run as run_bench, shape_config, BenchOptions};
+use crate::methods::TargetModules;
 use crate::models::load::{load_model_with, LoadOptions};
+use crate::train::memory::{self, Footprint, StepShape};
 use std::path::Path;
 
 pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> anyhow::Result<()> {
@@ -10,21 +12,42 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         other => anyhow::bail!("--dtype `{other}`: expected f32, bf16 or gguf"),
     };
     let env_model = std::env::var_os("PEERS_GGUF").map(std::path::PathBuf::from);
-    let m = match (model, shape) {
-        (Some(p), _) => load_model_with(p, &load)?,
+    // What the process holds before the model exists, as `ferrotune train` measures it.
+    let process = memory::process_bytes();
+    let (m, footprint) = match (model.map(Path::to_path_buf).or(if shape.is_none() { env_model } else { None }), shape) {
+        (Some(p), _) => {
+            let footprint = Footprint::of_model(&p, &load)?;
+            (load_model_with(&p, &load)?, footprint)
+        }
         (None, Some(s)) => {
-            let mut m = random_model(shape_config(s)?, 0)?;
+            let cfg = shape_config(s)?;
+            let mut m = random_model(cfg.clone(), 0)?;
             if load.bf16 {
                 m.frozen_to_bf16()?;
             }
-            m
+            (m, Footprint::of_random(cfg, load.bf16))
         }
-        (None, None) => match env_model {
-            Some(p) => load_model_with(&p, &load)?,
-            None => anyhow::bail!("give --model PATH or --shape NAME (or set PEERS_GGUF)"),
-        },
+        (None, None) => anyhow::bail!("give --model PATH or --shape NAME (or set PEERS_GGUF)"),
     };
-    let report = run_bench(m, opts)?;
+    let mut report = run_bench(m, opts)?;
+    let adapter_params = if opts.method == "none" {
+        0
+    } else {
+        // The bench's adapter: r = 16 on all seven projections.
+        memory::lora_params(&footprint.config, &TargetModules::AllLinear, 16)?
+    };
+    let tokens = opts.batch * opts.seq;
+    let (train, eval) = if opts.forward_only { (0, tokens) } else { (tokens, 0) };
+    let step = StepShape {
+        train_tokens: train,
+        train_seq: opts.seq,
+        eval_tokens: eval,
+        eval_seq: opts.seq,
+        checkpointing: opts.checkpointing,
+        adapter_params: if opts.forward_only { 0 } else { adapter_params },
+        threads: rayon::current_num_threads(),
+    };
+    report.memory_estimate_mib = Some(memory::estimate(&footprint, &step, process).total_mib());
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

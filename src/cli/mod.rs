@@ -36,6 +36,9 @@ pub enum Command {
         /// run.json and adapter files are removed (other files there are kept).
         #[arg(long)]
         overwrite: bool,
+        /// Train even when the memory estimate exceeds the available memory.
+        #[arg(long)]
+        force: bool,
     },
     /// Mean NLL over the target tokens of a JSONL file; the last stdout line is JSON.
     Eval {
@@ -173,7 +176,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
-        Command::Train { config, set, resume, overwrite } => train::run(&config, &set, resume, overwrite),
+        Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),
         Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {
             eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size)
         }

@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod eval;
 pub mod grads;
 pub mod interrupt;
+pub mod memory;
 pub mod metrics;
 pub mod progress;
 pub mod run_dir;

@@ -8,6 +8,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
 use super::grads::step_gradients;
+use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
 use super::run_dir::{self, RunLock};
@@ -30,6 +31,8 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Start again in an `output_dir` that holds an earlier run, removing that run's files.
     pub overwrite: bool,
+    /// Train even when the memory estimate exceeds the available memory.
+    pub force: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -40,11 +43,13 @@ pub struct TrainSummary {
     pub eval_after: Option<f64>,
     pub adapter_dir: PathBuf,
     pub tokens_per_s: f64,
+    /// The peak memory estimated before loading (see `memory`).
+    pub memory_estimate: Option<MemoryEstimate>,
 }
 
 /// Examples in a fixed, seed-determined order per epoch; sample `k` of the run is example
 /// `order(k / n)[k % n]`, so the data position is one counter.
-struct Sampler {
+pub(super) struct Sampler {
     n: usize,
     seed: u64,
     shuffle: bool,
@@ -53,10 +58,10 @@ struct Sampler {
 }
 
 impl Sampler {
-    fn new(n: usize, seed: u64, shuffle: bool) -> Self {
+    pub(super) fn new(n: usize, seed: u64, shuffle: bool) -> Self {
         Self { n, seed, shuffle, epoch: 0, order: epoch_order(n, seed, 0, shuffle) }
     }
-    fn index(&mut self, k: u64) -> usize {
+    pub(super) fn index(&mut self, k: u64) -> usize {
         let epoch = k / self.n as u64;
         if epoch != self.epoch {
             self.epoch = epoch;
@@ -100,11 +105,21 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         run_dir::check_fresh_start(out, &previous)?;
     }
 
-    let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
     let tok = load::load_tokenizer(&cfg.base_model)?;
     let data = super::dataset::prepare(cfg, &tok)?;
-    check_data_fits(cfg, &model, &data)?;
     let pad_id = tok.pad_id();
+    let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
+    let n_train = data.train.len();
+    let total_steps = match (cfg.max_steps, cfg.num_epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
+        (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
+    };
+    // Before the model is loaded: a run that cannot fit is refused here, not killed later.
+    let (memory, _) = check_run(cfg, &data.train, &data.val, total_steps, opts.force)?;
+    let with_memory = |s: TrainSummary| TrainSummary { memory_estimate: Some(memory), ..s };
+    let mut model = load::load_model_with(&cfg.base_model, &cfg.load_options()?)?;
+    check_data_fits(cfg, &model, &data)?;
     let identity = checkpoint::plan_identity(cfg);
     let fingerprint = checkpoint::data_fingerprint(&data.train, &data.val);
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
@@ -118,13 +133,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
     let mut opt = AdamW::new(adam, &params);
 
-    let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
-    let n_train = data.train.len();
-    let total_steps = match (cfg.max_steps, cfg.num_epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => ((e * n_train as f64) / per_step as f64).ceil().max(1.0) as usize,
-        (None, None) => unreachable!("validated: one of max_steps/num_epochs is set"),
-    };
     let mut state = TrainerState {
         step: 0,
         samples_seen: 0,
@@ -172,7 +180,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         warmup_steps: cfg.warmup_steps,
         total_steps,
     };
-    write_run_json(cfg, &model, &lora, &data, total_steps, &fingerprint)?;
+    write_run_json(cfg, &model, &lora, &data, total_steps, &fingerprint, &memory)?;
     let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = base_model_name(&cfg.base_model);
 
@@ -270,11 +278,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             return Err(interrupted(sig, &format!("stopped after step {} of {total_steps}; {saved}", state.step)));
         }
         if last {
-            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
+            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
         }
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
-    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step)
+    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -304,6 +312,7 @@ fn finish(
         eval_after,
         adapter_dir,
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
+        memory_estimate: None,
     })
 }
 
@@ -394,7 +403,7 @@ pub fn base_model_name(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str) -> Result<()> {
+fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str, memory: &MemoryEstimate) -> Result<()> {
     let c = &model.config;
     let run = serde_json::json!({
         "plan": cfg,
@@ -410,6 +419,8 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
             "trainable_params": lora.num_params(),
             "adapted_modules": lora.sites.len(),
             "threads": rayon::current_num_threads(),
+            "memory_estimate_mib": memory.total_mib(),
+            "memory_estimate": memory.to_json(),
         },
         "model": {
             "model_type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,

@@ -156,7 +156,7 @@ fn reorder_rows<T: Copy + Default>(data: &[T], n_heads: usize, cols: usize, to_h
 
 /// Whether the tensor `name` (Hugging Face naming) may stay in blocks: the matrices the kernels
 /// read through [`FrozenWeight`] (linear layers, embedding, LM head).
-fn is_frozen_matrix(name: &str) -> bool {
+pub(crate) fn is_frozen_matrix(name: &str) -> bool {
     const LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     name == "model.embed_tokens.weight"
         || name == "lm_head.weight"

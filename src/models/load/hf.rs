@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// The safetensors files of a model directory: the shards its index names, else
 /// `model.safetensors`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let v: serde_json::Value = serde_json::from_str(&read_to_string(&index)?)

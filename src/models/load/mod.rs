@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 pub use gguf::{config_from_gguf, gguf_name, hf_name, load_gguf, permute_rows, unpermute_rows};
 
 pub use hf::load_hf_dir;
+pub(crate) use gguf::is_frozen_matrix;
+pub(crate) use hf::weight_files;
 
 /// Where a model comes from; everything that takes `--model PATH` accepts both.
 #[derive(Debug, Clone, PartialEq, Eq)]
