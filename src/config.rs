@@ -212,19 +212,19 @@ impl TrainConfig {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
+        for p in self.file_paths_mut() {
             if p.is_relative() && !p.exists() && base.join(&*p).exists() {
                 *p = base.join(&*p);
             }
-        };
-        fix(&mut self.base_model);
-        self.datasets.iter_mut().for_each(|d| fix(&mut d.path));
-        if let Some(v) = self.val_set.as_mut() {
-            fix(&mut v.path);
         }
-        if let Some(a) = self.init_adapter.as_mut() {
-            fix(a);
-        }
+    }
+
+    /// Every file path the plan names: base model, datasets, validation set, initial adapter.
+    pub fn file_paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        std::iter::once(&mut self.base_model)
+            .chain(self.datasets.iter_mut().map(|d| &mut d.path))
+            .chain(self.val_set.iter_mut().map(|v| &mut v.path))
+            .chain(self.init_adapter.iter_mut())
     }
 
     /// How to hold the base model's frozen weights.

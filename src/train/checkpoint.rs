@@ -68,18 +68,10 @@ const RUN_ONLY_KEYS: &[&str] = &["threads", "logging_steps", "save_steps", "eval
 /// same run started from another working directory compares equal.
 pub fn plan_identity(cfg: &TrainConfig) -> serde_json::Value {
     let mut cfg = cfg.clone();
-    let canon = |p: &mut PathBuf| {
+    for p in cfg.file_paths_mut() {
         if let Ok(c) = std::fs::canonicalize(&*p) {
             *p = c;
         }
-    };
-    canon(&mut cfg.base_model);
-    cfg.datasets.iter_mut().for_each(|d| canon(&mut d.path));
-    if let Some(v) = cfg.val_set.as_mut() {
-        canon(&mut v.path);
-    }
-    if let Some(a) = cfg.init_adapter.as_mut() {
-        canon(a);
     }
     let mut v = serde_json::to_value(&cfg).expect("the plan serialises");
     if let Some(map) = v.as_object_mut() {
