@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::methods::TargetModules;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -125,6 +126,10 @@ pub struct TrainConfig {
     /// Worker threads (0 = all cores).
     #[serde(default)]
     pub threads: usize,
+    /// The keys the chosen method declares for itself (`corda_method`, …). Written at the top
+    /// level of the TOML like every other key; gathered here by [`TrainConfig::load`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub method_options: BTreeMap<String, toml::Value>,
 }
 
 fn d_adapter() -> String {
@@ -197,6 +202,17 @@ impl TrainConfig {
             set_by_flag.retain(|(k, _)| k != key);
             set_by_flag.push((key.to_string(), o.as_str()));
         }
+        // Method keys are known to the methods, not to this struct: set them aside.
+        let method_keys: Vec<String> = table.keys().filter(|k| crate::methods::registry::is_method_key(k)).cloned().collect();
+        let mut method_options = toml::Table::new();
+        for k in method_keys {
+            if let Some(v) = table.remove(&k) {
+                method_options.insert(k, v);
+            }
+        }
+        if !method_options.is_empty() {
+            table.insert("method_options".into(), toml::Value::Table(method_options));
+        }
         let mut cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| blame_key(path, &text, &set_by_flag, e))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -239,9 +255,6 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         let pos = |k: &str, v: usize| if v == 0 { Err(Error::config(k, "must be at least 1")) } else { Ok(()) };
-        if self.adapter != "lora" {
-            return Err(Error::config("adapter", format!("`{}` is not supported yet (supported: lora)", self.adapter)));
-        }
         if self.datasets.is_empty() {
             return Err(Error::config("datasets", "at least one dataset is needed"));
         }
@@ -285,7 +298,7 @@ impl TrainConfig {
         for d in self.datasets.iter().chain(self.val_set.iter()) {
             crate::data::DatasetFormat::from_config("datasets.type", &d.format)?;
         }
-        Ok(())
+        crate::methods::registry::validate(&crate::methods::MethodSpec::from_config(self))
     }
 
     pub fn target_modules(&self) -> TargetModules {

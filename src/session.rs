@@ -3,7 +3,7 @@
 
 use crate::data::TextTokenizer;
 use crate::error::Result;
-use crate::methods::Lora;
+use crate::methods::{registry, Method};
 use crate::models::load::{self, ModelSource};
 use crate::models::Llama;
 use std::path::Path;
@@ -12,7 +12,8 @@ pub struct Session {
     pub source: ModelSource,
     pub model: Llama,
     pub tokenizer: TextTokenizer,
-    pub lora: Option<Lora>,
+    /// The adapter attached, whichever method wrote it.
+    pub method: Option<Box<dyn Method>>,
 }
 
 impl Session {
@@ -20,14 +21,14 @@ impl Session {
         let source = ModelSource::detect(model_path)?;
         let mut model = load::load_model(model_path)?;
         let tokenizer = load::load_tokenizer(model_path)?;
-        let lora = adapter.map(|dir| Lora::load_peft(&mut model, dir)).transpose()?;
-        Ok(Self { source, model, tokenizer, lora })
+        let method = adapter.map(|dir| registry::load(&mut model, dir)).transpose()?;
+        Ok(Self { source, model, tokenizer, method })
     }
 
     /// Folds the attached adapter into the base weights (no-op without one).
     pub fn merge_adapter(&mut self) -> Result<()> {
-        if let Some(lora) = self.lora.take() {
-            lora.merge_into(&mut self.model)?;
+        if let Some(method) = self.method.take() {
+            method.merge(&mut self.model)?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use std::process::Command;
 /// A PEFT adapter on every linear module of the model at `model`, with non-zero B.
 fn make_adapter(model: &Path, dir: &Path, r: usize, alpha: f64, use_rslora: bool, seed: u64) {
     let mut m = load::load_model(model).unwrap();
-    let cfg = LoraConfig { r, alpha, dropout: 0.0, target_modules: TargetModules::AllLinear, use_rslora };
+    let cfg = LoraConfig { r, alpha, dropout: 0.0, target_modules: TargetModules::AllLinear, use_rslora, ..Default::default() };
     let lora = Lora::attach(&mut m, cfg, seed).unwrap();
     let mut rng = ferrotune::rng::SplitMix64::new(seed ^ 0xb);
     for s in &lora.sites {
@@ -304,7 +304,7 @@ fn gguf_lora_from_a_hf_base_and_arch_names() {
     let g = GgufFile::open(&d.path().join("q.gguf")).unwrap();
     assert_eq!(g.get_str("general.architecture").unwrap(), "qwen2");
     let b = g.tensor_f32("blk.0.attn_q.weight.lora_b").unwrap();
-    let want: Vec<f32> = session.lora.as_ref().unwrap().sites[0].b.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f32> = session.method.as_ref().unwrap().as_lora().unwrap()[0].b.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(b, want, "qwen2 q/k rows are not permuted");
 }
 

@@ -10,7 +10,7 @@ use ferrotune::models::{load, ForwardCtx, Llama};
 use std::sync::Arc;
 
 fn lora_cfg(targets: TargetModules) -> LoraConfig {
-    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: targets, use_rslora: false }
+    LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: targets, use_rslora: false, ..Default::default() }
 }
 
 /// Gives every B a non-zero value so the adapter changes the output.

@@ -6,9 +6,10 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::kernels::IGNORE_INDEX;
 use crate::train::grads::step_gradients;
-use crate::methods::{Lora, LoraConfig, TargetModules};
+use crate::methods::{registry, MethodSpec, TargetModules};
 use crate::models::{ForwardCtx, Llama, ModelConfig};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::methods::Method;
+use crate::optim::AdamWConfig;
 use crate::rng::SplitMix64;
 use candle_core::{Device, Tensor, Var};
 use serde::Serialize;
@@ -25,7 +26,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Forward only (evaluation throughput) instead of training steps.
     pub forward_only: bool,
-    /// `lora`, `rslora`, or `none` (the bare base model; forward-only only).
+    /// A method's config name (`lora`, `dora`, …; see `methods::registry`), `rslora`, or `none`
+    /// (the bare base model; forward-only only).
     pub method: String,
     /// Per-block activation checkpointing.
     pub checkpointing: bool,
@@ -177,24 +179,11 @@ pub fn gemm_peak_gflops() -> f64 {
     best
 }
 
+fn targets_of_bench() -> [&'static str; 7] {
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+}
+
 pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let use_rslora = match opts.method.as_str() {
-        "lora" => false,
-        "rslora" => true,
-        "none" if opts.forward_only => false,
-        "none" => return Err(Error::flag("--method", "`none` trains nothing: use it with --forward-only")),
-        other => return Err(Error::flag("--method", format!("unknown method `{other}` (known: lora, rslora, none)"))),
-    };
-    let params: Vec<Var> = if opts.method == "none" {
-        Vec::new()
-    } else {
-        let cfg = LoraConfig { r: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::Names(targets.map(String::from).to_vec()), use_rslora };
-        let lora = Lora::attach(&mut model, cfg, 1234)?;
-        lora.params().into_iter().map(|(_, v)| v).collect()
-    };
-    let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
-    let mut opt = AdamW::new(AdamWConfig::default(), &params);
     let (b, t) = (opts.batch, opts.seq);
     let mut rng = SplitMix64::new(1234);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect();
@@ -202,6 +191,36 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { IGNORE_INDEX } else { ids[i + 1] as i32 }).collect();
     let n_targets = b * (t - 1);
     let batch = Batch { input_ids: ids, targets, batch_size: b, seq_len: t, n_targets, lengths: vec![t; b] };
+
+    let mut method: Option<Box<dyn Method>> = match opts.method.as_str() {
+        "none" if opts.forward_only => None,
+        "none" => return Err(Error::flag("--method", "`none` trains nothing: use it with --forward-only")),
+        name => {
+            // The workload compare.sh gives PEFT: r = 16, α = 32 on all seven projections.
+            let spec = MethodSpec {
+                adapter: if name == "rslora" { "lora".into() } else { name.to_string() },
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.0,
+                target_modules: TargetModules::Names(targets_of_bench().map(String::from).to_vec()),
+                use_rslora: name == "rslora",
+                seed: 1234,
+                options: Default::default(),
+            };
+            let mut method = registry::create(&spec).map_err(|e| match e {
+                Error::Config { detail, .. } => Error::flag("--method", format!("{detail} (or rslora, none)")),
+                other => other,
+            })?;
+            let calibration = vec![batch.clone(); method.init_batches()];
+            method.prepare(&mut model, &calibration)?;
+            method.attach(&mut model)?;
+            Some(method)
+        }
+    };
+    let params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
+    let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
+    // The method's own update rule (LoRA-Pro's differs), as the trainer uses it.
+    let mut opt = method.as_ref().map(|m| m.optimizer(AdamWConfig::default()));
     let mut step_s = Vec::new();
     for step in 0..opts.warmup + opts.steps {
         let t0 = Instant::now();
@@ -211,7 +230,11 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
             let (_, grads) = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step, opts.checkpointing)?;
+            let (m, opt) = (method.as_mut().expect("training has a method"), opt.as_mut().expect("and an optimizer"));
+            let mut grads = grads;
+            m.grad_transform(&mut grads)?;
             opt.step(&params, &grads, 2e-4)?;
+            m.on_step(step + 1, &mut model)?;
         }
         if step >= opts.warmup {
             step_s.push(t0.elapsed().as_secs_f64());

@@ -5,7 +5,7 @@ use crate::export::gguf::{self as gx, parse_lora_type, parse_merged_type};
 use crate::export::ExportFormat;
 use crate::formats::safetensors::SaveDType;
 use crate::io_util::{check_output_path, OutputKind};
-use crate::methods::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::methods::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::models::ForwardCtx;
 use crate::session::Session;
 use anyhow::{anyhow, bail, Context};
@@ -42,12 +42,22 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
     if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
+    let load = || -> anyhow::Result<Session> {
+        let session = Session::load(a.model, Some(a.adapter))
+            .with_context(|| format!("the adapter {} does not load onto {}", a.adapter.display(), a.model.display()))?;
+        let method = session.method.as_ref().expect("loaded with an adapter");
+        method.can_export(format).map_err(|why| anyhow!("cannot export {} as {}: {why}", a.adapter.display(), format.name()))?;
+        Ok(session)
+    };
     match format {
-        ExportFormat::Peft => export_peft(a.model, a.adapter, a.out),
+        ExportFormat::Peft => {
+            load()?;
+            export_peft(a.adapter, a.out)
+        }
         ExportFormat::MergedSafetensors => {
             let d = a.dtype.unwrap_or("f32");
             let dtype = SaveDType::parse(d).ok_or_else(|| anyhow!("--dtype `{d}`: expected f32, bf16 or f16"))?;
-            let mut session = Session::load(a.model, Some(a.adapter))?;
+            let mut session = load()?;
             session.merge_adapter()?;
             crate::export::merged::write_hf_dir(&session, a.out, dtype)?;
             eprintln!("merged model (safetensors, {d}) written to {}", a.out.display());
@@ -55,7 +65,7 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
         }
         ExportFormat::MergedGguf => {
             let quant = parse_merged_type(a.quant.unwrap_or("q8_0"))?;
-            let mut session = Session::load(a.model, Some(a.adapter))?;
+            let mut session = load()?;
             session.merge_adapter()?;
             let r = gx::write_merged_gguf(&session, a.out, quant)?;
             // One line per (row length, type used): which tensors fell back, as llama-quantize would.
@@ -85,18 +95,22 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
             for note in gx::check_lora_representable(a.adapter)? {
                 eprintln!("note: {note}");
             }
-            let session = Session::load(a.model, Some(a.adapter))?;
-            let c = &session.lora.as_ref().expect("loaded with an adapter").config;
-            if c.use_rslora {
+            let session = load()?;
+            let details = session.method.as_ref().expect("loaded with an adapter").describe();
+            if details["use_rslora"].as_bool() == Some(true) {
+                let (r, s) = (details["rank"].as_f64().unwrap_or(0.0), details["scaling"].as_f64().unwrap_or(0.0));
                 eprintln!(
-                    "note: rsLoRA adapter (scaling α/√r = {}/√{} = {:.6}); llama.cpp scales by adapter.lora.alpha / r and has no rsLoRA flag, so adapter.lora.alpha = α·√r = {:.6} is written",
-                    c.alpha,
-                    c.r,
-                    c.scaling(),
-                    c.alpha * (c.r as f64).sqrt()
+                    "note: rsLoRA adapter (scaling α/√r = {s:.6} at r = {r}); llama.cpp scales by adapter.lora.alpha / r and has no rsLoRA flag, so adapter.lora.alpha = α·√r = {:.6} is written",
+                    s * r
                 );
             }
             let r = gx::write_gguf_lora(&session, a.out, dtype)?;
+            if r.rescaled > 0 {
+                eprintln!(
+                    "note: {} modules have a scaling other than adapter.lora.alpha / r (per-module ranks or alphas); their lora_b is scaled to give the same product",
+                    r.rescaled
+                );
+            }
             eprintln!(
                 "LoRA GGUF ({} pairs, r = {}, adapter.lora.alpha = {}, arch {}, {dtype}) written to {}",
                 r.pairs,
@@ -110,9 +124,8 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Checks that the adapter loads onto the model, then copies its two files to `out`.
-fn export_peft(model: &Path, adapter: &Path, out: &Path) -> anyhow::Result<()> {
-    Session::load(model, Some(adapter)).with_context(|| format!("the adapter {} does not load onto {}", adapter.display(), model.display()))?;
+/// Copies the adapter's two files (checked to load onto the model) to `out`.
+fn export_peft(adapter: &Path, out: &Path) -> anyhow::Result<()> {
     crate::io_util::write_files_into(out, |tmp| {
         for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
             let src = adapter.join(f);

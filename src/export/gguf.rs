@@ -181,7 +181,7 @@ pub struct MergedGgufReport {
 /// Writes `session`'s model (adapter already merged) as a GGUF file with its matrices in
 /// `quant`. See the module docs for names, types and metadata.
 pub fn write_merged_gguf(session: &Session, out: &Path, quant: GgmlType) -> Result<MergedGgufReport> {
-    if session.lora.is_some() {
+    if session.method.is_some() {
         return Err(Error::Model("merge the adapter before writing a merged model".into()));
     }
     if !MERGED_TYPES.contains(&quant) {
@@ -629,34 +629,42 @@ fn sha256_hex(msg: &[u8]) -> String {
 #[derive(Debug, Clone)]
 pub struct LoraGgufReport {
     pub pairs: usize,
+    /// The rank of the first pair (the rank of all, unless they differ).
     pub rank: usize,
-    /// The `adapter.lora.alpha` written (α, or α·√r for rsLoRA).
+    /// The `adapter.lora.alpha` written: scaling · rank of the first pair (α, or α·√r for rsLoRA).
     pub alpha: f32,
     pub architecture: String,
+    /// Pairs whose scaling `alpha / r` could not express, with B scaled to make up for it.
+    pub rescaled: usize,
 }
 
-/// Writes `session`'s attached LoRA adapter as a llama.cpp LoRA GGUF: `general.type =
-/// "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha`, and per adapted matrix
-/// `<name>.lora_a` (PEFT's A `[r, in]` as is: ggml `ne = [in, r]`) and `<name>.lora_b` (B
-/// `[out, r]`: `ne = [r, out]`, rows permuted for llama q/k). llama.cpp scales the product by
-/// `alpha / r`; for rsLoRA (`α/√r`) the alpha written is `α·√r`.
+/// Writes `session`'s attached adapter, as plain LoRA pairs, as a llama.cpp LoRA GGUF:
+/// `general.type = "adapter"`, `adapter.type = "lora"`, `adapter.lora.alpha`, and per adapted
+/// matrix `<name>.lora_a` (PEFT's A `[r, in]` as is: ggml `ne = [in, r]`) and `<name>.lora_b`
+/// (B `[out, r]`: `ne = [r, out]`, rows permuted for llama q/k). llama.cpp scales each product
+/// by `alpha / r` with one alpha per file; the alpha written is the first pair's `s·r` (α for
+/// LoRA, α·√r for rsLoRA), and a pair whose scaling differs from `alpha / r` has its B scaled
+/// by the ratio, which gives the same product.
 pub fn write_gguf_lora(session: &Session, out: &Path, dtype: GgmlType) -> Result<LoraGgufReport> {
-    let lora = session.lora.as_ref().ok_or_else(|| Error::Model("gguf-lora needs an adapter (--adapter)".into()))?;
+    let method = session.method.as_ref().ok_or_else(|| Error::Model("gguf-lora needs an adapter (--adapter)".into()))?;
     if !LORA_TYPES.contains(&dtype) {
         return Err(Error::flag("--dtype", format!("`{dtype}` is not supported for a LoRA GGUF (expected one of: {})", type_list(&LORA_TYPES))));
     }
-    let c = &lora.config;
-    if c.alpha == 0.0 {
-        return Err(Error::Model(
-            "lora_alpha = 0 cannot be written: llama.cpp reads adapter.lora.alpha = 0 as \"no scaling\" (scale 1), which would change the adapter".into(),
-        ));
+    method.can_export(crate::export::ExportFormat::GgufLora).map_err(Error::Model)?;
+    let pairs_in = method.as_lora().expect("can_export checked that the method is LoRA pairs");
+    let first = pairs_in.first().ok_or_else(|| Error::Model("the adapter has no adapted module: nothing to write".into()))?;
+    let rank0 = first.a.dims2()?.0;
+    let alpha = first.scaling * rank0 as f64;
+    if alpha == 0.0 || !alpha.is_finite() {
+        return Err(Error::Model(format!(
+            "lora_alpha = {alpha} cannot be written: llama.cpp reads adapter.lora.alpha = 0 as \"no scaling\" (scale 1), which would change the adapter"
+        )));
     }
     let cfg = &session.model.config;
     let arch = match &session.source {
         ModelSource::Gguf(path) => GgufFile::open(path)?.get_str("general.architecture")?.to_string(),
         ModelSource::HfDir(_) => arch_for(cfg).to_string(),
     };
-    let alpha = if c.use_rslora { c.alpha * (c.r as f64).sqrt() } else { c.alpha };
     let mut w = GgufWriter::new();
     let s = |x: &str| GgufValue::String(x.to_string());
     w.add_metadata("general.architecture", s(&arch));
@@ -666,19 +674,23 @@ pub fn write_gguf_lora(session: &Session, out: &Path, dtype: GgmlType) -> Result
     w.add_metadata("adapter.type", s("lora"));
     w.add_metadata("adapter.lora.alpha", GgufValue::F32(alpha as f32));
     w.add_metadata("general.quantization_version", GgufValue::U32(2));
-    let mut pairs = 0;
-    for site in &lora.sites {
-        let hf = format!("{}.weight", site.site);
-        let base = gguf_tensor_name(&hf).ok_or_else(|| Error::Model(format!("adapted module `{}` has no llama.cpp tensor name; it would be lost", site.site)))?;
-        let a = site.a.as_tensor();
-        let b = site.b.as_tensor();
-        let (r, inf) = a.dims2()?;
-        let (outf, r2) = b.dims2()?;
+    let (mut pairs, mut rescaled) = (0, 0);
+    for p in &pairs_in {
+        let hf = format!("{}.weight", p.site);
+        let base = gguf_tensor_name(&hf).ok_or_else(|| Error::Model(format!("adapted module `{}` has no llama.cpp tensor name; it would be lost", p.site)))?;
+        let (r, inf) = p.a.dims2()?;
+        let (outf, r2) = p.b.dims2()?;
         if r != r2 {
-            return Err(Error::Model(format!("module `{}`: A has rank {r} but B has rank {r2}", site.site)));
+            return Err(Error::Model(format!("module `{}`: A has rank {r} but B has rank {r2}", p.site)));
         }
-        let a_data: Vec<f32> = a.flatten_all()?.to_vec1()?;
-        let mut b_data: Vec<f32> = b.flatten_all()?.to_vec1()?;
+        let a_data: Vec<f32> = p.a.flatten_all()?.to_vec1()?;
+        let mut b_data: Vec<f32> = p.b.flatten_all()?.to_vec1()?;
+        // llama.cpp applies alpha / r; fold any difference from this pair's scaling into B.
+        let ratio = p.scaling * r as f64 / alpha;
+        if ratio != 1.0 {
+            b_data.iter_mut().for_each(|x| *x = (*x as f64 * ratio) as f32);
+            rescaled += 1;
+        }
         if let Some(h) = permute_heads(cfg, &hf) {
             b_data = permute_rows(&b_data, h, r);
         }
@@ -689,7 +701,7 @@ pub fn write_gguf_lora(session: &Session, out: &Path, dtype: GgmlType) -> Result
         pairs += 1;
     }
     w.write(out)?;
-    Ok(LoraGgufReport { pairs, rank: c.r, alpha: alpha as f32, architecture: arch })
+    Ok(LoraGgufReport { pairs, rank: rank0, alpha: alpha as f32, architecture: arch, rescaled })
 }
 
 /// Checks a PEFT `adapter_config.json` for what a llama.cpp LoRA GGUF cannot hold, naming what
@@ -698,9 +710,10 @@ pub fn check_lora_representable(adapter_dir: &Path) -> Result<Vec<String>> {
     let path = adapter_dir.join(crate::methods::lora::ADAPTER_CONFIG);
     let v = read_json(&path)?;
     let refuse = |what: String| Err(Error::format(&path, format!("cannot export as gguf-lora: {what}")));
-    let peft_type = v["peft_type"].as_str().unwrap_or("");
-    if peft_type != "LORA" {
-        return refuse(format!("peft_type `{peft_type}` is not LoRA; a llama.cpp LoRA GGUF only holds lora_a/lora_b pairs, so this method's parameters would be lost (try `--format merged-gguf` once the method can be merged)"));
+    // Whether a method is LoRA pairs at all is the method's to say (`Method::can_export`);
+    // here, what a PEFT LoRA config may carry beyond the pairs.
+    if v["peft_type"].as_str() != Some("LORA") {
+        return Ok(Vec::new());
     }
     if v["use_dora"].as_bool() == Some(true) {
         return refuse("DoRA's magnitude vectors (lora_magnitude_vector) have no place in a llama.cpp LoRA GGUF and would be lost".into());
@@ -710,11 +723,6 @@ pub fn check_lora_representable(adapter_dir: &Path) -> Result<Vec<String>> {
     }
     if v["modules_to_save"].as_array().is_some_and(|a| !a.is_empty()) {
         return refuse(format!("the fully trained modules {} (modules_to_save) would be lost", v["modules_to_save"]));
-    }
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if v[k].as_object().is_some_and(|o| !o.is_empty()) {
-            return refuse(format!("per-module ranks/alphas ({k}) would be lost: llama.cpp has one adapter.lora.alpha per file"));
-        }
     }
     if v["lora_alpha"].as_f64() == Some(0.0) {
         return refuse("lora_alpha = 0: llama.cpp reads adapter.lora.alpha = 0 as \"no scaling\" (scale 1), so the adapter would change".into());

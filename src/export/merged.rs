@@ -19,7 +19,7 @@ const TOKENIZER_FILES: &[&str] = &[
 ];
 
 pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<()> {
-    if session.lora.is_some() {
+    if session.method.is_some() {
         return Err(Error::Model("merge the adapter before writing a merged model".into()));
     }
     let cfg = &session.model.config;

@@ -168,6 +168,7 @@ impl Tiny {
             dropout: 0.0,
             target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
             use_rslora: false,
+            ..Default::default()
         };
         let lora = Lora::attach(&mut model, lora_cfg, 1)?;
         let adapter_dir = dir.join("adapter");
@@ -494,7 +495,7 @@ fn run_gguf(input: &[u8], dir: &Path) -> Result<()> {
 
 fn load_peft(tiny: &Tiny, dir: &Path) -> Result<()> {
     let mut model = Llama::from_weights(tiny.config.clone(), &mut tiny.weights.clone(), &PathBuf::from("tiny"))?;
-    Lora::load_peft(&mut model, dir).map(drop)
+    crate::methods::registry::load(&mut model, dir).map(drop)
 }
 
 /// Reading, then every record in every format, then encoding with the tiny tokenizer.

@@ -2,19 +2,41 @@
 //! `α/√r`), A Kaiming-uniform(a=√5), B = 0. Adapters are read and written in PEFT's layout,
 //! so they move freely between ferrotune and Hugging Face PEFT.
 
+use super::registry::Entry;
 use super::targets::TargetModules;
+use super::{LoraPair, Method, MethodSpec, METHOD_KEY};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
 use crate::kernels::FrozenWeight;
-use crate::models::{ForwardCtx, Llama, SiteHook};
+use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
 use crate::rng::SplitMix64;
 use candle_core::{Device, Tensor, Var};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-pub const ADAPTER_CONFIG: &str = "adapter_config.json";
-pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub use super::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+
+pub const LORA: Entry = Entry {
+    name: "lora",
+    summary: "LoRA (rsLoRA with use_rslora = true): y = W0·x + s·B·A·x, PEFT's layout",
+    keys: &[],
+    create: create_lora,
+    load: load_lora,
+    claims_peft: is_peft_lora,
+};
+
+fn create_lora(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    Ok(Box::new(Lora::new(spec.lora_config(), spec.seed)?))
+}
+
+fn load_lora(model: &mut Llama, dir: &Path, _cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
+    Ok(Box::new(Lora::load_peft(model, dir)?))
+}
+
+fn is_peft_lora(cfg: &serde_json::Value) -> bool {
+    cfg.get("peft_type").and_then(|v| v.as_str()) == Some("LORA")
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -23,15 +45,53 @@ pub struct LoraConfig {
     pub dropout: f32,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
+    /// Per-module ranks (PEFT's `rank_pattern`): a key applies to the site it names or ends
+    /// (`.<key>`); other sites use `r`. EVA writes one when it redistributes ranks.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alphas (PEFT's `alpha_pattern`), matched like `rank_pattern`.
+    pub alpha_pattern: BTreeMap<String, f64>,
+}
+
+impl Default for LoraConfig {
+    /// PEFT's `LoraConfig()` defaults on the attention projections (the plan's defaults).
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec()),
+            use_rslora: false,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+}
+
+/// PEFT's rule for a pattern key: it names the module, or its last components.
+fn pattern_value<T: Copy>(pattern: &BTreeMap<String, T>, site: &str) -> Option<T> {
+    pattern.iter().find(|(k, _)| site == k.as_str() || site.ends_with(&format!(".{k}"))).map(|(_, v)| *v)
 }
 
 impl LoraConfig {
+    /// The scaling of sites that follow the global `r` and `lora_alpha`.
     pub fn scaling(&self) -> f64 {
+        self.scaling_for(self.r, self.alpha)
+    }
+
+    fn scaling_for(&self, r: usize, alpha: f64) -> f64 {
         if self.use_rslora {
-            self.alpha / (self.r as f64).sqrt()
+            alpha / (r as f64).sqrt()
         } else {
-            self.alpha / self.r as f64
+            alpha / r as f64
         }
+    }
+
+    pub fn rank_of(&self, site: &str) -> usize {
+        pattern_value(&self.rank_pattern, site).unwrap_or(self.r)
+    }
+
+    pub fn scaling_of(&self, site: &str) -> f64 {
+        self.scaling_for(self.rank_of(site), pattern_value(&self.alpha_pattern, site).unwrap_or(self.alpha))
     }
 }
 
@@ -42,14 +102,14 @@ pub struct LoraSite {
     pub a: Var,
     /// `[out, r]`
     pub b: Var,
-    scaling: f64,
+    pub scaling: f64,
     dropout: f32,
     /// Distinguishes this site's dropout stream from every other site's.
     stream: u64,
 }
 
 impl SiteHook for LoraSite {
-    fn forward(&self, x: &Tensor, w0: &FrozenWeight, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         // Outside training the parameters enter as constants, so no autograd graph (and none
         // of the activations it would keep alive) is built for evaluation or generation.
         let (a, b) = if ctx.train {
@@ -59,13 +119,16 @@ impl SiteHook for LoraSite {
         };
         let dropout = if ctx.train { self.dropout } else { 0.0 };
         let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
-        crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)
+        add_bias(crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)?, b0)
     }
 }
 
+/// LoRA and rsLoRA on the linear sites `target_modules` selects.
 pub struct Lora {
     pub config: LoraConfig,
     pub sites: Vec<Arc<LoraSite>>,
+    /// Seed of the Kaiming init of A (unused once attached).
+    seed: u64,
 }
 
 /// PEFT's key for a site's tensor: `base_model.model.<site>.lora_A.weight`.
@@ -73,42 +136,41 @@ pub fn peft_key(site: &str, which: char) -> String {
     format!("base_model.model.{site}.lora_{which}.weight")
 }
 
+/// PEFT's default init for one site: A Kaiming-uniform(a=√5) on `[r, in]`, whose bound is
+/// gain·√(3/fan_in) = 1/√in, and B = 0; `i` is the site's index among all linear sites.
+pub fn kaiming_init(seed: u64, i: usize, in_f: usize, out_f: usize, r: usize) -> Result<(Tensor, Tensor)> {
+    let bound = 1.0 / (in_f as f32).sqrt();
+    let mut rng = SplitMix64::derive(seed, &[0x10a, i as u64]);
+    let a: Vec<f32> = (0..r * in_f).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect();
+    Ok((Tensor::from_vec(a, (r, in_f), &Device::Cpu)?, Tensor::zeros((out_f, r), candle_core::DType::F32, &Device::Cpu)?))
+}
+
 impl Lora {
-    /// Attaches freshly initialised adapters (PEFT's default init) to the target sites.
-    pub fn attach(model: &mut Llama, config: LoraConfig, seed: u64) -> Result<Self> {
-        Self::attach_with(model, config, |i, _site, in_f, out_f, r| {
-            // kaiming_uniform_(a=√5) on [r, in]: bound = gain·√(3/fan_in) = 1/√in.
-            let bound = 1.0 / (in_f as f32).sqrt();
-            let mut rng = SplitMix64::derive(seed, &[0x10a, i as u64]);
-            let a: Vec<f32> = (0..r * in_f).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect();
-            Ok((Tensor::from_vec(a, (r, in_f), &Device::Cpu)?, Tensor::zeros((out_f, r), candle_core::DType::F32, &Device::Cpu)?))
-        })
+    /// A LoRA not yet attached to any model; [`Method::attach`] initialises it as PEFT does.
+    pub fn new(config: LoraConfig, seed: u64) -> Result<Self> {
+        if config.r == 0 {
+            return Err(Error::config("lora_r", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&config.dropout) {
+            return Err(Error::config("lora_dropout", "must be in [0, 1)"));
+        }
+        Ok(Self { config, sites: Vec::new(), seed })
     }
 
-    /// Attaches adapters with given tensors (PEFT keys), checking every shape.
+    /// Attaches freshly initialised adapters (PEFT's default init) to the target sites.
+    pub fn attach(model: &mut Llama, config: LoraConfig, seed: u64) -> Result<Self> {
+        let mut lora = Self::new(config, seed)?;
+        Method::attach(&mut lora, model)?;
+        Ok(lora)
+    }
+
+    /// Attaches adapters with given tensors (PEFT keys), checking every shape and value.
     pub fn attach_tensors(model: &mut Llama, config: LoraConfig, mut tensors: HashMap<String, Tensor>, src: &Path) -> Result<Self> {
-        let lora = Self::attach_with(model, config, |_, site, in_f, out_f, r| {
-            let mut get = |which: char, shape: [usize; 2]| -> Result<Tensor> {
-                let key = peft_key(site, which);
-                let t = tensors
-                    .remove(&key)
-                    .ok_or_else(|| Error::format(src, format!("tensor `{key}` is missing (the adapter config targets `{site}`)")))?;
-                if t.dims() != shape {
-                    return Err(Error::format(
-                        src,
-                        format!("tensor `{key}` has shape {:?} but this model needs {:?}: the adapter was trained for a different model", t.dims(), shape),
-                    ));
-                }
-                let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
-                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                    return Err(Error::format(
-                        src,
-                        format!("tensor `{key}` holds {} at index {i}: the adapter is corrupt or its training diverged", values[i]),
-                    ));
-                }
-                Ok(t)
-            };
-            Ok((get('A', [r, in_f])?, get('B', [out_f, r])?))
+        let mut lora = Self::new(config, 0)?;
+        lora.attach_with(model, |_, site, in_f, out_f, r| {
+            let a = take_checked(&mut tensors, &peft_key(site, 'A'), &[r, in_f], site, src)?;
+            let b = take_checked(&mut tensors, &peft_key(site, 'B'), &[out_f, r], site, src)?;
+            Ok((a, b))
         })?;
         if let Some(extra) = tensors.keys().min() {
             return Err(Error::format(src, format!("tensor `{extra}` does not belong to any adapted module of this model")));
@@ -116,20 +178,16 @@ impl Lora {
         Ok(lora)
     }
 
-    fn attach_with(
+    /// Attaches one adapter per selected site, with tensors from `init(site index, site name,
+    /// in, out, rank)`.
+    pub fn attach_with(
+        &mut self,
         model: &mut Llama,
-        config: LoraConfig,
         mut init: impl FnMut(usize, &str, usize, usize, usize) -> Result<(Tensor, Tensor)>,
-    ) -> Result<Self> {
-        if config.r == 0 {
-            return Err(Error::config("lora_r", "must be at least 1"));
-        }
-        if !(0.0..1.0).contains(&config.dropout) {
-            return Err(Error::config("lora_dropout", "must be in [0, 1)"));
-        }
+    ) -> Result<()> {
+        let config = &self.config;
         let all = model.sites();
         let chosen: Vec<String> = config.target_modules.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        let mut sites = Vec::new();
         for (i, lin) in model.linears_mut().enumerate() {
             if !chosen.contains(&lin.name) {
                 continue;
@@ -138,30 +196,45 @@ impl Lora {
                 return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
             }
             let info = lin.info();
-            let (a, b) = init(i, &lin.name, info.in_features, info.out_features, config.r)?;
+            let r = config.rank_of(&lin.name);
+            let (a, b) = init(i, &lin.name, info.in_features, info.out_features, r)?;
             let site = Arc::new(LoraSite {
                 site: lin.name.clone(),
                 a: Var::from_tensor(&a)?,
                 b: Var::from_tensor(&b)?,
-                scaling: config.scaling(),
+                scaling: config.scaling_of(&lin.name),
                 dropout: config.dropout,
                 stream: i as u64,
             });
             lin.hook = Some(site.clone());
-            sites.push(site);
+            self.sites.push(site);
         }
-        Ok(Self { config, sites })
+        Ok(())
     }
 
     /// Loads a PEFT LoRA adapter directory and attaches it.
     pub fn load_peft(model: &mut Llama, dir: &Path) -> Result<Self> {
-        let cfg_path = dir.join(ADAPTER_CONFIG);
-        let config = read_peft_config(&cfg_path)?;
-        let w_path = dir.join(ADAPTER_WEIGHTS);
-        let tensors = st::load_f32(&w_path)?;
-        // PEFT may save keys with the adapter name (`lora_A.default.weight`) in some versions.
-        let tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+        let config = read_peft_config(&dir.join(ADAPTER_CONFIG))?;
+        let (tensors, w_path) = read_peft_tensors(dir)?;
         Self::attach_tensors(model, config, tensors, &w_path)
+    }
+
+    /// Writes `adapter_config.json` (with `ferrotune_method = method`) and the tensors.
+    pub fn save_as(&self, dir: &Path, base_model: &str, method: &str, extra: &[(String, Tensor)]) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        tensors.extend(extra.iter().cloned());
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, Some(meta))?;
+        let mut cfg = peft_config_json(&self.config, base_model);
+        cfg[METHOD_KEY] = serde_json::Value::from(method);
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
+        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    }
+
+    /// Writes the adapter as PEFT does.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        self.save_as(dir, base_model, "lora", &[])
     }
 
     /// Trainable parameters under their PEFT keys, in site order (A then B).
@@ -176,35 +249,112 @@ impl Lora {
         self.params().iter().map(|(_, v)| v.elem_count()).sum()
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` as PEFT does.
-    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, Some(meta))?;
-        let cfg = peft_config_json(&self.config, base_model);
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
-    }
-
     /// Folds every adapter into its base weight (`W ← W0 + s·B·A`, in f32 over the dequantized
     /// base: a merged weight is f32 whatever the base was stored in) and detaches the hooks.
     pub fn merge_into(&self, model: &mut Llama) -> Result<()> {
-        let s = self.config.scaling();
         for lin in model.linears_mut() {
             if let Some(site) = self.sites.iter().find(|x| x.site == lin.name) {
-                let delta = (site.b.as_tensor().matmul(site.a.as_tensor())? * s)?;
+                let delta = (site.b.as_tensor().matmul(site.a.as_tensor())? * site.scaling)?;
                 lin.weight = FrozenWeight::from_tensor(&(lin.weight.to_tensor()? + delta)?)?;
                 lin.hook = None;
             }
         }
         Ok(())
     }
+
+    pub fn pairs(&self) -> Vec<LoraPair> {
+        self.sites
+            .iter()
+            .map(|s| LoraPair { site: s.site.clone(), a: s.a.as_detached_tensor(), b: s.b.as_detached_tensor(), scaling: s.scaling })
+            .collect()
+    }
+
+    /// `run.json`'s account of a LoRA-family adapter.
+    pub fn describe_lora(&self) -> serde_json::Value {
+        let ranks: BTreeMap<&str, usize> = self.sites.iter().map(|s| (s.site.as_str(), s.a.dims()[0])).collect();
+        let uniform = ranks.values().all(|&r| r == self.config.r);
+        serde_json::json!({
+            "scaling": self.config.scaling(),
+            "use_rslora": self.config.use_rslora,
+            "rank": self.config.r,
+            "ranks": if uniform { serde_json::Value::Null } else { serde_json::json!(ranks) },
+        })
+    }
+}
+
+impl Method for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let seed = self.seed;
+        self.attach_with(model, |i, _, in_f, out_f, r| kaiming_init(seed, i, in_f, out_f, r))
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        Lora::params(self)
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.site.clone()).collect()
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        self.save_peft(dir, base_model)
+    }
+
+    fn peft_compatible(&self) -> bool {
+        true
+    }
+
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        self.merge_into(model)
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn as_lora(&self) -> Option<Vec<LoraPair>> {
+        Some(self.pairs())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        self.describe_lora()
+    }
+}
+
+/// Removes tensor `key` from `tensors`, checking its shape and that every value is finite.
+pub fn take_checked(tensors: &mut HashMap<String, Tensor>, key: &str, shape: &[usize], site: &str, src: &Path) -> Result<Tensor> {
+    let t = tensors
+        .remove(key)
+        .ok_or_else(|| Error::format(src, format!("tensor `{key}` is missing (the adapter config targets `{site}`)")))?;
+    if t.dims() != shape {
+        return Err(Error::format(
+            src,
+            format!("tensor `{key}` has shape {:?} but this model needs {:?}: the adapter was trained for a different model", t.dims(), shape),
+        ));
+    }
+    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::format(src, format!("tensor `{key}` holds {} at index {i}: the adapter is corrupt or its training diverged", values[i])));
+    }
+    Ok(t)
+}
+
+/// An adapter folder's tensors, keys normalised (PEFT may save `lora_A.default.weight`), and
+/// the file they came from.
+pub fn read_peft_tensors(dir: &Path) -> Result<(HashMap<String, Tensor>, std::path::PathBuf)> {
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let tensors = st::load_f32(&w_path)?;
+    let tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+    Ok((tensors, w_path))
 }
 
 fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
     serde_json::json!({
-        "alpha_pattern": {},
+        "alpha_pattern": c.alpha_pattern,
         "auto_mapping": null,
         "base_model_name_or_path": base_model,
         "bias": "none",
@@ -219,7 +369,7 @@ fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": c.r,
-        "rank_pattern": {},
+        "rank_pattern": c.rank_pattern,
         "revision": null,
         "target_modules": c.target_modules.to_json(),
         "task_type": "CAUSAL_LM",
@@ -244,14 +394,37 @@ pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
     let use_rslora = v.get("use_rslora").and_then(|x| x.as_bool()).unwrap_or(false);
     let target_modules = TargetModules::from_json(v.get("target_modules").unwrap_or(&serde_json::Value::Null), "target_modules")
         .map_err(|e| Error::format(path, e.to_string()))?;
-    let non_empty = |k: &str| v.get(k).and_then(|x| x.as_object()).is_some_and(|o| !o.is_empty());
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if non_empty(k) {
-            return Err(bad(k, "per-module ranks/alphas are not supported yet"));
+    let pattern = |k: &str| -> Result<BTreeMap<String, f64>> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(BTreeMap::new()),
+            Some(serde_json::Value::Object(o)) => o
+                .iter()
+                .map(|(name, x)| match x.as_f64() {
+                    Some(f) if f.is_finite() && f > 0.0 => Ok((name.clone(), f)),
+                    _ => Err(bad(k, &format!("entry `{name}` is {x}; expected a positive number"))),
+                })
+                .collect(),
+            Some(other) => Err(bad(k, &format!("is {other}; expected an object of module name → value"))),
         }
+    };
+    let alpha_pattern = pattern("alpha_pattern")?;
+    let mut rank_pattern = BTreeMap::new();
+    for (name, r) in pattern("rank_pattern")? {
+        if r.fract() != 0.0 {
+            return Err(bad("rank_pattern", &format!("entry `{name}` is {r}; expected a whole rank")));
+        }
+        rank_pattern.insert(name, r as usize);
     }
     if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
-        return Err(bad("use_dora", "DoRA adapters are not supported yet"));
+        return Err(bad("use_dora", "DoRA adapters are read by ferrotune's `dora` method, which this build does not have"));
+    }
+    if let Some(init) = v.get("init_lora_weights").and_then(|x| x.as_str()) {
+        if init.starts_with("pissa") || init == "olora" || init == "corda" || init == "loftq" {
+            return Err(bad(
+                "init_lora_weights",
+                &format!("`{init}`: this adapter was saved relative to a residual base model that PEFT made from the original one, so on the original base it gives another model. Save it with PEFT's `path_initial_model_for_weight_conversion` (a plain LoRA on the original base) and load that"),
+            ));
+        }
     }
     if v.get("bias").and_then(|x| x.as_str()).is_some_and(|b| b != "none") {
         return Err(bad("bias", "only \"none\" is supported"));
@@ -262,5 +435,5 @@ pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
     if v.get("modules_to_save").is_some_and(|m| !m.is_null()) {
         return Err(bad("modules_to_save", "fully trained extra modules are not supported yet"));
     }
-    Ok(LoraConfig { r, alpha, dropout, target_modules, use_rslora })
+    Ok(LoraConfig { r, alpha, dropout, target_modules, use_rslora, rank_pattern, alpha_pattern })
 }

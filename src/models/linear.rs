@@ -20,11 +20,20 @@ impl ForwardCtx {
     }
 }
 
-/// What a method does at a linear site. The hook computes the whole product, base included,
-/// so that a method can fuse its branch with the base matmul; the site adds the bias after.
+/// What a method does at a linear site. The hook computes the site's whole output, base
+/// included, so that a method can fuse its branch with the base matmul, or act on the biased
+/// output (SSF scales and shifts `x·W0ᵀ + b`).
 pub trait SiteHook: Send + Sync {
-    /// `x·W0ᵀ` plus the method's contribution, for the frozen base weight `w0: [out, in]`.
-    fn forward(&self, x: &Tensor, w0: &FrozenWeight, ctx: &ForwardCtx) -> Result<Tensor>;
+    /// The site's output for the frozen base weight `w0: [out, in]` and bias `b0: [out]`.
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor>;
+}
+
+/// `y + b` where there is a bias.
+pub fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// A site as methods see it: its name and shape.
@@ -61,13 +70,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let y = match &self.hook {
-            Some(h) => h.forward(x, &self.weight, ctx)?,
-            None => kernels::frozen_linear(x, &self.weight)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        match &self.hook {
+            Some(h) => h.forward(x, &self.weight, self.bias.as_ref(), ctx),
+            None => add_bias(kernels::frozen_linear(x, &self.weight)?, self.bias.as_ref()),
         }
     }
 }

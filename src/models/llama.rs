@@ -3,6 +3,7 @@
 //! that only what a method makes trainable gets gradients.
 
 use super::config::ModelConfig;
+use super::block_site::{BlockSite, BlockSiteInfo};
 use super::linear::{ForwardCtx, Linear, SiteInfo};
 use crate::error::{Error, Result};
 use crate::kernels::{self, FrozenWeight, RopeTables};
@@ -25,6 +26,8 @@ pub struct Block {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// The MLP sub-block as a whole (`model.layers.<i>.mlp`), for branches beside it.
+    pub mlp_site: BlockSite,
 }
 
 impl Block {
@@ -149,6 +152,7 @@ impl Llama {
                 down_proj: lin("mlp.down_proj", d, c.intermediate_size, false)?,
                 input_layernorm: w.take(&format!("{p}.input_layernorm.weight"), &[d])?,
                 post_attention_layernorm: w.take(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                mlp_site: BlockSite::new(format!("{p}.mlp"), d),
             };
             layers.push(block);
         }
@@ -185,6 +189,14 @@ impl Llama {
 
     pub fn sites(&self) -> Vec<SiteInfo> {
         self.linears().map(Linear::info).collect()
+    }
+
+    pub fn block_sites(&self) -> Vec<BlockSiteInfo> {
+        self.layers.iter().map(|b| b.mlp_site.info.clone()).collect()
+    }
+
+    pub fn block_sites_mut(&mut self) -> impl Iterator<Item = &mut BlockSite> {
+        self.layers.iter_mut().map(|b| &mut b.mlp_site)
     }
 
     /// Every base tensor under its Hugging Face name, in f32 (dequantized where stored in
@@ -299,7 +311,8 @@ impl Llama {
         let x = (x + blk.o_proj.forward(&a, ctx)?)?;
         let h = kernels::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
         let m = kernels::swiglu(&blk.gate_proj.forward(&h, ctx)?, &blk.up_proj.forward(&h, ctx)?)?;
-        x + blk.down_proj.forward(&m, ctx)?
+        let mlp_out = blk.mlp_site.apply(&x, blk.down_proj.forward(&m, ctx)?, ctx)?;
+        x + mlp_out
     }
 
     /// The final norm over the last block's output, flattened to `[b·t, hidden]`.

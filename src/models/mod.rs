@@ -1,10 +1,12 @@
 //! Pre-trained models: configuration, the Llama-family decoder and loading from disk.
 
+pub mod block_site;
 pub mod config;
 pub mod linear;
 pub mod llama;
 pub mod load;
 
+pub use block_site::{BlockHook, BlockSite, BlockSiteInfo};
 pub use config::{ModelConfig, RopeScaling};
-pub use linear::{ForwardCtx, Linear, SiteHook, SiteInfo};
+pub use linear::{add_bias, ForwardCtx, Linear, SiteHook, SiteInfo};
 pub use llama::{KvCache, Llama};

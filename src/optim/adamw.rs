@@ -62,3 +62,28 @@ impl AdamW {
         Ok(())
     }
 }
+
+impl super::Optimizer for AdamW {
+    fn step(&mut self, params: &[Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        AdamW::step(self, params, grads, lr)
+    }
+
+    fn state(&self, params: &[(String, Var)]) -> Result<super::OptimizerState> {
+        let mut tensors = Vec::with_capacity(2 * params.len());
+        for (i, (key, var)) in params.iter().enumerate() {
+            tensors.push((format!("{key}.exp_avg"), Tensor::from_slice(&self.exp_avg[i], var.shape(), var.device())?));
+            tensors.push((format!("{key}.exp_avg_sq"), Tensor::from_slice(&self.exp_avg_sq[i], var.shape(), var.device())?));
+        }
+        Ok(super::OptimizerState { tensors, step: self.step })
+    }
+
+    fn restore(&mut self, params: &[(String, Var)], state: &super::LoadedState, src: &std::path::Path) -> Result<()> {
+        for (i, (key, _)) in params.iter().enumerate() {
+            for (suffix, buf) in [("exp_avg", &mut self.exp_avg[i]), ("exp_avg_sq", &mut self.exp_avg_sq[i])] {
+                *buf = state.take_exact(&format!("{key}.{suffix}"), buf.len(), src)?;
+            }
+        }
+        self.step = state.step;
+        Ok(())
+    }
+}

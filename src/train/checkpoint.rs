@@ -1,20 +1,21 @@
-//! Checkpoints: `checkpoints/step-N/` holds the adapter (PEFT layout), the optimizer moments
-//! and `trainer_state.json` (step, data position, seed). A checkpoint is written into a
-//! temporary folder and renamed into place, so a crash leaves the previous one intact.
+//! Checkpoints: `checkpoints/step-N/` holds the method's adapter folder (PEFT layout where the
+//! method has one), the optimizer state, the method's own state (if any) and
+//! `trainer_state.json` (step, data position, seed). A checkpoint is written into a temporary
+//! folder and renamed into place, so a crash leaves the previous one intact.
 
 use crate::config::TrainConfig;
 use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
-use crate::methods::Lora;
-use crate::optim::AdamW;
-use candle_core::Tensor;
+use crate::methods::Method;
+use crate::optim::{LoadedState, Optimizer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const METHOD_STATE_FILE: &str = "method_state.safetensors";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -39,17 +40,17 @@ pub fn step_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(super::run_dir::CHECKPOINTS_DIR).join(format!("step-{step}"))
 }
 
-pub fn save(dir: &Path, lora: &Lora, opt: &AdamW, state: &TrainerState, base_model: &str) -> Result<()> {
+pub fn save(dir: &Path, method: &dyn Method, opt: &dyn Optimizer, state: &TrainerState, base_model: &str) -> Result<()> {
     crate::io_util::write_dir_atomic(dir, |tmp| {
-        lora.save_peft(tmp, base_model)?;
+        method.save_checkpoint(tmp, base_model)?;
         crate::failpoint::hit("checkpoint");
-        let mut tensors = Vec::new();
-        for (i, (key, var)) in lora.params().iter().enumerate() {
-            tensors.push((format!("{key}.exp_avg"), Tensor::from_slice(&opt.exp_avg[i], var.shape(), var.device())?));
-            tensors.push((format!("{key}.exp_avg_sq"), Tensor::from_slice(&opt.exp_avg_sq[i], var.shape(), var.device())?));
+        let o = opt.state(&method.params())?;
+        let meta = HashMap::from([("adam_step".to_string(), o.step.to_string())]);
+        st::save(&tmp.join(OPTIMIZER_FILE), &o.tensors, SaveDType::F32, Some(meta))?;
+        let extra = method.state()?;
+        if !extra.is_empty() {
+            st::save(&tmp.join(METHOD_STATE_FILE), &extra, SaveDType::F32, None)?;
         }
-        let meta = HashMap::from([("adam_step".to_string(), opt.step.to_string())]);
-        st::save(&tmp.join(OPTIMIZER_FILE), &tensors, SaveDType::F32, Some(meta))?;
         let json = serde_json::to_string_pretty(state).expect("state always serialises");
         crate::io_util::write_atomic(&tmp.join(STATE_FILE), json.as_bytes())
     })
@@ -132,28 +133,20 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&crate::io_util::read_to_string(&path)?).map_err(|e| Error::format(&path, format!("invalid trainer state: {e}")))
 }
 
-/// Restores the optimizer moments saved next to an adapter.
-pub fn load_optimizer(dir: &Path, lora: &Lora, opt: &mut AdamW) -> Result<()> {
+/// Restores the optimizer state and the method's own state saved in a checkpoint.
+pub fn load_optimizer(dir: &Path, method: &mut dyn Method, opt: &mut dyn Optimizer) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
     let tensors = st::load_f32(&path)?;
-    for (i, (key, _)) in lora.params().iter().enumerate() {
-        for (suffix, buf) in [("exp_avg", &mut opt.exp_avg[i]), ("exp_avg_sq", &mut opt.exp_avg_sq[i])] {
-            let k = format!("{key}.{suffix}");
-            let t = tensors.get(&k).ok_or_else(|| Error::format(&path, format!("tensor `{k}` is missing")))?;
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            if v.len() != buf.len() {
-                return Err(Error::format(&path, format!("tensor `{k}` has {} values, expected {}", v.len(), buf.len())));
-            }
-            *buf = v;
-        }
-    }
     let bytes = crate::io_util::read(&path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(&path, e.to_string()))?;
-    opt.step = meta
+    let step = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("adam_step"))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| Error::format(&path, "metadata `adam_step` is missing"))?;
-    Ok(())
+    opt.restore(&method.params(), &LoadedState { tensors, step }, &path)?;
+    let state_path = dir.join(METHOD_STATE_FILE);
+    let extra = if state_path.is_file() { st::load_f32(&state_path)? } else { HashMap::new() };
+    method.restore_state(extra, &state_path)
 }

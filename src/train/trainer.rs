@@ -17,9 +17,9 @@ use crate::config::TrainConfig;
 use crate::data::batch::{epoch_order, make_batch, Batch};
 use crate::data::EncodedExample;
 use crate::error::{Error, Result};
-use crate::methods::{Lora, LoraConfig};
+use crate::methods::{registry, Method, MethodSpec};
 use crate::models::{load, Llama};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LrSchedule, Scheduler};
+use crate::optim::{clip_grad_norm, AdamWConfig, LrSchedule, Scheduler};
 use candle_core::Var;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -71,14 +71,36 @@ impl Sampler {
     }
 }
 
-fn lora_config(cfg: &TrainConfig) -> LoraConfig {
-    LoraConfig {
-        r: cfg.lora_r,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        target_modules: cfg.target_modules(),
-        use_rslora: cfg.use_rslora,
+/// The plan's method on the model: read from the checkpoint being resumed or the
+/// `init_adapter`, or created, prepared on the run's first micro-batches if it asks, and attached.
+fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>, data: &super::dataset::Prepared, pad_id: u32) -> Result<Box<dyn Method>> {
+    let from = resume_dir.or(cfg.init_adapter.as_deref());
+    if let Some(dir) = from {
+        let method = registry::load(model, dir)?;
+        if method.name() != cfg.adapter {
+            return Err(Error::config(
+                "adapter",
+                format!("is \"{}\", but {} holds a `{}` adapter; set adapter = \"{}\" to continue training it", cfg.adapter, dir.display(), method.name(), method.name()),
+            ));
+        }
+        return Ok(method);
     }
+    let mut method = registry::create(&MethodSpec::from_config(cfg))?;
+    let n = method.init_batches();
+    if n > 0 {
+        // The run's own first micro-batches, in its order (as PEFT's examples feed the trainer's dataloader).
+        let mut sampler = Sampler::new(data.train.len(), cfg.seed, cfg.shuffle);
+        let batches: Vec<Batch> = (0..n)
+            .map(|bi| {
+                let examples: Vec<&EncodedExample> =
+                    (0..cfg.micro_batch_size as u64).map(|k| &data.train[sampler.index(bi as u64 * cfg.micro_batch_size as u64 + k)]).collect();
+                make_batch(&examples, pad_id)
+            })
+            .collect();
+        method.prepare(model, &batches)?;
+    }
+    method.attach(model)?;
+    Ok(method)
 }
 
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
@@ -124,14 +146,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let fingerprint = checkpoint::data_fingerprint(&data.train, &data.val);
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
-    let lora = match (&resume_dir, &cfg.init_adapter) {
-        (Some(dir), _) => Lora::load_peft(&mut model, dir)?,
-        (None, Some(adapter)) => Lora::load_peft(&mut model, adapter)?,
-        (None, None) => Lora::attach(&mut model, lora_config(cfg), cfg.seed)?,
-    };
-    let params: Vec<Var> = lora.params().into_iter().map(|(_, v)| v).collect();
+    let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(adam, &params);
+    let mut opt = method.optimizer(adam);
 
     let mut state = TrainerState {
         step: 0,
@@ -143,7 +161,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         data_fingerprint: Some(fingerprint.clone()),
     };
     if let Some(dir) = &resume_dir {
-        checkpoint::load_optimizer(dir, &lora, &mut opt)?;
+        checkpoint::load_optimizer(dir, method.as_mut(), opt.as_mut())?;
         let saved = checkpoint::load_state(dir)?;
         if saved.seed != cfg.seed {
             return Err(Error::config("seed", format!("the checkpoint was trained with seed {}, the config says {}", saved.seed, cfg.seed)));
@@ -180,14 +198,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         warmup_steps: cfg.warmup_steps,
         total_steps,
     };
-    write_run_json(cfg, &model, &lora, &data, total_steps, &fingerprint, &memory)?;
+    write_run_json(cfg, &model, method.as_ref(), &data, total_steps, &fingerprint, &memory)?;
     let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = base_model_name(&cfg.base_model);
 
     let progress = Progress::new(total_steps, state.step);
     progress.println(&format!(
         "training {} trainable parameters on {} examples ({} validation), {} steps of {} examples",
-        lora.num_params(), n_train, data.val.len(), total_steps, per_step
+        method.num_params(), n_train, data.val.len(), total_steps, per_step
     ));
     let eval_now = |model: &Llama| -> Result<Option<f64>> {
         if data.val.is_empty() {
@@ -238,9 +256,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let lr = sched.lr(state.step);
         if n_targets > 0 {
+            method.grad_transform(&mut grads)?;
             opt.step(&params, &grads, lr)?;
         }
         state.step += 1;
+        method.on_step(state.step, &mut model)?;
         state.samples_seen += per_step as u64;
         let dt = t0.elapsed().as_secs_f64();
         tok_total += n_tokens;
@@ -269,7 +289,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let signal = interrupt::requested();
         if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last || signal.is_some() {
             let dir = checkpoint::step_dir(out, state.step);
-            checkpoint::save(&dir, &lora, &opt, &state, &base_name)?;
+            checkpoint::save(&dir, method.as_ref(), opt.as_ref(), &state, &base_name)?;
             last_ckpt = Some(dir);
         }
         if let (Some(sig), false) = (signal, last) {
@@ -278,17 +298,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             return Err(interrupted(sig, &format!("stopped after step {} of {total_steps}; {saved}", state.step)));
         }
         if last {
-            return finish(cfg, &lora, &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
+            return finish(cfg, method.as_ref(), &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
         }
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
-    finish(cfg, &lora, &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
+    finish(cfg, method.as_ref(), &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn finish(
     cfg: &TrainConfig,
-    lora: &Lora,
+    method: &dyn Method,
     base_name: &str,
     progress: &Progress,
     eval_after: Option<f64>,
@@ -301,7 +321,7 @@ fn finish(
     progress.finish();
     let adapter_dir = cfg.output_dir.join(run_dir::ADAPTER_DIR);
     crate::io_util::write_files_into(&adapter_dir, |tmp| {
-        lora.save_peft(tmp, base_name)?;
+        method.save(tmp, base_name)?;
         crate::failpoint::hit("adapter");
         Ok(())
     })?;
@@ -403,7 +423,7 @@ pub fn base_model_name(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str, memory: &MemoryEstimate) -> Result<()> {
+fn write_run_json(cfg: &TrainConfig, model: &Llama, method: &dyn Method, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str, memory: &MemoryEstimate) -> Result<()> {
     let c = &model.config;
     let run = serde_json::json!({
         "plan": cfg,
@@ -415,9 +435,9 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, lora: &Lora, data: &super::d
             "skipped_examples": data.skipped,
             "truncated_examples": data.truncated,
             "data_fingerprint": data_fingerprint,
-            "lora_scaling": lora.config.scaling(),
-            "trainable_params": lora.num_params(),
-            "adapted_modules": lora.sites.len(),
+            "method": { "name": method.name(), "details": method.describe() },
+            "trainable_params": method.num_params(),
+            "adapted_modules": method.sites().len(),
             "threads": rayon::current_num_threads(),
             "memory_estimate_mib": memory.total_mib(),
             "memory_estimate": memory.to_json(),

@@ -1,0 +1,96 @@
+//! What a method reads from the run plan: the keys LoRA-family methods share (`lora_r`,
+//! `lora_alpha`, …) and the method's own keys (`corda_method`, `eva_rho`, …), which each method
+//! declares in its registry entry and parses here, with errors that name the key.
+
+use super::{LoraConfig, TargetModules};
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodSpec {
+    /// The config name (`adapter = "<name>"`).
+    pub adapter: String,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    /// Drives every random initialisation.
+    pub seed: u64,
+    /// The method's own keys, as written in the plan.
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+impl MethodSpec {
+    pub fn from_config(cfg: &crate::config::TrainConfig) -> Self {
+        Self {
+            adapter: cfg.adapter.clone(),
+            r: cfg.lora_r,
+            alpha: cfg.lora_alpha,
+            dropout: cfg.lora_dropout,
+            target_modules: cfg.target_modules(),
+            use_rslora: cfg.use_rslora,
+            seed: cfg.seed,
+            options: cfg.method_options.clone(),
+        }
+    }
+
+    /// LoRA's settings from the shared keys.
+    pub fn lora_config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&toml::Value> {
+        self.options.get(key)
+    }
+
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Float(f)) if f.is_finite() => Ok(*f),
+            Some(toml::Value::Integer(i)) => Ok(*i as f64),
+            Some(v) => Err(Error::config(key, format!("is {v}; expected a number"))),
+        }
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Integer(i)) if *i >= 0 => Ok(*i as usize),
+            Some(v) => Err(Error::config(key, format!("is {v}; expected a whole number ≥ 0"))),
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(toml::Value::Boolean(b)) => Ok(*b),
+            Some(v) => Err(Error::config(key, format!("is {v}; expected true or false"))),
+        }
+    }
+
+    /// A string key restricted to `choices` (the first is the default).
+    pub fn choice_or(&self, key: &str, choices: &[&'static str]) -> Result<&'static str> {
+        match self.get(key) {
+            None => Ok(choices[0]),
+            Some(toml::Value::String(s)) => choices
+                .iter()
+                .find(|c| **c == s.as_str())
+                .copied()
+                .ok_or_else(|| Error::config(key, format!("`{s}`: expected one of {}", quoted(choices)))),
+            Some(v) => Err(Error::config(key, format!("is {v}; expected one of {}", quoted(choices)))),
+        }
+    }
+}
+
+fn quoted(choices: &[&str]) -> String {
+    choices.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
+}
