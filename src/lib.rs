@@ -13,6 +13,7 @@ pub mod decode;
 pub mod export;
 pub mod failpoint;
 pub mod kernels;
+pub mod linalg;
 pub mod testutil;
 pub mod methods;
 pub mod models;

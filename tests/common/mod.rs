@@ -224,3 +224,4 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec, proj_type: GgmlType) {
 pub fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
+pub mod contract;
