@@ -21,7 +21,7 @@ pub use targets::TargetModules;
 use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::export::ExportFormat;
-use crate::models::Llama;
+use crate::models::{BlockSiteInfo, Llama, SiteInfo};
 use crate::optim::{AdamW, AdamWConfig, Optimizer};
 use candle_core::{Tensor, Var};
 use std::collections::HashMap;
@@ -41,6 +41,16 @@ pub struct LoraPair {
     pub a: Tensor,
     pub b: Tensor,
     pub scaling: f64,
+}
+
+/// What a method will hold, known before the model is loaded (for the memory check).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PlannedMemory {
+    /// Trainable values; each costs itself, its gradient and the optimizer's two moments.
+    pub trainable_params: u64,
+    /// Bytes beyond that: full-size optimizer moments (LoRA-Pro), f32 residual base matrices
+    /// (CorDA, PiSSA on a quantized base), masks.
+    pub extra_bytes: u64,
 }
 
 pub trait Method: Send {
@@ -71,6 +81,12 @@ pub trait Method: Send {
 
     /// The sites it touches (linear or block), for `run.json` and messages.
     fn sites(&self) -> Vec<String>;
+
+    /// What it will hold on a model with these sites; `None`: as much as a LoRA of the plan's
+    /// `lora_r` on its `lora_target_modules`.
+    fn planned_memory(&self, _sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        Ok(None)
+    }
 
     /// The update rule for [`Method::params`]; AdamW unless the method has its own.
     fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {

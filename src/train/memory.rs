@@ -31,6 +31,8 @@ use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::formats::gguf::quants::GgmlType;
 use crate::formats::gguf::GgufFile;
+use crate::methods::PlannedMemory;
+use crate::models::BlockSiteInfo;
 use crate::models::load::{config_from_gguf, hf_name, is_frozen_matrix, weight_files, LoadOptions, ModelSource};
 use crate::models::{ModelConfig, SiteInfo};
 use crate::methods::TargetModules;
@@ -440,8 +442,17 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
 /// will load one.
 pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize, process: u64) -> Result<MemoryEstimate> {
     let fp = Footprint::of_model(&cfg.base_model, &cfg.load_options()?)?;
-    let params = lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?;
-    Ok(estimate(&fp, &step_shape(cfg, train, val, total_steps, params), process))
+    let method = crate::methods::registry::create(&crate::methods::MethodSpec::from_config(cfg))?;
+    let blocks: Vec<BlockSiteInfo> =
+        (0..fp.config.num_hidden_layers).map(|i| BlockSiteInfo { name: format!("model.layers.{i}.mlp"), hidden_size: fp.config.hidden_size }).collect();
+    let planned = match method.planned_memory(&site_shapes(&fp.config), &blocks)? {
+        Some(p) => p,
+        None => PlannedMemory { trainable_params: lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?, extra_bytes: 0 },
+    };
+    let mut e = estimate(&fp, &step_shape(cfg, train, val, total_steps, planned.trainable_params), process);
+    e.adapter += planned.extra_bytes;
+    e.total += planned.extra_bytes;
+    Ok(e)
 }
 
 /// Memory the run may still allocate, and where that figure comes from.
