@@ -1,4 +1,4 @@
-//! The command line: `ferrotune train|eval|generate|merge|export|inspect-data`.
+//! The command line: `ferrotune train|eval|generate|merge|export|inspect-data|methods|bench`.
 
 mod bench;
 mod eval;
@@ -157,10 +157,17 @@ pub enum Command {
         /// GGUF's own quantized blocks, dequantized tile by tile).
         #[arg(long, default_value = "f32")]
         dtype: String,
-        /// What to attach: lora, rslora (r=16, α=32, all seven projections) or none (the bare
-        /// base model, forward-only). Default: lora when training, none with --forward-only.
+        /// What to attach, r=16, α=32 on all seven projections: a method's name (see `ferrotune
+        /// methods`), rslora, or none (the bare base model, forward-only). Default: lora when
+        /// training, none with --forward-only.
         #[arg(long)]
         method: Option<String>,
+    },
+    /// List the fine-tuning methods (`adapter = "<name>"`), with their own config keys.
+    Methods {
+        /// Only the names, one per line.
+        #[arg(long)]
+        names: bool,
     },
     /// Show how a run plan's data is tokenized, with non-target tokens marked.
     InspectData {
@@ -196,6 +203,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::Logits { model, adapter, ids, out } => export::run_logits(&model, adapter.as_deref(), &ids, &out),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
+        Command::Methods { names } => {
+            for e in crate::methods::registry::entries() {
+                if names {
+                    println!("{}", e.name);
+                } else {
+                    let keys = if e.keys.is_empty() { String::new() } else { format!(" [keys: {}]", e.keys.join(", ")) };
+                    println!("{:<14} {}{keys}", e.name, e.summary);
+                }
+            }
+            Ok(())
+        }
         Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method } => {
             let method = method.unwrap_or_else(|| if forward_only { "none" } else { "lora" }.to_string());
             let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing };

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Every method of the registry on the quickstart recipe (examples/quickstart/gsm8k-lora.toml:
+# SmolLM2-135M Q4_1, r = 16 on all seven projections, the same steps, data and seed), one run
+# after the other, and a Markdown table of: dev eval loss before/after, trainable parameters,
+# training tokens/s and peak RSS, the last two also relative to LoRA.
+#
+#   bash scripts/methods_table.sh [METHOD ...]      (default: every method; --set KEY=VALUE passes through)
+#
+# Runs go to runs/methods/<method>/; the table is printed and written to runs/methods/table.md.
+# Run it on an otherwise idle machine: tokens/s are wall-clock measurements.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/fetch-model.sh >/dev/null
+cargo build --release --quiet
+bin=target/release/ferrotune
+
+methods=()
+sets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --set) sets+=(--set "$2"); shift 2 ;;
+    *) methods+=("$1"); shift ;;
+  esac
+done
+if [ ${#methods[@]} -eq 0 ]; then
+  # The registry's names, in its order (`ferrotune methods` lists them).
+  mapfile -t methods < <("$bin" methods --names)
+fi
+
+mkdir -p runs/methods
+for m in "${methods[@]}"; do
+  out="runs/methods/$m"
+  echo "== $m" >&2
+  /usr/bin/time -v -o "runs/methods/$m.time" \
+    "$bin" train examples/quickstart/gsm8k-lora.toml --overwrite \
+    --set adapter="$m" --set output_dir="$out" --set save_steps=0 "${sets[@]}" \
+    > "runs/methods/$m.log" 2>&1 || { echo "$m: failed, see runs/methods/$m.log" >&2; tail -3 "runs/methods/$m.log" >&2; }
+done
+
+python3 - "${methods[@]}" <<'EOF' | tee runs/methods/table.md
+import json, re, sys
+rows = {}
+for m in sys.argv[1:]:
+    d = f"runs/methods/{m}"
+    try:
+        run = json.load(open(f"{d}/run.json"))
+        metrics = [json.loads(l) for l in open(f"{d}/metrics.jsonl") if l.strip()]
+        rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(f"{d}.time").read()).group(1))
+    except Exception as e:
+        rows[m] = None
+        continue
+    evals = [x["eval_loss"] for x in metrics if x.get("eval_loss") is not None]
+    tps = [x["tokens_per_s"] for x in metrics if x.get("tokens_per_s")]
+    # The first step pays one-off costs (allocation, page faults); leave it out of the rate.
+    steady = tps[1:] or tps
+    rows[m] = dict(before=evals[0], after=evals[-1], params=run["resolved"]["trainable_params"],
+                   tps=sum(steady) / len(steady), rss=rss_kib / 1024)
+base = rows.get("lora")
+print("| method | dev eval loss before → after | trainable params | tokens/s (× LoRA) | peak RSS MiB (× LoRA) |")
+print("|---|---|---|---|---|")
+for m, r in rows.items():
+    if r is None:
+        print(f"| `{m}` | failed (see runs/methods/{m}.log) | | | |")
+        continue
+    rel = lambda k: f" ({r[k] / base[k]:.2f}×)" if base else ""
+    print(f"| `{m}` | {r['before']:.4f} → {r['after']:.4f} | {r['params']:,} | {r['tps']:.0f}{rel('tps')} | {r['rss']:.0f}{rel('rss')} |")
+EOF
