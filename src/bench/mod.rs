@@ -1,6 +1,8 @@
 //! `ferrotune bench`: the fixed LoRA training workload `../shared/bench/peers/compare.sh` runs
 //! PyTorch + PEFT on (batch 4 × 256 random tokens, LoRA r=16 α=32 on all seven projections,
-//! AdamW lr 2e-4, 2 warm-up + 5 timed steps), so the two can be compared side by side.
+//! AdamW lr 2e-4, 2 warm-up + 5 timed steps), so the two can be compared side by side; and the
+//! same workload for any other method of the registry (`--method dora`, …), which runs the
+//! trainer's step with the method's own gradient transform, optimizer and per-step hook.
 
 use crate::data::Batch;
 use crate::error::{Error, Result};
@@ -254,7 +256,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         memory_estimate_mib: None,
         step_s,
         checkpointing: opts.checkpointing,
-        mode: if opts.forward_only { "forward" } else { "lora-train" },
+        mode: if opts.forward_only { "forward" } else { "train" },
         dtype: opts.dtype.clone(),
         frozen_weights_mib: model.frozen_bytes() as f64 / (1024.0 * 1024.0),
         threads: rayon::current_num_threads(),
