@@ -188,6 +188,7 @@ pub fn write_merged_gguf(session: &Session, out: &Path, quant: GgmlType) -> Resu
         return Err(Error::flag("--quant", format!("`{quant}` is not supported (expected one of: {})", type_list(&MERGED_TYPES))));
     }
     let cfg = &session.model.config;
+    crate::export::merged::bias_layout(&session.model)?;
     let named = session.model.named_weights()?;
     let mut order: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
     let mut weights: HashMap<String, candle_core::Tensor> = named.into_iter().collect();

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
 use crate::models::load::ModelSource;
-use crate::models::RopeScaling;
+use crate::models::{Llama, RopeScaling};
 use crate::session::Session;
 use std::path::Path;
 
@@ -17,6 +17,31 @@ const TOKENIZER_FILES: &[&str] = &[
     "chat_template.jinja",
     "generation_config.json",
 ];
+
+/// Which groups of linear sites hold biases, `(attention q/k/v/o, MLP gate/up/down)`, after
+/// checking that the architecture can say so: transformers' Llama has one `attention_bias`
+/// flag for q, k, v and o and one `mlp_bias` for the MLP; Qwen2 has q/k/v biases only and
+/// Mistral none. (llama.cpp reads the same optional biases for its `llama` architecture.)
+pub fn bias_layout(model: &Llama) -> Result<(bool, bool)> {
+    let c = &model.config;
+    let (mut attn, mut mlp) = (false, false);
+    for l in model.linears().filter(|l| l.bias.is_some()) {
+        let is_mlp = l.name.contains(".mlp.");
+        let allowed = match c.model_type.as_str() {
+            "qwen2" => !is_mlp && !l.name.ends_with("o_proj"),
+            "mistral" => false,
+            _ => true,
+        };
+        if !allowed {
+            return Err(Error::Model(format!(
+                "`{}` has a bias (from the merged adapter), which a {} model cannot hold; export the adapter itself instead of a merged model",
+                l.name, c.model_type
+            )));
+        }
+        if is_mlp { mlp = true } else { attn = true }
+    }
+    Ok((attn, mlp))
+}
 
 pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<()> {
     if session.method.is_some() {
@@ -33,7 +58,10 @@ pub fn write_hf_dir(session: &Session, out: &Path, dtype: SaveDType) -> Result<(
 
 fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {
     let cfg = &session.model.config;
+    let (attn_bias, mlp_bias) = bias_layout(&session.model)?;
     let mut json = cfg.to_hf_json();
+    json["attention_bias"] = serde_json::Value::from(attn_bias);
+    json["mlp_bias"] = serde_json::Value::from(mlp_bias);
     json["torch_dtype"] = serde_json::Value::from(match dtype {
         SaveDType::F32 => "float32",
         SaveDType::F16 => "float16",
@@ -42,7 +70,17 @@ fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {
     let text = serde_json::to_string_pretty(&json).expect("serialisable");
     crate::io_util::write_atomic(&tmp.join("config.json"), text.as_bytes())?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    st::save(&tmp.join("model.safetensors"), &session.model.named_weights()?, dtype, Some(meta))?;
+    let mut named = session.model.named_weights()?;
+    // transformers' flags are per group: a group with any bias needs one on every member.
+    let qwen2 = cfg.model_type == "qwen2";
+    for l in session.model.linears().filter(|l| l.bias.is_none()) {
+        let is_mlp = l.name.contains(".mlp.");
+        let flagged = if is_mlp { mlp_bias } else { attn_bias && !(qwen2 && l.name.ends_with("o_proj")) };
+        if flagged {
+            named.push((format!("{}.bias", l.name), candle_core::Tensor::zeros(l.info().out_features, candle_core::DType::F32, &candle_core::Device::Cpu)?));
+        }
+    }
+    st::save(&tmp.join("model.safetensors"), &named, dtype, Some(meta))?;
 
     match &session.source {
         ModelSource::HfDir(dir) => {

@@ -9,9 +9,11 @@
 //! [`Method::on_step`]; [`Method::save`] writes the adapter; [`registry::load`] reads it back,
 //! attached, for `--resume`, `init_adapter`, `eval`, `generate`, `merge` and `export`.
 
+pub mod adaptformer;
 pub mod lora;
 pub mod options;
 pub mod registry;
+pub mod ssf;
 pub mod targets;
 
 pub use lora::{Lora, LoraConfig};

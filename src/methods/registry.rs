@@ -1,7 +1,7 @@
 //! The one place that maps names to methods: the plan's `adapter = "<name>"` to a constructor,
 //! and an adapter folder's `adapter_config.json` to the loader of the method that wrote it.
 
-use super::{lora, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
+use super::{adaptformer, lora, ssf, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
 use crate::error::{Error, Result};
 use crate::models::Llama;
 use std::collections::BTreeMap;
@@ -24,9 +24,14 @@ pub struct Entry {
     pub claims_peft: fn(&serde_json::Value) -> bool,
 }
 
+/// `claims_peft` for methods PEFT has no layout for.
+pub fn not_peft(_: &serde_json::Value) -> bool {
+    false
+}
+
 /// Every method, in the order listings show them. A PEFT folder goes to the first entry that
 /// claims it, so the most specific claims come first.
-const ENTRIES: &[&Entry] = &[&lora::LORA];
+const ENTRIES: &[&Entry] = &[&lora::LORA, &ssf::SSF, &adaptformer::ADAPTFORMER];
 
 pub fn entries() -> &'static [&'static Entry] {
     ENTRIES

@@ -138,7 +138,10 @@ impl Llama {
             let mut lin = |name: &str, out_f: usize, in_f: usize, bias: bool| -> Result<Linear> {
                 let full = format!("{p}.{name}");
                 let weight = w.take_frozen(&format!("{full}.weight"), out_f, in_f)?;
-                let bias = if bias { Some(w.take(&format!("{full}.bias"), &[out_f])?) } else { None };
+                // A bias the config does not announce is still read where the file has one (a
+                // merged SSF adapter adds biases; transformers' `mlp_bias` models have them too).
+                let bias_name = format!("{full}.bias");
+                let bias = if bias || w.contains(&bias_name) { Some(w.take(&bias_name, &[out_f])?) } else { None };
                 Ok(Linear::new(full, weight, bias))
             };
             let ab = c.attention_bias;

@@ -1,0 +1,171 @@
+//! AdaptFormer (METHODS.md §2.7): a bottleneck adapter in parallel with each MLP block, on the
+//! model's MLP block sites: `x'' = x' + MLP(norm(x')) + a`, with
+//! `a = s · W_up·ReLU(W_down·x' + b_down) + b_up` reading the residual stream `x'` itself (not
+//! its norm). `W_down` Kaiming-uniform (a = √5), `W_up`, both biases 0: the block is unchanged
+//! at step 0. Non-linear, so it cannot be merged; the branch stays at inference.
+
+use super::registry::Entry;
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
+use crate::error::{Error, Result};
+use crate::formats::safetensors::{self as st, SaveDType};
+use crate::models::{BlockHook, BlockSiteInfo, ForwardCtx, Llama, SiteInfo};
+use crate::rng::SplitMix64;
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const ADAPTFORMER: Entry = Entry {
+    name: "adaptformer",
+    summary: "AdaptFormer: a ReLU bottleneck beside every MLP block, a = s·W_up·ReLU(W_down·x + b_down) + b_up; not mergeable",
+    keys: &["adapter_bottleneck", "adapter_scale"],
+    create,
+    load,
+    claims_peft: super::registry::not_peft,
+};
+
+/// The official defaults: bottleneck 64, fixed scale 0.1.
+const DEFAULT_BOTTLENECK: usize = 64;
+const DEFAULT_SCALE: f64 = 0.1;
+
+fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    let bottleneck = spec.usize_or("adapter_bottleneck", DEFAULT_BOTTLENECK)?;
+    if bottleneck == 0 {
+        return Err(Error::config("adapter_bottleneck", "is 0; expected a bottleneck width of at least 1, such as 64"));
+    }
+    let scale = spec.f64_or("adapter_scale", DEFAULT_SCALE)?;
+    if scale == 0.0 {
+        return Err(Error::config("adapter_scale", "is 0: the adapter's output would be multiplied away and training would change nothing"));
+    }
+    Ok(Box::new(AdaptFormer { bottleneck, scale, seed: spec.seed, sites: Vec::new() }))
+}
+
+fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let field = |k: &str| cfg.get(k).and_then(|v| v.as_f64()).ok_or_else(|| Error::format(&cfg_path, format!("field `{k}`: missing or not a number")));
+    let bottleneck = field("adapter_bottleneck")? as usize;
+    let scale = field("adapter_scale")?;
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = st::load_f32(&w_path)?;
+    let mut af = AdaptFormer { bottleneck, scale, seed: 0, sites: Vec::new() };
+    af.attach_with(model, |_, site, d| {
+        let mut take = |which: &str, shape: &[usize]| super::lora::take_checked(&mut tensors, &key(site, which), shape, site, &w_path);
+        Ok([take("down.weight", &[bottleneck, d])?, take("down.bias", &[bottleneck])?, take("up.weight", &[d, bottleneck])?, take("up.bias", &[d])?])
+    })?;
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any MLP block of this model")));
+    }
+    Ok(Box::new(af))
+}
+
+fn key(site: &str, which: &str) -> String {
+    format!("{site}.adaptformer.{which}")
+}
+
+struct Branch {
+    site: String,
+    /// `[bottleneck, d]`, `[bottleneck]`, `[d, bottleneck]`, `[d]`.
+    down_w: Var,
+    down_b: Var,
+    up_w: Var,
+    up_b: Var,
+    scale: f64,
+}
+
+impl Branch {
+    fn vars(&self) -> [(&'static str, &Var); 4] {
+        [("down.weight", &self.down_w), ("down.bias", &self.down_b), ("up.weight", &self.up_w), ("up.bias", &self.up_b)]
+    }
+}
+
+impl BlockHook for Branch {
+    fn forward(&self, x: &Tensor, mlp_out: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let t = |v: &Var| if ctx.train { v.as_tensor().clone() } else { v.as_detached_tensor() };
+        let (b, n, d) = x.dims3()?;
+        let x2 = x.reshape((b * n, d))?;
+        let h = x2.matmul(&t(&self.down_w).t()?)?.broadcast_add(&t(&self.down_b))?.relu()?;
+        let a = (h.matmul(&t(&self.up_w).t()?)? * self.scale)?.broadcast_add(&t(&self.up_b))?;
+        mlp_out + a.reshape((b, n, d))?
+    }
+}
+
+pub struct AdaptFormer {
+    bottleneck: usize,
+    scale: f64,
+    seed: u64,
+    sites: Vec<Arc<Branch>>,
+}
+
+impl AdaptFormer {
+    /// One branch per MLP block site, its four tensors from `init(index, site, hidden)`.
+    fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(usize, &str, usize) -> Result<[Tensor; 4]>) -> Result<()> {
+        for (i, site) in model.block_sites_mut().enumerate() {
+            if site.hook.is_some() {
+                return Err(Error::Model(format!("block `{}` already has a method attached", site.info.name)));
+            }
+            let [dw, db, uw, ub] = init(i, &site.info.name, site.info.hidden_size)?;
+            let branch = Arc::new(Branch {
+                site: site.info.name.clone(),
+                down_w: Var::from_tensor(&dw)?,
+                down_b: Var::from_tensor(&db)?,
+                up_w: Var::from_tensor(&uw)?,
+                up_b: Var::from_tensor(&ub)?,
+                scale: self.scale,
+            });
+            site.hook = Some(branch.clone());
+            self.sites.push(branch);
+        }
+        Ok(())
+    }
+}
+
+impl Method for AdaptFormer {
+    fn name(&self) -> &'static str {
+        "adaptformer"
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let (r, seed) = (self.bottleneck, self.seed);
+        self.attach_with(model, |i, _, d| {
+            // kaiming_uniform_(a=√5) on [r, d]: bound = 1/√d.
+            let bound = 1.0 / (d as f32).sqrt();
+            let mut rng = SplitMix64::derive(seed, &[0xada, i as u64]);
+            let dw: Vec<f32> = (0..r * d).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect();
+            let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+            Ok([Tensor::from_vec(dw, (r, d), &Device::Cpu)?, zeros(&[r])?, zeros(&[d, r])?, zeros(&[d])?])
+        })
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.sites.iter().flat_map(|s| s.vars().map(|(w, v)| (key(&s.site, w), v.clone()))).collect()
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.site.clone()).collect()
+    }
+
+    fn planned_memory(&self, _sites: &[SiteInfo], blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        let r = self.bottleneck as u64;
+        let trainable_params = blocks.iter().map(|b| 2 * r * b.hidden_size as u64 + r + b.hidden_size as u64).sum();
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0 }))
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, Some(HashMap::new()))?;
+        let cfg = serde_json::json!({
+            METHOD_KEY: "adaptformer",
+            "base_model_name_or_path": base_model,
+            "adapter_bottleneck": self.bottleneck,
+            "adapter_scale": self.scale,
+            "ferrotune_version": env!("CARGO_PKG_VERSION"),
+        });
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
+        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "bottleneck": self.bottleneck, "scale": self.scale, "blocks": self.sites.len() })
+    }
+}

@@ -1,0 +1,188 @@
+//! SSF, Scaling & Shifting Features (METHODS.md §2.6): after each selected linear site a
+//! per-channel scale and shift, `y = γ ⊙ (W0·x + b) + β`. Merges exactly into the site:
+//! `W ← diag(γ)·W0`, `b ← γ ⊙ b + β` (a site without a bias gains one).
+//!
+//! Init: the paper's code draws `γ ~ N(1, 0.02²)`, `β ~ N(0, 0.02²)`; ferrotune's default is
+//! `γ = 1, β = 0` exactly (`ssf_init = "identity"`), so that attaching SSF leaves the model's
+//! output unchanged, as every other method here does at step 0; `ssf_init = "normal"` gives
+//! the official draw.
+
+use super::registry::Entry;
+use super::targets::TargetModules;
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
+use crate::error::{Error, Result};
+use crate::formats::safetensors::{self as st, SaveDType};
+use crate::kernels::FrozenWeight;
+use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
+use crate::rng::SplitMix64;
+use candle_core::{Device, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const SSF: Entry = Entry {
+    name: "ssf",
+    summary: "SSF: per-channel scale γ and shift β after each target linear, y = γ⊙(W0·x + b) + β; merges into weight and bias",
+    keys: &["ssf_init"],
+    create: create,
+    load: load,
+    claims_peft: super::registry::not_peft,
+};
+
+const INITS: &[&str] = &["identity", "normal"];
+
+fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    let init = spec.choice_or("ssf_init", INITS)?;
+    Ok(Box::new(Ssf { targets: spec.target_modules.clone(), init, seed: spec.seed, sites: Vec::new() }))
+}
+
+fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let targets = TargetModules::from_json(cfg.get("target_modules").unwrap_or(&serde_json::Value::Null), "target_modules")
+        .map_err(|e| Error::format(&cfg_path, e.to_string()))?;
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = st::load_f32(&w_path)?;
+    let mut ssf = Ssf { targets, init: "identity", seed: 0, sites: Vec::new() };
+    ssf.attach_with(model, |_, site, out_f| {
+        let take = |t: &mut HashMap<String, Tensor>, which: &str| super::lora::take_checked(t, &key(site, which), &[out_f], site, &w_path);
+        Ok((take(&mut tensors, "scale")?, take(&mut tensors, "shift")?))
+    })?;
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
+    }
+    Ok(Box::new(ssf))
+}
+
+/// The adapter file's key for a site's γ (`scale`) or β (`shift`).
+fn key(site: &str, which: &str) -> String {
+    format!("{site}.ssf_{which}")
+}
+
+struct SsfSite {
+    site: String,
+    /// γ, `[out]`.
+    scale: Var,
+    /// β, `[out]`.
+    shift: Var,
+}
+
+impl SiteHook for SsfSite {
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let (g, b) = if ctx.train {
+            (self.scale.as_tensor().clone(), self.shift.as_tensor().clone())
+        } else {
+            (self.scale.as_detached_tensor(), self.shift.as_detached_tensor())
+        };
+        let y = add_bias(crate::kernels::frozen_linear(x, w0)?, b0)?;
+        y.broadcast_mul(&g)?.broadcast_add(&b)
+    }
+}
+
+pub struct Ssf {
+    targets: TargetModules,
+    init: &'static str,
+    seed: u64,
+    sites: Vec<Arc<SsfSite>>,
+}
+
+impl Ssf {
+    fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(usize, &str, usize) -> Result<(Tensor, Tensor)>) -> Result<()> {
+        let all = model.sites();
+        let chosen: Vec<String> = self.targets.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
+        for (i, lin) in model.linears_mut().enumerate() {
+            if !chosen.contains(&lin.name) {
+                continue;
+            }
+            if lin.hook.is_some() {
+                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
+            }
+            let (scale, shift) = init(i, &lin.name, lin.info().out_features)?;
+            let site = Arc::new(SsfSite { site: lin.name.clone(), scale: Var::from_tensor(&scale)?, shift: Var::from_tensor(&shift)? });
+            lin.hook = Some(site.clone());
+            self.sites.push(site);
+        }
+        Ok(())
+    }
+}
+
+/// `n` draws of N(mean, std²) (Box–Muller over the seeded stream).
+fn normal(rng: &mut SplitMix64, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = rng.next_f32().max(f32::MIN_POSITIVE);
+            let u2 = rng.next_f32();
+            mean + std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect()
+}
+
+impl Method for Ssf {
+    fn name(&self) -> &'static str {
+        "ssf"
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let (init, seed) = (self.init, self.seed);
+        self.attach_with(model, |i, _, out_f| {
+            let (g, b) = if init == "normal" {
+                let mut rng = SplitMix64::derive(seed, &[0x55f, i as u64]);
+                (normal(&mut rng, out_f, 1.0, 0.02), normal(&mut rng, out_f, 0.0, 0.02))
+            } else {
+                (vec![1.0; out_f], vec![0.0; out_f])
+            };
+            Ok((Tensor::from_vec(g, out_f, &Device::Cpu)?, Tensor::from_vec(b, out_f, &Device::Cpu)?))
+        })
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.sites.iter().flat_map(|s| [(key(&s.site, "scale"), s.scale.clone()), (key(&s.site, "shift"), s.shift.clone())]).collect()
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.site.clone()).collect()
+    }
+
+    fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        let chosen = self.targets.select(sites, "lora_target_modules")?;
+        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0 }))
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, None)?;
+        let cfg = serde_json::json!({
+            METHOD_KEY: "ssf",
+            "base_model_name_or_path": base_model,
+            "target_modules": self.targets.to_json(),
+            "ssf_init": self.init,
+            "ferrotune_version": env!("CARGO_PKG_VERSION"),
+        });
+        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
+        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+    }
+
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        for lin in model.linears_mut() {
+            let Some(site) = self.sites.iter().find(|s| s.site == lin.name) else { continue };
+            let g = site.scale.as_detached_tensor();
+            let w = lin.weight.to_tensor()?.broadcast_mul(&g.unsqueeze(1)?)?;
+            let b = match &lin.bias {
+                Some(b0) => ((b0 * &g)? + site.shift.as_detached_tensor())?,
+                None => site.shift.as_detached_tensor(),
+            };
+            lin.weight = FrozenWeight::from_tensor(&w)?;
+            lin.bias = Some(b);
+            lin.hook = None;
+        }
+        Ok(())
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "init": self.init, "sites": self.sites.len() })
+    }
+}
