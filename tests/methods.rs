@@ -134,3 +134,67 @@ fn adaptformer_gradients_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn lora_pro_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "lora_pro", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true });
+}
+
+/// A seeded `rows × cols` matrix with entries in [-1, 1).
+fn random_mat(rows: usize, cols: usize, seed: u64) -> ferrotune::linalg::Mat {
+    let mut r = ferrotune::rng::SplitMix64::new(seed);
+    ferrotune::linalg::Mat::from_fn(rows, cols, |_, _| 2.0 * r.next_f32() as f64 - 1.0)
+}
+
+/// LoRA-Pro's defining property: on a random site, the equivalent gradient of the adjusted
+/// pair, `s·B·g̃_A + s·g̃_B·A`, is the Frobenius projection of the full gradient `G` onto
+/// `{B·X + Y·A}` (found here by an explicit least-squares solve over all X, Y), whatever X;
+/// and the Sylvester X satisfies its equation.
+#[test]
+fn lora_pro_equivalent_gradient_is_the_projection_of_the_full_gradient() {
+    use ferrotune::linalg::{svd, Mat};
+    use ferrotune::methods::lora_pro::{adjusted_grads, solve_sylvester};
+    let (m, n, r, s) = (7, 6, 2, 2.0);
+    let a = random_mat(r, n, 1);
+    let b = random_mat(m, r, 2);
+    let g = random_mat(m, n, 3);
+    let (ga, gb) = ((b.transpose() * &g) * s, (&g * a.transpose()) * s);
+
+    // Least squares over vec(X) (r·n values) and vec(Y) (m·r values): B·X + Y·A ≈ G.
+    let unknowns = r * n + m * r;
+    let mut design = Mat::zeros(m * n, unknowns);
+    for i in 0..m {
+        for j in 0..n {
+            let row = i * n + j;
+            for k in 0..r {
+                design[(row, k * n + j)] += b[(i, k)]; // (B·X)_ij = Σ_k B_ik X_kj
+                design[(row, r * n + i * r + k)] += a[(k, j)]; // (Y·A)_ij = Σ_k Y_ik A_kj
+            }
+        }
+    }
+    let target = Mat::from_fn(m * n, 1, |row, _| g[(row / n, row % n)]);
+    let d = svd(&design).unwrap();
+    let tol = d.s[0] * 1e-10;
+    let sinv = Mat::from_fn(d.s.len(), d.s.len(), |i, j| if i == j && d.s[i] > tol { 1.0 / d.s[i] } else { 0.0 });
+    let sol = d.vt.transpose() * sinv * d.u.transpose() * &target;
+    let fitted = &design * sol;
+    let projection = Mat::from_fn(m, n, |i, j| fitted[(i * n + j, 0)]);
+
+    for sylvester in [false, true] {
+        let (ta, tb) = adjusted_grads(&a, &b, &ga, &gb, s, sylvester).unwrap();
+        let equivalent = (&b * &ta + &tb * &a) * s;
+        let err = (&equivalent - &projection).abs().max();
+        assert!(err < 1e-6, "sylvester={sylvester}: equivalent gradient off the projection by {err}");
+    }
+    // The raw LoRA pair's equivalent gradient is not the projection (the test can fail).
+    let raw = (&b * &ga + &gb * &a) * s;
+    assert!((&raw - &projection).abs().max() > 1e-2);
+
+    // The Sylvester solution satisfies P·X + X·Q = C.
+    let p = b.transpose() * &b;
+    let q = &a * a.transpose();
+    let c = random_mat(r, r, 4);
+    let x = solve_sylvester(&p, &q, &c);
+    assert!((&p * &x + &x * &q - &c).abs().max() < 1e-9);
+}

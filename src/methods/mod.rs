@@ -11,6 +11,7 @@
 
 pub mod adaptformer;
 pub mod lora;
+pub mod lora_pro;
 pub mod options;
 pub mod registry;
 pub mod ssf;
