@@ -88,7 +88,6 @@ fn ssf_merges_into_weight_and_bias() {
 fn adaptformer_gradients_match_finite_differences() {
     use common::*;
     use ferrotune::methods::{registry, MethodSpec, TargetModules};
-    use ferrotune::models::ForwardCtx;
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
@@ -113,26 +112,7 @@ fn adaptformer_gradients_match_finite_differences() {
             v.set(&candle_core::Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
         }
     }
-    let probe = ids(64, 6, 9);
-    let targets: std::sync::Arc<Vec<i32>> = std::sync::Arc::new(probe[1..].iter().map(|&t| t as i32).chain([-100]).collect());
-    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, seed: 0 }).unwrap().sum_all().unwrap();
-    let grads = loss(true).backward().unwrap();
-    for (k, v) in params.iter().filter(|(k, _)| k.contains("layers.1") && k.ends_with("weight")) {
-        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-        for i in [0, base.len() / 2, base.len() - 1] {
-            let at = |delta: f32| {
-                let mut w = base.clone();
-                w[i] += delta;
-                v.set(&candle_core::Tensor::from_vec(w, v.shape(), v.device()).unwrap()).unwrap();
-                loss(false).to_scalar::<f32>().unwrap() as f64
-            };
-            let h = 1e-2;
-            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
-            v.set(&candle_core::Tensor::from_vec(base.clone(), v.shape(), v.device()).unwrap()).unwrap();
-            assert!((fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()), "{k}[{i}]: backprop {} vs finite difference {fd}", g[i]);
-        }
-    }
+    gradients_match_finite_differences(&m, &params, |k| k.contains("layers.1") && k.ends_with("weight"));
 }
 
 #[test]
@@ -197,4 +177,97 @@ fn lora_pro_equivalent_gradient_is_the_projection_of_the_full_gradient() {
     let c = random_mat(r, r, 4);
     let x = solve_sylvester(&p, &q, &c);
     assert!((&p * &x + &x * &q - &c).abs().max() < 1e-9);
+}
+
+#[test]
+fn flora_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "flora", extra: "", mergeable: true, peft: false, gguf_lora: true, identity_at_init: true });
+}
+
+/// The N-mode Tucker product against the explicit sum on a 3-mode example.
+#[test]
+fn flora_tucker_product_matches_the_explicit_sum() {
+    use ferrotune::methods::flora::tucker_product;
+    let (r, n) = ([2usize, 3, 2], [4usize, 2, 3]);
+    let mut rng = ferrotune::rng::SplitMix64::new(8);
+    let mut v = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_f32() - 0.5).collect() };
+    let core = v(r.iter().product());
+    let u: Vec<Vec<f32>> = (0..3).map(|i| v(n[i] * r[i])).collect();
+    let got = tucker_product(&core, &r, &[(&u[0], n[0]), (&u[1], n[1]), (&u[2], n[2])]);
+    for a in 0..n[0] {
+        for b in 0..n[1] {
+            for c in 0..n[2] {
+                let mut want = 0f32;
+                for i in 0..r[0] {
+                    for j in 0..r[1] {
+                        for k in 0..r[2] {
+                            want += core[(i * r[1] + j) * r[2] + k] * u[0][a * r[0] + i] * u[1][b * r[1] + j] * u[2][c * r[2] + k];
+                        }
+                    }
+                }
+                let g = got[(a * n[1] + b) * n[2] + c];
+                assert!((g - want).abs() < 1e-6, "[{a},{b},{c}]: {g} vs {want}");
+            }
+        }
+    }
+}
+
+/// Backprop through a method's parameters (those `pick` selects) against central finite
+/// differences of the loss, at three entries each.
+fn gradients_match_finite_differences(m: &ferrotune::models::Llama, params: &[(String, candle_core::Var)], pick: impl Fn(&str) -> bool) {
+    use ferrotune::models::ForwardCtx;
+    let probe = common::ids(64, 6, 9);
+    let targets: std::sync::Arc<Vec<i32>> = std::sync::Arc::new(probe[1..].iter().map(|&t| t as i32).chain([-100]).collect());
+    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, seed: 0 }).unwrap().sum_all().unwrap();
+    let grads = loss(true).backward().unwrap();
+    let mut checked = 0;
+    for (k, v) in params.iter().filter(|(k, _)| pick(k)) {
+        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in [0, base.len() / 2, base.len() - 1] {
+            let at = |delta: f32| {
+                let mut w = base.clone();
+                w[i] += delta;
+                v.set(&candle_core::Tensor::from_vec(w, v.shape(), v.device()).unwrap()).unwrap();
+                loss(false).to_scalar::<f32>().unwrap() as f64
+            };
+            let h = 1e-2;
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            v.set(&candle_core::Tensor::from_vec(base.clone(), v.shape(), v.device()).unwrap()).unwrap();
+            assert!((fd - g[i] as f64).abs() < 2e-2 * (1.0 + fd.abs()), "{k}[{i}]: backprop {} vs finite difference {fd}", g[i]);
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no parameter was checked");
+}
+
+/// FLoRA's factors and core get the gradients finite differences give.
+#[test]
+fn flora_gradients_match_finite_differences() {
+    use common::*;
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let spec = MethodSpec {
+        adapter: "flora".into(),
+        r: 3,
+        alpha: 6.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["o_proj".into(), "up_proj".into()]),
+        use_rslora: false,
+        seed: 4,
+        options: Default::default(),
+    };
+    let mut f = registry::create(&spec).unwrap();
+    f.attach(&mut m).unwrap();
+    let params = f.params();
+    // A non-zero core, so that the factors have gradients too.
+    for (k, v) in params.iter().filter(|(k, _)| k.ends_with("core")) {
+        let vals: Vec<f32> = (0..v.elem_count()).map(|i| ((i * 5 % 7) as f32 - 3.0) * 0.3).collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
+        assert!(k.contains("flora_core"));
+    }
+    gradients_match_finite_differences(&m, &params, |k| k.contains("layers.1"));
 }
