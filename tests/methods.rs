@@ -271,3 +271,66 @@ fn flora_gradients_match_finite_differences() {
     }
     gradients_match_finite_differences(&m, &params, |k| k.contains("layers.1"));
 }
+
+#[test]
+fn triadaptlora_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    // Growth at every step, so the resume check (from step 2 of 4) crosses growth events.
+    check_method(
+        d.path(),
+        &Promise { adapter: "triadaptlora", extra: "tri_interval = 1\ntri_r_max = 4", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true },
+    );
+}
+
+/// Ranks grow as §2.5's schedule says: at step t, the k = ⌊(R_target − R_now)·t/T⌋ matrices
+/// of highest importance (change of ‖C‖_F/#blocks) grow by one increment, within the budget.
+#[test]
+fn triadaptlora_ranks_grow_by_the_schedule() {
+    use common::*;
+    use ferrotune::methods::triadaptlora::TriAdaptLora;
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let opts = [("tri_interval", 1), ("tri_r_max", 8), ("tri_increment", 2), ("tri_orth_reg", 0)];
+    let spec = MethodSpec {
+        adapter: "triadaptlora".into(),
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::AllLinear,
+        use_rslora: false,
+        seed: 1,
+        options: opts.iter().map(|(k, v)| (k.to_string(), toml::Value::Integer(*v))).collect(),
+    };
+    let mut tri = registry::create(&spec).unwrap();
+    tri.attach(&mut m).unwrap();
+    let total = 4;
+    tri.set_total_steps(total);
+    let n_sites = tri.sites().len();
+    let budget = 4 * n_sites;
+    let ranks = |tri: &dyn ferrotune::methods::Method| -> Vec<usize> {
+        tri.describe()["ranks"].as_object().unwrap().values().map(|v| v.as_u64().unwrap() as usize).collect()
+    };
+    assert!(ranks(tri.as_ref()).iter().all(|&r| r == 1), "every matrix starts at tri_r_init = 1");
+    for step in 1..=total {
+        // Distinct importances: scale each site's L by a different factor.
+        for (i, (k, v)) in tri.params().iter().enumerate().filter(|(_, (k, _))| k.ends_with("tri_L")) {
+            let f = 1.0 + (i * 7 % 13) as f64 * 0.1 + step as f64;
+            v.set(&(v.as_tensor() * f).unwrap()).unwrap();
+            assert!(k.contains("tri_L"));
+        }
+        let before = ranks(tri.as_ref());
+        let now: usize = before.iter().sum();
+        tri.on_step(step, &mut m).unwrap();
+        let after = ranks(tri.as_ref());
+        let grown: Vec<usize> = (0..n_sites).filter(|&i| after[i] > before[i]).collect();
+        let k = if now >= budget { 0 } else { TriAdaptLora::growth_count(budget - now, step, 0, total, false).min(n_sites) };
+        assert_eq!(grown.len(), k, "step {step}: {k} matrices should grow, {} did", grown.len());
+        assert!(grown.iter().all(|&i| after[i] == (before[i] + 2).min(8)), "step {step}: each grows by one increment");
+        assert!(after.iter().sum::<usize>() <= budget);
+    }
+    assert_eq!(ranks(tri.as_ref()).iter().sum::<usize>(), budget, "the budget r_ref × matrices is reached");
+    let c = TriAdaptLora::growth_count(10, 3, 1, 5, true);
+    assert_eq!(c, (0.5f64 * 10f64.ln()).exp().floor() as usize, "non-linear mode");
+}

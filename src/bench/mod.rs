@@ -216,6 +216,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             let calibration = vec![batch.clone(); method.init_batches()];
             method.prepare(&mut model, &calibration)?;
             method.attach(&mut model)?;
+            method.set_total_steps(opts.warmup + opts.steps);
             Some(method)
         }
     };

@@ -221,12 +221,18 @@ impl Lora {
 
     /// Writes `adapter_config.json` (with `ferrotune_method = method`) and the tensors.
     pub fn save_as(&self, dir: &Path, base_model: &str, method: &str, extra: &[(String, Tensor)]) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         tensors.extend(extra.iter().cloned());
+        Self::save_tensors(dir, base_model, method, &self.config, &tensors)
+    }
+
+    /// Writes a PEFT LoRA folder for `config` with the given tensors (PEFT keys), marked as
+    /// written by `method`.
+    pub fn save_tensors(dir: &Path, base_model: &str, method: &str, config: &LoraConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, Some(meta))?;
-        let mut cfg = peft_config_json(&self.config, base_model);
+        st::save(&dir.join(ADAPTER_WEIGHTS), tensors, SaveDType::F32, Some(meta))?;
+        let mut cfg = peft_config_json(config, base_model);
         cfg[METHOD_KEY] = serde_json::Value::from(method);
         let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
         crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())

@@ -17,6 +17,7 @@ pub mod options;
 pub mod registry;
 pub mod ssf;
 pub mod targets;
+pub mod triadaptlora;
 
 pub use lora::{Lora, LoraConfig};
 pub use options::MethodSpec;
@@ -103,6 +104,10 @@ pub trait Method: Send {
     fn grad_transform(&mut self, _grads: &mut [Vec<f32>]) -> Result<()> {
         Ok(())
     }
+
+    /// The run's length in optimizer steps, told once before the first step (schedules that
+    /// run to the end of training need it).
+    fn set_total_steps(&mut self, _total_steps: usize) {}
 
     /// After optimizer step `step` (1-based): schedules, rank growth, mask refresh.
     fn on_step(&mut self, _step: usize, _model: &mut Llama) -> Result<()> {

@@ -147,6 +147,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
     let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    method.set_total_steps(total_steps);
     let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
     let mut opt = method.optimizer(adam);
