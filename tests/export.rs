@@ -360,7 +360,11 @@ fn cli_export_formats_and_refusals() {
         f(&mut v);
         std::fs::write(&cfg_path, serde_json::to_string(&v).unwrap()).unwrap();
     };
-    edit(&|v| v["use_dora"] = true.into());
+    // A DoRA config as PEFT writes it (no `ferrotune_method`): its magnitudes cannot be held.
+    edit(&|v| {
+        v["use_dora"] = true.into();
+        v.as_object_mut().unwrap().remove("ferrotune_method");
+    });
     refused(&["--format", "gguf-lora", "--out", "x.gguf"], "magnitude");
     edit(&|v| v["bias"] = "lora_only".into());
     refused(&["--format", "gguf-lora", "--out", "x.gguf"], "biases");

@@ -334,3 +334,33 @@ fn triadaptlora_ranks_grow_by_the_schedule() {
     let c = TriAdaptLora::growth_count(10, 3, 1, 5, true);
     assert_eq!(c, (0.5f64 * 10f64.ln()).exp().floor() as usize, "non-linear mode");
 }
+
+#[test]
+fn dora_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "dora", extra: "lora_dropout = 0.1", mergeable: true, peft: true, gguf_lora: false, identity_at_init: true });
+}
+
+/// DoRA's magnitude gets the gradient finite differences give (the norm does not depend on it).
+#[test]
+fn dora_magnitude_gradient_matches_finite_differences() {
+    use common::*;
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let spec = MethodSpec {
+        adapter: "dora".into(),
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["v_proj".into(), "down_proj".into()]),
+        use_rslora: false,
+        seed: 4,
+        options: Default::default(),
+    };
+    let mut dora = registry::create(&spec).unwrap();
+    dora.attach(&mut m).unwrap();
+    let params = dora.params();
+    gradients_match_finite_differences(&m, &params, |k| k.ends_with("lora_magnitude_vector"));
+}

@@ -716,9 +716,6 @@ pub fn check_lora_representable(adapter_dir: &Path) -> Result<Vec<String>> {
     if v["peft_type"].as_str() != Some("LORA") {
         return Ok(Vec::new());
     }
-    if v["use_dora"].as_bool() == Some(true) {
-        return refuse("DoRA's magnitude vectors (lora_magnitude_vector) have no place in a llama.cpp LoRA GGUF and would be lost".into());
-    }
     if v["bias"].as_str().is_some_and(|b| b != "none") || v["lora_bias"].as_bool() == Some(true) {
         return refuse(format!("trained biases (bias = {}, lora_bias = {}) would be lost: llama.cpp LoRA GGUFs hold no bias deltas", v["bias"], v["lora_bias"]));
     }

@@ -35,7 +35,7 @@ fn load_lora(model: &mut Llama, dir: &Path, _cfg: &serde_json::Value) -> Result<
 }
 
 fn is_peft_lora(cfg: &serde_json::Value) -> bool {
-    cfg.get("peft_type").and_then(|v| v.as_str()) == Some("LORA")
+    cfg.get("peft_type").and_then(|v| v.as_str()) == Some("LORA") && cfg.get("use_dora").and_then(|v| v.as_bool()) != Some(true)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,7 +214,7 @@ impl Lora {
 
     /// Loads a PEFT LoRA adapter directory and attaches it.
     pub fn load_peft(model: &mut Llama, dir: &Path) -> Result<Self> {
-        let config = read_peft_config(&dir.join(ADAPTER_CONFIG))?;
+        let config = read_peft_config(&dir.join(ADAPTER_CONFIG), false)?;
         let (tensors, w_path) = read_peft_tensors(dir)?;
         Self::attach_tensors(model, config, tensors, &w_path)
     }
@@ -229,11 +229,27 @@ impl Lora {
     /// Writes a PEFT LoRA folder for `config` with the given tensors (PEFT keys), marked as
     /// written by `method`.
     pub fn save_tensors(dir: &Path, base_model: &str, method: &str, config: &LoraConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+        Self::save_tensors_with(dir, base_model, method, config, tensors, &[])
+    }
+
+    /// As [`Lora::save_tensors`], with some `adapter_config.json` fields set to other values
+    /// (`use_dora`, `init_lora_weights`, …).
+    pub fn save_tensors_with(
+        dir: &Path,
+        base_model: &str,
+        method: &str,
+        config: &LoraConfig,
+        tensors: &[(String, Tensor)],
+        fields: &[(&str, serde_json::Value)],
+    ) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         st::save(&dir.join(ADAPTER_WEIGHTS), tensors, SaveDType::F32, Some(meta))?;
         let mut cfg = peft_config_json(config, base_model);
         cfg[METHOD_KEY] = serde_json::Value::from(method);
+        for (k, v) in fields {
+            cfg[*k] = v.clone();
+        }
         let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
         crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
     }
@@ -386,7 +402,7 @@ fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
 }
 
 /// Reads a PEFT `adapter_config.json`, refusing what this LoRA cannot represent exactly.
-pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
+pub fn read_peft_config(path: &Path, dora: bool) -> Result<LoraConfig> {
     let text = crate::io_util::read_to_string(path)?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
     let bad = |k: &str, what: &str| Error::format(path, format!("field `{k}`: {what}"));
@@ -421,8 +437,8 @@ pub fn read_peft_config(path: &Path) -> Result<LoraConfig> {
         }
         rank_pattern.insert(name, r as usize);
     }
-    if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
-        return Err(bad("use_dora", "DoRA adapters are read by ferrotune's `dora` method, which this build does not have"));
+    if (v.get("use_dora").and_then(|x| x.as_bool()) == Some(true)) != dora {
+        return Err(bad("use_dora", if dora { "expected true for a DoRA adapter" } else { "a DoRA adapter is not a plain LoRA (load it as `dora`)" }));
     }
     if let Some(init) = v.get("init_lora_weights").and_then(|x| x.as_str()) {
         if init.starts_with("pissa") || init == "olora" || init == "corda" || init == "loftq" {

@@ -10,6 +10,7 @@
 //! attached, for `--resume`, `init_adapter`, `eval`, `generate`, `merge` and `export`.
 
 pub mod adaptformer;
+pub mod dora;
 pub mod flora;
 pub mod lora;
 pub mod lora_pro;

@@ -1,0 +1,235 @@
+//! DoRA, weight-decomposed LoRA (PEFT's `use_dora = true`), computed as PEFT 0.21 does:
+//! `y = g ⊙ (W0·x + s·B·A·x) + b` with `g = m / n`, where `m` is a trainable magnitude per
+//! output row (initialised to the row norms of `W0`) and `n` the row norms of `W0 + s·B·A`,
+//! computed from a detached `B·A` and detached as a whole: no gradient flows through `n`
+//! (the DoRA paper's §4.3 suggestion, which PEFT follows). With dropout, as PEFT: the base
+//! term keeps the undropped input, `y = W0·x + (g − 1) ⊙ W0·drop(x) + g ⊙ s·B·A·drop(x) + b`.
+//!
+//! `n² = ‖W0ᵢ‖² + 2s·⟨W0ᵢ, (B·A)ᵢ⟩ + s²·‖(B·A)ᵢ‖²` per row, with `‖W0ᵢ‖²` computed once and the
+//! cross term from `A·W0ᵀ` (an `r × out` product), so a quantized base is never expanded to f32.
+//! Adapters are PEFT's layout: `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`.
+
+use super::lora::{kaiming_init, peft_key, read_peft_config, read_peft_tensors, take_checked, Lora, LoraConfig};
+use super::registry::Entry;
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
+use crate::error::{Error, Result};
+use crate::kernels::FrozenWeight;
+use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
+use crate::rng::SplitMix64;
+use candle_core::{Device, Tensor, Var};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const DORA: Entry = Entry {
+    name: "dora",
+    summary: "DoRA (PEFT use_dora): LoRA direction with a trained magnitude per output row, g = m/‖W0 + s·B·A‖, PEFT's layout",
+    keys: &[],
+    create,
+    load,
+    claims_peft: |cfg| cfg.get("peft_type").and_then(|v| v.as_str()) == Some("LORA") && cfg.get("use_dora").and_then(|v| v.as_bool()) == Some(true),
+};
+
+fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    Lora::new(spec.lora_config(), spec.seed)?; // the shared checks of r and dropout
+    Ok(Box::new(Dora { config: spec.lora_config(), seed: spec.seed, sites: Vec::new() }))
+}
+
+fn load(model: &mut Llama, dir: &Path, _cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
+    let config = read_peft_config(&dir.join(ADAPTER_CONFIG), true)?;
+    let (mut tensors, w_path) = read_peft_tensors(dir)?;
+    let mut d = Dora { config, seed: 0, sites: Vec::new() };
+    d.attach_with(model, |_, site, n, out, r, _| {
+        let a = take_checked(&mut tensors, &peft_key(site, 'A'), &[r, n], site, &w_path)?;
+        let b = take_checked(&mut tensors, &peft_key(site, 'B'), &[out, r], site, &w_path)?;
+        let m = take_checked(&mut tensors, &magnitude_key(site), &[out], site, &w_path)?;
+        Ok((a, b, m))
+    })?;
+    if let Some(extra) = tensors.keys().min() {
+        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
+    }
+    Ok(Box::new(d))
+}
+
+/// PEFT's key for a site's magnitude vector.
+pub fn magnitude_key(site: &str) -> String {
+    format!("base_model.model.{site}.lora_magnitude_vector")
+}
+
+struct DoraSite {
+    site: String,
+    /// `[r, in]`, `[out, r]`, `[out]`.
+    a: Var,
+    b: Var,
+    m: Var,
+    scaling: f64,
+    dropout: f32,
+    stream: u64,
+    /// `‖W0ᵢ‖²` per output row.
+    w0_sq: Vec<f64>,
+}
+
+impl DoraSite {
+    /// Row norms of `W0 + s·B·A` (no gradient).
+    fn weight_norm(&self, w0: &FrozenWeight) -> Result<Vec<f32>> {
+        let a: Vec<f32> = self.a.as_detached_tensor().flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = self.b.as_detached_tensor().flatten_all()?.to_vec1()?;
+        let (out, inp) = w0.dims();
+        let r = a.len() / inp;
+        // A·W0ᵀ: [r, out]; AAᵀ: [r, r].
+        let mut aw = vec![0f32; r * out];
+        w0.matmul_t(&a, r, &mut aw, false);
+        let aat: Vec<f64> = (0..r * r)
+            .map(|k| {
+                let (i, j) = (k / r, k % r);
+                (0..inp).map(|c| a[i * inp + c] as f64 * a[j * inp + c] as f64).sum()
+            })
+            .collect();
+        let s = self.scaling;
+        Ok((0..out)
+            .map(|o| {
+                let bo = &b[o * r..(o + 1) * r];
+                let cross: f64 = (0..r).map(|k| bo[k] as f64 * aw[k * out + o] as f64).sum();
+                let ba_sq: f64 = (0..r).map(|i| (0..r).map(|j| bo[i] as f64 * aat[i * r + j] * bo[j] as f64).sum::<f64>()).sum();
+                (self.w0_sq[o] + 2.0 * s * cross + s * s * ba_sq).max(0.0).sqrt() as f32
+            })
+            .collect())
+    }
+}
+
+impl SiteHook for DoraSite {
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let t = |v: &Var| if ctx.train { v.as_tensor().clone() } else { v.as_detached_tensor() };
+        let (a, b, m) = (t(&self.a), t(&self.b), t(&self.m));
+        let norm = self.weight_norm(w0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let norm = Tensor::from_vec(norm, m.dims(), m.device())?;
+        let g = m.broadcast_div(&norm)?;
+        let dropout = if ctx.train { self.dropout } else { 0.0 };
+        let y = if dropout == 0.0 {
+            crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, 0.0, 0)?.broadcast_mul(&g)?
+        } else {
+            let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
+            let xd = crate::kernels::dropout(x, dropout, seed)?;
+            let branch = crate::kernels::lora_linear(&xd, w0, &a, &b, self.scaling as f32, 0.0, 0)?.broadcast_mul(&g)?;
+            ((crate::kernels::frozen_linear(x, w0)? - crate::kernels::frozen_linear(&xd, w0)?)? + branch)?
+        };
+        add_bias(y, b0)
+    }
+}
+
+pub struct Dora {
+    config: LoraConfig,
+    seed: u64,
+    sites: Vec<Arc<DoraSite>>,
+}
+
+impl Dora {
+    fn attach_with(
+        &mut self,
+        model: &mut Llama,
+        mut init: impl FnMut(usize, &str, usize, usize, usize, &FrozenWeight) -> Result<(Tensor, Tensor, Tensor)>,
+    ) -> Result<()> {
+        let all = model.sites();
+        let chosen: Vec<String> = self.config.target_modules.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
+        for (i, lin) in model.linears_mut().enumerate() {
+            if !chosen.contains(&lin.name) {
+                continue;
+            }
+            if lin.hook.is_some() {
+                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
+            }
+            let info = lin.info();
+            let r = self.config.rank_of(&lin.name);
+            let (a, b, m) = init(i, &lin.name, info.in_features, info.out_features, r, &lin.weight)?;
+            let w0 = lin.weight.to_f32_vec();
+            let n = info.in_features;
+            let w0_sq = (0..info.out_features).map(|o| w0[o * n..(o + 1) * n].iter().map(|&w| w as f64 * w as f64).sum()).collect();
+            let site = Arc::new(DoraSite {
+                site: lin.name.clone(),
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                m: Var::from_tensor(&m)?,
+                scaling: self.config.scaling_of(&lin.name),
+                dropout: self.config.dropout,
+                stream: i as u64,
+                w0_sq,
+            });
+            lin.hook = Some(site.clone());
+            self.sites.push(site);
+        }
+        Ok(())
+    }
+}
+
+impl Method for Dora {
+    fn name(&self) -> &'static str {
+        "dora"
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let seed = self.seed;
+        self.attach_with(model, |i, _, n, out, r, w0| {
+            let (a, b) = kaiming_init(seed, i, n, out, r)?;
+            // m = ‖W0ᵢ‖ (B = 0, so m / n = 1 and the first forward is the base model's).
+            let w = w0.to_f32_vec();
+            let m: Vec<f32> = (0..out).map(|o| (w[o * n..(o + 1) * n].iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sqrt() as f32).collect();
+            Ok((a, b, Tensor::from_vec(m, out, &Device::Cpu)?))
+        })
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.sites
+            .iter()
+            .flat_map(|s| [(peft_key(&s.site, 'A'), s.a.clone()), (peft_key(&s.site, 'B'), s.b.clone()), (magnitude_key(&s.site), s.m.clone())])
+            .collect()
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.site.clone()).collect()
+    }
+
+    fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        let chosen = self.config.target_modules.select(sites, "lora_target_modules")?;
+        let r = self.config.r as u64;
+        let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64 + s.out_features as u64).sum();
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0 }))
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        Lora::save_tensors_with(dir, base_model, "dora", &self.config, &tensors, &[("use_dora", serde_json::Value::from(true))])
+    }
+
+    fn peft_compatible(&self) -> bool {
+        true
+    }
+
+    /// `W ← (m / n) ⊙ (W0 + s·B·A)`, PEFT's merge.
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        for lin in model.linears_mut() {
+            let Some(s) = self.sites.iter().find(|s| s.site == lin.name) else { continue };
+            let norm = s.weight_norm(&lin.weight)?;
+            let g = (s.m.as_detached_tensor() / Tensor::from_vec(norm, s.m.dims(), &Device::Cpu)?)?;
+            let w = (lin.weight.to_tensor()? + (s.b.as_detached_tensor().matmul(&s.a.as_detached_tensor())? * s.scaling)?)?;
+            lin.weight = FrozenWeight::from_tensor(&w.broadcast_mul(&g.unsqueeze(1)?)?)?;
+            lin.hook = None;
+        }
+        Ok(())
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn can_export(&self, format: crate::export::ExportFormat) -> std::result::Result<(), String> {
+        match format {
+            crate::export::ExportFormat::GgufLora => Err(
+                "DoRA's magnitude vectors (lora_magnitude_vector) have no place in a llama.cpp LoRA GGUF (only lora_a/lora_b pairs) and `dora` would lose them; write a merged model instead".into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "scaling": self.config.scaling(), "rank": self.config.r, "use_rslora": self.config.use_rslora, "magnitude": "m / ‖W0 + s·B·A‖ per row, norm detached" })
+    }
+}
