@@ -364,3 +364,86 @@ fn dora_magnitude_gradient_matches_finite_differences() {
     let params = dora.params();
     gradients_match_finite_differences(&m, &params, |k| k.ends_with("lora_magnitude_vector"));
 }
+
+#[test]
+fn pissa_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "pissa", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true });
+}
+
+#[test]
+fn olora_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "olora", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true });
+}
+
+#[test]
+fn corda_keeps_the_contract() {
+    // Its init needs the prepare pass, which the contract's bare attach does not run; the
+    // identity at step 0 is checked with real batches in `residual_inits_leave_the_model_unchanged`.
+    for mode in ["ipm", "kpm"] {
+        let d = tempfile::tempdir().unwrap();
+        let extra: &'static str = if mode == "ipm" { "corda_method = \"ipm\"\ninit_batches = 3" } else { "corda_method = \"kpm\"\ninit_batches = 3" };
+        check_method(d.path(), &Promise { adapter: "corda", extra, mergeable: true, peft: true, gguf_lora: true, identity_at_init: false });
+    }
+}
+
+/// PiSSA, OLoRA and CorDA move part of each weight into the adapter: at step 0 the residual
+/// base plus `s·B·A` is the original weight to f32 rounding, so the model's output is unchanged;
+/// PiSSA's A rows are W's top right-singular directions.
+#[test]
+fn residual_inits_leave_the_model_unchanged() {
+    use common::*;
+    use ferrotune::linalg;
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let original = ferrotune::models::load::load_model(d.path()).unwrap();
+    let probe = ids(64, 12, 3);
+    let base_logits = logits(&original, &probe);
+    let batches: Vec<ferrotune::data::Batch> = (0..3)
+        .map(|i| {
+            let x = ids(64, 10, 20 + i);
+            ferrotune::data::Batch { input_ids: x.clone(), targets: vec![-100; 10], batch_size: 1, seq_len: 10, n_targets: 0, lengths: vec![10] }
+        })
+        .collect();
+    for (adapter, opts) in [("pissa", vec![]), ("olora", vec![]), ("corda", vec![("corda_method", "ipm")]), ("corda", vec![("corda_method", "kpm")])] {
+        let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+        let spec = MethodSpec {
+            adapter: adapter.into(),
+            r: 3,
+            alpha: 6.0,
+            dropout: 0.0,
+            target_modules: TargetModules::AllLinear,
+            use_rslora: false,
+            seed: 0,
+            options: opts.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect(),
+        };
+        let mut method = registry::create(&spec).unwrap();
+        let n = method.init_batches().min(batches.len());
+        method.prepare(&mut m, &batches[..n]).unwrap();
+        method.attach(&mut m).unwrap();
+        let pairs = method.params();
+        for (lin, orig) in m.linears().zip(original.linears()) {
+            let i = pairs.iter().position(|(k, _)| k.contains(&format!("{}.lora_A", lin.name))).unwrap();
+            let (a, b) = (pairs[i].1.as_detached_tensor(), pairs[i + 1].1.as_detached_tensor());
+            let rebuilt = (lin.weight.to_tensor().unwrap() + (b.matmul(&a).unwrap() * 2.0).unwrap()).unwrap();
+            let w0 = orig.weight.to_tensor().unwrap();
+            let diff = (&rebuilt - &w0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{adapter} {}: residual + s·B·A is off the original weight by {diff}", lin.name);
+            let moved = (&lin.weight.to_tensor().unwrap() - &w0).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(moved > 1e-3, "{adapter} {}: the base was not replaced by a residual", lin.name);
+            if adapter == "pissa" {
+                let svd = linalg::svd(&linalg::from_tensor(&w0).unwrap()).unwrap();
+                let am = linalg::from_tensor(&a).unwrap();
+                for k in 0..3 {
+                    let row = am.row(k);
+                    let cos = (row * svd.vt.row(k).transpose())[(0, 0)] / row.norm();
+                    assert!((cos.abs() - 1.0).abs() < 1e-4, "pissa {}: A row {k} is not the {k}-th right-singular vector (|cos| {cos})", lin.name);
+                }
+            }
+        }
+        let diff = max_abs_diff(&logits(&m, &probe), &base_logits);
+        assert!(diff < 1e-4, "{adapter}: the model's output moved by {diff} at step 0");
+    }
+}

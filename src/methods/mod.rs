@@ -10,12 +10,14 @@
 //! attached, for `--resume`, `init_adapter`, `eval`, `generate`, `merge` and `export`.
 
 pub mod adaptformer;
+pub mod calibrate;
 pub mod dora;
 pub mod flora;
 pub mod lora;
 pub mod lora_pro;
 pub mod options;
 pub mod registry;
+pub mod residual;
 pub mod ssf;
 pub mod targets;
 pub mod triadaptlora;

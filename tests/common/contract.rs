@@ -111,6 +111,10 @@ pub fn check_method(dir: &Path, p: &Promise) -> PathBuf {
     let session = Session::load(&model_dir, Some(&adapter)).unwrap_or_else(|e| panic!("{}: the adapter does not reload: {e}", p.adapter));
     assert_eq!(session.method.as_ref().unwrap().name(), p.adapter);
     let unmerged = logits(&session.model, &probe);
+    // … and gives the model training ended with: the same validation loss.
+    let data = ferrotune::train::dataset::prepare(&cfg, &session.tokenizer).unwrap();
+    let reloaded = ferrotune::train::evaluate(&session.model, &data.val, 2, session.tokenizer.pad_id()).unwrap().loss;
+    assert!((reloaded - after).abs() <= 1e-4 * after.abs(), "{}: the saved adapter evaluates to {reloaded}, training ended at {after}", p.adapter);
     let base = logits(&ferrotune::models::load::load_model(&model_dir).unwrap(), &probe);
     assert!(max_abs_diff(&base, &unmerged) > 1e-6, "{}: the reloaded adapter does nothing", p.adapter);
     let eval = bin()

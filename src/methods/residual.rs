@@ -1,0 +1,350 @@
+//! LoRA initialised from a decomposition of the base weight, which then trains on the
+//! *residual* `W_res = W − s·B0·A0` (so the model is unchanged at step 0): PiSSA (top singular
+//! directions of `W`), OLoRA (QR of `W`) and CorDA (METHODS.md §2.3: SVD of `W·C` for the input
+//! covariance `C` collected over the run's first batches; IPM keeps the largest directions, KPM
+//! the smallest). Each follows PEFT 0.21's `pissa_init`, `olora_init` and `corda_init`.
+//!
+//! The touched matrices become f32 residuals (also on a GGUF base: counted in the memory
+//! estimate). Two forms on disk:
+//! - checkpoints (`save_checkpoint`) are *native*: `A`, `B` and the initial `A0`, `B0`, from which
+//!   loading rebuilds the residual from the original base exactly (`ferrotune_residual = true`);
+//! - the final adapter (`save`) is PEFT's conversion onto the **original** base, as PEFT's
+//!   `path_initial_model_for_weight_conversion` writes it: a plain LoRA of rank 2r with
+//!   `A' = [A; A0]`, `B' = [B, −B0]`, `r` and `lora_alpha` doubled (rsLoRA: alpha ·√2), so
+//!   `s'·B'·A' = s·(B·A − B0·A0)`. Any LoRA tool loads it on the unmodified base model.
+
+use super::calibrate::{collect_inputs, InputSink};
+use super::lora::{peft_key, read_peft_config, read_peft_tensors, take_checked, Lora, LoraConfig};
+use super::registry::Entry;
+use super::{LoraPair, Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::kernels::FrozenWeight;
+use crate::linalg::{self, Mat};
+use crate::models::{BlockSiteInfo, Llama, SiteInfo};
+use candle_core::{Tensor, Var};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+pub const PISSA: Entry = Entry {
+    name: "pissa",
+    summary: "PiSSA: LoRA initialised with W's top-r singular directions, training on the residual; saved as a plain LoRA on the original base",
+    keys: &[],
+    create: |spec| create(spec, Kind::Pissa),
+    load: |model, dir, cfg| load(model, dir, cfg, "pissa"),
+    claims_peft: super::registry::not_peft,
+};
+
+pub const OLORA: Entry = Entry {
+    name: "olora",
+    summary: "OLoRA: LoRA initialised from the QR decomposition of W, training on the residual; saved as a plain LoRA on the original base",
+    keys: &[],
+    create: |spec| create(spec, Kind::Olora),
+    load: |model, dir, cfg| load(model, dir, cfg, "olora"),
+    claims_peft: super::registry::not_peft,
+};
+
+pub const CORDA: Entry = Entry {
+    name: "corda",
+    summary: "CorDA: LoRA initialised from the SVD of W·C (C: input covariance over the first init_batches), IPM or KPM; saved as a plain LoRA on the original base",
+    keys: &["corda_method", "init_batches"],
+    create: |spec| {
+        let kpm = spec.choice_or("corda_method", &["ipm", "kpm"])? == "kpm";
+        let batches = spec.usize_or("init_batches", 16)?;
+        if batches == 0 {
+            return Err(Error::config("init_batches", "is 0; CorDA needs at least one batch of inputs for its covariances"));
+        }
+        create(spec, Kind::Corda { kpm, batches, covariances: HashMap::new() })
+    },
+    load: |model, dir, cfg| load(model, dir, cfg, "corda"),
+    claims_peft: super::registry::not_peft,
+};
+
+enum Kind {
+    Pissa,
+    Olora,
+    Corda { kpm: bool, batches: usize, covariances: HashMap<String, Mat> },
+}
+
+pub struct ResidualLora {
+    name: &'static str,
+    kind: Kind,
+    lora: Lora,
+    /// `(A0, B0)` per site: the initial adapter, subtracted from the base.
+    init: BTreeMap<String, (Tensor, Tensor)>,
+    /// Loaded from a converted (final) adapter: a plain LoRA on the original base.
+    converted: bool,
+}
+
+fn create(spec: &MethodSpec, kind: Kind) -> Result<Box<dyn Method>> {
+    let name = match kind {
+        Kind::Pissa => "pissa",
+        Kind::Olora => "olora",
+        Kind::Corda { .. } => "corda",
+    };
+    Ok(Box::new(ResidualLora { name, kind, lora: Lora::new(spec.lora_config(), spec.seed)?, init: BTreeMap::new(), converted: false }))
+}
+
+fn init_key(site: &str, which: char) -> String {
+    format!("base_model.model.{site}.lora_{which}0.weight")
+}
+
+fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static str) -> Result<Box<dyn Method>> {
+    let kind = match name {
+        "pissa" => Kind::Pissa,
+        "olora" => Kind::Olora,
+        _ => Kind::Corda { kpm: false, batches: 0, covariances: HashMap::new() },
+    };
+    if cfg.get("ferrotune_residual").and_then(|v| v.as_bool()) != Some(true) {
+        let lora = Lora::load_peft(model, dir)?;
+        return Ok(Box::new(ResidualLora { name, kind, lora, init: BTreeMap::new(), converted: true }));
+    }
+    // Native: rebuild each residual from the original base and the initial adapter.
+    let config = read_peft_config(&dir.join(ADAPTER_CONFIG), false)?;
+    let (mut tensors, w_path) = read_peft_tensors(dir)?;
+    let chosen = chosen_sites(model, &config)?;
+    let mut init = BTreeMap::new();
+    for lin in model.linears_mut().filter(|l| chosen.contains(&l.name)) {
+        let info = lin.info();
+        let r = config.rank_of(&lin.name);
+        let a0 = take_checked(&mut tensors, &init_key(&lin.name, 'A'), &[r, info.in_features], &lin.name, &w_path)?;
+        let b0 = take_checked(&mut tensors, &init_key(&lin.name, 'B'), &[info.out_features, r], &lin.name, &w_path)?;
+        let residual = (lin.weight.to_tensor()? - (b0.matmul(&a0)? * config.scaling_of(&lin.name))?)?;
+        lin.weight = FrozenWeight::from_tensor(&residual)?;
+        init.insert(lin.name.clone(), (a0, b0));
+    }
+    let lora = Lora::attach_tensors(model, config, tensors, &w_path)?;
+    Ok(Box::new(ResidualLora { name, kind, lora, init, converted: false }))
+}
+
+fn chosen_sites(model: &Llama, config: &LoraConfig) -> Result<Vec<String>> {
+    Ok(config.target_modules.select(&model.sites(), "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect())
+}
+
+/// `XᵀX` summed over sequences, each scaled by `1/|max(X)|` as PEFT's CorDA hook does (the
+/// largest signed value, not the largest magnitude), and the number of sequences.
+struct Covariance {
+    c: Vec<f64>,
+    n: usize,
+    count: usize,
+}
+
+impl InputSink for Covariance {
+    fn add(&mut self, x: &[f32], rows: usize, n: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max).abs();
+        if !max.is_finite() || max == 0.0 {
+            return Err(Error::Model("CorDA: a site's inputs are zero or not finite; the covariance would be invalid".into()));
+        }
+        let xs = Tensor::from_vec(x.iter().map(|v| v / max).collect::<Vec<f32>>(), (rows, n), &candle_core::Device::Cpu)?;
+        let c: Vec<f32> = xs.t()?.matmul(&xs)?.flatten_all()?.to_vec1()?;
+        self.c.iter_mut().zip(c).for_each(|(a, b)| *a += b as f64);
+        self.count += 1;
+        Ok(())
+    }
+}
+
+/// CorDA's decomposition of one site (PEFT's `collect_eigens_for_layer` + `corda_init`).
+fn corda_factors(w: &Mat, cov: &Mat, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
+    let n = cov.nrows();
+    let mean_diag = (0..n).map(|i| cov[(i, i)]).sum::<f64>() / n as f64;
+    let mut damp = 0.01;
+    let (fixed, inv) = loop {
+        let fixed = cov + Mat::identity(n, n) * (mean_diag * damp);
+        let inv = linalg::inverse(&fixed, "CorDA's damped covariance")?;
+        let err = (&fixed * &inv - Mat::identity(n, n)).norm();
+        if err < 0.05 {
+            break (fixed, inv);
+        }
+        damp *= 2.0;
+        if damp > 1e6 {
+            return Err(Error::Model("CorDA: the input covariance cannot be inverted even with heavy damping".into()));
+        }
+    };
+    let d = linalg::svd(&(w * &fixed))?;
+    let k = d.s.len();
+    let cols: Vec<usize> = if kpm { (k - r..k).collect() } else { (0..r).collect() };
+    // V = (Vh·C⁻¹)ᵀ; A = Vᵀ·√(S/s) by rows, B = U·√(S/s) by columns.
+    let vh_inv = &d.vt * &inv;
+    let a = Mat::from_fn(r, w.ncols(), |i, j| vh_inv[(cols[i], j)] * (d.s[cols[i]] / s).sqrt());
+    let b = Mat::from_fn(w.nrows(), r, |i, j| d.u[(i, cols[j])] * (d.s[cols[j]] / s).sqrt());
+    Ok((a, b))
+}
+
+/// PiSSA: `A = √(S_r/s)·Vᵀ_r`, `B = U_r·√(S_r/s)`.
+fn pissa_factors(w: &Mat, r: usize, s: f64) -> Result<(Mat, Mat)> {
+    let d = linalg::svd(w)?;
+    let a = Mat::from_fn(r, w.ncols(), |i, j| d.vt[(i, j)] * (d.s[i] / s).sqrt());
+    let b = Mat::from_fn(w.nrows(), r, |i, j| d.u[(i, j)] * (d.s[j] / s).sqrt());
+    Ok((a, b))
+}
+
+/// OLoRA: `W = Q·R`, `B = Q[:, :r]`, `A = R[:r]`.
+fn olora_factors(w: &Mat, r: usize) -> (Mat, Mat) {
+    let (q, rr) = linalg::qr(w);
+    (rr.rows(0, r).into_owned(), q.columns(0, r).into_owned())
+}
+
+impl Method for ResidualLora {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn init_batches(&self) -> usize {
+        match &self.kind {
+            Kind::Corda { batches, .. } => *batches,
+            _ => 0,
+        }
+    }
+
+    fn prepare(&mut self, model: &mut Llama, batches: &[Batch]) -> Result<()> {
+        let Kind::Corda { covariances, .. } = &mut self.kind else { return Ok(()) };
+        let sites = chosen_sites(model, &self.lora.config)?;
+        let sinks = collect_inputs(model, &sites, batches, "CorDA: collecting input covariances", |_, n| Covariance { c: vec![0.0; n * n], n, count: 0 })?;
+        for (site, cov) in sites.into_iter().zip(sinks) {
+            if cov.count == 0 {
+                return Err(Error::Model(format!("CorDA: no input reached `{site}`")));
+            }
+            let n = cov.n;
+            let count = cov.count as f64;
+            covariances.insert(site, Mat::from_row_iterator(n, n, cov.c.into_iter().map(|v| v / count)));
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let config = self.lora.config.clone();
+        let chosen = chosen_sites(model, &config)?;
+        if config.r > model.sites().iter().filter(|s| chosen.contains(&s.name)).map(|s| s.in_features.min(s.out_features)).min().unwrap_or(usize::MAX) {
+            return Err(Error::config("lora_r", format!("is {}, above the smallest dimension of a target matrix", config.r)));
+        }
+        let weights: Vec<(String, Mat)> = model
+            .linears()
+            .filter(|l| chosen.contains(&l.name))
+            .map(|l| Ok((l.name.clone(), linalg::from_tensor(&l.weight.to_tensor()?)?)))
+            .collect::<Result<_>>()?;
+        eprintln!("{}: decomposing {} matrices", self.name, weights.len());
+        let kind = &self.kind;
+        let factors: Vec<(String, Mat, Mat)> = weights
+            .par_iter()
+            .map(|(name, w)| {
+                let (r, s) = (config.rank_of(name), config.scaling_of(name));
+                let (a, b) = match kind {
+                    Kind::Pissa => pissa_factors(w, r, s)?,
+                    Kind::Olora => olora_factors(w, r),
+                    Kind::Corda { kpm, covariances, .. } => {
+                        let cov = covariances.get(name).ok_or_else(|| Error::Model(format!("CorDA: no covariance for `{name}` (prepare did not run)")))?;
+                        corda_factors(w, cov, r, s, *kpm)?
+                    }
+                };
+                Ok((name.clone(), a, b))
+            })
+            .collect::<Result<_>>()?;
+        for (name, a, b) in factors {
+            let (a, b) = (linalg::to_tensor(&a)?, linalg::to_tensor(&b)?);
+            let lin = model.linears_mut().find(|l| l.name == name).expect("chosen from this model");
+            let residual = (lin.weight.to_tensor()? - (b.matmul(&a)? * config.scaling_of(&name))?)?;
+            lin.weight = FrozenWeight::from_tensor(&residual)?;
+            self.init.insert(name, (a, b));
+        }
+        if let Kind::Corda { covariances, .. } = &mut self.kind {
+            covariances.clear();
+        }
+        let init = &self.init;
+        self.lora.attach_with(model, |_, site, _, _, _| Ok(init[site].clone()))
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.lora.params()
+    }
+
+    fn sites(&self) -> Vec<String> {
+        Method::sites(&self.lora)
+    }
+
+    fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        let chosen = self.lora.config.target_modules.select(sites, "lora_target_modules")?;
+        let r = self.lora.config.r as u64;
+        let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64).sum();
+        // The f32 residuals (replacing what the base stored), the initial A0, B0, and for CorDA
+        // one in×in f64 covariance per site during prepare.
+        let residual: u64 = chosen.iter().map(|s| 4 * (s.in_features * s.out_features) as u64 + 4 * r * (s.in_features + s.out_features) as u64).sum();
+        let cov: u64 = match self.kind {
+            Kind::Corda { .. } => chosen.iter().map(|s| 8 * (s.in_features * s.in_features) as u64).sum(),
+            _ => 0,
+        };
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: residual + cov }))
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        if self.converted {
+            return self.lora.save_as(dir, base_model, self.name, &[]);
+        }
+        let pairs = self.as_lora().expect("a residual LoRA converts to LoRA pairs");
+        let c = &self.lora.config;
+        let config = LoraConfig {
+            r: 2 * c.r,
+            alpha: if c.use_rslora { c.alpha * 2f64.sqrt() } else { 2.0 * c.alpha },
+            rank_pattern: c.rank_pattern.iter().map(|(k, v)| (k.clone(), 2 * v)).collect(),
+            alpha_pattern: c.alpha_pattern.iter().map(|(k, v)| (k.clone(), 2.0 * v)).collect(),
+            ..c.clone()
+        };
+        let tensors: Vec<(String, Tensor)> = pairs.into_iter().flat_map(|p| [(peft_key(&p.site, 'A'), p.a), (peft_key(&p.site, 'B'), p.b)]).collect();
+        Lora::save_tensors(dir, base_model, self.name, &config, &tensors)
+    }
+
+    fn save_checkpoint(&self, dir: &Path, base_model: &str) -> Result<()> {
+        if self.converted {
+            return self.save(dir, base_model);
+        }
+        let extra: Vec<(String, Tensor)> =
+            self.init.iter().flat_map(|(site, (a0, b0))| [(init_key(site, 'A'), a0.clone()), (init_key(site, 'B'), b0.clone())]).collect();
+        let mut tensors: Vec<(String, Tensor)> = self.lora.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        tensors.extend(extra);
+        Lora::save_tensors_with(dir, base_model, self.name, &self.lora.config, &tensors, &[("ferrotune_residual", serde_json::Value::from(true))])
+    }
+
+    fn peft_compatible(&self) -> bool {
+        true
+    }
+
+    /// On the residual base: `W_res + s·B·A = W0 + s·(B·A − B0·A0)`.
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        self.lora.merge_into(model)
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    /// The pairs relative to the *original* base: `[A; A0]`, `[B, −B0]` (rank 2r).
+    fn as_lora(&self) -> Option<Vec<LoraPair>> {
+        if self.converted {
+            return Some(self.lora.pairs());
+        }
+        self.lora
+            .pairs()
+            .into_iter()
+            .map(|p| {
+                let (a0, b0) = self.init.get(&p.site)?;
+                let a = Tensor::cat(&[&p.a, a0], 0).ok()?;
+                let b = Tensor::cat(&[&p.b, &b0.neg().ok()?], 1).ok()?;
+                Some(LoraPair { site: p.site, a, b, scaling: p.scaling })
+            })
+            .collect()
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let mut d = self.lora.describe_lora();
+        d["init"] = serde_json::Value::from(match &self.kind {
+            Kind::Pissa => "pissa (top-r SVD of W)".to_string(),
+            Kind::Olora => "olora (QR of W)".to_string(),
+            Kind::Corda { kpm, .. } => format!("corda ({})", if *kpm { "kpm" } else { "ipm" }),
+        });
+        d["residual_sites"] = serde_json::Value::from(self.init.len());
+        d
+    }
+}
