@@ -182,3 +182,50 @@ fn corda_init_matches_peft_decomposition() {
         }
     }
 }
+
+#[test]
+fn eva_training_matches_peft_reference() {
+    check_against_reference("eva", &reference("eva")["results"], "eva", &fixtures().join("eva/init"), "");
+}
+
+/// EVA's prepare on the reference's calibration batches (2 × 4 rows × 64 tokens, no labels)
+/// gives the ranks an exact PCA of the same rows gets under PEFT's budget rule.
+#[test]
+fn eva_ranks_match_the_exact_pca_rule() {
+    let Some(gguf) = gguf_path() else {
+        eprintln!("skipped: SmolLM2 GGUF not found");
+        return;
+    };
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let r = reference("eva");
+    let rows: Vec<Vec<u32>> = r["results"]["calibration_ids"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
+    let batches: Vec<ferrotune::data::Batch> = rows
+        .chunks(4)
+        .map(|c| {
+            let t = c[0].len();
+            ferrotune::data::Batch { input_ids: c.concat(), targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4] }
+        })
+        .collect();
+    let mut model = ferrotune::models::load::load_model(&gguf).unwrap();
+    let opts = [("eva_use_label_mask", toml::Value::Boolean(false)), ("eva_max_passes", toml::Value::Integer(1)), ("init_batches", toml::Value::Integer(2))];
+    let spec = MethodSpec {
+        adapter: "eva".into(),
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+        use_rslora: false,
+        seed: 0,
+        options: opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    };
+    let mut m = registry::create(&spec).unwrap();
+    m.prepare(&mut model, &batches).unwrap();
+    m.attach(&mut model).unwrap();
+    let ranks: std::collections::BTreeMap<String, u64> =
+        m.params().iter().filter(|(k, _)| k.ends_with("lora_A.weight")).map(|(k, v)| (k.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight").to_string(), v.dims()[0] as u64)).collect();
+    let want = r["results"]["ranks_if_exact_pca_fed_the_same_budget_rule"].as_object().unwrap();
+    let differ: Vec<String> = want.iter().filter(|(k, v)| ranks.get(*k).copied() != v.as_u64()).map(|(k, v)| format!("{k}: {:?} vs {v}", ranks.get(k))).collect();
+    eprintln!("EVA ranks: {} of {} differ from the exact-PCA rule {differ:?}", differ.len(), want.len());
+    assert_eq!(ranks.values().sum::<u64>(), 240, "the budget r × modules");
+    assert!(differ.is_empty(), "ranks differ: {differ:?}");
+}

@@ -447,3 +447,85 @@ fn residual_inits_leave_the_model_unchanged() {
         assert!(diff < 1e-4, "{adapter}: the model's output moved by {diff} at step 0");
     }
 }
+
+#[test]
+fn eva_keeps_the_contract() {
+    // The identity at step 0 (B = 0) needs the prepare pass; see the test below.
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "eva", extra: "init_batches = 3", mergeable: true, peft: true, gguf_lora: true, identity_at_init: false });
+}
+
+/// EVA's initial A rows are the top right-singular vectors of the site's (centred) inputs:
+/// checked against a direct SVD of the stacked inputs of layer 0's q_proj; B = 0, so the model
+/// is unchanged; and the rank budget is kept.
+#[test]
+fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
+    use common::*;
+    use ferrotune::linalg::{self, Mat};
+    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let probe = ids(64, 12, 3);
+    let base = logits(&m, &probe);
+    let (t, rows) = (16, 2);
+    let batches: Vec<ferrotune::data::Batch> = (0..3)
+        .map(|i| ferrotune::data::Batch { input_ids: ids(64, rows * t, 40 + i), targets: vec![-100; rows * t], batch_size: rows, seq_len: t, n_targets: 0, lengths: vec![t; rows] })
+        .collect();
+    // ρ = 1: every site keeps r = 2 components (the redistribution is tested below).
+    let opts = [
+        ("eva_use_label_mask", toml::Value::Boolean(false)),
+        ("eva_max_passes", toml::Value::Integer(1)),
+        ("init_batches", toml::Value::Integer(3)),
+        ("eva_rho", toml::Value::Float(1.0)),
+    ];
+    let spec = MethodSpec {
+        adapter: "eva".into(),
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(vec!["q_proj".into(), "o_proj".into()]),
+        use_rslora: false,
+        seed: 0,
+        options: opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    };
+    let mut eva = registry::create(&spec).unwrap();
+    eva.prepare(&mut m, &batches).unwrap();
+    eva.attach(&mut m).unwrap();
+    assert!(max_abs_diff(&logits(&m, &probe), &base) < 1e-5, "B = 0: the model is unchanged");
+    let params = eva.params();
+    let total_rank: usize = params.iter().filter(|(k, _)| k.ends_with("lora_A.weight")).map(|(_, v)| v.dims()[0]).sum();
+    assert_eq!(total_rank, 2 * 4, "budget r × sites");
+    // Layer 0's q_proj sees the normed embeddings.
+    let mut stacked = Vec::new();
+    for b in &batches {
+        let x = m.embed_ids(&b.input_ids, b.batch_size, b.seq_len).unwrap();
+        let h = ferrotune::kernels::rms_norm(&x, &m.layers[0].input_layernorm, m.config.rms_norm_eps).unwrap();
+        stacked.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    let n = m.config.hidden_size;
+    let x = linalg::from_rows(stacked.len() / n, n, &stacked);
+    let mean = x.row_mean();
+    let centred = Mat::from_fn(x.nrows(), n, |i, j| x[(i, j)] - mean[j]);
+    let svd = linalg::svd(&centred).unwrap();
+    let a = &params.iter().find(|(k, _)| k.contains("layers.0.self_attn.q_proj.lora_A")).unwrap().1;
+    let a = linalg::from_tensor(&a.as_detached_tensor()).unwrap();
+    for k in 0..a.nrows() {
+        let cos = (a.row(k) * svd.vt.row(k).transpose())[(0, 0)] / a.row(k).norm();
+        assert!((cos.abs() - 1.0).abs() < 1e-4, "A row {k} vs the {k}-th right-singular vector: |cos| = {}", cos.abs());
+    }
+}
+
+#[test]
+fn eva_rank_redistribution_follows_the_budget_rule() {
+    use ferrotune::methods::eva::distribute_ranks;
+    // Site 0 explains most, site 2 least; r = 2, ρ = 2: four ratios each, budget 6.
+    let ratios = vec![vec![0.5, 0.3, 0.1, 0.05], vec![0.4, 0.2, 0.02, 0.01], vec![0.15, 0.03, 0.02, 0.01]];
+    let ranks = distribute_ranks(&ratios, 6);
+    assert_eq!(ranks.iter().sum::<usize>(), 6);
+    // Pooled and sorted: 0.5 (0), 0.4 (1), 0.3 (0), 0.2 (1), 0.15 (2), 0.1 (0) make the cut.
+    assert_eq!(ranks, vec![3, 2, 1]);
+    assert!(ranks.iter().all(|&r| r <= 4), "at most r·ρ");
+    let uniform = distribute_ranks(&[vec![0.2, 0.1], vec![0.2, 0.1]], 2);
+    assert_eq!(uniform, vec![1, 1]);
+}

@@ -13,14 +13,21 @@ use std::time::Instant;
 
 /// What a method accumulates from one site's inputs.
 pub trait InputSink: Send {
-    /// One sequence's inputs at this site: `rows × in_features`, row-major.
-    fn add(&mut self, x: &[f32], rows: usize, in_features: usize) -> Result<()>;
+    /// One sequence's inputs at this site: `rows × in_features`, row-major; `targets[j]` is the
+    /// next-token target of position `j` (`-100`: none), as in [`Batch::targets`].
+    fn add(&mut self, x: &[f32], rows: usize, in_features: usize, targets: &[i32]) -> Result<()>;
+}
+
+/// The current micro-batch as the recording hooks see it.
+#[derive(Default, Clone)]
+struct Current {
+    lengths: Vec<usize>,
+    targets: Vec<i32>,
 }
 
 struct Recorder<S> {
     sink: Mutex<S>,
-    /// Real lengths of the current micro-batch's rows.
-    lengths: Arc<Mutex<Vec<usize>>>,
+    current: Arc<Mutex<Current>>,
     error: Mutex<Option<Error>>,
 }
 
@@ -28,11 +35,11 @@ impl<S: InputSink> SiteHook for Recorder<S> {
     fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, _ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let lengths = self.lengths.lock().expect("lengths lock").clone();
+        let cur = self.current.lock().expect("batch lock").clone();
         let mut sink = self.sink.lock().expect("sink lock");
-        for (i, &len) in lengths.iter().enumerate().take(b) {
+        for (i, &len) in cur.lengths.iter().enumerate().take(b) {
             let len = len.min(t);
-            if let Err(e) = sink.add(&v[i * t * d..(i * t + len) * d], len, d) {
+            if let Err(e) = sink.add(&v[i * t * d..(i * t + len) * d], len, d, &cur.targets[i * t..i * t + len]) {
                 self.error.lock().expect("error lock").get_or_insert(e);
             }
         }
@@ -42,14 +49,31 @@ impl<S: InputSink> SiteHook for Recorder<S> {
 
 /// Runs `batches` through the bare `model` with a sink from `make_sink(site, in_features)` on
 /// each of `sites`; returns the sinks in `sites` order. `what` names the pass in progress lines.
-pub fn collect_inputs<S: InputSink + Sync + 'static>(
+pub fn collect_inputs<S: InputSink + 'static>(
     model: &mut Llama,
     sites: &[String],
     batches: &[Batch],
     what: &str,
-    mut make_sink: impl FnMut(&str, usize) -> S,
+    make_sink: impl FnMut(&str, usize) -> S,
 ) -> Result<Vec<S>> {
-    let lengths = Arc::new(Mutex::new(Vec::new()));
+    cycle_inputs(model, sites, batches, batches.len(), what, make_sink, |_, _| Ok(false))
+}
+
+/// As [`collect_inputs`], cycling through `batches` (1, 2, …, 1, 2, …) for at most
+/// `max_batches` forwards, until `after_batch(sinks, forwards so far)` says to stop.
+pub fn cycle_inputs<S: InputSink + 'static>(
+    model: &mut Llama,
+    sites: &[String],
+    batches: &[Batch],
+    max_batches: usize,
+    what: &str,
+    mut make_sink: impl FnMut(&str, usize) -> S,
+    mut after_batch: impl FnMut(&mut [&mut S], usize) -> Result<bool>,
+) -> Result<Vec<S>> {
+    if batches.is_empty() {
+        return Err(Error::Model(format!("{what}: no batch to run")));
+    }
+    let current = Arc::new(Mutex::new(Current::default()));
     let mut recorders = Vec::new();
     for name in sites {
         let lin = model
@@ -59,19 +83,25 @@ pub fn collect_inputs<S: InputSink + Sync + 'static>(
         if lin.hook.is_some() {
             return Err(Error::Model(format!("module `{name}` already has a method attached")));
         }
-        let rec = Arc::new(Recorder { sink: Mutex::new(make_sink(name, lin.info().in_features)), lengths: lengths.clone(), error: Mutex::new(None) });
+        let rec = Arc::new(Recorder { sink: Mutex::new(make_sink(name, lin.info().in_features)), current: current.clone(), error: Mutex::new(None) });
         lin.hook = Some(rec.clone());
         recorders.push(rec);
     }
     let t0 = Instant::now();
     let run = (|| -> Result<()> {
-        for (i, b) in batches.iter().enumerate() {
-            *lengths.lock().expect("lengths lock") = b.lengths.clone();
+        for i in 0..max_batches {
+            let b = &batches[i % batches.len()];
+            *current.lock().expect("batch lock") = Current { lengths: b.lengths.clone(), targets: b.targets.clone() };
             model.hidden(&b.input_ids, b.batch_size, b.seq_len, None, &ForwardCtx::eval())?;
             if let Some(e) = recorders.iter().find_map(|r| r.error.lock().expect("error lock").take()) {
                 return Err(e);
             }
-            eprint!("\r{what}: batch {}/{} ({:.0} s)", i + 1, batches.len(), t0.elapsed().as_secs_f64());
+            eprint!("\r{what}: batch {}/{} ({:.0} s)", i + 1, max_batches, t0.elapsed().as_secs_f64());
+            let mut guards: Vec<_> = recorders.iter().map(|r| r.sink.lock().expect("sink lock")).collect();
+            let mut sinks: Vec<&mut S> = guards.iter_mut().map(|g| &mut **g).collect();
+            if after_batch(&mut sinks, i + 1)? {
+                break;
+            }
         }
         eprintln!();
         Ok(())

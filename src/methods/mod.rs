@@ -12,6 +12,7 @@
 pub mod adaptformer;
 pub mod calibrate;
 pub mod dora;
+pub mod eva;
 pub mod flora;
 pub mod lora;
 pub mod lora_pro;

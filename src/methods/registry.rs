@@ -1,7 +1,7 @@
 //! The one place that maps names to methods: the plan's `adapter = "<name>"` to a constructor,
 //! and an adapter folder's `adapter_config.json` to the loader of the method that wrote it.
 
-use super::{adaptformer, dora, flora, lora, lora_pro, residual, ssf, triadaptlora, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
+use super::{adaptformer, dora, eva, flora, lora, lora_pro, residual, ssf, triadaptlora, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
 use crate::error::{Error, Result};
 use crate::models::Llama;
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ pub fn not_peft(_: &serde_json::Value) -> bool {
 /// Every method, in the order listings show them. A PEFT folder goes to the first entry that
 /// claims it, so the more specific claims (DoRA's `use_dora`) must not be shadowed: LoRA's
 /// claim excludes them.
-const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER];
+const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &eva::EVA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER];
 
 pub fn entries() -> &'static [&'static Entry] {
     ENTRIES
@@ -93,7 +93,9 @@ pub fn method_of(cfg: &serde_json::Value, path: &Path) -> Result<&'static str> {
             Error::format(path, format!("field `{METHOD_KEY}`: `{name}` is not a method this ferrotune knows (known: {}); was it written by a newer version?", names().join(", ")))
         });
     }
-    ENTRIES.iter().find(|e| (e.claims_peft)(cfg)).map(|e| e.name).ok_or_else(|| {
+    // A specific claim (EVA's `init_lora_weights`, DoRA's `use_dora`) beats LoRA's generic one.
+    let claims: Vec<&str> = ENTRIES.iter().filter(|e| (e.claims_peft)(cfg)).map(|e| e.name).collect();
+    claims.iter().copied().find(|&n| n != "lora").or(claims.first().copied()).ok_or_else(|| {
         let peft_type = cfg.get("peft_type").and_then(|v| v.as_str()).unwrap_or("(none)");
         Error::format(path, format!("field `peft_type`: `{peft_type}` is not an adapter type ferrotune reads (it reads LoRA-family PEFT adapters and its own methods: {})", names().join(", ")))
     })

@@ -131,7 +131,7 @@ struct Covariance {
 }
 
 impl InputSink for Covariance {
-    fn add(&mut self, x: &[f32], rows: usize, n: usize) -> Result<()> {
+    fn add(&mut self, x: &[f32], rows: usize, n: usize, _targets: &[i32]) -> Result<()> {
         if rows == 0 {
             return Ok(());
         }
