@@ -46,6 +46,7 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         checkpointing: opts.checkpointing,
         adapter_params: if opts.forward_only { 0 } else { adapter_params },
         threads: rayon::current_num_threads(),
+        method_floats_per_token: 0,
     };
     report.memory_estimate_mib = Some(memory::estimate(&footprint, &step, process).total_mib());
     println!("{}", serde_json::to_string(&report)?);

@@ -147,7 +147,9 @@ impl Method for AdaptFormer {
     fn planned_memory(&self, _sites: &[SiteInfo], blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let r = self.bottleneck as u64;
         let trainable_params = blocks.iter().map(|b| 2 * r * b.hidden_size as u64 + r + b.hidden_size as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0 }))
+        // The bottleneck's pre- and post-ReLU values and the branch output and sum, per block.
+        let floats_per_token = blocks.iter().map(|b| 2 * r + 2 * b.hidden_size as u64).sum();
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

@@ -96,7 +96,7 @@ pub fn cycle_inputs<S: InputSink + 'static>(
             if let Some(e) = recorders.iter().find_map(|r| r.error.lock().expect("error lock").take()) {
                 return Err(e);
             }
-            eprint!("\r{what}: batch {}/{} ({:.0} s)", i + 1, max_batches, t0.elapsed().as_secs_f64());
+            eprint!("\r{what}: batch {}/{} ({:.0} s)\x1b[K", i + 1, max_batches, t0.elapsed().as_secs_f64());
             let mut guards: Vec<_> = recorders.iter().map(|r| r.sink.lock().expect("sink lock")).collect();
             let mut sinks: Vec<&mut S> = guards.iter_mut().map(|g| &mut **g).collect();
             if after_batch(&mut sinks, i + 1)? {

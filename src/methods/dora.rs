@@ -191,7 +191,11 @@ impl Method for Dora {
         let chosen = self.config.target_modules.select(sites, "lora_target_modules")?;
         let r = self.config.r as u64;
         let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64 + s.out_features as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0 }))
+        // Kept for the backward beyond LoRA's: the branch output and its rescaling per site;
+        // with dropout also the dropped input and the two frozen products PEFT's form needs.
+        let per_site = |s: &&SiteInfo| if self.config.dropout > 0.0 { (s.in_features + 5 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
+        let floats_per_token = chosen.iter().map(per_site).sum();
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

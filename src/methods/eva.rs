@@ -9,7 +9,7 @@
 //! the first inputs, as PEFT does. After each batch the top `r·ρ` components are refreshed by
 //! subspace iteration warm-started from the last ones; a site has converged when each component
 //! it will use has cosine similarity ≥ `τ` with the previous batch's. When all have (or after
-//! `eva_max_passes` passes over the batches), an exact eigen-decomposition of each covariance
+//! `eva_max_passes` passes over the batches, 1 by default, where PEFT has no bound), an exact eigen-decomposition of each covariance
 //! gives the components and explained-variance ratios. PEFT's incremental PCA uses a randomised
 //! low-rank SVD per update instead; the exact PCA here is the one the reference's
 //! `ranks_if_exact_pca_fed_the_same_budget_rule` describes.
@@ -64,7 +64,10 @@ fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
         label_mask: spec.bool_or("eva_use_label_mask", true)?,
         whiten: spec.bool_or("eva_whiten", false)?,
         adjust_scaling: spec.bool_or("eva_adjust_scaling_factors", true)?,
-        max_passes: spec.usize_or("eva_max_passes", 10)?,
+        // PEFT cycles until every component converged, which on real data can take many
+        // passes (near-equal eigenvalues keep rotating); one pass bounds the time and the
+        // note below says when components had not converged.
+        max_passes: spec.usize_or("eva_max_passes", 1)?,
     };
     if s.batches == 0 {
         return Err(Error::config("init_batches", "is 0; EVA needs at least one batch of inputs"));

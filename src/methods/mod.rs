@@ -60,6 +60,9 @@ pub struct PlannedMemory {
     /// Bytes beyond that: full-size optimizer moments (LoRA-Pro), f32 residual base matrices
     /// (CorDA, PiSSA on a quantized base), masks.
     pub extra_bytes: u64,
+    /// f32 values per training token that its ops keep for the backward beyond LoRA's, over
+    /// the whole model (DoRA's rescaled outputs, AdaptFormer's bottleneck activations).
+    pub floats_per_token: u64,
 }
 
 pub trait Method: Send {

@@ -144,7 +144,7 @@ impl Method for Ssf {
 
     fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let chosen = self.targets.select(sites, "lora_target_modules")?;
-        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0 }))
+        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0, floats_per_token: chosen.iter().map(|s| 2 * s.out_features as u64).sum() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

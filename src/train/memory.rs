@@ -228,6 +228,9 @@ pub struct StepShape {
     pub checkpointing: bool,
     /// Trainable parameters (0: no training, evaluation only).
     pub adapter_params: u64,
+    /// f32 values per training token that the method's own ops keep for the backward, over
+    /// the whole model (`PlannedMemory::floats_per_token`).
+    pub method_floats_per_token: u64,
     pub threads: usize,
 }
 
@@ -351,11 +354,11 @@ fn activation_bytes(c: &ModelConfig, s: &StepShape) -> u64 {
         // copy of its input, `y ⊙ g`, and the gradients candle forms for both factors.
         let kept = (layers + 4) * n * d * F32;
         let head = n * d * F32;
-        let one_block = (block + 5 * d) * n * F32;
+        let one_block = (block + 5 * d + s.method_floats_per_token / layers.max(1)) * n * F32;
         kept + head.max(one_block) + transient
     } else {
         // Every block's graph, the last block's output, the head's norm output and `∂nll/∂h`.
-        (layers * block + 3 * d) * n * F32 + transient
+        (layers * block + 3 * d + s.method_floats_per_token) * n * F32 + transient
     };
     train.max(eval)
 }
@@ -434,6 +437,7 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
         checkpointing: cfg.gradient_checkpointing,
         adapter_params,
         threads: rayon::current_num_threads(),
+        method_floats_per_token: 0,
     }
 }
 
@@ -447,9 +451,11 @@ pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedE
         (0..fp.config.num_hidden_layers).map(|i| BlockSiteInfo { name: format!("model.layers.{i}.mlp"), hidden_size: fp.config.hidden_size }).collect();
     let planned = match method.planned_memory(&site_shapes(&fp.config), &blocks)? {
         Some(p) => p,
-        None => PlannedMemory { trainable_params: lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?, extra_bytes: 0 },
+        None => PlannedMemory { trainable_params: lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?, ..Default::default() },
     };
-    let mut e = estimate(&fp, &step_shape(cfg, train, val, total_steps, planned.trainable_params), process);
+    let mut shape = step_shape(cfg, train, val, total_steps, planned.trainable_params);
+    shape.method_floats_per_token = planned.floats_per_token;
+    let mut e = estimate(&fp, &shape, process);
     e.adapter += planned.extra_bytes;
     e.total += planned.extra_bytes;
     Ok(e)
@@ -649,7 +655,7 @@ mod tests {
     }
 
     fn shape(tokens: usize, seq: usize, checkpointing: bool) -> StepShape {
-        StepShape { train_tokens: tokens, train_seq: seq, eval_tokens: 0, eval_seq: 0, checkpointing, adapter_params: 1, threads: 2 }
+        StepShape { train_tokens: tokens, train_seq: seq, eval_tokens: 0, eval_seq: 0, checkpointing, adapter_params: 1, threads: 2, method_floats_per_token: 0 }
     }
 
     #[test]
