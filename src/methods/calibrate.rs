@@ -16,6 +16,12 @@ pub trait InputSink: Send {
     /// One sequence's inputs at this site: `rows × in_features`, row-major; `targets[j]` is the
     /// next-token target of position `j` (`-100`: none), as in [`Batch::targets`].
     fn add(&mut self, x: &[f32], rows: usize, in_features: usize, targets: &[i32]) -> Result<()>;
+
+    /// Whether it still wants inputs (a site whose PCA another site computes does not), so
+    /// that its hook skips copying them.
+    fn wants_input(&self) -> bool {
+        true
+    }
 }
 
 /// The current micro-batch as the recording hooks see it.
@@ -34,9 +40,12 @@ struct Recorder<S> {
 impl<S: InputSink> SiteHook for Recorder<S> {
     fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, _ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        let mut sink = self.sink.lock().expect("sink lock");
+        if !sink.wants_input() {
+            return add_bias(crate::kernels::frozen_linear(x, w0)?, b0);
+        }
         let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let cur = self.current.lock().expect("batch lock").clone();
-        let mut sink = self.sink.lock().expect("sink lock");
         for (i, &len) in cur.lengths.iter().enumerate().take(b) {
             let len = len.min(t);
             if let Err(e) = sink.add(&v[i * t * d..(i * t + len) * d], len, d, &cur.targets[i * t..i * t + len]) {

@@ -155,6 +155,10 @@ impl Pca {
 }
 
 impl InputSink for Pca {
+    fn wants_input(&self) -> bool {
+        !self.alias
+    }
+
     fn add(&mut self, x: &[f32], rows: usize, n: usize, targets: &[i32]) -> Result<()> {
         if self.alias || rows == 0 {
             return Ok(());
