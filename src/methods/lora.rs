@@ -2,11 +2,12 @@
 //! `α/√r`), A Kaiming-uniform(a=√5), B = 0. Adapters are read and written in PEFT's layout,
 //! so they move freely between ferrotune and Hugging Face PEFT.
 
+use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
-use super::targets::TargetModules;
+use super::targets::{hook_targets, TargetModules};
 use super::{LoraPair, Method, MethodSpec, METHOD_KEY};
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{self as st, SaveDType};
+use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
 use crate::rng::SplitMix64;
@@ -172,9 +173,7 @@ impl Lora {
             let b = take_checked(&mut tensors, &peft_key(site, 'B'), &[out_f, r], site, src)?;
             Ok((a, b))
         })?;
-        if let Some(extra) = tensors.keys().min() {
-            return Err(Error::format(src, format!("tensor `{extra}` does not belong to any adapted module of this model")));
-        }
+        refuse_leftovers(&tensors, src, "adapted module")?;
         Ok(lora)
     }
 
@@ -186,29 +185,19 @@ impl Lora {
         mut init: impl FnMut(usize, &str, usize, usize, usize) -> Result<(Tensor, Tensor)>,
     ) -> Result<()> {
         let config = &self.config;
-        let all = model.sites();
-        let chosen: Vec<String> = config.target_modules.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        for (i, lin) in model.linears_mut().enumerate() {
-            if !chosen.contains(&lin.name) {
-                continue;
-            }
-            if lin.hook.is_some() {
-                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
-            }
+        let sites = hook_targets(model, &config.target_modules, |i, lin| {
             let info = lin.info();
-            let r = config.rank_of(&lin.name);
-            let (a, b) = init(i, &lin.name, info.in_features, info.out_features, r)?;
-            let site = Arc::new(LoraSite {
+            let (a, b) = init(i, &lin.name, info.in_features, info.out_features, config.rank_of(&lin.name))?;
+            Ok(Arc::new(LoraSite {
                 site: lin.name.clone(),
                 a: Var::from_tensor(&a)?,
                 b: Var::from_tensor(&b)?,
                 scaling: config.scaling_of(&lin.name),
                 dropout: config.dropout,
                 stream: i as u64,
-            });
-            lin.hook = Some(site.clone());
-            self.sites.push(site);
-        }
+            }))
+        })?;
+        self.sites.extend(sites);
         Ok(())
     }
 
@@ -221,7 +210,7 @@ impl Lora {
 
     /// Writes `adapter_config.json` (with `ferrotune_method = method`) and the tensors.
     pub fn save_as(&self, dir: &Path, base_model: &str, method: &str, extra: &[(String, Tensor)]) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let mut tensors = param_tensors(self.params());
         tensors.extend(extra.iter().cloned());
         Self::save_tensors(dir, base_model, method, &self.config, &tensors)
     }
@@ -242,16 +231,12 @@ impl Lora {
         tensors: &[(String, Tensor)],
         fields: &[(&str, serde_json::Value)],
     ) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        st::save(&dir.join(ADAPTER_WEIGHTS), tensors, SaveDType::F32, Some(meta))?;
         let mut cfg = peft_config_json(config, base_model);
         cfg[METHOD_KEY] = serde_json::Value::from(method);
         for (k, v) in fields {
             cfg[*k] = v.clone();
         }
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        write_adapter(dir, tensors, &cfg, true)
     }
 
     /// Writes the adapter as PEFT does.

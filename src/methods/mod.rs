@@ -13,6 +13,7 @@ pub mod adaptformer;
 pub mod calibrate;
 pub mod dora;
 pub mod eva;
+pub mod files;
 pub mod flora;
 pub mod lora;
 pub mod lora_pro;

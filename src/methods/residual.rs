@@ -103,7 +103,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static s
     // Native: rebuild each residual from the original base and the initial adapter.
     let config = read_peft_config(&dir.join(ADAPTER_CONFIG), false)?;
     let (mut tensors, w_path) = read_peft_tensors(dir)?;
-    let chosen = chosen_sites(model, &config)?;
+    let chosen = config.target_modules.site_names(model)?;
     let mut init = BTreeMap::new();
     for lin in model.linears_mut().filter(|l| chosen.contains(&l.name)) {
         let info = lin.info();
@@ -116,10 +116,6 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static s
     }
     let lora = Lora::attach_tensors(model, config, tensors, &w_path)?;
     Ok(Box::new(ResidualLora { name, kind, lora, init, converted: false }))
-}
-
-fn chosen_sites(model: &Llama, config: &LoraConfig) -> Result<Vec<String>> {
-    Ok(config.target_modules.select(&model.sites(), "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect())
 }
 
 /// `XᵀX` summed over sequences, each scaled by `1/|max(X)|` as PEFT's CorDA hook does (the
@@ -202,7 +198,7 @@ impl Method for ResidualLora {
 
     fn prepare(&mut self, model: &mut Llama, batches: &[Batch]) -> Result<()> {
         let Kind::Corda { covariances, .. } = &mut self.kind else { return Ok(()) };
-        let sites = chosen_sites(model, &self.lora.config)?;
+        let sites = self.lora.config.target_modules.site_names(model)?;
         let sinks = collect_inputs(model, &sites, batches, "CorDA: collecting input covariances", |_, n| Covariance { c: vec![0.0; n * n], n, count: 0 })?;
         for (site, cov) in sites.into_iter().zip(sinks) {
             if cov.count == 0 {
@@ -217,7 +213,7 @@ impl Method for ResidualLora {
 
     fn attach(&mut self, model: &mut Llama) -> Result<()> {
         let config = self.lora.config.clone();
-        let chosen = chosen_sites(model, &config)?;
+        let chosen = config.target_modules.site_names(model)?;
         if config.r > model.sites().iter().filter(|s| chosen.contains(&s.name)).map(|s| s.in_features.min(s.out_features)).min().unwrap_or(usize::MAX) {
             return Err(Error::config("lora_r", format!("is {}, above the smallest dimension of a target matrix", config.r)));
         }

@@ -7,11 +7,12 @@
 //! output unchanged, as every other method here does at step 0; `ssf_init = "normal"` gives
 //! the official draw.
 
+use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
-use super::targets::TargetModules;
+use super::targets::{hook_targets, TargetModules};
 use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{self as st, SaveDType};
+use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
@@ -47,9 +48,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
         let take = |t: &mut HashMap<String, Tensor>, which: &str| super::lora::take_checked(t, &key(site, which), &[out_f], site, &w_path);
         Ok((take(&mut tensors, "scale")?, take(&mut tensors, "shift")?))
     })?;
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
-    }
+    refuse_leftovers(&tensors, &w_path, "adapted module")?;
     Ok(Box::new(ssf))
 }
 
@@ -87,20 +86,11 @@ pub struct Ssf {
 
 impl Ssf {
     fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(usize, &str, usize) -> Result<(Tensor, Tensor)>) -> Result<()> {
-        let all = model.sites();
-        let chosen: Vec<String> = self.targets.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        for (i, lin) in model.linears_mut().enumerate() {
-            if !chosen.contains(&lin.name) {
-                continue;
-            }
-            if lin.hook.is_some() {
-                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
-            }
+        let sites = hook_targets(model, &self.targets, |i, lin| {
             let (scale, shift) = init(i, &lin.name, lin.info().out_features)?;
-            let site = Arc::new(SsfSite { site: lin.name.clone(), scale: Var::from_tensor(&scale)?, shift: Var::from_tensor(&shift)? });
-            lin.hook = Some(site.clone());
-            self.sites.push(site);
-        }
+            Ok(Arc::new(SsfSite { site: lin.name.clone(), scale: Var::from_tensor(&scale)?, shift: Var::from_tensor(&shift)? }))
+        })?;
+        self.sites.extend(sites);
         Ok(())
     }
 }
@@ -148,9 +138,6 @@ impl Method for Ssf {
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, None)?;
         let cfg = serde_json::json!({
             METHOD_KEY: "ssf",
             "base_model_name_or_path": base_model,
@@ -158,8 +145,7 @@ impl Method for Ssf {
             "ssf_init": self.init,
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        write_adapter(dir, &param_tensors(self.params()), &cfg, false)
     }
 
     fn merge(&self, model: &mut Llama) -> Result<()> {

@@ -1,7 +1,8 @@
 //! Which sites a method touches, in PEFT's `target_modules` semantics.
 
 use crate::error::{Error, Result};
-use crate::models::SiteInfo;
+use crate::models::{Linear, Llama, SiteHook, SiteInfo};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetModules {
@@ -67,4 +68,34 @@ impl TargetModules {
             _ => Err(Error::config(key, "expected \"all-linear\" or a list of module names")),
         }
     }
+}
+
+impl TargetModules {
+    /// Full names of the linear sites of `model` this selects (errors as [`TargetModules::select`]).
+    pub fn site_names(&self, model: &Llama) -> Result<Vec<String>> {
+        Ok(self.select(&model.sites(), "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect())
+    }
+}
+
+/// Puts a hook from `make(index among all linear sites, site)` on every linear site `targets`
+/// selects, refusing a site that already carries a method; returns the hooks in site order.
+pub fn hook_targets<H: SiteHook + 'static>(
+    model: &mut Llama,
+    targets: &TargetModules,
+    mut make: impl FnMut(usize, &Linear) -> Result<Arc<H>>,
+) -> Result<Vec<Arc<H>>> {
+    let chosen = targets.site_names(model)?;
+    let mut hooks = Vec::new();
+    for (i, lin) in model.linears_mut().enumerate() {
+        if !chosen.contains(&lin.name) {
+            continue;
+        }
+        if lin.hook.is_some() {
+            return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
+        }
+        let hook = make(i, lin)?;
+        lin.hook = Some(hook.clone());
+        hooks.push(hook);
+    }
+    Ok(hooks)
 }

@@ -21,10 +21,10 @@
 
 use super::lora::{read_peft_tensors, Lora, LoraConfig};
 use super::registry::Entry;
-use super::targets::TargetModules;
-use super::{LoraPair, Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
+use super::files::refuse_leftovers;
+use super::targets::{hook_targets, TargetModules};
+use super::{LoraPair, Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, METHOD_KEY};
 use crate::error::{Error, Result};
-use crate::formats::safetensors::{self as st, SaveDType};
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
@@ -131,9 +131,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
         let mut take = |w: &str, shape: &[usize]| super::lora::take_checked(&mut tensors, &key(site, w), shape, site, &w_path);
         Ok([take("A", &[rm, n])?, take("B", &[out, rm])?, take("L", &[rm, rm])?, take("U", &[rm, rm])?])
     })?;
-    if let Some(extra) = tensors.keys().min() {
-        return Err(Error::format(&w_path, format!("tensor `{extra}` does not belong to any adapted module of this model")));
-    }
+    refuse_leftovers(&tensors, &w_path, "adapted module")?;
     Ok(Box::new(m))
 }
 
@@ -258,29 +256,21 @@ fn init_block(site: &TriSite, seed: u64, index: usize, r0: usize, r1: usize) -> 
 
 impl TriAdaptLora {
     fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(usize, &str, usize, usize) -> Result<[Tensor; 4]>) -> Result<()> {
-        let all = model.sites();
-        let chosen: Vec<String> = self.s.targets.select(&all, "lora_target_modules")?.into_iter().map(|s| s.name.clone()).collect();
-        for (i, lin) in model.linears_mut().enumerate() {
-            if !chosen.contains(&lin.name) {
-                continue;
-            }
-            if lin.hook.is_some() {
-                return Err(Error::Model(format!("module `{}` already has a method attached", lin.name)));
-            }
+        let s = &self.s;
+        let sites = hook_targets(model, &s.targets, |i, lin| {
             let info = lin.info();
             let [a, b, l, u] = init(i, &lin.name, info.in_features, info.out_features)?;
-            let site = Arc::new(TriSite {
+            Ok(Arc::new(TriSite {
                 site: lin.name.clone(),
                 a: Var::from_tensor(&a)?,
                 b: Var::from_tensor(&b)?,
                 l: Var::from_tensor(&l)?,
                 u: Var::from_tensor(&u)?,
-                alpha: self.s.alpha,
-                growth: RwLock::new(Growth::new(vec![self.s.r_init], self.s.r_max, 0.0)?),
-            });
-            lin.hook = Some(site.clone());
-            self.sites.push(site);
-        }
+                alpha: s.alpha,
+                growth: RwLock::new(Growth::new(vec![s.r_init], s.r_max, 0.0)?),
+            }))
+        })?;
+        self.sites.extend(sites);
         Ok(())
     }
 
@@ -486,9 +476,6 @@ impl Method for TriAdaptLora {
         if self.final_form.is_some() {
             return self.save(dir, base_model);
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        st::save(&dir.join(ADAPTER_WEIGHTS), &tensors, SaveDType::F32, None)?;
         let s = &self.s;
         let cfg = serde_json::json!({
             METHOD_KEY: "triadaptlora",
@@ -499,8 +486,7 @@ impl Method for TriAdaptLora {
             "tri_r_max": s.r_max, "tri_interval": s.interval, "tri_warmup": s.warmup,
             "tri_growth": if s.nonlinear { "nonlinear" } else { "linear" }, "tri_orth_reg": s.orth_reg, "seed": s.seed,
         });
-        let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
-        crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())
+        super::files::write_adapter(dir, &super::files::param_tensors(self.params()), &cfg, false)
     }
 
     fn peft_compatible(&self) -> bool {

