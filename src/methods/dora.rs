@@ -227,3 +227,98 @@ impl Method for Dora {
         serde_json::json!({ "scaling": self.config.scaling(), "rank": self.config.r, "use_rslora": self.config.use_rslora, "magnitude": "m / ‖W0 + s·B·A‖ per row, norm detached" })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y = g ⊙ (W0·x + s·B·A·x)` in f64 for one token, with `g` given (held fixed).
+    fn site_output(w0: &[f64], a: &[f64], b: &[f64], g: &[f64], s: f64, x: &[f64], out: usize, inp: usize, r: usize) -> Vec<f64> {
+        let ax: Vec<f64> = (0..r).map(|k| (0..inp).map(|c| a[k * inp + c] * x[c]).sum()).collect();
+        (0..out)
+            .map(|o| g[o] * ((0..inp).map(|c| w0[o * inp + c] * x[c]).sum::<f64>() + s * (0..r).map(|k| b[o * r + k] * ax[k]).sum::<f64>()))
+            .collect()
+    }
+
+    /// Row norms of `W0 + s·B·A` in f64.
+    fn row_norms(w0: &[f64], a: &[f64], b: &[f64], s: f64, out: usize, inp: usize, r: usize) -> Vec<f64> {
+        (0..out)
+            .map(|o| (0..inp).map(|c| w0[o * inp + c] + s * (0..r).map(|k| b[o * r + k] * a[k * inp + c]).sum::<f64>()).map(|w| w * w).sum::<f64>().sqrt())
+            .collect()
+    }
+
+    /// DoRA's defining gradient: backprop through the site gives `A` and `B` the gradient of
+    /// `g ⊙ (W0·x + s·B·A·x)` with `g = m / ‖W0 + s·B·A‖` held fixed (PEFT detaches the norm), which
+    /// finite differences with the norm frozen reproduce, and which differs from the gradient
+    /// with the norm live. The forward equals the formula, and `m` gets `(W0·x + s·B·A·x) / n`.
+    #[test]
+    fn a_and_b_gradients_hold_the_norm_fixed() {
+        let (out, inp, r, tokens, s) = (5usize, 7usize, 3usize, 4usize, 0.7f64);
+        let mut rng = SplitMix64::new(11);
+        let mut draw = |n: usize, scale: f64| -> Vec<f64> { (0..n).map(|_| (rng.next_f32() as f64 * 2.0 - 1.0) * scale).collect() };
+        let (w0, a, b, x, weights) = (draw(out * inp, 1.0), draw(r * inp, 0.5), draw(out * r, 0.5), draw(tokens * inp, 1.0), draw(tokens * out, 1.0));
+        let m: Vec<f64> = draw(out, 0.5).iter().map(|v| 1.0 + v).collect();
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        // The test's reference uses the f32-rounded values the site sees.
+        let round = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<f64>>();
+        let (w0, a, b, x, weights, m) = (round(&w0), round(&a), round(&b), round(&x), round(&weights), round(&m));
+
+        let frozen = FrozenWeight::from_f32(f32s(&w0), out, inp).unwrap();
+        let var = |v: &[f64], shape: &[usize]| Var::from_tensor(&Tensor::from_vec(f32s(v), shape, &Device::Cpu).unwrap()).unwrap();
+        let w0_sq = (0..out).map(|o| w0[o * inp..(o + 1) * inp].iter().map(|w| w * w).sum()).collect();
+        let site = DoraSite { site: "t".into(), a: var(&a, &[r, inp]), b: var(&b, &[out, r]), m: var(&m, &[out]), scaling: s, dropout: 0.0, stream: 0, w0_sq };
+        let xt = Tensor::from_vec(f32s(&x), (1, tokens, inp), &Device::Cpu).unwrap();
+        let y = site.forward(&xt, &frozen, None, &ForwardCtx { train: true, seed: 0 }).unwrap();
+        let loss = (&y * Tensor::from_vec(f32s(&weights), (1, tokens, out), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let grad = |v: &Var| -> Vec<f32> { grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        let (ga, gb, gm) = (grad(&site.a), grad(&site.b), grad(&site.m));
+
+        let norms = row_norms(&w0, &a, &b, s, out, inp, r);
+        let g_fixed: Vec<f64> = (0..out).map(|o| m[o] / norms[o]).collect();
+        let objective = |a: &[f64], b: &[f64], g: Option<&[f64]>| -> f64 {
+            let live: Vec<f64>;
+            let g = match g {
+                Some(g) => g,
+                None => {
+                    let n = row_norms(&w0, a, b, s, out, inp, r);
+                    live = (0..out).map(|o| m[o] / n[o]).collect();
+                    &live
+                }
+            };
+            (0..tokens).map(|t| site_output(&w0, a, b, g, s, &x[t * inp..(t + 1) * inp], out, inp, r).iter().zip(&weights[t * out..(t + 1) * out]).map(|(y, w)| y * w).sum::<f64>()).sum()
+        };
+
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        for t in 0..tokens {
+            let expect = site_output(&w0, &a, &b, &g_fixed, s, &x[t * inp..(t + 1) * inp], out, inp, r);
+            for o in 0..out {
+                assert!((y[t * out + o] as f64 - expect[o]).abs() < 1e-5 * (1.0 + expect[o].abs()), "y[{t},{o}] = {} vs {}", y[t * out + o], expect[o]);
+            }
+        }
+
+        let h = 1e-5;
+        let mut largest_norm_effect = 0f64;
+        for (name, values, backprop, is_a) in [("A", &a, &ga, true), ("B", &b, &gb, false)] {
+            for i in 0..values.len() {
+                let fd = |g: Option<&[f64]>| {
+                    let (mut plus, mut minus) = (values.clone(), values.clone());
+                    plus[i] += h;
+                    minus[i] -= h;
+                    let f = |v: &[f64]| if is_a { objective(v, &b, g) } else { objective(&a, v, g) };
+                    (f(&plus) - f(&minus)) / (2.0 * h)
+                };
+                let held = fd(Some(&g_fixed));
+                assert!((backprop[i] as f64 - held).abs() < 1e-4 * (1.0 + held.abs()), "d loss / d {name}[{i}]: backprop {} vs finite difference with the norm held {held}", backprop[i]);
+                largest_norm_effect = largest_norm_effect.max((fd(None) - held).abs());
+            }
+        }
+        // Were the norm not detached, backprop would match the live-norm differences instead.
+        assert!(largest_norm_effect > 1e-2, "the norm's own gradient is too small ({largest_norm_effect}) for this test to tell a detached norm from a live one");
+
+        for o in 0..out {
+            let expect: f64 = (0..tokens).map(|t| weights[t * out + o] * site_output(&w0, &a, &b, &vec![1.0 / norms[o]; out], s, &x[t * inp..(t + 1) * inp], out, inp, r)[o]).sum();
+            assert!((gm[o] as f64 - expect).abs() < 1e-4 * (1.0 + expect.abs()), "d loss / d m[{o}]: {} vs {expect}", gm[o]);
+        }
+    }
+}
