@@ -272,6 +272,17 @@ fn swiglu_gradients() {
 }
 
 #[test]
+fn column_scale_and_shift_gradients() {
+    // More rows than one work item, so that the per-thread partial sums are exercised.
+    let y = randn(&[3, 50, 7], 15);
+    let v = randn(&[7], 16);
+    check(&[y.clone(), v.clone()], &|a| kernels::scale_columns(&a[0], &a[1]).unwrap(), &|a| a[0].broadcast_mul(&a[1]).unwrap(), 1e-5);
+    let shift = randn(&[7], 17);
+    check(&[y, v, shift], &|a| kernels::scale_shift_columns(&a[0], &a[1], &a[2]).unwrap(), &|a| a[0].broadcast_mul(&a[1]).unwrap().broadcast_add(&a[2]).unwrap(), 1e-5);
+    assert!(kernels::scale_columns(&randn(&[2, 3], 1), &randn(&[2], 2)).is_err(), "a vector of the wrong length is refused");
+}
+
+#[test]
 fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     let (n, d, vocab) = (300, 16, 50); // more rows than one chunk
     let h = randn(&[n, d], 15);

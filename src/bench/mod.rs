@@ -185,6 +185,25 @@ fn targets_of_bench() -> [&'static str; 7] {
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 }
 
+/// The bench's method `name` (a registry name, or `rslora`), set up as the workload compare.sh
+/// gives PEFT: r = 16, α = 32, no dropout, on all seven projections.
+pub fn create_method(name: &str) -> Result<Box<dyn Method>> {
+    let spec = MethodSpec {
+        adapter: if name == "rslora" { "lora".into() } else { name.to_string() },
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: TargetModules::Names(targets_of_bench().map(String::from).to_vec()),
+        use_rslora: name == "rslora",
+        seed: 1234,
+        options: Default::default(),
+    };
+    registry::create(&spec).map_err(|e| match e {
+        Error::Config { detail, .. } => Error::flag("--method", format!("{detail} (or rslora, none)")),
+        other => other,
+    })
+}
+
 pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let (b, t) = (opts.batch, opts.seq);
     let mut rng = SplitMix64::new(1234);
@@ -198,21 +217,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         "none" if opts.forward_only => None,
         "none" => return Err(Error::flag("--method", "`none` trains nothing: use it with --forward-only")),
         name => {
-            // The workload compare.sh gives PEFT: r = 16, α = 32 on all seven projections.
-            let spec = MethodSpec {
-                adapter: if name == "rslora" { "lora".into() } else { name.to_string() },
-                r: 16,
-                alpha: 32.0,
-                dropout: 0.0,
-                target_modules: TargetModules::Names(targets_of_bench().map(String::from).to_vec()),
-                use_rslora: name == "rslora",
-                seed: 1234,
-                options: Default::default(),
-            };
-            let mut method = registry::create(&spec).map_err(|e| match e {
-                Error::Config { detail, .. } => Error::flag("--method", format!("{detail} (or rslora, none)")),
-                other => other,
-            })?;
+            let mut method = create_method(name)?;
             let calibration = vec![batch.clone(); method.init_batches()];
             method.prepare(&mut model, &calibration)?;
             method.attach(&mut model)?;

@@ -1,5 +1,5 @@
-use crate::bench::{random_model, run as run_bench, shape_config, BenchOptions};
-use crate::methods::TargetModules;
+use crate::bench::{create_method, random_model, run as run_bench, shape_config, BenchOptions};
+use crate::methods::{PlannedMemory, TargetModules};
 use crate::models::load::{load_model_with, LoadOptions};
 use crate::train::memory::{self, Footprint, StepShape};
 use std::path::Path;
@@ -30,11 +30,15 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         (None, None) => anyhow::bail!("give --model PATH or --shape NAME (or set PEERS_GGUF)"),
     };
     let mut report = run_bench(m, opts)?;
-    let adapter_params = if opts.method == "none" {
-        0
+    // What the bench's method plans to hold, as `ferrotune train`'s check counts it.
+    let planned = if opts.method == "none" {
+        PlannedMemory::default()
     } else {
-        // The bench's adapter: r = 16 on all seven projections.
-        memory::lora_params(&footprint.config, &TargetModules::AllLinear, 16)?
+        let method = create_method(&opts.method)?;
+        match method.planned_memory(&memory::site_shapes(&footprint.config), &memory::block_shapes(&footprint.config))? {
+            Some(p) => p,
+            None => PlannedMemory { trainable_params: memory::lora_params(&footprint.config, &TargetModules::AllLinear, 16)?, ..Default::default() },
+        }
     };
     let tokens = opts.batch * opts.seq;
     let (train, eval) = if opts.forward_only { (0, tokens) } else { (tokens, 0) };
@@ -44,11 +48,15 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         eval_tokens: eval,
         eval_seq: opts.seq,
         checkpointing: opts.checkpointing,
-        adapter_params: if opts.forward_only { 0 } else { adapter_params },
+        adapter_params: if opts.forward_only { 0 } else { planned.trainable_params },
         threads: rayon::current_num_threads(),
-        method_floats_per_token: 0,
+        method_floats_per_token: if opts.forward_only { 0 } else { planned.floats_per_token },
     };
-    report.memory_estimate_mib = Some(memory::estimate(&footprint, &step, process).total_mib());
+    let mut estimate = memory::estimate(&footprint, &step, process);
+    if !opts.forward_only {
+        estimate.total += planned.extra_bytes;
+    }
+    report.memory_estimate_mib = Some(estimate.total_mib());
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! of candle ops (`tests/kernels.rs`).
 
 mod attention;
+mod columns;
 mod cross_entropy;
 mod dropout;
 mod frozen_weight;
@@ -19,6 +20,7 @@ mod swiglu;
 pub(crate) mod vexp;
 
 pub use attention::causal_attention;
+pub use columns::{scale_columns, scale_shift_columns};
 pub use cross_entropy::{lm_head_logits, lm_head_nll, IGNORE_INDEX};
 pub use dropout::dropout;
 pub use frozen_weight::FrozenWeight;

@@ -102,14 +102,14 @@ impl SiteHook for DoraSite {
         let (a, b, m) = (t(&self.a), t(&self.b), t(&self.m));
         let norm = self.weight_norm(w0).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let norm = Tensor::from_vec(norm, m.dims(), m.device())?;
-        let g = m.broadcast_div(&norm)?;
+        let g = (m / norm)?;
         let dropout = if ctx.train { self.dropout } else { 0.0 };
         let y = if dropout == 0.0 {
-            crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, 0.0, 0)?.broadcast_mul(&g)?
+            crate::kernels::scale_columns(&crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, 0.0, 0)?, &g)?
         } else {
             let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
             let xd = crate::kernels::dropout(x, dropout, seed)?;
-            let branch = crate::kernels::lora_linear(&xd, w0, &a, &b, self.scaling as f32, 0.0, 0)?.broadcast_mul(&g)?;
+            let branch = crate::kernels::scale_columns(&crate::kernels::lora_linear(&xd, w0, &a, &b, self.scaling as f32, 0.0, 0)?, &g)?;
             ((crate::kernels::frozen_linear(x, w0)? - crate::kernels::frozen_linear(&xd, w0)?)? + branch)?
         };
         add_bias(y, b0)

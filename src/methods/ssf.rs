@@ -14,7 +14,7 @@ use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, 
 use crate::error::{Error, Result};
 use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
-use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
+use crate::models::{BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
 use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
@@ -72,8 +72,13 @@ impl SiteHook for SsfSite {
         } else {
             (self.scale.as_detached_tensor(), self.shift.as_detached_tensor())
         };
-        let y = add_bias(crate::kernels::frozen_linear(x, w0)?, b0)?;
-        y.broadcast_mul(&g)?.broadcast_add(&b)
+        // γ⊙(W0·x + b0) + β as γ⊙(W0·x) + (γ⊙b0 + β): the bias rides on the shift, so no
+        // biased copy of the output is made or kept for the backward.
+        let shift = match b0 {
+            Some(b0) => ((&g * b0)? + &b)?,
+            None => b,
+        };
+        crate::kernels::scale_shift_columns(&crate::kernels::frozen_linear(x, w0)?, &g, &shift)
     }
 }
 
@@ -134,7 +139,8 @@ impl Method for Ssf {
 
     fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let chosen = self.targets.select(sites, "lora_target_modules")?;
-        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0, floats_per_token: chosen.iter().map(|s| 2 * s.out_features as u64).sum() }))
+        // Kept per token for the backward: each site's unscaled output (γ's gradient reads it).
+        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.out_features as u64).sum() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

@@ -189,6 +189,11 @@ fn qkv_out(c: &ModelConfig) -> u64 {
     ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim) as u64
 }
 
+/// The block-level sites (each layer's MLP) of a model of config `c`.
+pub fn block_shapes(c: &ModelConfig) -> Vec<BlockSiteInfo> {
+    (0..c.num_hidden_layers).map(|i| BlockSiteInfo { name: format!("model.layers.{i}.mlp"), hidden_size: c.hidden_size }).collect()
+}
+
 /// Every linear site of the decoder with its shape, in `Llama::sites` order.
 pub fn site_shapes(c: &ModelConfig) -> Vec<SiteInfo> {
     let (d, ff) = (c.hidden_size, c.intermediate_size);
@@ -447,9 +452,7 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
 pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize, process: u64) -> Result<MemoryEstimate> {
     let fp = Footprint::of_model(&cfg.base_model, &cfg.load_options()?)?;
     let method = crate::methods::registry::create(&crate::methods::MethodSpec::from_config(cfg))?;
-    let blocks: Vec<BlockSiteInfo> =
-        (0..fp.config.num_hidden_layers).map(|i| BlockSiteInfo { name: format!("model.layers.{i}.mlp"), hidden_size: fp.config.hidden_size }).collect();
-    let planned = match method.planned_memory(&site_shapes(&fp.config), &blocks)? {
+    let planned = match method.planned_memory(&site_shapes(&fp.config), &block_shapes(&fp.config))? {
         Some(p) => p,
         None => PlannedMemory { trainable_params: lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?, ..Default::default() },
     };

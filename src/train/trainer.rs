@@ -97,7 +97,10 @@ fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>
                 make_batch(&examples, pad_id)
             })
             .collect();
+        let t0 = Instant::now();
         method.prepare(model, &batches)?;
+        let examples: usize = batches.iter().map(|b| b.batch_size).sum();
+        eprintln!("{}: prepared from {n} micro-batches ({examples} examples) in {:.1} s", method.name(), t0.elapsed().as_secs_f64());
     }
     method.attach(model)?;
     Ok(method)
