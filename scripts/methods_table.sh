@@ -2,8 +2,9 @@
 # Every method of the registry on the quickstart recipe (examples/quickstart/gsm8k-lora.toml:
 # SmolLM2-135M Q4_1, r = 16 on all seven projections, the same steps, data and seed), one run
 # after the other, and a Markdown table of: dev eval loss before/after, trainable parameters,
-# training tokens/s and peak RSS, the last two also relative to LoRA, and the time of the
-# data-driven init (`prepare`) for the methods that have one.
+# training tokens/s and peak RSS, the last two also relative to LoRA, and the time the
+# method's initialisation took where it is more than a second (data-driven or decomposition
+# inits: EVA, CorDA, PiSSA, OLoRA).
 #
 #   bash scripts/methods_table.sh [METHOD ...]      (default: every method; --set KEY=VALUE passes through)
 #   bash scripts/methods_table.sh --table-only [METHOD ...]   (the table from the runs already there)
@@ -58,17 +59,17 @@ for m in sys.argv[1:]:
     tps = [x["tokens_per_s"] for x in metrics if x.get("tokens_per_s")]
     # The first step pays one-off costs (allocation, page faults); leave it out of the rate.
     steady = tps[1:] or tps
-    prep = re.search(r"prepared from \d+ micro-batches \((\d+) examples\) in ([\d.]+) s", open(f"{d}.log").read())
+    init = re.search(r"initialised(?: from \d+ micro-batches \((\d+) examples\))? in ([\d.]+) s", open(f"{d}.log").read())
     rows[m] = dict(before=evals[0], after=evals[-1], params=run["resolved"]["trainable_params"],
                    tps=sum(steady) / len(steady), rss=rss_kib / 1024,
-                   prepare=f"{float(prep.group(2)):.1f} s ({prep.group(1)} examples)" if prep else "none")
+                   init=(f"{float(init.group(2)):.1f} s" + (f" ({init.group(1)} examples)" if init.group(1) else "")) if init else "")
 base = rows.get("lora")
-print("| method | dev eval loss before → after | trainable params | tokens/s (× LoRA) | peak RSS MiB (× LoRA) | prepare |")
+print("| method | dev eval loss before → after | trainable params | tokens/s (× LoRA) | peak RSS MiB (× LoRA) | init time |")
 print("|---|---|---|---|---|---|")
 for m, r in rows.items():
     if r is None:
         print(f"| `{m}` | failed (see runs/methods/{m}.log) | | | | |")
         continue
     rel = lambda k: f" ({r[k] / base[k]:.2f}×)" if base else ""
-    print(f"| `{m}` | {r['before']:.4f} → {r['after']:.4f} | {r['params']:,} | {r['tps']:.0f}{rel('tps')} | {r['rss']:.0f}{rel('rss')} | {r['prepare']} |")
+    print(f"| `{m}` | {r['before']:.4f} → {r['after']:.4f} | {r['params']:,} | {r['tps']:.0f}{rel('tps')} | {r['rss']:.0f}{rel('rss')} | {r['init']} |")
 EOF

@@ -283,6 +283,24 @@ fn column_scale_and_shift_gradients() {
 }
 
 #[test]
+fn gram_lower_accumulate_matches_the_full_product() {
+    use kernels::gemm::{gram_entry, gram_lower_accumulate};
+    // n spans more than one column block, and the accumulation adds to what is there.
+    let (rows, n) = (9, 300);
+    let x: Vec<f32> = randn(&[rows, n], 21).flatten_all().unwrap().to_vec1().unwrap();
+    let mut c = vec![0f32; n * n];
+    gram_lower_accumulate(&mut c, &x, rows, n, 0.5);
+    gram_lower_accumulate(&mut c, &x, rows, n, 0.25);
+    for i in 0..n {
+        for j in 0..n {
+            let want: f64 = 0.75 * (0..rows).map(|t| x[t * n + i] as f64 * x[t * n + j] as f64).sum::<f64>();
+            let got = gram_entry(&c, n, i, j) as f64;
+            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "({i}, {j}): {got} vs {want}");
+        }
+    }
+}
+
+#[test]
 fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     let (n, d, vocab) = (300, 16, 50); // more rows than one chunk
     let h = randn(&[n, d], 15);

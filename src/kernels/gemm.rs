@@ -40,6 +40,29 @@ pub fn matmul_tn_scaled(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize,
     gemm_views(c, View::rows(0, n), a, View::rows(0, m).t(), b, View::rows(0, n), m, k, n, accumulate, beta, parallelism(m, n, k));
 }
 
+/// `c[n,n] += beta·xᵀ·x` for `x: [rows, n]`, on and below the diagonal only: the lower
+/// triangle in column blocks, about half the work of the full product (a Gram matrix is
+/// symmetric). Entries above the diagonal are partly written; read with [`gram_entry`].
+pub fn gram_lower_accumulate(c: &mut [f32], x: &[f32], rows: usize, n: usize, beta: f32) {
+    const BLOCK: usize = 128;
+    assert!(c.len() == n * n && x.len() >= rows * n);
+    for j0 in (0..n).step_by(BLOCK) {
+        let w = BLOCK.min(n - j0);
+        // c[j0.., j0..j0+w] += beta · x[:, j0..]ᵀ · x[:, j0..j0+w]
+        let xt = View { offset: j0, row_stride: 1, col_stride: n };
+        matmul_strided(c, View::rows(j0 * n + j0, n), x, xt, x, View::rows(j0, n), n - j0, rows, w, true, beta);
+    }
+}
+
+/// Entry `(i, j)` of a Gram matrix [`gram_lower_accumulate`] wrote.
+pub fn gram_entry(c: &[f32], n: usize, i: usize, j: usize) -> f32 {
+    if i >= j {
+        c[i * n + j]
+    } else {
+        c[j * n + i]
+    }
+}
+
 /// A row-major matrix view inside a larger buffer: element `(i, j)` is at
 /// `offset + i * row_stride + j * col_stride`.
 #[derive(Clone, Copy)]

@@ -24,6 +24,26 @@ pub trait InputSink: Send {
     }
 }
 
+/// A hash of one input's values, to find sites that read the same input (a layer's q/k/v,
+/// its gate/up), whose statistics are then computed once.
+pub fn input_hash(x: &[f32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    x.iter().for_each(|v| v.to_bits().hash(&mut h));
+    h.finish()
+}
+
+/// For each site, the first site whose first input hashed the same (itself when none did):
+/// the site that computes its statistics.
+pub fn leaders(first_hashes: &[Option<u64>]) -> Vec<usize> {
+    (0..first_hashes.len())
+        .map(|i| match first_hashes[i] {
+            Some(h) => (0..i).find(|&j| first_hashes[j] == Some(h)).unwrap_or(i),
+            None => i,
+        })
+        .collect()
+}
+
 /// The current micro-batch as the recording hooks see it.
 #[derive(Default, Clone)]
 struct Current {

@@ -3,7 +3,8 @@
 //! output row (initialised to the row norms of `W0`) and `n` the row norms of `W0 + s·B·A`,
 //! computed from a detached `B·A` and detached as a whole: no gradient flows through `n`
 //! (the DoRA paper's §4.3 suggestion, which PEFT follows). With dropout, as PEFT: the base
-//! term keeps the undropped input, `y = W0·x + (g − 1) ⊙ W0·drop(x) + g ⊙ s·B·A·drop(x) + b`.
+//! term keeps the undropped input, `y = W0·x + (g − 1) ⊙ W0·drop(x) + g ⊙ s·B·A·drop(x) + b`,
+//! computed as `W0·(x − drop(x)) + g ⊙ (W0·drop(x) + s·B·A·drop(x)) + b`.
 //!
 //! `n² = ‖W0ᵢ‖² + 2s·⟨W0ᵢ, (B·A)ᵢ⟩ + s²·‖(B·A)ᵢ‖²` per row, with `‖W0ᵢ‖²` computed once and the
 //! cross term from `A·W0ᵀ` (an `r × out` product), so a quantized base is never expanded to f32.
@@ -109,8 +110,10 @@ impl SiteHook for DoraSite {
         } else {
             let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
             let xd = crate::kernels::dropout(x, dropout, seed)?;
+            // W0·x + (g − 1)⊙W0·xd + g⊙s·B·A·xd = W0·(x − xd) + g⊙(W0·xd + s·B·A·xd): one base
+            // product fewer than PEFT's three-term form.
             let branch = crate::kernels::scale_columns(&crate::kernels::lora_linear(&xd, w0, &a, &b, self.scaling as f32, 0.0, 0)?, &g)?;
-            ((crate::kernels::frozen_linear(x, w0)? - crate::kernels::frozen_linear(&xd, w0)?)? + branch)?
+            (crate::kernels::frozen_linear(&(x - &xd)?, w0)? + branch)?
         };
         add_bias(y, b0)
     }
@@ -182,8 +185,8 @@ impl Method for Dora {
         let r = self.config.r as u64;
         let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64 + s.out_features as u64).sum();
         // Kept for the backward beyond LoRA's: the branch output and its rescaling per site;
-        // with dropout also the dropped input and the two frozen products PEFT's form needs.
-        let per_site = |s: &&SiteInfo| if self.config.dropout > 0.0 { (s.in_features + 5 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
+        // with dropout also the dropped input, `x − drop(x)` and the base product of it.
+        let per_site = |s: &&SiteInfo| if self.config.dropout > 0.0 { (2 * s.in_features + 3 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
         let floats_per_token = chosen.iter().map(per_site).sum();
         Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token }))
     }

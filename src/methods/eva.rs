@@ -19,13 +19,14 @@
 //! `eva_adjust_scaling_factors`, `alpha_pattern` keeps `α_l / r_l = α / r`. Saved as a plain
 //! PEFT LoRA with `rank_pattern` / `alpha_pattern`.
 
-use super::calibrate::{cycle_inputs, InputSink};
+use super::calibrate::{cycle_inputs, input_hash, leaders, InputSink};
 use super::lora::{read_peft_config, Lora, LoraConfig};
 use super::registry::Entry;
 use super::targets::TargetModules;
 use super::{LoraPair, Method, MethodSpec};
 use crate::data::Batch;
 use crate::error::{Error, Result};
+use crate::kernels::gemm::{gram_lower_accumulate, matmul_nn};
 use crate::linalg::{self, Mat};
 use crate::models::Llama;
 use crate::rng::SplitMix64;
@@ -150,7 +151,9 @@ impl Pca {
         let n = self.n;
         let m = self.rows.max(2.0);
         let mean: Vec<f64> = self.sum.iter().map(|s| s / m).collect();
-        Mat::from_fn(n, n, |i, j| (self.xtx[i * n + j] - m * mean[i] * mean[j]) / (m - 1.0))
+        // `xtx` holds the lower triangle (see gram_lower_accumulate).
+        let xtx = |i: usize, j: usize| if i >= j { self.xtx[i * n + j] } else { self.xtx[j * n + i] };
+        Mat::from_fn(n, n, |i, j| (xtx(i, j) - m * mean[i] * mean[j]) / (m - 1.0))
     }
 }
 
@@ -163,12 +166,7 @@ impl InputSink for Pca {
         if self.alias || rows == 0 {
             return Ok(());
         }
-        if self.first_hash.is_none() {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            x.iter().for_each(|v| v.to_bits().hash(&mut h));
-            self.first_hash = Some(h.finish());
-        }
+        self.first_hash.get_or_insert_with(|| input_hash(x));
         // Position j's label is the target of position j − 1; the first position's is taken as
         // trained when the sequence's first target is.
         let keep: Vec<usize> = (0..rows)
@@ -181,9 +179,7 @@ impl InputSink for Pca {
         for row in sel.chunks(n) {
             self.pending_sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b as f64);
         }
-        let xs = Tensor::from_vec(sel, (keep.len(), n), &Device::Cpu)?;
-        let c: Vec<f32> = xs.t()?.matmul(&xs)?.flatten_all()?.to_vec1()?;
-        self.pending_xtx.iter_mut().zip(c).for_each(|(a, b)| *a += b);
+        gram_lower_accumulate(&mut self.pending_xtx, &sel, keep.len(), n, 1.0);
         self.pending_rows += keep.len();
         Ok(())
     }
@@ -206,13 +202,25 @@ fn flip_signs(c: &mut Mat) {
 }
 
 /// Top-`k` eigenvectors (as rows) and eigenvalues of the symmetric `c` by subspace iteration
-/// warm-started from `start` (rows), with a Rayleigh–Ritz step.
+/// warm-started from `start` (rows), with a Rayleigh–Ritz step. The products with `c` run in
+/// f32 on the multi-threaded GEMM: this estimate only decides when the components have
+/// converged (cosine ≥ τ); the components EVA keeps come from the exact f64 PCA at the end.
 fn subspace_top(c: &Mat, start: &Mat, iters: usize) -> (Mat, Vec<f64>) {
+    let (n, k) = (c.nrows(), start.nrows());
+    // Symmetric, so its column-major storage is also its row-major one.
+    let c32: Vec<f32> = c.iter().map(|&v| v as f32).collect();
+    let times_c = |q: &Mat| -> Mat {
+        let q32: Vec<f32> = (0..n).flat_map(|i| (0..k).map(move |j| q[(i, j)] as f32)).collect();
+        let mut cq = vec![0f32; n * k];
+        matmul_nn(&mut cq, &c32, &q32, n, n, k, false);
+        linalg::from_rows(n, k, &cq)
+    };
     let mut q = linalg::qr(&start.transpose()).0;
     for _ in 0..iters {
-        q = linalg::qr(&(c * &q)).0;
+        q = linalg::qr(&times_c(&q)).0;
     }
-    let t = q.transpose() * c * &q;
+    let t = q.transpose() * times_c(&q);
+    let t = (&t + t.transpose()) * 0.5;
     let (vals, vecs) = linalg::sym_eig(&t);
     ((q * vecs).transpose(), vals)
 }
@@ -269,12 +277,8 @@ impl Method for Eva {
         let mut step = |pcas: &mut [&mut Pca], count: usize| -> Result<bool> {
             if count == 1 {
                 // Sites whose first inputs hash alike share the first such site's PCA.
-                for i in 0..pcas.len() {
-                    if let Some(j) = (0..i).find(|&j| pcas[j].first_hash.is_some() && pcas[j].first_hash == pcas[i].first_hash && !pcas[j].alias) {
-                        leader[i] = j;
-                        pcas[i].alias = true;
-                    }
-                }
+                leader = leaders(&pcas.iter().map(|p| p.first_hash).collect::<Vec<_>>());
+                pcas.iter_mut().enumerate().for_each(|(i, p)| p.alias = leader[i] != i);
             }
             let leaders: Vec<usize> = (0..pcas.len()).filter(|&i| !pcas[i].alias).collect();
             let updated: Vec<(usize, Option<(Mat, Vec<f64>, Vec<bool>)>)> = {

@@ -13,12 +13,13 @@
 //!   `A' = [A; A0]`, `B' = [B, −B0]`, `r` and `lora_alpha` doubled (rsLoRA: alpha ·√2), so
 //!   `s'·B'·A' = s·(B·A − B0·A0)`. Any LoRA tool loads it on the unmodified base model.
 
-use super::calibrate::{collect_inputs, InputSink};
+use super::calibrate::{cycle_inputs, input_hash, leaders, InputSink};
 use super::lora::{peft_key, read_peft_config, read_peft_tensors, take_checked, Lora, LoraConfig};
 use super::registry::Entry;
 use super::{LoraPair, Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
 use crate::data::Batch;
 use crate::error::{Error, Result};
+use crate::kernels::gemm::{gram_entry, gram_lower_accumulate};
 use crate::kernels::FrozenWeight;
 use crate::linalg::{self, Mat};
 use crate::models::{BlockSiteInfo, Llama, SiteInfo};
@@ -26,6 +27,7 @@ use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 pub const PISSA: Entry = Entry {
     name: "pissa",
@@ -64,7 +66,8 @@ pub const CORDA: Entry = Entry {
 enum Kind {
     Pissa,
     Olora,
-    Corda { kpm: bool, batches: usize, covariances: HashMap<String, Mat> },
+    /// Sites reading the same input share one covariance.
+    Corda { kpm: bool, batches: usize, covariances: HashMap<String, Arc<Mat>> },
 }
 
 pub struct ResidualLora {
@@ -119,54 +122,84 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static s
 }
 
 /// `XᵀX` summed over sequences, each scaled by `1/|max(X)|` as PEFT's CorDA hook does (the
-/// largest signed value, not the largest magnitude), and the number of sequences.
+/// largest signed value, not the largest magnitude), accumulated in f32 as PEFT does, and the
+/// number of sequences.
 struct Covariance {
-    c: Vec<f64>,
+    /// Lower triangle, see [`gram_lower_accumulate`].
+    c: Vec<f32>,
     n: usize,
     count: usize,
+    first_hash: Option<u64>,
+    /// Another site reads the same input and computes this covariance.
+    alias: bool,
+}
+
+impl Covariance {
+    fn new(n: usize) -> Self {
+        Self { c: vec![0.0; n * n], n, count: 0, first_hash: None, alias: false }
+    }
+
+    fn mean(&self) -> Mat {
+        let count = self.count as f64;
+        Mat::from_fn(self.n, self.n, |i, j| gram_entry(&self.c, self.n, i, j) as f64 / count)
+    }
 }
 
 impl InputSink for Covariance {
+    fn wants_input(&self) -> bool {
+        !self.alias
+    }
+
     fn add(&mut self, x: &[f32], rows: usize, n: usize, _targets: &[i32]) -> Result<()> {
-        if rows == 0 {
+        if rows == 0 || self.alias {
             return Ok(());
         }
+        self.first_hash.get_or_insert_with(|| input_hash(x));
         let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max).abs();
         if !max.is_finite() || max == 0.0 {
             return Err(Error::Model("CorDA: a site's inputs are zero or not finite; the covariance would be invalid".into()));
         }
-        let xs = Tensor::from_vec(x.iter().map(|v| v / max).collect::<Vec<f32>>(), (rows, n), &candle_core::Device::Cpu)?;
-        let c: Vec<f32> = xs.t()?.matmul(&xs)?.flatten_all()?.to_vec1()?;
-        self.c.iter_mut().zip(c).for_each(|(a, b)| *a += b as f64);
+        // (X/max)ᵀ(X/max) = XᵀX/max²
+        gram_lower_accumulate(&mut self.c, x, rows, n, 1.0 / (max * max));
         self.count += 1;
         Ok(())
     }
 }
 
-/// CorDA's decomposition of one site (PEFT's `collect_eigens_for_layer` + `corda_init`).
-fn corda_factors(w: &Mat, cov: &Mat, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
+/// CorDA's damped covariance `C + δ·mean(diag C)·I` and its inverse, δ doubling from 0.01 until
+/// the inverse is accurate (PEFT's `collect_eigens_for_layer`).
+struct Damped {
+    fixed: Mat,
+    inv: Mat,
+}
+
+fn damp(cov: &Mat) -> Result<Damped> {
     let n = cov.nrows();
     let mean_diag = (0..n).map(|i| cov[(i, i)]).sum::<f64>() / n as f64;
     let mut damp = 0.01;
-    let (fixed, inv) = loop {
+    loop {
         let fixed = cov + Mat::identity(n, n) * (mean_diag * damp);
         let inv = linalg::inverse(&fixed, "CorDA's damped covariance")?;
         let err = (&fixed * &inv - Mat::identity(n, n)).norm();
         if err < 0.05 {
-            break (fixed, inv);
+            return Ok(Damped { fixed, inv });
         }
         damp *= 2.0;
         if damp > 1e6 {
             return Err(Error::Model("CorDA: the input covariance cannot be inverted even with heavy damping".into()));
         }
-    };
-    let d = linalg::svd(&(w * &fixed))?;
-    let k = d.s.len();
+    }
+}
+
+/// CorDA's decomposition of one site (PEFT's `corda_init`) from its damped covariance.
+fn corda_factors(w: &Mat, d: &Damped, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
+    let svd = linalg::svd(&(w * &d.fixed))?;
+    let k = svd.s.len();
     let cols: Vec<usize> = if kpm { (k - r..k).collect() } else { (0..r).collect() };
     // V = (Vh·C⁻¹)ᵀ; A = Vᵀ·√(S/s) by rows, B = U·√(S/s) by columns.
-    let vh_inv = &d.vt * &inv;
-    let a = Mat::from_fn(r, w.ncols(), |i, j| vh_inv[(cols[i], j)] * (d.s[cols[i]] / s).sqrt());
-    let b = Mat::from_fn(w.nrows(), r, |i, j| d.u[(i, cols[j])] * (d.s[cols[j]] / s).sqrt());
+    let vh_inv = &svd.vt * &d.inv;
+    let a = Mat::from_fn(r, w.ncols(), |i, j| vh_inv[(cols[i], j)] * (svd.s[cols[i]] / s).sqrt());
+    let b = Mat::from_fn(w.nrows(), r, |i, j| svd.u[(i, cols[j])] * (svd.s[cols[j]] / s).sqrt());
     Ok((a, b))
 }
 
@@ -199,15 +232,25 @@ impl Method for ResidualLora {
     fn prepare(&mut self, model: &mut Llama, batches: &[Batch]) -> Result<()> {
         let Kind::Corda { covariances, .. } = &mut self.kind else { return Ok(()) };
         let sites = self.lora.config.target_modules.site_names(model)?;
-        let sinks = collect_inputs(model, &sites, batches, "CorDA: collecting input covariances", |_, n| Covariance { c: vec![0.0; n * n], n, count: 0 })?;
-        for (site, cov) in sites.into_iter().zip(sinks) {
-            if cov.count == 0 {
-                return Err(Error::Model(format!("CorDA: no input reached `{site}`")));
+        let mut leader: Vec<usize> = (0..sites.len()).collect();
+        let sinks = cycle_inputs(model, &sites, batches, batches.len(), "CorDA: collecting input covariances", |_, n| Covariance::new(n), |sinks, count| {
+            if count == 1 {
+                // Sites reading the same input (q/k/v, gate/up) share the first one's covariance.
+                leader = leaders(&sinks.iter().map(|s| s.first_hash).collect::<Vec<_>>());
+                sinks.iter_mut().enumerate().for_each(|(i, s)| s.alias = leader[i] != i);
             }
-            let n = cov.n;
-            let count = cov.count as f64;
-            covariances.insert(site, Mat::from_row_iterator(n, n, cov.c.into_iter().map(|v| v / count)));
+            Ok(false)
+        })?;
+        let mut shared: Vec<Option<Arc<Mat>>> = vec![None; sites.len()];
+        for (i, cov) in sinks.iter().enumerate() {
+            // A leader comes before the sites that share its covariance.
+            shared[i] = match leader[i] {
+                l if l != i => shared[l].clone(),
+                _ if cov.count == 0 => return Err(Error::Model(format!("CorDA: no input reached `{}`", sites[i]))),
+                _ => Some(Arc::new(cov.mean())),
+            };
         }
+        covariances.extend(sites.into_iter().zip(shared.into_iter().flatten()));
         Ok(())
     }
 
@@ -224,6 +267,19 @@ impl Method for ResidualLora {
             .collect::<Result<_>>()?;
         eprintln!("{}: decomposing {} matrices", self.name, weights.len());
         let kind = &self.kind;
+        // The damped inverse of each distinct covariance, computed once for the sites sharing it.
+        let damped: Vec<(Arc<Mat>, Damped)> = match kind {
+            Kind::Corda { covariances, .. } => {
+                let mut distinct: Vec<Arc<Mat>> = Vec::new();
+                for c in covariances.values() {
+                    if !distinct.iter().any(|d| Arc::ptr_eq(d, c)) {
+                        distinct.push(c.clone());
+                    }
+                }
+                distinct.into_par_iter().map(|c| Ok((c.clone(), damp(&c)?))).collect::<Result<_>>()?
+            }
+            _ => Vec::new(),
+        };
         let factors: Vec<(String, Mat, Mat)> = weights
             .par_iter()
             .map(|(name, w)| {
@@ -233,7 +289,8 @@ impl Method for ResidualLora {
                     Kind::Olora => olora_factors(w, r),
                     Kind::Corda { kpm, covariances, .. } => {
                         let cov = covariances.get(name).ok_or_else(|| Error::Model(format!("CorDA: no covariance for `{name}` (prepare did not run)")))?;
-                        corda_factors(w, cov, r, s, *kpm)?
+                        let (_, d) = damped.iter().find(|(c, _)| Arc::ptr_eq(c, cov)).expect("every covariance was damped");
+                        corda_factors(w, d, r, s, *kpm)?
                     }
                 };
                 Ok((name.clone(), a, b))

@@ -86,7 +86,9 @@ fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>
         return Ok(method);
     }
     let mut method = registry::create(&MethodSpec::from_config(cfg))?;
+    let t0 = Instant::now();
     let n = method.init_batches();
+    let mut from = String::new();
     if n > 0 {
         // The run's own first micro-batches, in its order (as PEFT's examples feed the trainer's dataloader).
         let mut sampler = Sampler::new(data.train.len(), cfg.seed, cfg.shuffle);
@@ -97,12 +99,15 @@ fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>
                 make_batch(&examples, pad_id)
             })
             .collect();
-        let t0 = Instant::now();
         method.prepare(model, &batches)?;
-        let examples: usize = batches.iter().map(|b| b.batch_size).sum();
-        eprintln!("{}: prepared from {n} micro-batches ({examples} examples) in {:.1} s", method.name(), t0.elapsed().as_secs_f64());
+        from = format!(" from {n} micro-batches ({} examples)", batches.iter().map(|b| b.batch_size).sum::<usize>());
     }
     method.attach(model)?;
+    // Data-driven and decomposition inits take long enough to be worth reporting.
+    let took = t0.elapsed().as_secs_f64();
+    if n > 0 || took >= 1.0 {
+        eprintln!("{}: initialised{from} in {took:.1} s", method.name());
+    }
     Ok(method)
 }
 
