@@ -27,6 +27,17 @@ fn check_finite(m: &Mat, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// `a·b`; large products in faer (blocked and multi-threaded), small ones in nalgebra.
+pub fn matmul(a: &Mat, b: &Mat) -> Mat {
+    assert_eq!(a.ncols(), b.nrows(), "matmul: inner dimensions differ");
+    if a.nrows().min(a.ncols()).min(b.ncols()) < FAER_FROM {
+        return a * b;
+    }
+    let mut c = faer::Mat::<f64>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(&mut c, faer::Accum::Replace, &to_faer(a), &to_faer(b), 1.0, faer::get_global_parallelism());
+    Mat::from_fn(a.nrows(), b.ncols(), |i, j| c[(i, j)])
+}
+
 /// A 2-D f32 tensor as an f64 matrix.
 pub fn from_tensor(t: &Tensor) -> Result<Mat> {
     let (r, c) = t.dims2()?;
@@ -160,6 +171,7 @@ mod tests {
         let back = &vecs * Mat::from_diagonal(&nalgebra::DVector::from_vec(vals)) * vecs.transpose();
         assert!(close(&back, &sym, 1e-8));
         assert!(close(&(&sym * inverse(&sym, "m").unwrap()), &Mat::identity(n, n), 1e-8));
+        assert!(close(&matmul(&m.transpose(), &m), &sym, 1e-10));
         assert!(inverse(&Mat::zeros(n, n), "zeros").is_err());
     }
 

@@ -180,7 +180,7 @@ fn damp(cov: &Mat) -> Result<Damped> {
     loop {
         let fixed = cov + Mat::identity(n, n) * (mean_diag * damp);
         let inv = linalg::inverse(&fixed, "CorDA's damped covariance")?;
-        let err = (&fixed * &inv - Mat::identity(n, n)).norm();
+        let err = (linalg::matmul(&fixed, &inv) - Mat::identity(n, n)).norm();
         if err < 0.05 {
             return Ok(Damped { fixed, inv });
         }
@@ -193,11 +193,11 @@ fn damp(cov: &Mat) -> Result<Damped> {
 
 /// CorDA's decomposition of one site (PEFT's `corda_init`) from its damped covariance.
 fn corda_factors(w: &Mat, d: &Damped, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
-    let svd = linalg::svd(&(w * &d.fixed))?;
+    let svd = linalg::svd(&linalg::matmul(w, &d.fixed))?;
     let k = svd.s.len();
     let cols: Vec<usize> = if kpm { (k - r..k).collect() } else { (0..r).collect() };
     // V = (Vh·C⁻¹)ᵀ; A = Vᵀ·√(S/s) by rows, B = U·√(S/s) by columns.
-    let vh_inv = &svd.vt * &d.inv;
+    let vh_inv = linalg::matmul(&svd.vt, &d.inv);
     let a = Mat::from_fn(r, w.ncols(), |i, j| vh_inv[(cols[i], j)] * (svd.s[cols[i]] / s).sqrt());
     let b = Mat::from_fn(w.nrows(), r, |i, j| svd.u[(i, cols[j])] * (svd.s[cols[j]] / s).sqrt());
     Ok((a, b))
