@@ -34,11 +34,8 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
     let planned = if opts.method == "none" {
         PlannedMemory::default()
     } else {
-        let method = create_method(&opts.method)?;
-        match method.planned_memory(&memory::site_shapes(&footprint.config), &memory::block_shapes(&footprint.config))? {
-            Some(p) => p,
-            None => PlannedMemory { trainable_params: memory::lora_params(&footprint.config, &TargetModules::AllLinear, 16)?, ..Default::default() },
-        }
+        // The bench's adapter: r = 16 on all seven projections.
+        memory::method_plan(create_method(&opts.method)?.as_ref(), &footprint.config, &TargetModules::AllLinear, 16)?
     };
     let tokens = opts.batch * opts.seq;
     let (train, eval) = if opts.forward_only { (0, tokens) } else { (tokens, 0) };

@@ -77,19 +77,9 @@ impl<S: InputSink> SiteHook for Recorder<S> {
 }
 
 /// Runs `batches` through the bare `model` with a sink from `make_sink(site, in_features)` on
-/// each of `sites`; returns the sinks in `sites` order. `what` names the pass in progress lines.
-pub fn collect_inputs<S: InputSink + 'static>(
-    model: &mut Llama,
-    sites: &[String],
-    batches: &[Batch],
-    what: &str,
-    make_sink: impl FnMut(&str, usize) -> S,
-) -> Result<Vec<S>> {
-    cycle_inputs(model, sites, batches, batches.len(), what, make_sink, |_, _| Ok(false))
-}
-
-/// As [`collect_inputs`], cycling through `batches` (1, 2, …, 1, 2, …) for at most
-/// `max_batches` forwards, until `after_batch(sinks, forwards so far)` says to stop.
+/// each of `sites`, cycling through them (1, 2, …, 1, 2, …) for at most `max_batches` forwards,
+/// until `after_batch(sinks, forwards so far)` says to stop; returns the sinks in `sites` order.
+/// `what` names the pass in progress lines.
 pub fn cycle_inputs<S: InputSink + 'static>(
     model: &mut Llama,
     sites: &[String],

@@ -446,16 +446,22 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
     }
 }
 
+/// What `method` plans to hold on a model of config `c`; a method that says nothing is counted
+/// as a LoRA of rank `r` on `targets`.
+pub fn method_plan(method: &dyn crate::methods::Method, c: &ModelConfig, targets: &TargetModules, r: usize) -> Result<PlannedMemory> {
+    Ok(match method.planned_memory(&site_shapes(c), &block_shapes(c))? {
+        Some(p) => p,
+        None => PlannedMemory { trainable_params: lora_params(c, targets, r)?, ..Default::default() },
+    })
+}
+
 /// The estimate for the run `cfg` describes, on its prepared data. The adapter is the one the
 /// plan describes (`lora_r`, `lora_target_modules`), also when `init_adapter` or `--resume`
 /// will load one.
 pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExample], total_steps: usize, process: u64) -> Result<MemoryEstimate> {
     let fp = Footprint::of_model(&cfg.base_model, &cfg.load_options()?)?;
     let method = crate::methods::registry::create(&crate::methods::MethodSpec::from_config(cfg))?;
-    let planned = match method.planned_memory(&site_shapes(&fp.config), &block_shapes(&fp.config))? {
-        Some(p) => p,
-        None => PlannedMemory { trainable_params: lora_params(&fp.config, &cfg.target_modules(), cfg.lora_r)?, ..Default::default() },
-    };
+    let planned = method_plan(method.as_ref(), &fp.config, &cfg.target_modules(), cfg.lora_r)?;
     let mut shape = step_shape(cfg, train, val, total_steps, planned.trainable_params);
     shape.method_floats_per_token = planned.floats_per_token;
     let mut e = estimate(&fp, &shape, process);
