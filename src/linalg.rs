@@ -135,6 +135,122 @@ pub fn sym_eig(a: &Mat) -> (Vec<f64>, Mat) {
     (order.iter().map(|&i| vals[i]).collect(), Mat::from_fn(n, n, |i, j| vecs[(i, order[j])]))
 }
 
+/// The `k` largest eigenvalues (descending) of the symmetric positive semi-definite `a` and
+/// their eigenvectors (columns, `[n, k]`). Data-driven inits keep only a few directions of
+/// matrices up to 1536 wide, so large ones go to faer's restarted Lanczos (Krylov–Schur, fully
+/// reorthogonalised), several times faster than the whole decomposition. Its result is
+/// checked against the defining equation `a·v = λ·v`; when a pair misses it (an iteration that
+/// did not converge, a breakdown), the whole decomposition is used instead. Lanczos would
+/// return only one vector of an eigenvalue repeated exactly, which measured data (activation
+/// covariances, `W·C`) does not have.
+pub fn top_eigen(a: &Mat, k: usize) -> (Vec<f64>, Mat) {
+    let n = a.nrows();
+    let k = k.min(n);
+    let (min_dim, max_dim) = (2 * k.max(16), 4 * k.max(16));
+    if n >= FAER_FROM && k > 0 {
+        if let Some(found) = lanczos_top(a, k, min_dim, max_dim) {
+            return found;
+        }
+    }
+    let (vals, vecs) = sym_eig(a);
+    (vals[..k].to_vec(), vecs.columns(0, k).into_owned())
+}
+
+/// `None` where faer's solver cannot run (it raises the subspace to at least 64 and panics
+/// unless it stays below n) or its result fails the check.
+fn lanczos_top(a: &Mat, k: usize, min_dim: usize, max_dim: usize) -> Option<(Vec<f64>, Mat)> {
+    use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+    use faer::matrix_free::eigen::{partial_eigen_scratch, partial_self_adjoint_eigen, PartialEigenParams};
+    let n = a.nrows();
+    if max_dim.max(64).max(2 * k) >= n {
+        return None;
+    }
+    // The trace bounds the largest eigenvalue of a PSD matrix: faer's tolerance is absolute.
+    let scale = (0..n).map(|i| a[(i, i)]).sum::<f64>();
+    if !(scale > 0.0 && scale.is_finite()) {
+        return None;
+    }
+    let fa = to_faer(a);
+    let par = faer::get_global_parallelism();
+    let params = PartialEigenParams { min_dim, max_dim, max_restarts: 1000, ..Default::default() };
+    // faer's scratch estimate is the general (non-symmetric) solver's and falls short of the
+    // symmetric one's tridiagonal eigen-solve; a few max_dim² blocks cover it.
+    let scratch = partial_eigen_scratch(&fa.as_ref(), k, par, params).or(StackReq::new::<f64>(16 * max_dim * max_dim + 8 * n * (max_dim + 2)));
+    let mut mem = MemBuffer::new(scratch);
+    // A fixed pseudo-random start: reproducible, and not orthogonal to any direction of interest.
+    let mut rng = crate::rng::SplitMix64::new(0x1a2c05);
+    let v0 = faer::Col::<f64>::from_fn(n, |_| rng.next_f32() as f64 - 0.5);
+    let mut vecs = faer::Mat::<f64>::zeros(n, k);
+    let mut vals = vec![0.0; k];
+    let info = partial_self_adjoint_eigen(vecs.as_mut(), &mut vals, &fa.as_ref(), v0.as_ref(), 1e-13 * scale, par, MemStack::new(&mut mem), params);
+    if info.n_converged_eigen < k {
+        return None;
+    }
+    let v = Mat::from_fn(n, k, |i, j| vecs[(i, j)]);
+    let residual = matmul(a, &v) - &v * Mat::from_diagonal(&nalgebra::DVector::from_column_slice(&vals));
+    let orthonormal = (v.transpose() * &v - Mat::identity(k, k)).abs().max() < 1e-9;
+    let descending = vals.windows(2).all(|w| w[0] >= w[1]) && vals[k - 1] >= -1e-12 * scale;
+    let exact = (0..k).all(|j| residual.column(j).norm() <= 1e-9 * scale);
+    (orthonormal && descending && exact).then_some((vals, v))
+}
+
+/// The `k` largest singular values of `m` and their vectors (`u: [rows, k]`, `vt: [k, cols]`),
+/// from [`top_eigen`] of the smaller Gram matrix (`mᵀm` or `m·mᵀ`); the other side's vectors
+/// are `m·v/σ` (or `mᵀ·u/σ`). Squaring costs the small singular values their accuracy, not the
+/// large ones kept here; when the k-th is too small for that (`m` nearly rank-deficient), the
+/// full SVD is truncated instead.
+pub fn top_svd(m: &Mat, k: usize) -> Result<Svd> {
+    let (rows, cols) = m.shape();
+    let k = k.min(rows.min(cols));
+    check_finite(m, "SVD")?;
+    if k == 0 || rows.min(cols) < FAER_FROM {
+        return svd(m).map(|d| d.truncate(k));
+    }
+    let tall = rows >= cols;
+    let mt = m.transpose();
+    let gram = if tall { matmul(&mt, m) } else { matmul(m, &mt) };
+    let (vals, vecs) = top_eigen(&gram, k);
+    let s: Vec<f64> = vals.iter().map(|v| v.max(0.0).sqrt()).collect();
+    if !(s[k - 1] > 1e-6 * s[0]) {
+        return svd(m).map(|d| d.truncate(k));
+    }
+    let inv_s = Mat::from_diagonal(&nalgebra::DVector::from_iterator(k, s.iter().map(|v| 1.0 / v)));
+    Ok(if tall {
+        Svd { u: matmul(m, &vecs) * inv_s, s, vt: vecs.transpose() }
+    } else {
+        Svd { vt: (matmul(&mt, &vecs) * inv_s).transpose(), s, u: vecs }
+    })
+}
+
+impl Svd {
+    /// The first `k` singular triplets.
+    pub fn truncate(self, k: usize) -> Svd {
+        Svd { u: self.u.columns(0, k).into_owned(), s: self.s[..k].to_vec(), vt: self.vt.rows(0, k).into_owned() }
+    }
+}
+
+/// The Cholesky factor of a symmetric positive-definite matrix, for solves; `None` when the
+/// matrix is not positive definite (or not finite).
+pub struct Cholesky {
+    factor: faer::linalg::solvers::Llt<f64>,
+}
+
+impl Cholesky {
+    pub fn new(a: &Mat) -> Option<Cholesky> {
+        if a.iter().any(|x| !x.is_finite()) {
+            return None;
+        }
+        to_faer(a).llt(faer::Side::Lower).ok().map(|factor| Cholesky { factor })
+    }
+
+    /// `a⁻¹·b`.
+    pub fn solve(&self, b: &Mat) -> Mat {
+        use faer::linalg::solvers::Solve;
+        let x = self.factor.solve(to_faer(b));
+        Mat::from_fn(b.nrows(), b.ncols(), |i, j| x[(i, j)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +305,72 @@ mod tests {
         assert!(close(&back, &m, 1e-10));
         let t = to_tensor(&m).unwrap();
         assert!(close(&from_tensor(&t).unwrap(), &m, 1e-6));
+    }
+
+    /// A symmetric PSD matrix with a decaying spectrum, like an activation covariance.
+    fn covariance_like(n: usize) -> Mat {
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let x = Mat::from_fn(2 * n, n, |_, j| (rng.next_f32() as f64 - 0.5) / (1.0 + j as f64 / 8.0));
+        x.transpose() * x
+    }
+
+    #[test]
+    fn top_eigen_matches_the_full_decomposition() {
+        let n = 200;
+        let a = covariance_like(n);
+        let (vals, vecs) = sym_eig(&a);
+        let k = 12;
+        // The Lanczos path itself, not its fallback.
+        let (tv, tvec) = lanczos_top(&a, k, 2 * k, 4 * k).expect("Lanczos converges on a well-separated spectrum");
+        for j in 0..k {
+            assert!((tv[j] - vals[j]).abs() < 1e-10 * vals[0], "eigenvalue {j}: {} vs {}", tv[j], vals[j]);
+            let cos = (tvec.column(j).transpose() * vecs.column(j))[(0, 0)].abs();
+            assert!(cos > 1.0 - 1e-9, "eigenvector {j}: |cos| = {cos}");
+        }
+        let (pv, pvec) = top_eigen(&a, k);
+        assert_eq!((pv.len(), pvec.shape()), (k, (n, k)));
+        // Small matrices and k close to n take the full decomposition.
+        let small = covariance_like(20);
+        let (sv, _) = top_eigen(&small, 5);
+        assert!((sv[0] - sym_eig(&small).0[0]).abs() < 1e-12 * sv[0]);
+        // Where faer's solver would raise its subspace to n (it needs at least 64 below n).
+        let edge = covariance_like(64);
+        assert!((top_eigen(&edge, 4).0[3] - sym_eig(&edge).0[3]).abs() < 1e-10 * sym_eig(&edge).0[0]);
+        let (av, _) = top_eigen(&a, n / 2);
+        assert!((av[n / 2 - 1] - vals[n / 2 - 1]).abs() < 1e-10 * vals[0]);
+    }
+
+    #[test]
+    fn top_svd_matches_the_full_svd_on_both_shapes() {
+        let mut rng = crate::rng::SplitMix64::new(3);
+        for (rows, cols) in [(150, 90), (90, 150)] {
+            let m = Mat::from_fn(rows, cols, |i, j| (rng.next_f32() as f64 - 0.5) / (1.0 + (i + j) as f64 / 20.0));
+            let full = svd(&m).unwrap();
+            let k = 10;
+            let top = top_svd(&m, k).unwrap();
+            assert_eq!((top.u.shape(), top.vt.shape()), ((rows, k), (k, cols)));
+            for j in 0..k {
+                assert!((top.s[j] - full.s[j]).abs() < 1e-10 * full.s[0]);
+                // Both singular vectors flip together: compare the rank-one pieces.
+                let piece = |d: &Svd| d.u.column(j) * d.vt.row(j);
+                assert!(close(&piece(&top), &piece(&full), 1e-8), "{rows}×{cols}, triplet {j}");
+            }
+        }
+        // A rank-deficient matrix falls back to the full SVD (σ_k = 0 leaves m·v/σ undefined).
+        let low = Mat::from_fn(100, 80, |i, j| ((i % 3) as f64 + 1.0) * ((j % 5) as f64 - 2.0));
+        let d = top_svd(&low, 4).unwrap();
+        assert!(d.u.iter().chain(d.vt.iter()).all(|x| x.is_finite()));
+        assert!((d.s[0] - svd(&low).unwrap().s[0]).abs() < 1e-9 * d.s[0]);
+    }
+
+    #[test]
+    fn cholesky_solves_and_refuses_indefinite() {
+        let a = covariance_like(100) + Mat::identity(100, 100) * 0.01;
+        let b = Mat::from_fn(100, 3, |i, j| (i * 3 + j) as f64 / 100.0);
+        let x = Cholesky::new(&a).expect("positive definite").solve(&b);
+        assert!(close(&(&a * x), &b, 1e-9));
+        let mut indefinite = a.clone();
+        indefinite[(5, 5)] = -1.0;
+        assert!(Cholesky::new(&indefinite).is_none());
     }
 }

@@ -201,7 +201,7 @@ fn gradients_match_finite_differences(m: &ferrotune::models::Llama, params: &[(S
     use ferrotune::models::ForwardCtx;
     let probe = common::ids(64, 6, 9);
     let targets: std::sync::Arc<Vec<i32>> = std::sync::Arc::new(probe[1..].iter().map(|&t| t as i32).chain([-100]).collect());
-    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, seed: 0 }).unwrap().sum_all().unwrap();
+    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, seed: 0, sequence: 0 }).unwrap().sum_all().unwrap();
     let grads = loss(true).backward().unwrap();
     let mut checked = 0;
     for (k, v) in params.iter().filter(|(k, _)| pick(k)) {
@@ -403,8 +403,9 @@ fn eva_keeps_the_contract() {
 }
 
 /// EVA's initial A rows are the top right-singular vectors of the site's (centred) inputs:
-/// checked against a direct SVD of the stacked inputs of layer 0's q_proj; B = 0, so the model
-/// is unchanged; and the rank budget is kept.
+/// checked against a direct SVD of the stacked inputs of layer 0's q_proj, padding left out;
+/// B = 0, so the model is unchanged; the rank budget is kept; and the result is the same
+/// bit for bit on one recording worker or three.
 #[test]
 fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
     use common::*;
@@ -417,7 +418,7 @@ fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
     let base = logits(&m, &probe);
     let (t, rows) = (16, 2);
     let batches: Vec<ferrotune::data::Batch> = (0..3)
-        .map(|i| ferrotune::data::Batch { input_ids: ids(64, rows * t, 40 + i), targets: vec![-100; rows * t], batch_size: rows, seq_len: t, n_targets: 0, lengths: vec![t; rows] })
+        .map(|i| ferrotune::data::Batch { input_ids: ids(64, rows * t, 40 + i), targets: vec![-100; rows * t], batch_size: rows, seq_len: t, n_targets: 0, lengths: vec![t, t - 5] })
         .collect();
     // ρ = 1: every site keeps r = 2 components (the redistribution is tested below).
     let opts = [
@@ -427,9 +428,20 @@ fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
         ("eva_rho", toml::Value::Float(1.0)),
     ];
     let spec = common::method_spec("eva", 2, 4.0, TargetModules::Names(vec!["q_proj".into(), "o_proj".into()]), 0, opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
-    let mut eva = registry::create(&spec).unwrap();
-    eva.prepare(&mut m, &batches).unwrap();
-    eva.attach(&mut m).unwrap();
+    let prepared_on = |threads: usize, m: &mut ferrotune::models::Llama| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut eva = registry::create(&spec).unwrap();
+        pool.install(|| eva.prepare(m, &batches)).unwrap();
+        eva.attach(m).unwrap();
+        eva
+    };
+    let eva = prepared_on(3, &mut m);
+    let mut m1 = ferrotune::models::load::load_model(d.path()).unwrap();
+    let one_worker = prepared_on(1, &mut m1);
+    for ((k, a3), (_, a1)) in eva.params().iter().zip(one_worker.params()) {
+        let (a3, a1) = (a3.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), a1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(a3.iter().zip(&a1).all(|(x, y)| x.to_bits() == y.to_bits()), "{k} differs between one worker and three");
+    }
     assert!(max_abs_diff(&logits(&m, &probe), &base) < 1e-5, "B = 0: the model is unchanged");
     let params = eva.params();
     let total_rank: usize = params.iter().filter(|(k, _)| k.ends_with("lora_A.weight")).map(|(_, v)| v.dims()[0]).sum();
@@ -439,7 +451,11 @@ fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
     for b in &batches {
         let x = m.embed_ids(&b.input_ids, b.batch_size, b.seq_len).unwrap();
         let h = ferrotune::kernels::rms_norm(&x, &m.layers[0].input_layernorm, m.config.rms_norm_eps).unwrap();
-        stacked.extend(h.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let h = h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = m.config.hidden_size;
+        for (i, &len) in b.lengths.iter().enumerate() {
+            stacked.extend_from_slice(&h[i * b.seq_len * n..(i * b.seq_len + len) * n]);
+        }
     }
     let n = m.config.hidden_size;
     let x = linalg::from_rows(stacked.len() / n, n, &stacked);
@@ -466,4 +482,30 @@ fn eva_rank_redistribution_follows_the_budget_rule() {
     assert!(ranks.iter().all(|&r| r <= 4), "at most r·ρ");
     let uniform = distribute_ranks(&[vec![0.2, 0.1], vec![0.2, 0.1]], 2);
     assert_eq!(uniform, vec![1, 1]);
+}
+
+/// A forward that fails inside the recording pass (here: a token id outside the vocabulary in
+/// one sequence of the batch) is reported as itself, and the other workers waiting for that
+/// sequence's turn give up instead of hanging.
+#[test]
+fn a_failed_recording_forward_is_reported_not_hung() {
+    use common::*;
+    use ferrotune::methods::{registry, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let t = 8;
+    let mut input_ids = ids(64, 4 * t, 9);
+    input_ids[t + 3] = 1_000_000;
+    let batch = ferrotune::data::Batch { input_ids, targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4] };
+    for method in ["eva", "corda"] {
+        let opts = [("init_batches", toml::Value::Integer(1)), ("eva_use_label_mask", toml::Value::Boolean(false))];
+        let opts = if method == "eva" { &opts[..] } else { &opts[..1] };
+        let spec = common::method_spec(method, 2, 4.0, TargetModules::Names(vec!["q_proj".into()]), 0, opts.iter().map(|(k, v)| (k.to_string(), v.clone())).collect());
+        let mut meth = registry::create(&spec).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let err = pool.install(|| meth.prepare(&mut m, std::slice::from_ref(&batch))).expect_err("the bad token must fail the pass").to_string();
+        assert!(err.contains("outside the vocabulary"), "{method}: {err}");
+        assert!(m.linears().all(|l| l.hook.is_none()), "{method}: the recording hooks come off");
+    }
 }

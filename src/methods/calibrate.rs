@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
 use candle_core::Tensor;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 /// What a method accumulates from one site's inputs.
@@ -16,6 +16,10 @@ pub trait InputSink: Send {
     /// One sequence's inputs at this site: `rows × in_features`, row-major; `targets[j]` is the
     /// next-token target of position `j` (`-100`: none), as in [`Batch::targets`].
     fn add(&mut self, x: &[f32], rows: usize, in_features: usize, targets: &[i32]) -> Result<()>;
+
+    /// A new batch begins, of sequences with these next-token targets (in [`Batch::targets`]'s
+    /// form), before any of its inputs arrive.
+    fn begin_batch(&mut self, _targets: &[Vec<i32>]) {}
 
     /// Whether it still wants inputs (a site whose PCA another site computes does not), so
     /// that its hook skips copying them.
@@ -44,35 +48,72 @@ pub fn leaders(first_hashes: &[Option<u64>]) -> Vec<usize> {
         .collect()
 }
 
-/// The current micro-batch as the recording hooks see it.
-#[derive(Default, Clone)]
+/// The current micro-batch's sequences as the recording hooks see them: each one's next-token
+/// targets (its length is theirs), indexed by [`ForwardCtx::sequence`].
+#[derive(Default)]
 struct Current {
-    lengths: Vec<usize>,
-    targets: Vec<i32>,
+    targets: Vec<Vec<i32>>,
+    /// A forward failed (or panicked): hooks waiting for their turn give up.
+    aborted: bool,
+    /// The failure that aborted the batch (not the give-ups it caused).
+    failure: Option<Error>,
 }
 
 struct Recorder<S> {
     sink: Mutex<S>,
+    /// The sequence whose inputs go into the sink next. Sequences run concurrently, but f32
+    /// sums depend on their order, so each site takes them in sequence order: the result does
+    /// not depend on thread timing.
+    turn: Mutex<usize>,
+    turn_changed: Condvar,
     current: Arc<Mutex<Current>>,
     error: Mutex<Option<Error>>,
 }
 
+impl<S> Recorder<S> {
+    fn wait_for_turn(&self, sequence: usize) -> candle_core::Result<std::sync::MutexGuard<'_, usize>> {
+        let mut turn = self.turn.lock().expect("turn lock");
+        while *turn != sequence {
+            if self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).aborted {
+                candle_core::bail!("another sequence's forward failed");
+            }
+            turn = self.turn_changed.wait_timeout(turn, std::time::Duration::from_millis(100)).expect("turn lock").0;
+        }
+        Ok(turn)
+    }
+}
+
 impl<S: InputSink> SiteHook for Recorder<S> {
-    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, _ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let y = add_bias(crate::kernels::frozen_linear(x, w0)?, b0)?;
+        if !self.sink.lock().expect("sink lock").wants_input() {
+            return Ok(y);
+        }
         let (b, t, d) = x.dims3()?;
-        let mut sink = self.sink.lock().expect("sink lock");
-        if !sink.wants_input() {
-            return add_bias(crate::kernels::frozen_linear(x, w0)?, b0);
+        if b != 1 {
+            candle_core::bail!("a recording pass runs one sequence per forward, got {b}");
         }
         let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let cur = self.current.lock().expect("batch lock").clone();
-        for (i, &len) in cur.lengths.iter().enumerate().take(b) {
-            let len = len.min(t);
-            if let Err(e) = sink.add(&v[i * t * d..(i * t + len) * d], len, d, &cur.targets[i * t..i * t + len]) {
-                self.error.lock().expect("error lock").get_or_insert(e);
-            }
+        let targets = self.current.lock().expect("batch lock").targets[ctx.sequence].clone();
+        let mut turn = self.wait_for_turn(ctx.sequence)?;
+        if let Err(e) = self.sink.lock().expect("sink lock").add(&v, t, d, &targets) {
+            self.error.lock().expect("error lock").get_or_insert(e);
         }
-        add_bias(crate::kernels::frozen_linear(x, w0)?, b0)
+        *turn += 1;
+        self.turn_changed.notify_all();
+        Ok(y)
+    }
+}
+
+/// Marks the batch aborted if its worker panics, so that the others stop waiting for a turn
+/// that will not come (the scope joining them would otherwise wait for ever).
+struct AbortOnPanic<'a>(&'a Mutex<Current>);
+
+impl Drop for AbortOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).aborted = true;
+        }
     }
 }
 
@@ -80,6 +121,12 @@ impl<S: InputSink> SiteHook for Recorder<S> {
 /// each of `sites`, cycling through them (1, 2, …, 1, 2, …) for at most `max_batches` forwards,
 /// until `after_batch(sinks, forwards so far)` says to stop; returns the sinks in `sites` order.
 /// `what` names the pass in progress lines.
+///
+/// A batch's sequences run one per forward at their own length (right padding changes nothing
+/// at the real positions, attention being causal, so running it would only cost time), on as
+/// many workers as the thread pool has threads, each on a single thread of its own: on a few
+/// cores, whole sequences side by side beat splitting every product across the cores
+/// (measured on the quickstart's SmolLM2 batches: 43 s → 29 s for the forwards).
 pub fn cycle_inputs<S: InputSink + 'static>(
     model: &mut Llama,
     sites: &[String],
@@ -102,16 +149,60 @@ pub fn cycle_inputs<S: InputSink + 'static>(
         if lin.hook.is_some() {
             return Err(Error::Model(format!("module `{name}` already has a method attached")));
         }
-        let rec = Arc::new(Recorder { sink: Mutex::new(make_sink(name, lin.info().in_features)), current: current.clone(), error: Mutex::new(None) });
+        let rec = Arc::new(Recorder {
+            sink: Mutex::new(make_sink(name, lin.info().in_features)),
+            turn: Mutex::new(0),
+            turn_changed: Condvar::new(),
+            current: current.clone(),
+            error: Mutex::new(None),
+        });
         lin.hook = Some(rec.clone());
         recorders.push(rec);
     }
+    let workers: Vec<rayon::ThreadPool> = (0..crate::kernels::threads())
+        .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Model(format!("{what}: cannot start a worker thread: {e}")))?;
     let t0 = Instant::now();
     let run = (|| -> Result<()> {
         for i in 0..max_batches {
             let b = &batches[i % batches.len()];
-            *current.lock().expect("batch lock") = Current { lengths: b.lengths.clone(), targets: b.targets.clone() };
-            model.hidden(&b.input_ids, b.batch_size, b.seq_len, None, &ForwardCtx::eval())?;
+            let spans: Vec<std::ops::Range<usize>> =
+                b.lengths.iter().enumerate().filter(|(_, &len)| len > 0).map(|(j, &len)| j * b.seq_len..j * b.seq_len + len.min(b.seq_len)).collect();
+            *current.lock().expect("batch lock") = Current { targets: spans.iter().map(|s| b.targets[s.clone()].to_vec()).collect(), ..Current::default() };
+            {
+                let cur = current.lock().expect("batch lock");
+                for r in &recorders {
+                    *r.turn.lock().expect("turn lock") = 0;
+                    r.sink.lock().expect("sink lock").begin_batch(&cur.targets);
+                }
+            }
+            let model: &Llama = model;
+            let n_workers = workers.len();
+            let workers = &workers;
+            std::thread::scope(|scope| {
+                for (w, pool) in workers.iter().enumerate() {
+                    let (spans, current) = (&spans, &current);
+                    scope.spawn(move || {
+                        let _abort = AbortOnPanic(current);
+                        pool.install(|| {
+                            for (k, span) in spans.iter().enumerate().skip(w).step_by(n_workers) {
+                                if let Err(e) = model.hidden(&b.input_ids[span.clone()], 1, span.len(), None, &ForwardCtx::recording(k)) {
+                                    let mut cur = current.lock().expect("batch lock");
+                                    if !cur.aborted {
+                                        cur.aborted = true;
+                                        cur.failure = Some(e.into());
+                                    }
+                                    return;
+                                }
+                            }
+                        })
+                    });
+                }
+            });
+            if let Some(e) = current.lock().expect("batch lock").failure.take() {
+                return Err(e);
+            }
             if let Some(e) = recorders.iter().find_map(|r| r.error.lock().expect("error lock").take()) {
                 return Err(e);
             }

@@ -26,7 +26,7 @@ use super::targets::TargetModules;
 use super::{LoraPair, Method, MethodSpec};
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::kernels::gemm::{gram_lower_accumulate, matmul_nn};
+use crate::kernels::gemm::{gram_entry, gram_lower_accumulate, matmul_nn};
 use crate::linalg::{self, Mat};
 use crate::models::Llama;
 use crate::rng::SplitMix64;
@@ -97,12 +97,15 @@ struct Pca {
     n: usize,
     k: usize,
     label_mask: bool,
+    /// Rows in the committed statistics, and in the current batch's.
     rows: f64,
+    batch_rows: usize,
+    /// The current batch has fewer rows than components: PEFT skips it.
+    skip_batch: bool,
     sum: Vec<f64>,
-    xtx: Vec<f64>,
-    pending_rows: usize,
-    pending_sum: Vec<f64>,
-    pending_xtx: Vec<f32>,
+    /// `XᵀX`, lower triangle (see gram_lower_accumulate), summed in f32 as PEFT's torch
+    /// statistics are: an f64 copy would double what every site holds and touches.
+    xtx: Vec<f32>,
     /// Hash of the first inputs seen, to find sites with identical inputs.
     first_hash: Option<u64>,
     /// Another site computes this one's PCA.
@@ -114,6 +117,13 @@ struct Pca {
     ratios: Vec<f64>,
 }
 
+/// The positions of one sequence whose inputs EVA uses: all of them, or with the label mask
+/// those whose label is trained. Position j's label is the target of position j − 1; the first
+/// position's is taken as trained when the sequence's first target is.
+fn kept_positions(targets: &[i32], label_mask: bool) -> Vec<usize> {
+    (0..targets.len()).filter(|&j| !label_mask || if j == 0 { targets[0] != -100 } else { targets[j - 1] != -100 }).collect()
+}
+
 impl Pca {
     fn new(n: usize, k: usize, label_mask: bool) -> Self {
         Self {
@@ -121,11 +131,10 @@ impl Pca {
             k,
             label_mask,
             rows: 0.0,
+            batch_rows: 0,
+            skip_batch: false,
             sum: vec![0.0; n],
             xtx: vec![0.0; n * n],
-            pending_rows: 0,
-            pending_sum: vec![0.0; n],
-            pending_xtx: vec![0.0; n * n],
             first_hash: None,
             alias: false,
             components: None,
@@ -134,16 +143,10 @@ impl Pca {
         }
     }
 
-    /// Commits the current batch if it had enough rows (PEFT skips smaller ones).
-    fn commit(&mut self) {
-        if self.pending_rows >= self.k {
-            self.rows += self.pending_rows as f64;
-            self.sum.iter_mut().zip(&self.pending_sum).for_each(|(a, b)| *a += b);
-            self.xtx.iter_mut().zip(&self.pending_xtx).for_each(|(a, b)| *a += *b as f64);
-        }
-        self.pending_rows = 0;
-        self.pending_sum.iter_mut().for_each(|v| *v = 0.0);
-        self.pending_xtx.iter_mut().for_each(|v| *v = 0.0);
+    /// Takes the current batch into the committed statistics; whether it added rows.
+    fn commit(&mut self) -> bool {
+        self.rows += self.batch_rows as f64;
+        std::mem::take(&mut self.batch_rows) > 0
     }
 
     /// The covariance of everything committed (sklearn's, divided by rows − 1).
@@ -151,9 +154,24 @@ impl Pca {
         let n = self.n;
         let m = self.rows.max(2.0);
         let mean: Vec<f64> = self.sum.iter().map(|s| s / m).collect();
-        // `xtx` holds the lower triangle (see gram_lower_accumulate).
-        let xtx = |i: usize, j: usize| if i >= j { self.xtx[i * n + j] } else { self.xtx[j * n + i] };
+        let xtx = |i: usize, j: usize| gram_entry(&self.xtx, n, i, j) as f64;
         Mat::from_fn(n, n, |i, j| (xtx(i, j) - m * mean[i] * mean[j]) / (m - 1.0))
+    }
+
+    /// The same covariance as a full row-major f32 matrix, for the per-batch estimate.
+    fn covariance_f32(&self) -> Vec<f32> {
+        let n = self.n;
+        let m = self.rows.max(2.0);
+        let mean: Vec<f64> = self.sum.iter().map(|s| s / m).collect();
+        let mut c = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                let v = ((self.xtx[i * n + j] as f64 - m * mean[i] * mean[j]) / (m - 1.0)) as f32;
+                c[i * n + j] = v;
+                c[j * n + i] = v;
+            }
+        }
+        c
     }
 }
 
@@ -162,25 +180,26 @@ impl InputSink for Pca {
         !self.alias
     }
 
+    fn begin_batch(&mut self, targets: &[Vec<i32>]) {
+        let rows: usize = targets.iter().map(|t| kept_positions(t, self.label_mask).len()).sum();
+        self.skip_batch = rows < self.k;
+    }
+
     fn add(&mut self, x: &[f32], rows: usize, n: usize, targets: &[i32]) -> Result<()> {
         if self.alias || rows == 0 {
             return Ok(());
         }
         self.first_hash.get_or_insert_with(|| input_hash(x));
-        // Position j's label is the target of position j − 1; the first position's is taken as
-        // trained when the sequence's first target is.
-        let keep: Vec<usize> = (0..rows)
-            .filter(|&j| !self.label_mask || if j == 0 { targets[0] != -100 } else { targets[j - 1] != -100 })
-            .collect();
-        if keep.is_empty() {
+        let keep = kept_positions(&targets[..rows], self.label_mask);
+        if keep.is_empty() || self.skip_batch {
             return Ok(());
         }
         let sel: Vec<f32> = keep.iter().flat_map(|&j| x[j * n..(j + 1) * n].iter().copied()).collect();
         for row in sel.chunks(n) {
-            self.pending_sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b as f64);
+            self.sum.iter_mut().zip(row).for_each(|(a, &b)| *a += b as f64);
         }
-        gram_lower_accumulate(&mut self.pending_xtx, &sel, keep.len(), n, 1.0);
-        self.pending_rows += keep.len();
+        gram_lower_accumulate(&mut self.xtx, &sel, keep.len(), n, 1.0);
+        self.batch_rows += keep.len();
         Ok(())
     }
 }
@@ -201,28 +220,48 @@ fn flip_signs(c: &mut Mat) {
     }
 }
 
-/// Top-`k` eigenvectors (as rows) and eigenvalues of the symmetric `c` by subspace iteration
-/// warm-started from `start` (rows), with a Rayleigh–Ritz step. The products with `c` run in
-/// f32 on the multi-threaded GEMM: this estimate only decides when the components have
-/// converged (cosine ≥ τ); the components EVA keeps come from the exact f64 PCA at the end.
-fn subspace_top(c: &Mat, start: &Mat, iters: usize) -> (Mat, Vec<f64>) {
-    let (n, k) = (c.nrows(), start.nrows());
-    // Symmetric, so its column-major storage is also its row-major one.
-    let c32: Vec<f32> = c.iter().map(|&v| v as f32).collect();
-    let times_c = |q: &Mat| -> Mat {
-        let q32: Vec<f32> = (0..n).flat_map(|i| (0..k).map(move |j| q[(i, j)] as f32)).collect();
-        let mut cq = vec![0f32; n * k];
-        matmul_nn(&mut cq, &c32, &q32, n, n, k, false);
-        linalg::from_rows(n, k, &cq)
-    };
-    let mut q = linalg::qr(&start.transpose()).0;
+/// Top-`k` eigenvectors (as rows) and eigenvalues of the symmetric `c` (`n × n`, row-major
+/// f32) by subspace iteration warm-started from `start` (`k × n`, rows), with a Rayleigh–Ritz
+/// step. Runs in f32 on the GEMM, orthonormalising by Cholesky QR in f64: this estimate only
+/// decides when the components have converged (cosine ≥ τ); the components EVA keeps come
+/// from the exact f64 PCA at the end.
+fn subspace_top(c: &[f32], n: usize, start: &Mat, iters: usize) -> (Mat, Vec<f64>) {
+    let k = start.nrows();
+    // Q: n × k, row-major.
+    let mut q: Vec<f32> = (0..n).flat_map(|i| (0..k).map(move |j| start[(j, i)] as f32)).collect();
+    orthonormalise(&mut q, n, k);
+    let mut cq = vec![0f32; n * k];
     for _ in 0..iters {
-        q = linalg::qr(&times_c(&q)).0;
+        matmul_nn(&mut cq, c, &q, n, n, k, false);
+        std::mem::swap(&mut q, &mut cq);
+        orthonormalise(&mut q, n, k);
     }
-    let t = q.transpose() * times_c(&q);
-    let t = (&t + t.transpose()) * 0.5;
-    let (vals, vecs) = linalg::sym_eig(&t);
+    matmul_nn(&mut cq, c, &q, n, n, k, false);
+    // T = Qᵀ·C·Q, symmetrised; its eigenvectors rotate Q onto the Ritz vectors.
+    let to_mat = |v: &[f32]| Mat::from_fn(n, k, |i, j| v[i * k + j] as f64);
+    let q = to_mat(&q);
+    let t = q.tr_mul(&to_mat(&cq));
+    let (vals, vecs) = linalg::sym_eig(&((&t + t.transpose()) * 0.5));
     ((q * vecs).transpose(), vals)
+}
+
+/// Makes the columns of `y` (`n × k`, row-major) orthonormal, spanning the same space: Cholesky
+/// QR (`YᵀY = RᵀR`, `Y ← Y·R⁻¹`) with the small products in f64, or Householder QR where `Y`
+/// is too close to rank-deficient for it.
+fn orthonormalise(y: &mut [f32], n: usize, k: usize) {
+    let yd = Mat::from_fn(n, k, |i, j| y[i * k + j] as f64);
+    let cholesky_qr = nalgebra::Cholesky::new(yd.tr_mul(&yd))
+        .and_then(|ch| ch.l().transpose().try_inverse())
+        .map(|r_inv| &yd * r_inv)
+        // One pass leaves an orthogonality error of order eps·cond(Y)²; where that shows,
+        // Householder QR takes over.
+        .filter(|q| q.iter().all(|v| v.is_finite()) && (q.tr_mul(q) - Mat::identity(k, k)).abs().max() < 1e-6);
+    let q = cholesky_qr.unwrap_or_else(|| linalg::qr(&yd).0);
+    for i in 0..n {
+        for j in 0..k {
+            y[i * k + j] = q[(i, j)] as f32;
+        }
+    }
 }
 
 /// PEFT's rank distribution: the `budget` largest ratios among all sites' (each `ratios[i]`
@@ -285,22 +324,22 @@ impl Method for Eva {
                 let work: Vec<(usize, &mut Pca)> = pcas.iter_mut().enumerate().filter(|(_, p)| !p.alias).map(|(i, p)| (i, &mut **p)).collect();
                 work.into_par_iter()
                     .map(|(i, p)| {
-                        let before = p.rows;
-                        p.commit();
-                        if p.rows == before || p.rows < 2.0 {
+                        if !p.commit() || p.rows < 2.0 {
                             return (i, None);
                         }
-                        let c = p.covariance();
-                        let trace: f64 = (0..p.n).map(|d| c[(d, d)]).sum();
                         let k = p.k.min(p.n);
-                        let (start, iters) = match &p.components {
-                            Some(prev) => (prev.clone(), 8),
+                        // The first estimate from a random start, the later ones warm-started
+                        // from the last: subspace iteration runs on the GEMM, where a Lanczos
+                        // solve's one-vector products would stream the matrix hundreds of times.
+                        let c = p.covariance_f32();
+                        let trace = (0..p.n).map(|d| c[d * p.n + d] as f64).sum::<f64>();
+                        let (mut comps, vals) = match &p.components {
+                            Some(prev) => subspace_top(&c, p.n, prev, 8),
                             None => {
                                 let mut rng = SplitMix64::derive(seed, &[0xe7a, i as u64]);
-                                (Mat::from_fn(k, p.n, |_, _| rng.next_f32() as f64 - 0.5), 40)
+                                subspace_top(&c, p.n, &Mat::from_fn(k, p.n, |_, _| rng.next_f32() as f64 - 0.5), 40)
                             }
                         };
-                        let (mut comps, vals) = subspace_top(&c, &start, iters);
                         flip_signs(&mut comps);
                         let converged = match &p.components {
                             Some(prev) => (0..k).map(|j| (comps.row(j) * prev.row(j).transpose())[(0, 0)] / (comps.row(j).norm() * prev.row(j).norm()) >= tau).collect(),
@@ -345,9 +384,9 @@ impl Method for Eva {
                 }
                 let c = p.covariance();
                 let trace: f64 = (0..p.n).map(|d| c[(d, d)]).sum();
-                let (vals, vecs) = linalg::sym_eig(&c);
                 let k = p.k.min(p.n);
-                let mut comps = Mat::from_fn(k, p.n, |i, j| vecs[(j, i)]);
+                let (vals, vecs) = linalg::top_eigen(&c, k);
+                let mut comps = vecs.transpose();
                 flip_signs(&mut comps);
                 let vals: Vec<f64> = vals[..k].iter().map(|v| v.max(0.0)).collect();
                 let ratios = vals.iter().map(|v| v / trace.max(f64::MIN_POSITIVE)).collect();

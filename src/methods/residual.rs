@@ -67,7 +67,7 @@ enum Kind {
     Pissa,
     Olora,
     /// Sites reading the same input share one covariance.
-    Corda { kpm: bool, batches: usize, covariances: HashMap<String, Arc<Mat>> },
+    Corda { kpm: bool, batches: usize, covariances: HashMap<String, Arc<Covariance>> },
 }
 
 pub struct ResidualLora {
@@ -113,12 +113,20 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static s
         let r = config.rank_of(&lin.name);
         let a0 = take_checked(&mut tensors, &init_key(&lin.name, 'A'), &[r, info.in_features], &lin.name, &w_path)?;
         let b0 = take_checked(&mut tensors, &init_key(&lin.name, 'B'), &[info.out_features, r], &lin.name, &w_path)?;
-        let residual = (lin.weight.to_tensor()? - (b0.matmul(&a0)? * config.scaling_of(&lin.name))?)?;
-        lin.weight = FrozenWeight::from_tensor(&residual)?;
+        lin.weight = residual_weight(lin.weight.to_f32_vec(), &a0, &b0, config.scaling_of(&lin.name), info.out_features, info.in_features)?;
         init.insert(lin.name.clone(), (a0, b0));
     }
     let lora = Lora::attach_tensors(model, config, tensors, &w_path)?;
     Ok(Box::new(ResidualLora { name, kind, lora, init, converted: false }))
+}
+
+/// The residual base weight `W − s·B0·A0` (f32, as the adapter adds `s·B0·A0` back). Attaching
+/// and loading a native checkpoint both build it here, so a resumed run's base is bit-identical.
+fn residual_weight(w: Vec<f32>, a0: &Tensor, b0: &Tensor, s: f64, out: usize, inp: usize) -> Result<FrozenWeight> {
+    let mut w = w;
+    let ba: Vec<f32> = b0.matmul(a0)?.flatten_all()?.to_vec1()?;
+    w.iter_mut().zip(&ba).for_each(|(w, d)| *w -= s as f32 * d);
+    Ok(FrozenWeight::from_f32(w, out, inp)?)
 }
 
 /// `XᵀX` summed over sequences, each scaled by `1/|max(X)|` as PEFT's CorDA hook does (the
@@ -166,23 +174,28 @@ impl InputSink for Covariance {
     }
 }
 
-/// CorDA's damped covariance `C + δ·mean(diag C)·I` and its inverse, δ doubling from 0.01 until
-/// the inverse is accurate (PEFT's `collect_eigens_for_layer`).
+/// CorDA's damped covariance `C + δ·mean(diag C)·I` and its Cholesky factor, δ doubling from
+/// 0.01 until solves with it are accurate (PEFT's `collect_eigens_for_layer` doubles δ until its
+/// f32 inverse is accurate). Only `C⁻¹` applied to the r kept directions is needed, so a
+/// Cholesky solve replaces the inverse: a third of the work, and no n³ product to check it.
 struct Damped {
     fixed: Mat,
-    inv: Mat,
+    chol: linalg::Cholesky,
 }
 
 fn damp(cov: &Mat) -> Result<Damped> {
     let n = cov.nrows();
     let mean_diag = (0..n).map(|i| cov[(i, i)]).sum::<f64>() / n as f64;
+    let mut rng = crate::rng::SplitMix64::new(0xc0da);
+    let probe = Mat::from_fn(n, 4, |_, _| rng.next_f32() as f64 - 0.5);
     let mut damp = 0.01;
     loop {
         let fixed = cov + Mat::identity(n, n) * (mean_diag * damp);
-        let inv = linalg::inverse(&fixed, "CorDA's damped covariance")?;
-        let err = (linalg::matmul(&fixed, &inv) - Mat::identity(n, n)).norm();
-        if err < 0.05 {
-            return Ok(Damped { fixed, inv });
+        if let Some(chol) = linalg::Cholesky::new(&fixed) {
+            let err = (linalg::matmul(&fixed, &chol.solve(&probe)) - &probe).norm() / probe.norm();
+            if err < 1e-6 {
+                return Ok(Damped { fixed, chol });
+            }
         }
         damp *= 2.0;
         if damp > 1e6 {
@@ -191,21 +204,29 @@ fn damp(cov: &Mat) -> Result<Damped> {
     }
 }
 
-/// CorDA's decomposition of one site (PEFT's `corda_init`) from its damped covariance.
+/// CorDA's decomposition of one site (PEFT's `corda_init`) from its damped covariance: the SVD
+/// of `W·C`, of which IPM keeps the r largest directions (computed alone, see
+/// [`linalg::top_svd`]) and KPM the r smallest (from the full SVD: the small singular values
+/// need it).
 fn corda_factors(w: &Mat, d: &Damped, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
-    let svd = linalg::svd(&linalg::matmul(w, &d.fixed))?;
-    let k = svd.s.len();
-    let cols: Vec<usize> = if kpm { (k - r..k).collect() } else { (0..r).collect() };
-    // V = (Vh·C⁻¹)ᵀ; A = Vᵀ·√(S/s) by rows, B = U·√(S/s) by columns.
-    let vh_inv = linalg::matmul(&svd.vt, &d.inv);
-    let a = Mat::from_fn(r, w.ncols(), |i, j| vh_inv[(cols[i], j)] * (svd.s[cols[i]] / s).sqrt());
-    let b = Mat::from_fn(w.nrows(), r, |i, j| svd.u[(i, cols[j])] * (svd.s[cols[j]] / s).sqrt());
+    let wc = linalg::matmul(w, &d.fixed);
+    let kept = if kpm {
+        let full = linalg::svd(&wc)?;
+        let k = full.s.len();
+        linalg::Svd { u: full.u.columns(k - r, r).into_owned(), s: full.s[k - r..].to_vec(), vt: full.vt.rows(k - r, r).into_owned() }
+    } else {
+        linalg::top_svd(&wc, r)?
+    };
+    // A = √(S/s)·Vh·C⁻¹ by rows (Aᵀ = C⁻¹·V·√(S/s): C is symmetric), B = U·√(S/s) by columns.
+    let v_inv = d.chol.solve(&kept.vt.transpose());
+    let a = Mat::from_fn(r, w.ncols(), |i, j| v_inv[(j, i)] * (kept.s[i] / s).sqrt());
+    let b = Mat::from_fn(w.nrows(), r, |i, j| kept.u[(i, j)] * (kept.s[j] / s).sqrt());
     Ok((a, b))
 }
 
 /// PiSSA: `A = √(S_r/s)·Vᵀ_r`, `B = U_r·√(S_r/s)`.
 fn pissa_factors(w: &Mat, r: usize, s: f64) -> Result<(Mat, Mat)> {
-    let d = linalg::svd(w)?;
+    let d = linalg::top_svd(w, r)?;
     let a = Mat::from_fn(r, w.ncols(), |i, j| d.vt[(i, j)] * (d.s[i] / s).sqrt());
     let b = Mat::from_fn(w.nrows(), r, |i, j| d.u[(i, j)] * (d.s[j] / s).sqrt());
     Ok((a, b))
@@ -237,17 +258,20 @@ impl Method for ResidualLora {
             if count == 1 {
                 // Sites reading the same input (q/k/v, gate/up) share the first one's covariance.
                 leader = leaders(&sinks.iter().map(|s| s.first_hash).collect::<Vec<_>>());
-                sinks.iter_mut().enumerate().for_each(|(i, s)| s.alias = leader[i] != i);
+                for (_, s) in sinks.iter_mut().enumerate().filter(|(i, _)| leader[*i] != *i) {
+                    s.alias = true;
+                    s.c = Vec::new();
+                }
             }
             Ok(false)
         })?;
-        let mut shared: Vec<Option<Arc<Mat>>> = vec![None; sites.len()];
-        for (i, cov) in sinks.iter().enumerate() {
+        let mut shared: Vec<Option<Arc<Covariance>>> = vec![None; sites.len()];
+        for (i, cov) in sinks.into_iter().enumerate() {
             // A leader comes before the sites that share its covariance.
             shared[i] = match leader[i] {
                 l if l != i => shared[l].clone(),
                 _ if cov.count == 0 => return Err(Error::Model(format!("CorDA: no input reached `{}`", sites[i]))),
-                _ => Some(Arc::new(cov.mean())),
+                _ => Some(Arc::new(cov)),
             };
         }
         covariances.extend(sites.into_iter().zip(shared.into_iter().flatten()));
@@ -260,51 +284,57 @@ impl Method for ResidualLora {
         if config.r > model.sites().iter().filter(|s| chosen.contains(&s.name)).map(|s| s.in_features.min(s.out_features)).min().unwrap_or(usize::MAX) {
             return Err(Error::config("lora_r", format!("is {}, above the smallest dimension of a target matrix", config.r)));
         }
-        let weights: Vec<(String, Mat)> = model
-            .linears()
-            .filter(|l| chosen.contains(&l.name))
-            .map(|l| Ok((l.name.clone(), linalg::from_tensor(&l.weight.to_tensor()?)?)))
-            .collect::<Result<_>>()?;
-        eprintln!("{}: decomposing {} matrices", self.name, weights.len());
-        let kind = &self.kind;
-        // The damped inverse of each distinct covariance, computed once for the sites sharing it.
-        let damped: Vec<(Arc<Mat>, Damped)> = match kind {
-            Kind::Corda { covariances, .. } => {
-                let mut distinct: Vec<Arc<Mat>> = Vec::new();
-                for c in covariances.values() {
-                    if !distinct.iter().any(|d| Arc::ptr_eq(d, c)) {
-                        distinct.push(c.clone());
-                    }
-                }
-                distinct.into_par_iter().map(|c| Ok((c.clone(), damp(&c)?))).collect::<Result<_>>()?
+        // Sites reading the same input share one covariance: each group in parallel damps and
+        // factors its covariance once, decomposes its sites, and lets go of both (the
+        // covariances and Cholesky factors of a whole model would take gigabytes).
+        let mut groups: Vec<(Option<Arc<Covariance>>, Vec<(String, FrozenWeight)>)> = Vec::new();
+        for lin in model.linears().filter(|l| chosen.contains(&l.name)) {
+            let cov = match &mut self.kind {
+                Kind::Corda { covariances, .. } => Some(
+                    covariances.remove(&lin.name).ok_or_else(|| Error::Model(format!("CorDA: no covariance for `{}` (prepare did not run)", lin.name)))?,
+                ),
+                _ => None,
+            };
+            let site = (lin.name.clone(), lin.weight.clone());
+            match groups.iter_mut().find(|(c, _)| matches!((c, &cov), (Some(a), Some(b)) if Arc::ptr_eq(a, b))) {
+                Some((_, sites)) => sites.push(site),
+                None => groups.push((cov, vec![site])),
             }
-            _ => Vec::new(),
-        };
-        let factors: Vec<(String, Mat, Mat)> = weights
-            .par_iter()
-            .map(|(name, w)| {
-                let (r, s) = (config.rank_of(name), config.scaling_of(name));
-                let (a, b) = match kind {
-                    Kind::Pissa => pissa_factors(w, r, s)?,
-                    Kind::Olora => olora_factors(w, r),
-                    Kind::Corda { kpm, covariances, .. } => {
-                        let cov = covariances.get(name).ok_or_else(|| Error::Model(format!("CorDA: no covariance for `{name}` (prepare did not run)")))?;
-                        let (_, d) = damped.iter().find(|(c, _)| Arc::ptr_eq(c, cov)).expect("every covariance was damped");
-                        corda_factors(w, d, r, s, *kpm)?
-                    }
-                };
-                Ok((name.clone(), a, b))
-            })
-            .collect::<Result<_>>()?;
-        for (name, a, b) in factors {
-            let (a, b) = (linalg::to_tensor(&a)?, linalg::to_tensor(&b)?);
-            let lin = model.linears_mut().find(|l| l.name == name).expect("chosen from this model");
-            let residual = (lin.weight.to_tensor()? - (b.matmul(&a)? * config.scaling_of(&name))?)?;
-            lin.weight = FrozenWeight::from_tensor(&residual)?;
-            self.init.insert(name, (a, b));
         }
-        if let Kind::Corda { covariances, .. } = &mut self.kind {
-            covariances.clear();
+        let kpm = matches!(self.kind, Kind::Corda { kpm: true, .. });
+        let kind = &self.kind;
+        eprintln!("{}: decomposing {} matrices", self.name, groups.iter().map(|g| g.1.len()).sum::<usize>());
+        let done: Vec<(String, Tensor, Tensor, FrozenWeight)> = groups
+            .into_par_iter()
+            .map(|(cov, sites)| {
+                let damped = cov.map(|c| damp(&c.mean())).transpose()?;
+                sites
+                    .into_iter()
+                    .map(|(name, weight)| {
+                        let (r, s) = (config.rank_of(&name), config.scaling_of(&name));
+                        let (out, inp) = weight.dims();
+                        let w32 = weight.to_f32_vec();
+                        let w = linalg::from_rows(out, inp, &w32);
+                        let (a, b) = match (kind, &damped) {
+                            (Kind::Pissa, _) => pissa_factors(&w, r, s)?,
+                            (Kind::Olora, _) => olora_factors(&w, r),
+                            (Kind::Corda { .. }, Some(d)) => corda_factors(&w, d, r, s, kpm)?,
+                            (Kind::Corda { .. }, None) => unreachable!("CorDA sites are grouped with their covariance"),
+                        };
+                        drop(w);
+                        let (a, b) = (linalg::to_tensor(&a)?, linalg::to_tensor(&b)?);
+                        let residual = residual_weight(w32, &a, &b, s, out, inp)?;
+                        Ok((name, a, b, residual))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        for (name, a, b, residual) in done {
+            model.linears_mut().find(|l| l.name == name).expect("chosen from this model").weight = residual;
+            self.init.insert(name, (a, b));
         }
         let init = &self.init;
         self.lora.attach_with(model, |_, site, _, _, _| Ok(init[site].clone()))
@@ -323,10 +353,11 @@ impl Method for ResidualLora {
         let r = self.lora.config.r as u64;
         let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64).sum();
         // The f32 residuals (replacing what the base stored), the initial A0, B0, and for CorDA
-        // one in×in f64 covariance per site during prepare.
+        // one in×in f32 covariance per site during prepare's first batch (then one per distinct
+        // input).
         let residual: u64 = chosen.iter().map(|s| 4 * (s.in_features * s.out_features) as u64 + 4 * r * (s.in_features + s.out_features) as u64).sum();
         let cov: u64 = match self.kind {
-            Kind::Corda { .. } => chosen.iter().map(|s| 8 * (s.in_features * s.in_features) as u64).sum(),
+            Kind::Corda { .. } => chosen.iter().map(|s| 4 * (s.in_features * s.in_features) as u64).sum(),
             _ => 0,
         };
         Ok(Some(PlannedMemory { trainable_params, extra_bytes: residual + cov, floats_per_token: 0 }))

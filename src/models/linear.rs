@@ -6,17 +6,24 @@ use crate::kernels::{self, FrozenWeight};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
-/// Per-forward facts a method may need: whether we are training (dropout on) and a seed
-/// that changes every micro-batch, from which each site derives its own random stream.
+/// Per-forward facts a method may need: whether we are training (dropout on), a seed that
+/// changes every micro-batch, from which each site derives its own random stream, and, in a
+/// recording pass (data-driven inits), which of the pass's sequences this forward computes.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardCtx {
     pub train: bool,
     pub seed: u64,
+    pub sequence: usize,
 }
 
 impl ForwardCtx {
     pub fn eval() -> Self {
-        Self { train: false, seed: 0 }
+        Self { train: false, seed: 0, sequence: 0 }
+    }
+
+    /// Inference on sequence `sequence` of a recording pass.
+    pub fn recording(sequence: usize) -> Self {
+        Self { sequence, ..Self::eval() }
     }
 }
 

@@ -38,7 +38,7 @@ pub fn step_gradients(
         if b.n_targets == 0 {
             continue;
         }
-        let ctx = ForwardCtx { train: true, seed: SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64() };
+        let ctx = ForwardCtx { train: true, seed: SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64(), sequence: 0 };
         let targets = Arc::new(b.targets.clone());
         loss += if checkpointing {
             checkpointed_backward(model, params, b, targets, scale, &ctx, &mut grads)?
