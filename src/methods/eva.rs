@@ -329,15 +329,16 @@ impl Method for Eva {
                         }
                         let k = p.k.min(p.n);
                         // The first estimate from a random start, the later ones warm-started
-                        // from the last: subspace iteration runs on the GEMM, where a Lanczos
-                        // solve's one-vector products would stream the matrix hundreds of times.
+                        // from the last: subspace iteration runs on the GEMM (blocked products).
+                        // A few iterations suffice for a convergence test (PEFT's own per-batch
+                        // update is a randomised low-rank SVD with a few power iterations).
                         let c = p.covariance_f32();
                         let trace = (0..p.n).map(|d| c[d * p.n + d] as f64).sum::<f64>();
                         let (mut comps, vals) = match &p.components {
-                            Some(prev) => subspace_top(&c, p.n, prev, 8),
+                            Some(prev) => subspace_top(&c, p.n, prev, 4),
                             None => {
                                 let mut rng = SplitMix64::derive(seed, &[0xe7a, i as u64]);
-                                subspace_top(&c, p.n, &Mat::from_fn(k, p.n, |_, _| rng.next_f32() as f64 - 0.5), 40)
+                                subspace_top(&c, p.n, &Mat::from_fn(k, p.n, |_, _| rng.next_f32() as f64 - 0.5), 16)
                             }
                         };
                         flip_signs(&mut comps);
