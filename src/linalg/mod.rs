@@ -10,6 +10,8 @@ use candle_core::{Device, Tensor};
 use faer::linalg::solvers::DenseSolveCore;
 use nalgebra::DMatrix;
 
+mod lanczos;
+
 pub type Mat = DMatrix<f64>;
 
 /// Matrices from this size on go to faer; below it nalgebra is as fast, and LoRA-Pro's per-step
@@ -136,11 +138,19 @@ pub fn sym_eig(a: &Mat) -> (Vec<f64>, Mat) {
 }
 
 /// The `k` largest eigenvalues (descending) of the symmetric `a` and their eigenvectors
-/// (columns, `[n, k]`), from the whole decomposition. (faer's restarted Lanczos was several
-/// times faster on activation covariances but looped without end on a weight matrix's Gram;
-/// block subspace iteration converged too slowly on flat spectra to pay for itself.)
+/// (columns, `[n, k]`). Where `k` is small beside `n`, block Lanczos ([`lanczos`]) finds them
+/// without the whole decomposition; it stops once every wanted pair's residual is measured
+/// small, or gives up after as many products with `a` as the full decomposition would cost
+/// (slowly converging, flat spectra), and the full decomposition is truncated instead.
 pub fn top_eigen(a: &Mat, k: usize) -> (Vec<f64>, Mat) {
-    let k = k.min(a.nrows());
+    let n = a.nrows();
+    let k = k.min(n);
+    if k > 0 && n >= 4 * lanczos::basis_size(k) && a.iter().all(|x| x.is_finite()) {
+        // nalgebra stores column-major, as the solver reads.
+        if let Some((vals, vecs)) = lanczos::top_pairs(a.as_slice(), n, k, n / 2, faer::get_global_parallelism()) {
+            return (vals, Mat::from_column_slice(n, k, &vecs));
+        }
+    }
     let (vals, vecs) = sym_eig(a);
     (vals[..k].to_vec(), vecs.columns(0, k).into_owned())
 }
@@ -278,6 +288,51 @@ mod tests {
         }
         // The largest: above everything the full spectrum has below the k-th.
         assert!(vals[k - 1] >= sym_eig(&a).0[k] - 1e-12 * vals[0]);
+    }
+
+    /// `Q·diag(d)·Qᵀ` for a random orthogonal `Q`.
+    fn with_spectrum(d: &[f64], seed: u64) -> Mat {
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let n = d.len();
+        let q = qr(&Mat::from_fn(n, n, |_, _| rng.next_f32() as f64 - 0.5)).0;
+        &q * Mat::from_diagonal(&nalgebra::DVector::from_column_slice(d)) * q.transpose()
+    }
+
+    /// The cases a single-vector Krylov method gets wrong: a repeated top eigenvalue, and a
+    /// rank below `k` (the Krylov space closes and the zero eigenvalues must still be found).
+    #[test]
+    fn top_eigen_finds_repeated_and_zero_eigenvalues() {
+        let n = 260;
+        let k = 12;
+        let mut d = vec![0.0; n];
+        d[..3].fill(5.0);
+        for (i, v) in d.iter_mut().enumerate().take(9).skip(3) {
+            *v = 4.0 - i as f64 * 0.25;
+        }
+        let a = with_spectrum(&d, 11);
+        assert!(n >= 4 * lanczos::basis_size(k), "the test must exercise the Lanczos path");
+        let (vals, vecs) = top_eigen(&a, k);
+        for j in 0..k {
+            assert!((vals[j] - d[j]).abs() < 1e-9, "eigenvalue {j}: {} vs {}", vals[j], d[j]);
+            assert!((&a * vecs.column(j) - vecs.column(j) * vals[j]).norm() < 1e-9, "pair {j}");
+        }
+        assert!(close(&(vecs.transpose() * &vecs), &Mat::identity(k, k), 1e-10));
+    }
+
+    /// A flat spectrum converges slowly; with too small a budget the solver says so (and
+    /// `top_eigen` then takes the full decomposition).
+    #[test]
+    fn lanczos_gives_up_rather_than_guess() {
+        let n = 240;
+        let d: Vec<f64> = (0..n).map(|i| 1.0 - i as f64 * 1e-3).collect();
+        let a = with_spectrum(&d, 5);
+        let par = faer::Par::Seq;
+        assert!(lanczos::top_pairs(a.as_slice(), n, 8, 40, par).is_none());
+        let (vals, vecs) = top_eigen(&a, 8);
+        for j in 0..8 {
+            assert!((vals[j] - d[j]).abs() < 1e-10);
+            assert!((&a * vecs.column(j) - vecs.column(j) * vals[j]).norm() < 1e-9);
+        }
     }
 
     #[test]
