@@ -188,6 +188,12 @@ impl Svd {
     pub fn truncate(self, k: usize) -> Svd {
         Svd { u: self.u.columns(0, k).into_owned(), s: self.s[..k].to_vec(), vt: self.vt.rows(0, k).into_owned() }
     }
+
+    /// The last `k` singular triplets (the smallest, still in descending order).
+    pub fn tail(self, k: usize) -> Svd {
+        let from = self.s.len() - k;
+        Svd { u: self.u.columns(from, k).into_owned(), s: self.s[from..].to_vec(), vt: self.vt.rows(from, k).into_owned() }
+    }
 }
 
 /// The Cholesky factor of a symmetric positive-definite matrix, for solves; `None` when the

@@ -26,7 +26,7 @@ use super::targets::TargetModules;
 use super::{LoraPair, Method, MethodSpec};
 use crate::data::Batch;
 use crate::error::{Error, Result};
-use crate::kernels::gemm::{gram_entry, gram_lower_accumulate, matmul_nn};
+use crate::kernels::gemm::{gram_lower_accumulate, matmul_nn};
 use crate::linalg::{self, Mat};
 use crate::models::Llama;
 use crate::rng::SplitMix64;
@@ -149,24 +149,28 @@ impl Pca {
         std::mem::take(&mut self.batch_rows) > 0
     }
 
-    /// The covariance of everything committed (sklearn's, divided by rows − 1).
-    fn covariance(&self) -> Mat {
-        let n = self.n;
+    /// Entry `(i, j)`, `i ≥ j`, of the covariance of everything committed (sklearn's, divided
+    /// by rows − 1), from the running sums.
+    fn covariance_entry(&self) -> impl Fn(usize, usize) -> f64 + '_ {
         let m = self.rows.max(2.0);
         let mean: Vec<f64> = self.sum.iter().map(|s| s / m).collect();
-        let xtx = |i: usize, j: usize| gram_entry(&self.xtx, n, i, j) as f64;
-        Mat::from_fn(n, n, |i, j| (xtx(i, j) - m * mean[i] * mean[j]) / (m - 1.0))
+        move |i, j| (self.xtx[i * self.n + j] as f64 - m * mean[i] * mean[j]) / (m - 1.0)
+    }
+
+    /// The covariance, in f64 for the exact PCA.
+    fn covariance(&self) -> Mat {
+        let entry = self.covariance_entry();
+        Mat::from_fn(self.n, self.n, |i, j| entry(i.max(j), i.min(j)))
     }
 
     /// The same covariance as a full row-major f32 matrix, for the per-batch estimate.
     fn covariance_f32(&self) -> Vec<f32> {
         let n = self.n;
-        let m = self.rows.max(2.0);
-        let mean: Vec<f64> = self.sum.iter().map(|s| s / m).collect();
+        let entry = self.covariance_entry();
         let mut c = vec![0f32; n * n];
         for i in 0..n {
             for j in 0..=i {
-                let v = ((self.xtx[i * n + j] as f64 - m * mean[i] * mean[j]) / (m - 1.0)) as f32;
+                let v = entry(i, j) as f32;
                 c[i * n + j] = v;
                 c[j * n + i] = v;
             }

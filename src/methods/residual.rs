@@ -211,9 +211,7 @@ fn damp(cov: &Mat) -> Result<Damped> {
 fn corda_factors(w: &Mat, d: &Damped, r: usize, s: f64, kpm: bool) -> Result<(Mat, Mat)> {
     let wc = linalg::matmul(w, &d.fixed);
     let kept = if kpm {
-        let full = linalg::svd(&wc)?;
-        let k = full.s.len();
-        linalg::Svd { u: full.u.columns(k - r, r).into_owned(), s: full.s[k - r..].to_vec(), vt: full.vt.rows(k - r, r).into_owned() }
+        linalg::svd(&wc)?.tail(r)
     } else {
         linalg::top_svd(&wc, r)?
     };
