@@ -52,6 +52,9 @@ pub struct TrainConfig {
     pub val_size: Option<f64>,
     #[serde(default = "d_adapter")]
     pub adapter: String,
+    /// The training objective (`sft`, `dft`, `asft`, …); its own keys go to `objective_options`.
+    #[serde(default = "d_objective")]
+    pub objective: String,
     #[serde(default = "d_lora_r")]
     pub lora_r: usize,
     #[serde(default = "d_lora_alpha")]
@@ -130,10 +133,16 @@ pub struct TrainConfig {
     /// level of the TOML like every other key; gathered here by [`TrainConfig::load`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub method_options: BTreeMap<String, toml::Value>,
+    /// The keys the chosen objective declares (`asft_lambda`, …), gathered the same way.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub objective_options: BTreeMap<String, toml::Value>,
 }
 
 fn d_adapter() -> String {
     "lora".into()
+}
+fn d_objective() -> String {
+    "sft".into()
 }
 fn d_lora_r() -> usize {
     8
@@ -202,17 +211,9 @@ impl TrainConfig {
             set_by_flag.retain(|(k, _)| k != key);
             set_by_flag.push((key.to_string(), o.as_str()));
         }
-        // Method keys are known to the methods, not to this struct: set them aside.
-        let method_keys: Vec<String> = table.keys().filter(|k| crate::methods::registry::is_method_key(k)).cloned().collect();
-        let mut method_options = toml::Table::new();
-        for k in method_keys {
-            if let Some(v) = table.remove(&k) {
-                method_options.insert(k, v);
-            }
-        }
-        if !method_options.is_empty() {
-            table.insert("method_options".into(), toml::Value::Table(method_options));
-        }
+        // Method and objective keys are known to those, not to this struct: set them aside.
+        set_aside(&mut table, "method_options", crate::methods::registry::is_method_key);
+        set_aside(&mut table, "objective_options", crate::objectives::is_objective_key);
         let mut cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| blame_key(path, &text, &set_by_flag, e))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -298,11 +299,30 @@ impl TrainConfig {
         for d in self.datasets.iter().chain(self.val_set.iter()) {
             crate::data::DatasetFormat::from_config("datasets.type", &d.format)?;
         }
-        crate::methods::registry::validate(&crate::methods::MethodSpec::from_config(self))
+        crate::methods::registry::validate(&crate::methods::MethodSpec::from_config(self))?;
+        crate::objectives::create(&self.objective_spec()).map(drop)
+    }
+
+    pub fn objective_spec(&self) -> crate::objectives::ObjectiveSpec {
+        crate::objectives::ObjectiveSpec { name: self.objective.clone(), options: self.objective_options.clone() }
     }
 
     pub fn target_modules(&self) -> TargetModules {
         self.lora_target_modules.resolve()
+    }
+}
+
+/// Moves the top-level keys `owns` recognises into the sub-table `into`.
+fn set_aside(table: &mut toml::Table, into: &str, owns: fn(&str) -> bool) {
+    let keys: Vec<String> = table.keys().filter(|k| owns(k)).cloned().collect();
+    let mut moved = toml::Table::new();
+    for k in keys {
+        if let Some(v) = table.remove(&k) {
+            moved.insert(k, v);
+        }
+    }
+    if !moved.is_empty() {
+        table.insert(into.into(), toml::Value::Table(moved));
     }
 }
 

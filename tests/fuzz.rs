@@ -283,16 +283,22 @@ fn head_dim_overflow_is_an_error() {
     assert!(e.contains("config.json") && e.contains("overflows"), "{e}");
 }
 
-/// Preference pairs are not read yet: the fuzzer feeds them (plain and chat-style), and they
-/// must be refused with a message that says so, naming the file and line.
+/// Preference pairs (fed by the fuzzer, plain and chat-style) are read as pairs; one that mixes
+/// strings and messages is refused naming the file and line.
 #[test]
-fn preference_pairs_are_refused_clearly() {
+fn preference_pairs_are_read_and_malformed_ones_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("prefs.jsonl");
-    std::fs::write(&path, "\n{\"prompt\": \"Sky?\", \"chosen\": \"Blue.\", \"rejected\": \"Green.\"}\n").unwrap();
+    let chat = r#"{"prompt": [{"role": "user", "content": "Sky?"}], "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "Green."}]}"#;
+    let mixed = r#"{"prompt": "Sky?", "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": "Green."}"#;
+    std::fs::write(&path, format!("\n{{\"prompt\": \"Sky?\", \"chosen\": \"Blue.\", \"rejected\": \"Green.\"}}\n{chat}\n{mixed}\n")).unwrap();
     let records = ferrotune::data::read_jsonl(&path).unwrap();
-    let e = ferrotune::data::Example::from_record(&records[0], ferrotune::data::DatasetFormat::Auto).unwrap_err().to_string();
-    assert!(e.contains("prefs.jsonl:2") && e.contains("preference pairs") && e.contains("not supported"), "{e}");
+    for r in &records[..2] {
+        let e = ferrotune::data::Example::from_record(r, ferrotune::data::DatasetFormat::Auto).unwrap();
+        assert_eq!(e.format(), ferrotune::data::DatasetFormat::Preference);
+    }
+    let e = ferrotune::data::Example::from_record(&records[2], ferrotune::data::DatasetFormat::Auto).unwrap_err().to_string();
+    assert!(e.contains("prefs.jsonl:4") && e.contains("all be strings or all be chat messages"), "{e}");
 }
 
 /// Found reading the fuzzer's sample errors: a run-plan value of the wrong type was reported as

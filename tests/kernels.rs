@@ -330,6 +330,39 @@ fn lm_head_nll_matches_log_softmax_and_skips_ignored() {
     assert!(kernels::lm_head_nll(&h, &w3, bad, false).is_err(), "out-of-vocab targets are refused");
 }
 
+/// ASFT's head: per row the NLL and the full-vocabulary `KL(p_ref ‖ p_θ)`, against the plain
+/// composition of candle ops (values, gradients under a random mix of both columns, and finite
+/// differences).
+#[test]
+fn lm_head_nll_kl_matches_the_explicit_divergence() {
+    let (n, d, vocab) = (300, 16, 50);
+    let h = randn(&[n, d], 25);
+    let href = (&h + (randn(&[n, d], 26) * 0.3).unwrap()).unwrap();
+    let w = randn(&[vocab, d], 27);
+    let targets: Arc<Vec<i32>> = Arc::new((0..n).map(|i| if i % 7 == 3 { -100 } else { ((i * 13) % vocab) as i32 }).collect());
+    let (tg, wr, hr) = (targets.clone(), w.clone(), href.clone());
+    let reference = move |a: &[Tensor]| {
+        let log_softmax = |l: &Tensor| {
+            let m = l.max_keepdim(1).unwrap().detach();
+            let lse = (l.broadcast_sub(&m).unwrap().exp().unwrap().sum_keepdim(1).unwrap().log().unwrap() + &m).unwrap();
+            l.broadcast_sub(&lse).unwrap()
+        };
+        let lp = log_softmax(&a[0].matmul(&wr.t().unwrap()).unwrap());
+        let lq = log_softmax(&hr.matmul(&wr.t().unwrap()).unwrap());
+        let idx = Tensor::from_vec(tg.iter().map(|&t| t.max(0) as u32).collect::<Vec<_>>(), (n, 1), &DEV).unwrap();
+        let keep = Tensor::from_vec(tg.iter().map(|&t| if t < 0 { 0f32 } else { 1.0 }).collect::<Vec<_>>(), (n, 1), &DEV).unwrap();
+        let nll = lp.gather(&idx, 1).unwrap().neg().unwrap();
+        let kl = (lq.exp().unwrap() * (&lq - &lp).unwrap()).unwrap().sum_keepdim(1).unwrap();
+        (Tensor::cat(&[nll, kl], 1).unwrap().broadcast_mul(&keep)).unwrap()
+    };
+    let (w2, tg2, hr2) = (frozen(&w), targets.clone(), href.clone());
+    check(&[h.clone()], &move |a| kernels::lm_head_nll_kl(&a[0], &hr2, &w2, tg2.clone(), true).unwrap(), &reference, 1e-4);
+    // The model against itself: no divergence at all.
+    let same = kernels::lm_head_nll_kl(&h, &h, &frozen(&w), targets, false).unwrap();
+    let kl: Vec<f32> = same.i((.., 1)).unwrap().to_vec1().unwrap();
+    assert!(kl.iter().all(|&v| v == 0.0), "KL of a model to itself: {:?}", kl.iter().fold(0f32, |a, v| a.max(v.abs())));
+}
+
 #[test]
 fn dropout_mask_is_seeded_scaled_and_reused_by_the_backward() {
     let x = randn(&[64, 50], 17);

@@ -64,7 +64,7 @@ threads = 2
 "#,
         r = lora["r"],
         alpha = lora["lora_alpha"],
-        lr = reference["optimizer"]["lr"],
+        lr = if reference["optimizer"]["lr"].is_null() { &reference["trainer"]["learning_rate"] } else { &reference["optimizer"]["lr"] },
         out = dir.path().join("out"),
     );
     std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
@@ -81,6 +81,12 @@ threads = 2
     let (wb, wa) = (results["eval_loss_before"].as_f64().unwrap(), results["eval_loss_after"].as_f64().unwrap());
     eprintln!("{name}: eval loss before {before} (ref {wb}), after {after} (ref {wa})");
     assert!(rel(before, wb) < 1e-4 && rel(after, wa) < 1e-4, "{name}: eval losses differ");
+}
+
+/// TRL's `SFTTrainer(loss_type = "dft")` from the plain LoRA PEFT started from.
+#[test]
+fn dft_training_matches_trl_reference() {
+    check_against_reference("dft", &reference("dft")["results"], "lora", &fixtures().join("lora_r4_init"), "objective = \"dft\"");
 }
 
 #[test]
@@ -129,7 +135,7 @@ fn corda_init_matches_peft_decomposition() {
     let calib: Vec<Vec<u32>> = r["results"]["calibration_ids"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
     let batches: Vec<ferrotune::data::Batch> = calib
         .iter()
-        .map(|ids| ferrotune::data::Batch { input_ids: ids.clone(), targets: vec![-100; ids.len()], batch_size: 1, seq_len: ids.len(), n_targets: 0, lengths: vec![ids.len()] })
+        .map(|ids| ferrotune::data::Batch { input_ids: ids.clone(), targets: vec![-100; ids.len()], batch_size: 1, seq_len: ids.len(), n_targets: 0, lengths: vec![ids.len()], ..Default::default() })
         .collect();
     for mode in ["ipm", "kpm"] {
         let mut model = ferrotune::models::load::load_model(&gguf).unwrap();
@@ -189,7 +195,7 @@ fn eva_ranks_match_the_exact_pca_rule() {
         .chunks(4)
         .map(|c| {
             let t = c[0].len();
-            ferrotune::data::Batch { input_ids: c.concat(), targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4] }
+            ferrotune::data::Batch { input_ids: c.concat(), targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4], ..Default::default() }
         })
         .collect();
     let mut model = ferrotune::models::load::load_model(&gguf).unwrap();
@@ -205,4 +211,90 @@ fn eva_ranks_match_the_exact_pca_rule() {
     eprintln!("EVA ranks: {} of {} differ from the exact-PCA rule {differ:?}", differ.len(), want.len());
     assert_eq!(ranks.values().sum::<u64>(), 240, "the budget r × modules");
     assert!(differ.is_empty(), "ranks differ: {differ:?}");
+}
+
+/// TRL 1.16's `DPOTrainer` (sigmoid loss, β = 0.1, reference = the adapter switched off,
+/// reference log-probabilities precomputed) from the plain LoRA it started from: the pairs
+/// tokenize to TRL's ids, and 3 steps give TRL's losses, rewards and log-probabilities.
+#[test]
+fn dpo_training_matches_trl_reference() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        eprintln!("skipped: SmolLM2 GGUF not found");
+        return;
+    };
+    let r = reference("dpo");
+    let res = &r["results"];
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = res["pairs"].as_array().unwrap();
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|p| serde_json::json!({"prompt": p["prompt_text"], "chosen": p["chosen_text"], "rejected": p["rejected_text"]}).to_string())
+        .collect();
+    std::fs::write(dir.path().join("pairs.jsonl"), lines.join("\n") + "\n").unwrap();
+    // Tokenization: TRL's prompt / chosen / rejected ids.
+    let tok = ferrotune::models::load::load_tokenizer(&gguf).unwrap();
+    let opts = ferrotune::data::EncodeOptions { sequence_len: 48, ..Default::default() };
+    let data = ferrotune::data::load_jsonl_dataset(&dir.path().join("pairs.jsonl"), ferrotune::data::DatasetFormat::Auto, &tok, &opts).unwrap();
+    let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<u32>>();
+    for (e, p) in data.examples.iter().zip(pairs) {
+        let prompt = ids(&p["prompt_ids"]);
+        let want_chosen: Vec<u32> = prompt.iter().copied().chain(ids(&p["chosen_ids"])).collect();
+        let want_rejected: Vec<u32> = prompt.iter().copied().chain(ids(&p["rejected_ids"])).collect();
+        assert_eq!(e.input_ids, want_chosen, "prompt + chosen ids");
+        assert_eq!(e.rejected.as_ref().unwrap().input_ids, want_rejected, "prompt + rejected ids");
+        assert_eq!(e.labels.iter().take_while(|&&l| l == -100).count(), prompt.len(), "labels start after the prompt");
+    }
+    let cfg = format!(
+        r#"
+base_model = {gguf:?}
+datasets = [{{ path = "pairs.jsonl" }}]
+adapter = "lora"
+init_adapter = {init:?}
+lora_r = 4
+lora_alpha = 8
+lora_target_modules = ["q_proj", "v_proj"]
+objective = "dpo"
+dpo_beta = 0.1
+sequence_len = 48
+micro_batch_size = 4
+max_steps = 3
+learning_rate = 1e-4
+lr_scheduler = "constant"
+weight_decay = 0.0
+max_grad_norm = 0.0
+shuffle = false
+output_dir = {out:?}
+threads = 2
+"#,
+        init = fixtures().join("lora_r4_init"),
+        out = dir.path().join("out"),
+    );
+    std::fs::write(dir.path().join("run.toml"), cfg).unwrap();
+    let plan = TrainConfig::load(&dir.path().join("run.toml"), &[]).unwrap();
+    train(&plan, &TrainOptions::default()).unwrap();
+    let steps: Vec<Value> = std::fs::read_to_string(dir.path().join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &Value| v.get("loss").is_some())
+        .collect();
+    let want = res["losses"].as_array().unwrap();
+    let trl = res["trl_logged_metrics"].as_array().unwrap();
+    assert_eq!(steps.len(), want.len());
+    for (i, s) in steps.iter().enumerate() {
+        let loss = s["loss"].as_f64().unwrap();
+        eprintln!("dpo step {}: loss {loss} (TRL {}), rewards/margins {} (TRL {}), grad norm {} (TRL {})", i + 1, want[i], s["rewards/margins"], trl[i]["rewards/margins"][0], s["grad_norm"], res["grad_norm_before_each_step"][i]);
+        assert!(rel(loss, want[i].as_f64().unwrap()) < 1e-4, "step {}: loss {loss} vs TRL's {}", i + 1, want[i]);
+        for key in ["logps/chosen", "logps/rejected"] {
+            let (ours, theirs) = (s[key].as_f64().unwrap(), trl[i][key][0].as_f64().unwrap());
+            assert!(rel(ours, theirs) < 1e-4, "step {}: {key} {ours} vs TRL's {theirs}", i + 1);
+        }
+        for key in ["rewards/chosen", "rewards/rejected", "rewards/margins"] {
+            let (ours, theirs) = (s[key].as_f64().unwrap(), trl[i][key][0].as_f64().unwrap());
+            // β·(a difference of two ~100-nat sums): 1e-4 absolute is 1e-6 of the sums.
+            assert!((ours - theirs).abs() < 1e-4, "step {}: {key} {ours} vs TRL's {theirs}", i + 1);
+        }
+        assert_eq!(s["rewards/accuracies"].as_f64().unwrap(), trl[i]["rewards/accuracies"][0].as_f64().unwrap());
+    }
+    assert!(dir.path().join("out/reference_logps.json").exists(), "the reference log-probabilities are kept with the run");
 }

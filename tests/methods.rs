@@ -201,7 +201,7 @@ fn gradients_match_finite_differences(m: &ferrotune::models::Llama, params: &[(S
     use ferrotune::models::ForwardCtx;
     let probe = common::ids(64, 6, 9);
     let targets: std::sync::Arc<Vec<i32>> = std::sync::Arc::new(probe[1..].iter().map(|&t| t as i32).chain([-100]).collect());
-    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, seed: 0, sequence: 0 }).unwrap().sum_all().unwrap();
+    let loss = |train: bool| m.nll(&probe, targets.clone(), 1, probe.len(), &ForwardCtx { train, ..ForwardCtx::eval() }).unwrap().sum_all().unwrap();
     let grads = loss(true).backward().unwrap();
     let mut checked = 0;
     for (k, v) in params.iter().filter(|(k, _)| pick(k)) {
@@ -359,7 +359,7 @@ fn residual_inits_leave_the_model_unchanged() {
     let batches: Vec<ferrotune::data::Batch> = (0..3)
         .map(|i| {
             let x = ids(64, 10, 20 + i);
-            ferrotune::data::Batch { input_ids: x.clone(), targets: vec![-100; 10], batch_size: 1, seq_len: 10, n_targets: 0, lengths: vec![10] }
+            ferrotune::data::Batch { input_ids: x.clone(), targets: vec![-100; 10], batch_size: 1, seq_len: 10, n_targets: 0, lengths: vec![10], ..Default::default() }
         })
         .collect();
     for (adapter, opts) in [("pissa", vec![]), ("olora", vec![]), ("corda", vec![("corda_method", "ipm")]), ("corda", vec![("corda_method", "kpm")])] {
@@ -418,7 +418,7 @@ fn eva_components_are_the_top_singular_vectors_of_the_inputs() {
     let base = logits(&m, &probe);
     let (t, rows) = (16, 2);
     let batches: Vec<ferrotune::data::Batch> = (0..3)
-        .map(|i| ferrotune::data::Batch { input_ids: ids(64, rows * t, 40 + i), targets: vec![-100; rows * t], batch_size: rows, seq_len: t, n_targets: 0, lengths: vec![t, t - 5] })
+        .map(|i| ferrotune::data::Batch { input_ids: ids(64, rows * t, 40 + i), targets: vec![-100; rows * t], batch_size: rows, seq_len: t, n_targets: 0, lengths: vec![t, t - 5], ..Default::default() })
         .collect();
     // ρ = 1: every site keeps r = 2 components (the redistribution is tested below).
     let opts = [
@@ -497,7 +497,7 @@ fn a_failed_recording_forward_is_reported_not_hung() {
     let t = 8;
     let mut input_ids = ids(64, 4 * t, 9);
     input_ids[t + 3] = 1_000_000;
-    let batch = ferrotune::data::Batch { input_ids, targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4] };
+    let batch = ferrotune::data::Batch { input_ids, targets: vec![-100; 4 * t], batch_size: 4, seq_len: t, n_targets: 0, lengths: vec![t; 4], ..Default::default() };
     for method in ["eva", "corda"] {
         let opts = [("init_batches", toml::Value::Integer(1)), ("eva_use_label_mask", toml::Value::Boolean(false))];
         let opts = if method == "eva" { &opts[..] } else { &opts[..1] };

@@ -91,7 +91,7 @@ fn lora_gradients_match_finite_differences() {
         m.nll(&x, targets.clone(), 1, 8, &ForwardCtx::eval()).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
     };
     // Training mode: only then do the adapter parameters enter the autograd graph.
-    let train = ForwardCtx { train: true, seed: 0, sequence: 0 };
+    let train = ForwardCtx::train(0);
     let nll = m.nll(&x, targets.clone(), 1, 8, &train).unwrap().sum_all().unwrap();
     let grads = nll.backward().unwrap();
     let params: Vec<(String, Var)> = lora.params();

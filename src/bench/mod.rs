@@ -211,7 +211,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     // labels = inputs, shifted inside the loss: position j predicts token j + 1.
     let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { IGNORE_INDEX } else { ids[i + 1] as i32 }).collect();
     let n_targets = b * (t - 1);
-    let batch = Batch { input_ids: ids, targets, batch_size: b, seq_len: t, n_targets, lengths: vec![t; b] };
+    let batch = Batch { input_ids: ids, targets, batch_size: b, seq_len: t, n_targets, lengths: vec![t; b], ..Default::default() };
 
     let mut method: Option<Box<dyn Method>> = match opts.method.as_str() {
         "none" if opts.forward_only => None,
@@ -237,7 +237,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             let _ = nll.sum_all()?.to_scalar::<f32>()?;
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
-            let (_, grads) = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step, opts.checkpointing)?;
+            let grads = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step, opts.checkpointing, &crate::objectives::Sft)?.grads;
             let (m, opt) = (method.as_mut().expect("training has a method"), opt.as_mut().expect("and an optimizer"));
             let mut grads = grads;
             m.grad_transform(&mut grads)?;

@@ -4,11 +4,20 @@ use crate::train::dataset::load_spec;
 use crate::train::evaluate;
 use std::path::Path;
 
-pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequence_len: usize, batch_size: usize) -> anyhow::Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequence_len: usize, batch_size: usize, objective: &str, dpo_beta: f64) -> anyhow::Result<()> {
     let data_path = data;
     if sequence_len == 0 || batch_size == 0 {
         anyhow::bail!("--sequence-len and --batch-size must be at least 1");
     }
+    let dpo = match objective {
+        "sft" => None,
+        "dpo" => {
+            let spec = crate::objectives::ObjectiveSpec { name: "dpo".into(), options: [("dpo_beta".to_string(), toml::Value::Float(dpo_beta))].into_iter().collect() };
+            Some(crate::objectives::Dpo::from_spec(&spec).map_err(|e| anyhow::anyhow!("--dpo-beta {dpo_beta}: {e}"))?)
+        }
+        other => anyhow::bail!("--objective {other}: expected sft or dpo"),
+    };
     let session = crate::session::Session::load(model, adapter)?;
     let spec = DatasetSpec { path: data.to_path_buf(), format: format.to_string() };
     // `tokenizer(text)` semantics: nothing appended beyond what the tokenizer itself adds.
@@ -24,6 +33,21 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequ
             data.stats.records,
             data.stats.without_targets
         );
+    }
+    let pairs = data.examples.iter().filter(|e| e.rejected.is_some()).count();
+    if let Some(dpo) = &dpo {
+        if pairs < data.examples.len() {
+            anyhow::bail!("{}: --objective dpo scores preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}}); {} of {} records are not pairs", data_path.display(), data.examples.len() - pairs, data.examples.len());
+        }
+        let mut examples = data.examples;
+        let pad = session.tokenizer.pad_id();
+        crate::objectives::dpo::compute_reference_logps(&session.model, &mut examples, batch_size, pad, |_, _| {})?;
+        let s = crate::objectives::dpo::score(&session.model, &examples, batch_size, pad, dpo)?;
+        println!("{}", serde_json::json!({ "loss": s.loss, "reward_accuracy": s.reward_accuracy, "reward_margin": s.reward_margin, "pairs": s.pairs }));
+        return Ok(());
+    }
+    if pairs > 0 {
+        anyhow::bail!("{}: holds preference pairs; score them with --objective dpo", data_path.display());
     }
     let r = evaluate(&session.model, &data.examples, batch_size, session.tokenizer.pad_id())?;
     if !r.loss.is_finite() {

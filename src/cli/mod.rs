@@ -50,7 +50,7 @@ pub enum Command {
         adapter: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
-        /// Record format: auto, text, completion, chat, alpaca.
+        /// Record format: auto, text, completion, chat, alpaca, preference.
         #[arg(long, default_value = "auto")]
         format: String,
         /// Truncate each example to this many tokens.
@@ -58,6 +58,13 @@ pub enum Command {
         sequence_len: usize,
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
+        /// `sft` (the mean token NLL) or `dpo` (preference pairs scored against the model with
+        /// the adapter switched off: DPO loss, implicit-reward accuracy and margin).
+        #[arg(long, default_value = "sft")]
+        objective: String,
+        /// DPO's β for `--objective dpo`.
+        #[arg(long, default_value_t = 0.1)]
+        dpo_beta: f64,
     },
     /// Continue a prompt (greedy unless --temperature is set).
     Generate {
@@ -184,8 +191,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),
-        Command::Eval { model, adapter, data, format, sequence_len, batch_size } => {
-            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size)
+        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta } => {
+            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size, &objective, dpo_beta)
         }
         Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };

@@ -4,7 +4,7 @@ use super::encode::{EncodedExample, IGNORE_INDEX};
 use crate::rng::SplitMix64;
 
 /// A padded batch, row-major `[batch_size, seq_len]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Batch {
     /// Token ids, right-padded with the pad id.
     pub input_ids: Vec<u32>,
@@ -18,19 +18,29 @@ pub struct Batch {
     pub n_targets: usize,
     /// Real (unpadded) length of each row.
     pub lengths: Vec<usize>,
+    /// Preference pairs in the batch: rows `0..pairs` are their chosen sequences and rows
+    /// `pairs..2·pairs` their rejected ones, in the same order (0 for plain examples).
+    pub pairs: usize,
+    /// Per row, the reference model's log-probability of the row's targets, where it was
+    /// computed before training (DPO's cached reference).
+    pub reference_logps: Option<Vec<f32>>,
 }
 
 /// Pads `examples` on the right to the longest one and shifts labels into next-token targets.
 /// Right padding needs no attention mask for a causal model: padded positions come after every
-/// real one, and their targets are `-100`.
+/// real one, and their targets are `-100`. Preference pairs give two rows each: all chosen
+/// sequences first, then the rejected ones (see [`Batch::pairs`]).
 pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
-    let b = examples.len();
-    let t = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let pairs = examples.iter().filter(|e| e.rejected.is_some()).count();
+    assert!(pairs == 0 || pairs == examples.len(), "a batch mixes preference pairs and plain examples");
+    let rows: Vec<&EncodedExample> = examples.iter().copied().chain(examples.iter().filter_map(|e| e.rejected.as_deref())).collect();
+    let b = rows.len();
+    let t = rows.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let mut input_ids = vec![pad_id; b * t];
     let mut targets = vec![IGNORE_INDEX; b * t];
     let mut lengths = Vec::with_capacity(b);
     let mut n_targets = 0;
-    for (i, ex) in examples.iter().enumerate() {
+    for (i, ex) in rows.iter().enumerate() {
         let n = ex.input_ids.len();
         lengths.push(n);
         input_ids[i * t..i * t + n].copy_from_slice(&ex.input_ids);
@@ -42,6 +52,7 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
             }
         }
     }
+    let reference_logps = rows.iter().map(|e| e.reference_logp).collect::<Option<Vec<f32>>>();
     Batch {
         input_ids,
         targets,
@@ -49,6 +60,8 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
         seq_len: t,
         n_targets,
         lengths,
+        pairs,
+        reference_logps,
     }
 }
 

@@ -39,7 +39,7 @@ impl Default for EncodeOptions {
 }
 
 /// One tokenized example.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct EncodedExample {
     pub input_ids: Vec<u32>,
     /// Per position: [`IGNORE_INDEX`] (`-100`) when not trained on, else `input_ids[i]`. Labels
@@ -47,12 +47,32 @@ pub struct EncodedExample {
     pub labels: Vec<i32>,
     /// Tokens were cut off at `sequence_len`.
     pub truncated: bool,
+    /// A preference pair (DPO): this example is prompt + chosen, and this is prompt + rejected.
+    pub rejected: Option<Box<EncodedExample>>,
+    /// The reference model's log-probability of this sequence's targets, once computed (DPO
+    /// computes it before training; see `objectives::dpo`).
+    pub reference_logp: Option<f32>,
 }
 
 impl EncodedExample {
-    /// Number of target (trained-on) tokens.
+    /// The training sequences: this one, and for a preference pair the rejected one.
+    pub fn sequences(&self) -> impl Iterator<Item = &EncodedExample> {
+        std::iter::once(self).chain(self.rejected.as_deref())
+    }
+
+    /// Number of target (trained-on) tokens, over all its sequences.
     pub fn n_targets(&self) -> usize {
-        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+        self.sequences().map(|e| e.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()).sum()
+    }
+
+    /// Tokens over all its sequences.
+    pub fn tokens(&self) -> usize {
+        self.sequences().map(|e| e.input_ids.len()).sum()
+    }
+
+    /// The longest of its sequences.
+    pub fn longest(&self) -> usize {
+        self.sequences().map(|e| e.input_ids.len()).max().unwrap_or(0)
     }
 
     /// False when nothing is trained on (e.g. truncation cut the whole completion off); such
@@ -60,7 +80,7 @@ impl EncodedExample {
     /// position's label never counts: no token precedes it to predict it from, so a one-token
     /// example (`{"text": ""}` plus EOS) trains on nothing.
     pub fn has_targets(&self) -> bool {
-        self.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX)
+        self.sequences().all(|e| e.labels.iter().skip(1).any(|&l| l != IGNORE_INDEX))
     }
 
     pub fn len(&self) -> usize {
@@ -122,6 +142,7 @@ pub fn render_example(tok: &TextTokenizer, example: &Example) -> Result<Rendered
             output,
         } => plain(alpaca_prompt(instruction, input), output),
         Example::Chat(messages) => render_chat(tok, messages)?,
+        Example::Preference(_) => return Err(Error::Model("a preference pair renders as two sequences; encode it with `encode_example`".into())),
     })
 }
 
@@ -206,6 +227,9 @@ fn render_chat(tok: &TextTokenizer, messages: &[Message]) -> Result<RenderedExam
 /// truncated to `sequence_len` tokens (the first ones kept); check
 /// [`EncodedExample::has_targets`] afterwards.
 pub fn encode_example(tok: &TextTokenizer, example: &Example, opts: &EncodeOptions) -> Result<EncodedExample> {
+    if let Example::Preference(pair) = example {
+        return super::preference::encode_pair(tok, pair, opts);
+    }
     let r = render_example(tok, example)?;
     let enc = tok.encode_raw(&r.text, r.add_special_tokens)?;
     let ids = enc.get_ids();
@@ -252,6 +276,8 @@ pub fn encode_example(tok: &TextTokenizer, example: &Example, opts: &EncodeOptio
         input_ids,
         labels,
         truncated,
+        rejected: None,
+        reference_logp: None,
     })
 }
 

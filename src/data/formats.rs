@@ -21,6 +21,9 @@ pub enum DatasetFormat {
     /// `{"instruction": ..., "input": ... (optional), "output": ...}`: the Stanford Alpaca prompt,
     /// only the output is trained on.
     Alpaca,
+    /// `{"prompt": ..., "chosen": ..., "rejected": ...}`: a preference pair (DPO), as strings or
+    /// as chat messages; see [`super::preference`].
+    Preference,
 }
 
 impl DatasetFormat {
@@ -33,12 +36,13 @@ impl DatasetFormat {
             "completion" => DatasetFormat::Completion,
             "chat" | "messages" => DatasetFormat::Chat,
             "alpaca" => DatasetFormat::Alpaca,
+            "preference" | "dpo" => DatasetFormat::Preference,
             _ => {
                 return Err(Error::config(
                     key,
                     format!(
                         "unknown dataset format `{value}` (expected one of: auto, text, \
-                         completion, chat, messages, alpaca)"
+                         completion, chat, messages, alpaca, preference)"
                     ),
                 ))
             }
@@ -57,6 +61,7 @@ impl DatasetFormat {
             DatasetFormat::Completion => "completion",
             DatasetFormat::Chat => "chat",
             DatasetFormat::Alpaca => "alpaca",
+            DatasetFormat::Preference => "preference",
         }
     }
 }
@@ -99,6 +104,7 @@ pub enum Example {
         input: String,
         output: String,
     },
+    Preference(super::preference::PreferencePair),
 }
 
 impl Example {
@@ -111,8 +117,7 @@ impl Example {
     /// 4. `question` and `answer` (GSM8K style) → completion with
     ///    `prompt = question + "\n"` and `completion = answer`;
     /// 5. `text` → text;
-    /// 6. `chosen` and `rejected` (a preference pair) → an error saying these are not supported
-    ///    yet.
+    /// 6. `chosen` and `rejected` → a preference pair (`prompt` required).
     ///
     /// Other keys are ignored. A missing or mistyped field, an empty message list, or a message
     /// role outside system/user/assistant/tool gives an [`Error::data`] naming the file, line and
@@ -137,18 +142,14 @@ impl Example {
                 } else if has("text") {
                     DatasetFormat::Text
                 } else if has("chosen") && has("rejected") {
-                    return Err(record.error(
-                        "preference pairs (`prompt`, `chosen`, `rejected`, for DPO-style training) \
-                         are not supported yet; LoRA fine-tuning needs `messages`, \
-                         `prompt`+`completion`, `instruction`+`output`, `question`+`answer` or `text`",
-                    ));
+                    DatasetFormat::Preference
                 } else {
                     let mut keys: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
                     keys.sort_unstable();
                     return Err(record.error(format!(
                         "cannot tell the dataset format from the keys [{}]; expected `messages`, \
-                         `prompt`+`completion`, `instruction`+`output`, `question`+`answer` or \
-                         `text` (or set the dataset's format explicitly)",
+                         `prompt`+`completion`, `instruction`+`output`, `question`+`answer`, \
+                         `text` or `prompt`+`chosen`+`rejected` (or set the dataset's format explicitly)",
                         keys.join(", ")
                     )));
                 }
@@ -171,6 +172,7 @@ impl Example {
                 output: string_field(record, "output")?.to_string(),
             },
             DatasetFormat::Chat => Example::Chat(messages_field(record)?),
+            DatasetFormat::Preference => Example::Preference(super::preference::PreferencePair::from_record(record)?),
         })
     }
 
@@ -181,11 +183,12 @@ impl Example {
             Example::Completion { .. } => DatasetFormat::Completion,
             Example::Chat(_) => DatasetFormat::Chat,
             Example::Alpaca { .. } => DatasetFormat::Alpaca,
+            Example::Preference(_) => DatasetFormat::Preference,
         }
     }
 }
 
-fn string_field<'a>(record: &'a Record, key: &str) -> Result<&'a str> {
+pub(crate) fn string_field<'a>(record: &'a Record, key: &str) -> Result<&'a str> {
     match record.value.get(key) {
         None => Err(record.error(format!(
             "field `{key}` is missing (expected a string)"
@@ -199,44 +202,49 @@ fn string_field<'a>(record: &'a Record, key: &str) -> Result<&'a str> {
 }
 
 fn messages_field(record: &Record) -> Result<Vec<Message>> {
-    let list = match record.value.get("messages") {
+    message_list(record, "messages")
+}
+
+/// The list of `{"role", "content"}` objects in field `key`.
+pub(crate) fn message_list(record: &Record, key: &str) -> Result<Vec<Message>> {
+    let list = match record.value.get(key) {
         None => {
             return Err(record.error(
-                "field `messages` is missing (expected a list of {\"role\", \"content\"} objects)",
+                format!("field `{key}` is missing (expected a list of {{\"role\", \"content\"}} objects)"),
             ))
         }
         Some(Value::Array(list)) => list,
         Some(other) => {
             return Err(record.error(format!(
-                "field `messages` must be a list of {{\"role\", \"content\"}} objects, found {}",
+                "field `{key}` must be a list of {{\"role\", \"content\"}} objects, found {}",
                 json_kind(other)
             )))
         }
     };
     if list.is_empty() {
-        return Err(record.error("field `messages` is an empty list"));
+        return Err(record.error(format!("field `{key}` is an empty list")));
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let obj = m.as_object().ok_or_else(|| {
             record.error(format!(
-                "messages[{i}] must be an object with `role` and `content`, found {}",
+                "{key}[{i}] must be an object with `role` and `content`, found {}",
                 json_kind(m)
             ))
         })?;
         let role = match obj.get("role") {
             Some(Value::String(r)) => r.as_str(),
-            None => return Err(record.error(format!("messages[{i}]: field `role` is missing"))),
+            None => return Err(record.error(format!("{key}[{i}]: field `role` is missing"))),
             Some(other) => {
                 return Err(record.error(format!(
-                    "messages[{i}]: field `role` must be a string, found {}",
+                    "{key}[{i}]: field `role` must be a string, found {}",
                     json_kind(other)
                 )))
             }
         };
         if !CHAT_ROLES.contains(&role) {
             return Err(record.error(format!(
-                "messages[{i}]: role `{role}` is not one of system, user, assistant, tool"
+                "{key}[{i}]: role `{role}` is not one of system, user, assistant, tool"
             )));
         }
         let content = match obj.get("content") {
@@ -251,7 +259,7 @@ fn messages_field(record: &Record) -> Result<Vec<Message>> {
                         .and_then(Value::as_str)
                         .ok_or_else(|| {
                             record.error(format!(
-                                "messages[{i}].content[{j}]: only {{\"type\": \"text\", \"text\": \
+                                "{key}[{i}].content[{j}]: only {{\"type\": \"text\", \"text\": \
                                  ...}} parts are supported"
                             ))
                         })?;
@@ -261,12 +269,12 @@ fn messages_field(record: &Record) -> Result<Vec<Message>> {
             }
             None => {
                 return Err(record.error(format!(
-                    "messages[{i}]: field `content` is missing (expected a string)"
+                    "{key}[{i}]: field `content` is missing (expected a string)"
                 )))
             }
             Some(other) => {
                 return Err(record.error(format!(
-                    "messages[{i}]: field `content` must be a string, found {}",
+                    "{key}[{i}]: field `content` must be a string, found {}",
                     json_kind(other)
                 )))
             }

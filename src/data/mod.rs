@@ -11,6 +11,7 @@
 pub mod batch;
 pub mod encode;
 pub mod formats;
+pub mod preference;
 pub mod source;
 pub mod template;
 pub mod tokenize;
@@ -79,7 +80,7 @@ pub fn encode_records(
             stats.without_targets += 1;
             continue;
         }
-        stats.tokens += ex.len();
+        stats.tokens += ex.tokens();
         stats.targets += ex.n_targets();
         examples.push(ex);
     }

@@ -271,7 +271,7 @@ mod tests {
         let w0_sq = (0..out).map(|o| w0[o * inp..(o + 1) * inp].iter().map(|w| w * w).sum()).collect();
         let site = DoraSite { site: "t".into(), a: var(&a, &[r, inp]), b: var(&b, &[out, r]), m: var(&m, &[out]), scaling: s, dropout: 0.0, stream: 0, w0_sq };
         let xt = Tensor::from_vec(f32s(&x), (1, tokens, inp), &Device::Cpu).unwrap();
-        let y = site.forward(&xt, &frozen, None, &ForwardCtx { train: true, seed: 0, sequence: 0 }).unwrap();
+        let y = site.forward(&xt, &frozen, None, &ForwardCtx::train(0)).unwrap();
         let loss = (&y * Tensor::from_vec(f32s(&weights), (1, tokens, out), &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         let grad = |v: &Var| -> Vec<f32> { grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap() };

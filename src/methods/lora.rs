@@ -107,6 +107,9 @@ pub struct LoraSite {
     dropout: f32,
     /// Distinguishes this site's dropout stream from every other site's.
     stream: u64,
+    /// The initial `(A, B)` where the base weight is a residual `W − s·B0·A0` (PiSSA, OLoRA,
+    /// CorDA): what a reference pass adds back to recover the original site.
+    initial: Option<(Tensor, Tensor)>,
 }
 
 impl SiteHook for LoraSite {
@@ -122,6 +125,13 @@ impl SiteHook for LoraSite {
         let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
         add_bias(crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)?, b0)
     }
+
+    fn reference_forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        match &self.initial {
+            Some((a0, b0_)) => add_bias(crate::kernels::lora_linear(x, w0, a0, b0_, self.scaling as f32, 0.0, 0)?, b0),
+            None => add_bias(crate::kernels::frozen_linear(x, w0)?, b0),
+        }
+    }
 }
 
 /// LoRA and rsLoRA on the linear sites `target_modules` selects.
@@ -130,6 +140,9 @@ pub struct Lora {
     pub sites: Vec<Arc<LoraSite>>,
     /// Seed of the Kaiming init of A (unused once attached).
     seed: u64,
+    /// Per site, the initial factors a reference pass adds back (see [`LoraSite`]); set before
+    /// attaching, by the residual methods.
+    pub residual_of: BTreeMap<String, (Tensor, Tensor)>,
 }
 
 /// PEFT's key for a site's tensor: `base_model.model.<site>.lora_A.weight`.
@@ -155,7 +168,7 @@ impl Lora {
         if !(0.0..1.0).contains(&config.dropout) {
             return Err(Error::config("lora_dropout", "must be in [0, 1)"));
         }
-        Ok(Self { config, sites: Vec::new(), seed })
+        Ok(Self { config, sites: Vec::new(), seed, residual_of: BTreeMap::new() })
     }
 
     /// Attaches freshly initialised adapters (PEFT's default init) to the target sites.
@@ -166,15 +179,20 @@ impl Lora {
     }
 
     /// Attaches adapters with given tensors (PEFT keys), checking every shape and value.
-    pub fn attach_tensors(model: &mut Llama, config: LoraConfig, mut tensors: HashMap<String, Tensor>, src: &Path) -> Result<Self> {
+    pub fn attach_tensors(model: &mut Llama, config: LoraConfig, tensors: HashMap<String, Tensor>, src: &Path) -> Result<Self> {
         let mut lora = Self::new(config, 0)?;
-        lora.attach_with(model, |_, site, in_f, out_f, r| {
+        lora.attach_given(model, tensors, src)?;
+        Ok(lora)
+    }
+
+    /// Attaches this LoRA's sites with given tensors (PEFT keys), checking every shape and value.
+    pub fn attach_given(&mut self, model: &mut Llama, mut tensors: HashMap<String, Tensor>, src: &Path) -> Result<()> {
+        self.attach_with(model, |_, site, in_f, out_f, r| {
             let a = take_checked(&mut tensors, &peft_key(site, 'A'), &[r, in_f], site, src)?;
             let b = take_checked(&mut tensors, &peft_key(site, 'B'), &[out_f, r], site, src)?;
             Ok((a, b))
         })?;
-        refuse_leftovers(&tensors, src, "adapted module")?;
-        Ok(lora)
+        refuse_leftovers(&tensors, src, "adapted module")
     }
 
     /// Attaches one adapter per selected site, with tensors from `init(site index, site name,
@@ -195,6 +213,7 @@ impl Lora {
                 scaling: config.scaling_of(&lin.name),
                 dropout: config.dropout,
                 stream: i as u64,
+                initial: self.residual_of.get(&lin.name).cloned(),
             }))
         })?;
         self.sites.extend(sites);

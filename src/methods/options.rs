@@ -3,7 +3,8 @@
 //! declares in its registry entry and parses here, with errors that name the key.
 
 use super::{LoraConfig, TargetModules};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::plan_keys::PlanKeys;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -48,49 +49,24 @@ impl MethodSpec {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&toml::Value> {
-        self.options.get(key)
+    fn keys(&self) -> PlanKeys<'_> {
+        PlanKeys(&self.options)
     }
 
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(toml::Value::Float(f)) if f.is_finite() => Ok(*f),
-            Some(toml::Value::Integer(i)) => Ok(*i as f64),
-            Some(v) => Err(Error::config(key, format!("is {v}; expected a number"))),
-        }
+        self.keys().f64_or(key, default)
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(toml::Value::Integer(i)) if *i >= 0 => Ok(*i as usize),
-            Some(v) => Err(Error::config(key, format!("is {v}; expected a whole number ≥ 0"))),
-        }
+        self.keys().usize_or(key, default)
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(toml::Value::Boolean(b)) => Ok(*b),
-            Some(v) => Err(Error::config(key, format!("is {v}; expected true or false"))),
-        }
+        self.keys().bool_or(key, default)
     }
 
     /// A string key restricted to `choices` (the first is the default).
     pub fn choice_or(&self, key: &str, choices: &[&'static str]) -> Result<&'static str> {
-        match self.get(key) {
-            None => Ok(choices[0]),
-            Some(toml::Value::String(s)) => choices
-                .iter()
-                .find(|c| **c == s.as_str())
-                .copied()
-                .ok_or_else(|| Error::config(key, format!("`{s}`: expected one of {}", quoted(choices)))),
-            Some(v) => Err(Error::config(key, format!("is {v}; expected one of {}", quoted(choices)))),
-        }
+        self.keys().choice_or(key, choices)
     }
-}
-
-fn quoted(choices: &[&str]) -> String {
-    choices.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")
 }

@@ -116,7 +116,9 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static s
         lin.weight = residual_weight(lin.weight.to_f32_vec(), &a0, &b0, config.scaling_of(&lin.name), info.out_features, info.in_features)?;
         init.insert(lin.name.clone(), (a0, b0));
     }
-    let lora = Lora::attach_tensors(model, config, tensors, &w_path)?;
+    let mut lora = Lora::new(config, 0)?;
+    lora.residual_of = init.clone();
+    lora.attach_given(model, tensors, &w_path)?;
     Ok(Box::new(ResidualLora { name, kind, lora, init, converted: false }))
 }
 
@@ -335,6 +337,7 @@ impl Method for ResidualLora {
             self.init.insert(name, (a, b));
         }
         let init = &self.init;
+        self.lora.residual_of = init.clone();
         self.lora.attach_with(model, |_, site, _, _, _| Ok(init[site].clone()))
     }
 

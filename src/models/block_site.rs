@@ -37,8 +37,9 @@ impl BlockSite {
     /// The MLP branch as the hook (if any) changes it.
     pub fn apply(&self, x: &Tensor, mlp_out: Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         match &self.hook {
-            Some(h) => h.forward(x, &mlp_out, ctx),
-            None => Ok(mlp_out),
+            // A reference pass runs the model with every method switched off.
+            Some(h) if !ctx.reference => h.forward(x, &mlp_out, ctx),
+            _ => Ok(mlp_out),
         }
     }
 }

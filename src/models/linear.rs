@@ -7,18 +7,31 @@ use candle_core::{Result, Tensor};
 use std::sync::Arc;
 
 /// Per-forward facts a method may need: whether we are training (dropout on), a seed that
-/// changes every micro-batch, from which each site derives its own random stream, and, in a
-/// recording pass (data-driven inits), which of the pass's sequences this forward computes.
+/// changes every micro-batch, from which each site derives its own random stream, in a
+/// recording pass (data-driven inits) which of the pass's sequences this forward computes, and
+/// whether this is a *reference* pass: the model with the method switched off, which
+/// objectives comparing with the starting model (ASFT, DPO) run instead of a second copy.
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardCtx {
     pub train: bool,
     pub seed: u64,
     pub sequence: usize,
+    pub reference: bool,
 }
 
 impl ForwardCtx {
     pub fn eval() -> Self {
-        Self { train: false, seed: 0, sequence: 0 }
+        Self { train: false, seed: 0, sequence: 0, reference: false }
+    }
+
+    /// The reference model: every method switched off, no gradient, no dropout.
+    pub fn reference() -> Self {
+        Self { reference: true, ..Self::eval() }
+    }
+
+    /// A training forward (dropout on) with the micro-batch's seed.
+    pub fn train(seed: u64) -> Self {
+        Self { train: true, seed, ..Self::eval() }
     }
 
     /// Inference on sequence `sequence` of a recording pass.
@@ -33,6 +46,13 @@ impl ForwardCtx {
 pub trait SiteHook: Send + Sync {
     /// The site's output for the frozen base weight `w0: [out, in]` and bias `b0: [out]`.
     fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> Result<Tensor>;
+
+    /// The output with the method switched off, for reference passes: the base site. A method
+    /// that changed the base weight itself (PiSSA/CorDA's residual) gives back what the site
+    /// computed before it was attached.
+    fn reference_forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>) -> Result<Tensor> {
+        add_bias(kernels::frozen_linear(x, w0)?, b0)
+    }
 }
 
 /// `y + b` where there is a bias.
@@ -78,6 +98,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         match &self.hook {
+            Some(h) if ctx.reference => h.reference_forward(x, &self.weight, self.bias.as_ref()),
             Some(h) => h.forward(x, &self.weight, self.bias.as_ref(), ctx),
             None => add_bias(kernels::frozen_linear(x, &self.weight)?, self.bias.as_ref()),
         }

@@ -273,7 +273,7 @@ impl Llama {
     }
 
     /// The residual stream after the last block, `[b, t, hidden]` (before the final norm).
-    fn residual(&self, ids: &[u32], b: usize, t: usize, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn residual(&self, ids: &[u32], b: usize, t: usize, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let pos0 = cache.as_ref().map_or(0, |k| k.len());
         let mut x = self.embed_ids(ids, b, t)?;
         for li in 0..self.layers.len() {

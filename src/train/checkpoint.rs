@@ -91,7 +91,7 @@ pub fn data_fingerprint(train: &[EncodedExample], val: &[EncodedExample]) -> Str
     for (tag, set) in [(b"train", train), (b"valid", val)] {
         h.update(tag);
         h.update((set.len() as u64).to_le_bytes());
-        for e in set {
+        for e in set.iter().flat_map(|e| e.sequences()) {
             h.update((e.input_ids.len() as u64).to_le_bytes());
             e.input_ids.iter().for_each(|t| h.update(t.to_le_bytes()));
             e.labels.iter().for_each(|l| h.update(l.to_le_bytes()));

@@ -11,78 +11,92 @@
 use crate::data::batch::Batch;
 use crate::error::Result;
 use crate::models::{ForwardCtx, Llama};
+use crate::objectives::{reference_hidden, HeadInputs, LossSum, Objective};
 use crate::rng::SplitMix64;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Forward and backward over one optimizer step's micro-batches; returns the step loss (mean
-/// NLL over all `n_targets` target tokens of the step) and the summed gradients, one buffer
-/// per parameter.
+/// One optimizer step's loss (the objective's, as a mean over all target tokens of the step),
+/// its gradients (summed over micro-batches, one buffer per parameter) and the step means of
+/// the objective's own quantities.
+pub struct StepGradients {
+    pub loss: f64,
+    pub grads: Vec<Vec<f32>>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Forward and backward over one optimizer step's micro-batches under `objective`; `units` is
+/// what the step's loss is averaged over (the sum of `objective.units` over its batches).
+#[allow(clippy::too_many_arguments)]
 pub fn step_gradients(
     model: &Llama,
     params: &[Var],
     batches: &[Batch],
-    n_targets: usize,
+    units: usize,
     seed: u64,
     step: usize,
     checkpointing: bool,
-) -> Result<(f64, Vec<Vec<f32>>)> {
-    let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
-    let mut loss = 0f64;
-    if n_targets == 0 {
-        return Ok((0.0, grads));
+    objective: &dyn Objective,
+) -> Result<StepGradients> {
+    let mut out = StepGradients { loss: 0.0, grads: params.iter().map(|p| vec![0f32; p.elem_count()]).collect(), metrics: BTreeMap::new() };
+    if units == 0 {
+        return Ok(out);
     }
-    let scale = 1.0 / n_targets as f64;
+    let scale = 1.0 / units as f64;
     for (mi, b) in batches.iter().enumerate() {
-        if b.n_targets == 0 {
+        if objective.units(b) == 0 {
             continue;
         }
-        let ctx = ForwardCtx { train: true, seed: SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64(), sequence: 0 };
-        let targets = Arc::new(b.targets.clone());
-        loss += if checkpointing {
-            checkpointed_backward(model, params, b, targets, scale, &ctx, &mut grads)?
+        let ctx = ForwardCtx::train(SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64());
+        let reference = if objective.needs_reference() { Some(reference_hidden(model, b)?) } else { None };
+        let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
+        let part = if checkpointing {
+            checkpointed_backward(model, params, &inputs, objective, scale, &mut out.grads)?
         } else {
-            let part = model.nll(&b.input_ids, targets, b.batch_size, b.seq_len, &ctx)?.sum_all()?.affine(scale, 0.0)?;
-            accumulate(&part.backward()?, params, &mut grads)?;
-            part.to_scalar::<f32>()? as f64
+            let x = model.residual(&b.input_ids, b.batch_size, b.seq_len, None, &ctx)?;
+            let part = objective.loss_sum(model, &x, &inputs)?;
+            let loss = part.loss.affine(scale, 0.0)?;
+            accumulate(&loss.backward()?, params, &mut out.grads)?;
+            LossSum { loss, metrics: part.metrics }
         };
+        out.loss += part.loss.to_scalar::<f32>()? as f64;
+        for (name, v) in part.metrics {
+            *out.metrics.entry(name.to_string()).or_default() += v * scale;
+        }
     }
-    Ok((loss, grads))
+    Ok(out)
 }
 
-fn checkpointed_backward(
-    model: &Llama,
-    params: &[Var],
-    b: &Batch,
-    targets: Arc<Vec<i32>>,
-    scale: f64,
-    ctx: &ForwardCtx,
-    grads: &mut [Vec<f32>],
-) -> Result<f64> {
+/// The step's loss and gradients for one micro-batch with per-block checkpointing; returns the
+/// (scaled) loss and the objective's metric sums.
+fn checkpointed_backward(model: &Llama, params: &[Var], inputs: &HeadInputs, objective: &dyn Objective, scale: f64, grads: &mut [Vec<f32>]) -> Result<LossSum> {
+    let (b, ctx) = (inputs.batch, inputs.ctx);
     // Forward, keeping only each block's input; every block's graph is dropped at once.
-    let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut block_inputs = Vec::with_capacity(model.layers.len());
     let mut x = model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?;
     for li in 0..model.layers.len() {
         let y = model.block_forward(li, &x, 0, None, ctx)?.detach();
-        inputs.push(x);
+        block_inputs.push(x);
         x = y;
     }
     // The head: loss and the gradient reaching the last block's output.
     let x_last = Var::from_tensor(&x)?;
-    let part = model.head_nll(x_last.as_tensor(), targets, ctx)?.sum_all()?.affine(scale, 0.0)?;
-    let store = part.backward()?;
+    let part = objective.loss_sum(model, x_last.as_tensor(), inputs)?;
+    let loss = part.loss.affine(scale, 0.0)?;
+    let store = loss.backward()?;
     accumulate(&store, params, grads)?;
     let mut g = grad_of(&store, x_last.as_tensor())?;
     // Blocks in reverse, one graph at a time.
     for li in (0..model.layers.len()).rev() {
-        let x_in = Var::from_tensor(&inputs[li])?;
+        let x_in = Var::from_tensor(&block_inputs[li])?;
         let y = model.block_forward(li, x_in.as_tensor(), 0, None, ctx)?;
         let store = (y * &g)?.sum_all()?.backward()?;
         accumulate(&store, params, grads)?;
         g = grad_of(&store, x_in.as_tensor())?;
     }
-    Ok(part.to_scalar::<f32>()? as f64)
+    Ok(LossSum { loss, metrics: part.metrics })
 }
 
 fn grad_of(store: &GradStore, t: &Tensor) -> Result<Tensor> {

@@ -423,15 +423,19 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
         let mut sampler = Sampler::new(train.len(), cfg.seed, cfg.shuffle);
         let samples = (total_steps * per_step) as u64;
         for first in (0..samples).step_by(mb) {
-            let t = (first..first + mb as u64).map(|k| train[sampler.index(k)].input_ids.len()).max().unwrap_or(0);
-            train_tokens = train_tokens.max(mb * t);
+            // A preference pair is two rows of the micro-batch.
+            let rows: Vec<&EncodedExample> = (first..first + mb as u64).map(|k| &train[sampler.index(k)]).collect();
+            let t = rows.iter().map(|e| e.longest()).max().unwrap_or(0);
+            let n: usize = rows.iter().map(|e| e.sequences().count()).sum();
+            train_tokens = train_tokens.max(n * t);
             train_seq = train_seq.max(t);
         }
     }
     let (mut eval_tokens, mut eval_seq) = (0, 0);
     for chunk in val.chunks(mb) {
-        let t = chunk.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        eval_tokens = eval_tokens.max(chunk.len() * t);
+        let t = chunk.iter().map(|e| e.longest()).max().unwrap_or(0);
+        let n: usize = chunk.iter().map(|e| e.sequences().count()).sum();
+        eval_tokens = eval_tokens.max(n * t);
         eval_seq = eval_seq.max(t);
     }
     StepShape {
@@ -650,7 +654,7 @@ fn suggestions(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExampl
         let fits = if e.additional() <= avail { "fits" } else { "does not fit" };
         out.push_str(&format!("\n  {what}: {:.2} GiB ({fits})", gib(e.total)));
     }
-    let longest = train.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+    let longest = train.iter().map(|e| e.longest()).max().unwrap_or(0);
     out.push_str(&format!("\n  a shorter sequence_len (now {}, longest example {longest} tokens) also shrinks the activations", cfg.sequence_len));
     Ok(out)
 }
@@ -709,7 +713,7 @@ mod tests {
             ))
             .unwrap()
         };
-        let ex = |n: usize| EncodedExample { input_ids: vec![5; n], labels: vec![5; n], truncated: false };
+        let ex = |n: usize| EncodedExample { input_ids: vec![5; n], labels: vec![5; n], truncated: false, rejected: None, reference_logp: None };
         let train: Vec<EncodedExample> = [10, 20, 50, 30].into_iter().map(ex).collect();
         let val: Vec<EncodedExample> = [7, 3, 9].into_iter().map(ex).collect();
         // In order, the first step pads [10, 20] to 20; the longest example comes in step 2.

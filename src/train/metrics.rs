@@ -20,6 +20,9 @@ pub struct StepMetrics {
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<f64>,
+    /// The objective's own step means (`nll`, `kl`, …).
+    #[serde(flatten)]
+    pub objective: std::collections::BTreeMap<String, f64>,
 }
 
 pub struct MetricsLog {

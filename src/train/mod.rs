@@ -7,6 +7,7 @@ pub mod grads;
 pub mod interrupt;
 pub mod memory;
 pub mod metrics;
+pub mod preference;
 pub mod progress;
 pub mod run_dir;
 pub mod trainer;

@@ -11,6 +11,8 @@ pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_DIR: &str = "adapter";
+/// DPO's reference log-probabilities, computed once per run (see `objectives::dpo`).
+pub const REFERENCE_LOGPS_FILE: &str = "reference_logps.json";
 
 /// Held while a run writes into its output directory. The kernel releases the underlying
 /// `flock` when the process dies however it dies (kill -9 included), so a lock can only be
@@ -112,7 +114,7 @@ pub fn remove_leftovers(output_dir: &Path) -> Result<Vec<PathBuf>> {
 /// The artefacts of an earlier run found in `output_dir`, as paths relative to it.
 pub fn previous_run(output_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for f in [RUN_FILE, METRICS_FILE] {
+    for f in [RUN_FILE, METRICS_FILE, REFERENCE_LOGPS_FILE] {
         if output_dir.join(f).exists() {
             found.push(f.to_string());
         }
@@ -168,7 +170,7 @@ pub fn remove_previous_run(output_dir: &Path) -> Result<()> {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     let adapter = output_dir.join(ADAPTER_DIR);
-    let files: Vec<PathBuf> = [output_dir.join(RUN_FILE), output_dir.join(METRICS_FILE)]
+    let files: Vec<PathBuf> = [output_dir.join(RUN_FILE), output_dir.join(METRICS_FILE), output_dir.join(REFERENCE_LOGPS_FILE)]
         .into_iter()
         .filter(|p| p.exists())
         .chain(own_adapter_files(&adapter))

@@ -1,13 +1,13 @@
 //! `ferrotune train`: the loop `micro-batches → loss → backward → clip → AdamW → schedule`,
 //! with evaluation, metrics, checkpoints and bit-exact resume.
 //!
-//! The loss of an optimizer step is the mean NLL over *all* target tokens of that step's
-//! micro-batches: each micro-batch contributes `sum(nll) / n_targets(step)`, so splitting a
-//! batch into micro-batches gives the same update.
+//! The loss of an optimizer step is the objective's mean over *all* units (target tokens, or
+//! DPO's pairs) of that step's micro-batches: each micro-batch contributes `sum / units(step)`,
+//! so splitting a batch into micro-batches gives the same update.
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
-use super::grads::step_gradients;
+use super::grads::{step_gradients, StepGradients};
 use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
@@ -136,7 +136,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
 
     let tok = load::load_tokenizer(&cfg.base_model)?;
-    let data = super::dataset::prepare(cfg, &tok)?;
+    let mut data = super::dataset::prepare(cfg, &tok)?;
+    let objective = crate::objectives::create(&cfg.objective_spec())?;
+    super::preference::check_objective_data(cfg, objective.as_ref(), &data)?;
     let pad_id = tok.pad_id();
     let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
     let n_train = data.train.len();
@@ -155,6 +157,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
     let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    if objective.needs_reference_logps() {
+        super::preference::reference_logps(cfg, &model, &mut data, &fingerprint, pad_id)?;
+    }
+    let data = data;
+    let dpo = (cfg.objective == "dpo").then(|| crate::objectives::Dpo::from_spec(&cfg.objective_spec())).transpose()?;
     method.set_total_steps(total_steps);
     let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
@@ -207,7 +214,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         warmup_steps: cfg.warmup_steps,
         total_steps,
     };
-    write_run_json(cfg, &model, method.as_ref(), &data, total_steps, &fingerprint, &memory)?;
+    write_run_json(cfg, &model, method.as_ref(), objective.as_ref(), &data, total_steps, &fingerprint, &memory)?;
     let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = base_model_name(&cfg.base_model);
 
@@ -220,10 +227,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if data.val.is_empty() {
             return Ok(None);
         }
-        let loss = match evaluate(model, &data.val, cfg.micro_batch_size, pad_id) {
+        // Pairs are scored by the DPO loss (the NLL of both responses would mean little).
+        let scored = match &dpo {
+            Some(d) => crate::objectives::dpo::score(model, &data.val, cfg.micro_batch_size, pad_id, d).map(|s| {
+                progress.println(&format!("eval: DPO loss {:.4}, reward accuracy {:.3}, reward margin {:.4} on {} pairs", s.loss, s.reward_accuracy, s.reward_margin, s.pairs));
+                s.loss
+            }),
+            None => evaluate(model, &data.val, cfg.micro_batch_size, pad_id).map(|r| r.loss),
+        };
+        let loss = match scored {
             // Ctrl-C during an evaluation: skip it; the loop's signal check then saves and stops.
             Err(Error::Interrupted { .. }) => return Ok(None),
-            r => r?.loss,
+            r => r?,
         };
         if !loss.is_finite() {
             return Err(Error::Training(format!("the validation loss is {loss}: the model produces non-finite logits on the validation examples")));
@@ -252,9 +267,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let examples: Vec<&EncodedExample> =
             (0..per_step as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
         let batches: Vec<Batch> = examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect();
-        let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
-        let n_tokens: usize = examples.iter().map(|e| e.input_ids.len()).sum();
-        let (loss, mut grads) = step_gradients(&model, &params, &batches, n_targets, cfg.seed, state.step, cfg.gradient_checkpointing)?;
+        let units: usize = batches.iter().map(|b| objective.units(b)).sum();
+        let n_tokens: usize = examples.iter().map(|e| e.tokens()).sum();
+        let StepGradients { loss, mut grads, metrics: objective_metrics } =
+            step_gradients(&model, &params, &batches, units, cfg.seed, state.step, cfg.gradient_checkpointing, objective.as_ref())?;
         crate::failpoint::hit("step");
         if !loss.is_finite() {
             return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
@@ -264,7 +280,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             return Err(nan_error(state.step + 1, "gradient norm", grad_norm, &last_ckpt));
         }
         let lr = sched.lr(state.step);
-        if n_targets > 0 {
+        if units > 0 {
             method.grad_transform(&mut grads)?;
             opt.step(&params, &grads, lr)?;
         }
@@ -285,6 +301,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             grad_norm: Some(grad_norm),
             tokens_per_s: Some(tps),
             epoch: Some(state.samples_seen as f64 / n_train as f64),
+            objective: objective_metrics,
             ..Default::default()
         };
         let last = state.step == total_steps;
@@ -359,7 +376,7 @@ fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prep
         eprintln!("note: {} of {total} examples were cut at sequence_len = {}", data.truncated, cfg.sequence_len);
     }
     let context = model.config.max_position_embeddings;
-    let longest = data.train.iter().chain(&data.val).map(|e| e.len()).max().unwrap_or(0);
+    let longest = data.train.iter().chain(&data.val).map(|e| e.longest()).max().unwrap_or(0);
     if longest > context {
         return Err(Error::config(
             "sequence_len",
@@ -432,7 +449,17 @@ pub fn base_model_name(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn write_run_json(cfg: &TrainConfig, model: &Llama, method: &dyn Method, data: &super::dataset::Prepared, total_steps: usize, data_fingerprint: &str, memory: &MemoryEstimate) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn write_run_json(
+    cfg: &TrainConfig,
+    model: &Llama,
+    method: &dyn Method,
+    objective: &dyn crate::objectives::Objective,
+    data: &super::dataset::Prepared,
+    total_steps: usize,
+    data_fingerprint: &str,
+    memory: &MemoryEstimate,
+) -> Result<()> {
     let c = &model.config;
     let run = serde_json::json!({
         "plan": cfg,
@@ -445,6 +472,7 @@ fn write_run_json(cfg: &TrainConfig, model: &Llama, method: &dyn Method, data: &
             "truncated_examples": data.truncated,
             "data_fingerprint": data_fingerprint,
             "method": { "name": method.name(), "details": method.describe() },
+            "objective": objective.describe(),
             "trainable_params": method.num_params(),
             "adapted_modules": method.sites().len(),
             "threads": rayon::current_num_threads(),

@@ -117,6 +117,11 @@ pub fn check_method(dir: &Path, p: &Promise) -> PathBuf {
     assert!((reloaded - after).abs() <= 1e-4 * after.abs(), "{}: the saved adapter evaluates to {reloaded}, training ended at {after}", p.adapter);
     let base = logits(&ferrotune::models::load::load_model(&model_dir).unwrap(), &probe);
     assert!(max_abs_diff(&base, &unmerged) > 1e-6, "{}: the reloaded adapter does nothing", p.adapter);
+    // A reference pass (the method switched off, as ASFT and DPO use it) is the model training
+    // started from: the base, also where the method rewrote the base weights (residual inits).
+    let reference = reference_logits(&session.model, &probe);
+    let scale = base.iter().fold(0f32, |a, x| a.max(x.abs())).max(1.0);
+    assert!(max_abs_diff(&base, &reference) <= 1e-4 * scale, "{}: the reference pass differs from the base by {}", p.adapter, max_abs_diff(&base, &reference));
     let eval = bin()
         .args(["eval", "--model", "model", "--adapter", "out/adapter", "--data", "val.jsonl", "--sequence-len", "48"])
         .current_dir(dir)

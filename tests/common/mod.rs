@@ -45,6 +45,12 @@ pub fn logits(m: &ferrotune::models::Llama, ids: &[u32]) -> Vec<f32> {
     m.logits(ids, 1, ids.len(), None, &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// Logits of one sequence from a reference pass (every method switched off).
+pub fn reference_logits(m: &ferrotune::models::Llama, ids: &[u32]) -> Vec<f32> {
+    let ctx = ferrotune::models::ForwardCtx::reference();
+    m.logits(ids, 1, ids.len(), None, &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)

@@ -1,0 +1,126 @@
+//! Training objectives: what a micro-batch's loss is, given the model's outputs. SFT's token
+//! cross-entropy is one of them; DFT and ASFT reweight it and anchor it to a reference model.
+//! An objective never sees a method: it works on the last block's output and the frozen LM head,
+//! so every objective combines with every method. Objectives that compare with the starting
+//! model ask for a *reference pass*, the same model with the method switched off
+//! ([`ForwardCtx::reference`]), so no second copy of the base is ever held.
+//!
+//! Every objective keeps the head's cross-entropy chunked: nothing here forms the
+//! `tokens × vocab` logits of a batch.
+
+mod dft;
+pub mod dpo;
+mod sft;
+
+pub use dft::Dft;
+pub use dpo::Dpo;
+pub use sft::Sft;
+
+use crate::data::batch::Batch;
+use crate::error::{Error, Result};
+use crate::models::{ForwardCtx, Llama};
+use crate::plan_keys::PlanKeys;
+use candle_core::Tensor;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What one micro-batch's head sees.
+pub struct HeadInputs<'a> {
+    pub batch: &'a Batch,
+    /// Next-token targets of the batch (`batch.targets`, shared with the head kernel).
+    pub targets: Arc<Vec<i32>>,
+    /// The reference model's final hidden states `[b·t, hidden]`, for objectives that ask.
+    pub reference: Option<&'a Tensor>,
+    pub ctx: &'a ForwardCtx,
+}
+
+/// A micro-batch's loss summed over its units (target tokens, or pairs; a scalar carrying the
+/// graph), and named quantities summed over the same units (the trainer logs their step means).
+pub struct LossSum {
+    pub loss: Tensor,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+pub trait Objective: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Whether each micro-batch needs a reference pass ([`HeadInputs::reference`]).
+    fn needs_reference(&self) -> bool {
+        false
+    }
+
+    /// Whether the reference model's sequence log-probabilities must be computed once before
+    /// training ([`Batch::reference_logps`]; DPO).
+    fn needs_reference_logps(&self) -> bool {
+        false
+    }
+
+    /// What the loss is averaged over in a batch: its target tokens (SFT and its variants), or
+    /// its preference pairs (DPO).
+    fn units(&self, batch: &Batch) -> usize {
+        batch.n_targets
+    }
+
+    /// The loss summed over the batch's units, from the last block's output `x: [b, t, hidden]`
+    /// (the trainer divides by the step's units, so micro-batching leaves the step unchanged).
+    fn loss_sum(&self, model: &Llama, x: &Tensor, inputs: &HeadInputs) -> Result<LossSum>;
+
+    /// The objective and its settings, for `run.json`.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// The plan's choice: `objective = "<name>"` and that objective's own keys.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ObjectiveSpec {
+    pub name: String,
+    pub options: BTreeMap<String, toml::Value>,
+}
+
+impl ObjectiveSpec {
+    pub fn keys(&self) -> PlanKeys<'_> {
+        PlanKeys(&self.options)
+    }
+}
+
+struct Entry {
+    name: &'static str,
+    keys: &'static [&'static str],
+    create: fn(&ObjectiveSpec) -> Result<Box<dyn Objective>>,
+}
+
+const ENTRIES: &[Entry] = &[
+    Entry { name: "sft", keys: &[], create: |_| Ok(Box::new(sft::Sft)) },
+    Entry { name: "dft", keys: &[], create: |_| Ok(Box::new(dft::Dft::plain())) },
+    Entry { name: "asft", keys: &["asft_lambda"], create: dft::Dft::asft },
+    Entry { name: "dpo", keys: &["dpo_beta", "dpo_label_smoothing"], create: dpo::Dpo::create },
+];
+
+pub fn names() -> Vec<&'static str> {
+    ENTRIES.iter().map(|e| e.name).collect()
+}
+
+/// Whether some objective declares `key` as one of its plan keys.
+pub fn is_objective_key(key: &str) -> bool {
+    ENTRIES.iter().any(|e| e.keys.contains(&key))
+}
+
+/// The plan's objective: a known name, only its own keys, values it accepts.
+pub fn create(spec: &ObjectiveSpec) -> Result<Box<dyn Objective>> {
+    let e = ENTRIES
+        .iter()
+        .find(|e| e.name == spec.name)
+        .ok_or_else(|| Error::config("objective", format!("`{}` is not an objective ferrotune knows (known: {})", spec.name, names().join(", "))))?;
+    for key in spec.options.keys() {
+        if !e.keys.contains(&key.as_str()) {
+            let owners: Vec<&str> = ENTRIES.iter().filter(|o| o.keys.contains(&key.as_str())).map(|o| o.name).collect();
+            return Err(Error::config(key.as_str(), format!("applies to objective = {}, and this plan has objective = \"{}\"", owners.join(" or "), e.name)));
+        }
+    }
+    (e.create)(spec)
+}
+
+/// The reference model's final hidden states for a batch: the model with every method switched
+/// off, no graph.
+pub fn reference_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {
+    Ok(model.hidden(&batch.input_ids, batch.batch_size, batch.seq_len, None, &ForwardCtx::reference())?.detach())
+}
