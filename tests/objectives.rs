@@ -8,7 +8,7 @@ use ferrotune::data::{make_batch, Batch, EncodedExample};
 use ferrotune::methods::{registry, TargetModules};
 use ferrotune::models::Llama;
 use ferrotune::objectives::{self, Objective, ObjectiveSpec};
-use ferrotune::train::grads::{step_gradients, StepGradients};
+use ferrotune::train::grads::{step_gradients, StepGradients, StepPlan};
 
 /// A tiny model with LoRA on two projections (dropout off), and the LoRA's parameters (the
 /// model's hooks hold them).
@@ -46,7 +46,7 @@ fn objective(name: &str, options: &[(&str, f64)]) -> Box<dyn Objective> {
 }
 
 fn grads(m: &Llama, params: &[Var], b: &Batch, o: &dyn Objective, checkpointing: bool) -> StepGradients {
-    step_gradients(m, params, std::slice::from_ref(b), o.units(b), 1, 0, checkpointing, o).unwrap()
+    step_gradients(m, params, std::slice::from_ref(b), o.units(b), &StepPlan { seed: 1, step: 0, total_steps: 10, checkpointing }, o).unwrap()
 }
 
 fn max_rel(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
@@ -213,7 +213,7 @@ fn dpo_gradient_matches_finite_differences_and_averages_over_pairs() {
     // Micro-batches of one pair each, averaged over the step's two pairs.
     let singles: Vec<Batch> = pairs.iter().map(|p| pair_batch(&m, std::slice::from_ref(p))).collect();
     // (Reference log-probabilities come from the reference pass, which the adapter does not touch.)
-    let split = step_gradients(&m, &params, &singles, 2, 1, 0, false, o.as_ref()).unwrap();
+    let split = step_gradients(&m, &params, &singles, 2, &StepPlan { seed: 1, step: 0, total_steps: 10, checkpointing: false }, o.as_ref()).unwrap();
     assert!((split.loss - full.loss).abs() < 1e-6 && max_rel(&split.grads, &full.grads) < 1e-5, "micro-batching changes the DPO step");
     assert!((split.metrics["rewards/margins"] - full.metrics["rewards/margins"]).abs() < 1e-6);
 }
@@ -341,4 +341,102 @@ fn chat_pairs_split_at_the_generation_prompt() {
     let rejected = e.rejected.as_ref().unwrap();
     assert_eq!(&rejected.input_ids[..prompt_len], &prompt[..]);
     assert!(tok.decode(&rejected.input_ids[prompt_len..], false).unwrap().starts_with("Go away."));
+}
+
+/// Masked Thought masks response tokens only, at its (ramped) rate, with the mean embedding,
+/// and leaves the labels alone; at rate 0 it is SFT.
+#[test]
+fn masked_thought_masks_response_tokens_at_its_rate() {
+    use objectives::masked_thought::{mask_positions, MaskedThought};
+    let seqs: Vec<(Vec<u32>, usize)> = (0..8).map(|i| (ids(64, 200, 30 + i), 20 + i as usize)).collect();
+    let b = batch(&seqs);
+    let t = b.seq_len;
+    let eligible = (0..b.input_ids.len()).filter(|&i| i % t != 0 && b.targets[i - 1] != -100).count();
+    for p in [0.1, 0.25, 0.4] {
+        let masked = mask_positions(&b, p, 77);
+        assert!(masked.iter().all(|&i| i % t != 0 && b.targets[i - 1] != -100), "a prompt token was masked");
+        let sigma = (p * (1.0 - p) / eligible as f64).sqrt();
+        let rate = masked.len() as f64 / eligible as f64;
+        assert!((rate - p).abs() < 3.0 * sigma, "rate {rate} for p = {p} (σ = {sigma})");
+        assert_eq!(masked, mask_positions(&b, p, 77), "the same seed masks the same tokens");
+    }
+    let mft = MaskedThought::new(0.4, 0.66);
+    assert_eq!((mft.rate(0, 100), mft.rate(66, 100), mft.rate(90, 100)), (0.0, 0.4, 0.4));
+    assert!((mft.rate(33, 100) - 0.2).abs() < 1e-12);
+    // The trained pass reads the mean embedding at masked positions and the tokens' elsewhere.
+    let d = tempfile::tempdir().unwrap();
+    let (m, params) = model_with_lora(d.path());
+    let small = batch(&[(ids(64, 30, 3), 6), (ids(64, 24, 4), 10)]);
+    let at = objectives::StepInfo { step: 50, total_steps: 100, seed: 9 };
+    let x: Vec<f32> = mft.input_embeddings(&m, &small, &at).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let plain: Vec<f32> = m.embed_ids(&small.input_ids, small.batch_size, small.seq_len).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mean = m.mean_embedding();
+    let h = mean.len();
+    let masked = mask_positions(&small, mft.rate(50, 100), 9);
+    assert!(!masked.is_empty());
+    for i in 0..small.input_ids.len() {
+        let row = &x[i * h..(i + 1) * h];
+        assert_eq!(row, if masked.contains(&i) { &mean[..] } else { &plain[i * h..(i + 1) * h] }, "position {i}");
+    }
+    // Rate 0 (the first step) is SFT exactly; later the corrupted prefix changes the loss.
+    let o = objective("masked_thought", &[]);
+    let first = step_gradients(&m, &params, std::slice::from_ref(&small), small.n_targets, &StepPlan { seed: 9, step: 0, total_steps: 100, checkpointing: false }, o.as_ref()).unwrap();
+    let sft = step_gradients(&m, &params, std::slice::from_ref(&small), small.n_targets, &StepPlan { seed: 9, step: 0, total_steps: 100, checkpointing: false }, objective("sft", &[]).as_ref()).unwrap();
+    assert_eq!((first.loss, &first.grads), (sft.loss, &sft.grads));
+    let later = step_gradients(&m, &params, std::slice::from_ref(&small), small.n_targets, &StepPlan { seed: 9, step: 80, total_steps: 100, checkpointing: false }, o.as_ref()).unwrap();
+    assert!(later.loss != sft.loss);
+}
+
+/// IFT with γ = 0 and λ = 0 is SFT averaged per sequence.
+#[test]
+fn ift_without_propagation_or_mixing_is_sft_per_sequence() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, params) = model_with_lora(d.path());
+    perturb(&params, 6);
+    let seqs = [(ids(64, 14, 21), 5), (ids(64, 9, 22), 2)];
+    let ift = objective("ift", &[("ift_gamma", 0.0), ("ift_lambda", 0.0)]);
+    let both = grads(&m, &params, &batch(&seqs), ift.as_ref(), false);
+    let singles: Vec<StepGradients> = seqs.iter().map(|s| grads(&m, &params, &batch(std::slice::from_ref(s)), objective("sft", &[]).as_ref(), false)).collect();
+    let mean_loss = (singles[0].loss + singles[1].loss) / 2.0;
+    assert!((both.loss - mean_loss).abs() < 1e-6, "{} vs {mean_loss}", both.loss);
+    let mean_grads: Vec<Vec<f32>> = singles[0].grads.iter().zip(&singles[1].grads).map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect()).collect();
+    assert!(max_rel(&both.grads, &mean_grads) < 1e-5);
+}
+
+/// IFT's gradient (through its weights too) against finite differences; the trained pass reads
+/// the model's own greedy predictions on response positions.
+#[test]
+fn ift_gradient_matches_finite_differences_and_mixes_in_predictions() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, params) = model_with_lora(d.path());
+    perturb(&params, 7);
+    let seq = (ids(64, 16, 23), 6);
+    let b = batch(std::slice::from_ref(&seq));
+    // λ = 1: response positions read the embedding of the prediction made one position before.
+    let full = objective("ift", &[("ift_lambda", 1.0)]);
+    let x: Vec<f32> = full.input_embeddings(&m, &b, &objectives::StepInfo { step: 0, total_steps: 1, seed: 0 }).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let vocab = m.config.vocab_size;
+    let logits = common::logits(&m, &seq.0);
+    let argmax = |pos: usize| (0..vocab).max_by(|&a, &c| logits[pos * vocab + a].total_cmp(&logits[pos * vocab + c])).unwrap() as u32;
+    let expected: Vec<u32> = (0..seq.0.len()).map(|j| if j > 0 && b.targets[j - 1] != -100 { argmax(j - 1) } else { seq.0[j] }).collect();
+    let e: Vec<f32> = m.embed_ids(&expected, 1, expected.len()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(x.iter().zip(&e).all(|(a, b)| (a - b).abs() < 1e-6), "IFT's inputs are not the predictions' embeddings");
+    let o = objective("ift", &[]);
+    let g = grads(&m, &params, &b, o.as_ref(), false);
+    for (pi, v) in params.iter().enumerate().take(2) {
+        let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for i in [2, base.len() / 3] {
+            let at = |delta: f32| {
+                let mut w = base.clone();
+                w[i] += delta;
+                v.set(&Tensor::from_vec(w, v.shape(), v.device()).unwrap()).unwrap();
+                grads(&m, &params, &b, o.as_ref(), false).loss
+            };
+            let h = 1e-2;
+            let fd = (at(h) - at(-h)) / (2.0 * h as f64);
+            v.set(&Tensor::from_vec(base.clone(), v.shape(), v.device()).unwrap()).unwrap();
+            let gi = g.grads[pi][i] as f64;
+            assert!((fd - gi).abs() < 2e-2 * (1.0 + fd.abs()), "param {pi}[{i}]: {gi} vs finite difference {fd}");
+        }
+    }
 }

@@ -237,7 +237,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             let _ = nll.sum_all()?.to_scalar::<f32>()?;
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
-            let grads = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, 0, step, opts.checkpointing, &crate::objectives::Sft)?.grads;
+            let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: opts.checkpointing };
+            let grads = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, &plan, &crate::objectives::Sft)?.grads;
             let (m, opt) = (method.as_mut().expect("training has a method"), opt.as_mut().expect("and an optimizer"));
             let mut grads = grads;
             m.grad_transform(&mut grads)?;

@@ -247,6 +247,22 @@ pub fn lm_head_nll_kl(h: &Tensor, reference: &Tensor, w: &FrozenWeight, targets:
     h.contiguous()?.apply_op1(op)
 }
 
+/// The most likely next token of every row of `h: [n, d]` under the head `W: [vocab, d]` (IFT's
+/// greedy predictions), chunk by chunk: the full logits never exist at once.
+pub fn lm_head_argmax(h: &Tensor, w: &FrozenWeight) -> Result<Vec<u32>> {
+    let (n, d) = h.dims2()?;
+    let vocab = w.dims().0;
+    with_f32(&h.contiguous()?, "lm-head-argmax", |hv| {
+        let mut out = Vec::with_capacity(n);
+        let rows: Vec<usize> = (0..n).collect();
+        for chunk in rows.chunks(CHUNK_ROWS) {
+            let logits = chunk_logits(w, hv, chunk, d);
+            out.extend(logits.par_chunks(vocab).map(|l| l.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32).collect::<Vec<_>>());
+        }
+        Ok(out)
+    })
+}
+
 /// Full logits `[n, vocab]` for inference (generation, logit checks); no gradient.
 pub fn lm_head_logits(h: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
     let (n, _) = h.dims2()?;

@@ -21,7 +21,7 @@ pub(crate) mod vexp;
 
 pub use attention::causal_attention;
 pub use columns::{scale_columns, scale_shift_columns};
-pub use cross_entropy::{lm_head_logits, lm_head_nll, lm_head_nll_kl, IGNORE_INDEX};
+pub use cross_entropy::{lm_head_argmax, lm_head_logits, lm_head_nll, lm_head_nll_kl, IGNORE_INDEX};
 pub use dropout::dropout;
 pub use frozen_weight::FrozenWeight;
 pub use linear::frozen_linear;

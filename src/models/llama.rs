@@ -272,6 +272,28 @@ impl Llama {
         self.final_norm(&self.residual(ids, b, t, cache, ctx)?)
     }
 
+    /// The residual stream after the last block for given input embeddings `x: [b, t, hidden]`
+    /// (objectives that change the inputs: Masked Thought, IFT); no cache.
+    pub fn residual_from(&self, x: Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let mut x = x;
+        for li in 0..self.layers.len() {
+            x = self.block_forward(li, &x, 0, None, ctx)?;
+        }
+        Ok(x)
+    }
+
+    /// The mean of the token embeddings over the vocabulary, `[hidden]`.
+    pub fn mean_embedding(&self) -> Vec<f32> {
+        let (vocab, d) = (self.config.vocab_size, self.config.hidden_size);
+        let mut sum = vec![0f64; d];
+        let mut row = vec![0f32; d];
+        for id in 0..vocab {
+            self.embed_tokens.rows_into(id, &mut row);
+            sum.iter_mut().zip(&row).for_each(|(s, &v)| *s += v as f64);
+        }
+        sum.iter().map(|s| (s / vocab as f64) as f32).collect()
+    }
+
     /// The residual stream after the last block, `[b, t, hidden]` (before the final norm).
     pub fn residual(&self, ids: &[u32], b: usize, t: usize, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let pos0 = cache.as_ref().map_or(0, |k| k.len());

@@ -10,6 +10,8 @@
 
 mod dft;
 pub mod dpo;
+mod ift;
+pub mod masked_thought;
 mod sft;
 
 pub use dft::Dft;
@@ -32,6 +34,16 @@ pub struct HeadInputs<'a> {
     /// The reference model's final hidden states `[b·t, hidden]`, for objectives that ask.
     pub reference: Option<&'a Tensor>,
     pub ctx: &'a ForwardCtx,
+}
+
+/// Where in the run a micro-batch is: for schedules (Masked Thought's ramp) and seeded choices.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    /// Optimizer steps done before this one.
+    pub step: usize,
+    pub total_steps: usize,
+    /// This micro-batch's seed (also its forward's dropout seed).
+    pub seed: u64,
 }
 
 /// A micro-batch's loss summed over its units (target tokens, or pairs; a scalar carrying the
@@ -59,6 +71,13 @@ pub trait Objective: Send + Sync {
     /// its preference pairs (DPO).
     fn units(&self, batch: &Batch) -> usize {
         batch.n_targets
+    }
+
+    /// The input embeddings `[b, t, hidden]` of the pass that is trained, where the objective
+    /// changes them (Masked Thought masks response tokens, IFT mixes in the model's own
+    /// predictions); `None` for the tokens' own embeddings.
+    fn input_embeddings(&self, _model: &Llama, _batch: &Batch, _at: &StepInfo) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 
     /// The loss summed over the batch's units, from the last block's output `x: [b, t, hidden]`
@@ -93,6 +112,8 @@ const ENTRIES: &[Entry] = &[
     Entry { name: "dft", keys: &[], create: |_| Ok(Box::new(dft::Dft::plain())) },
     Entry { name: "asft", keys: &["asft_lambda"], create: dft::Dft::asft },
     Entry { name: "dpo", keys: &["dpo_beta", "dpo_label_smoothing"], create: dpo::Dpo::create },
+    Entry { name: "masked_thought", keys: &["mft_p_max", "mft_ramp_ratio"], create: masked_thought::MaskedThought::create },
+    Entry { name: "ift", keys: &["ift_lambda", "ift_gamma"], create: ift::Ift::create },
 ];
 
 pub fn names() -> Vec<&'static str> {

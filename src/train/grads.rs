@@ -11,7 +11,7 @@
 use crate::data::batch::Batch;
 use crate::error::Result;
 use crate::models::{ForwardCtx, Llama};
-use crate::objectives::{reference_hidden, HeadInputs, LossSum, Objective};
+use crate::objectives::{reference_hidden, HeadInputs, LossSum, Objective, StepInfo};
 use crate::rng::SplitMix64;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -27,19 +27,20 @@ pub struct StepGradients {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// What is fixed for all micro-batches of a step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    /// The run's seed (each micro-batch derives its own).
+    pub seed: u64,
+    /// Optimizer steps done before this one, and the run's total.
+    pub step: usize,
+    pub total_steps: usize,
+    pub checkpointing: bool,
+}
+
 /// Forward and backward over one optimizer step's micro-batches under `objective`; `units` is
 /// what the step's loss is averaged over (the sum of `objective.units` over its batches).
-#[allow(clippy::too_many_arguments)]
-pub fn step_gradients(
-    model: &Llama,
-    params: &[Var],
-    batches: &[Batch],
-    units: usize,
-    seed: u64,
-    step: usize,
-    checkpointing: bool,
-    objective: &dyn Objective,
-) -> Result<StepGradients> {
+pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: usize, plan: &StepPlan, objective: &dyn Objective) -> Result<StepGradients> {
     let mut out = StepGradients { loss: 0.0, grads: params.iter().map(|p| vec![0f32; p.elem_count()]).collect(), metrics: BTreeMap::new() };
     if units == 0 {
         return Ok(out);
@@ -49,13 +50,19 @@ pub fn step_gradients(
         if objective.units(b) == 0 {
             continue;
         }
-        let ctx = ForwardCtx::train(SplitMix64::derive(seed, &[0xd20, step as u64, mi as u64]).next_u64());
+        let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
+        let ctx = ForwardCtx::train(seed);
+        let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
         let reference = if objective.needs_reference() { Some(reference_hidden(model, b)?) } else { None };
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
-        let part = if checkpointing {
-            checkpointed_backward(model, params, &inputs, objective, scale, &mut out.grads)?
+        let x0 = match objective.input_embeddings(model, b, &at)? {
+            Some(x) => x,
+            None => model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?,
+        };
+        let part = if plan.checkpointing {
+            checkpointed_backward(model, params, x0, &inputs, objective, scale, &mut out.grads)?
         } else {
-            let x = model.residual(&b.input_ids, b.batch_size, b.seq_len, None, &ctx)?;
+            let x = model.residual_from(x0, &ctx)?;
             let part = objective.loss_sum(model, &x, &inputs)?;
             let loss = part.loss.affine(scale, 0.0)?;
             accumulate(&loss.backward()?, params, &mut out.grads)?;
@@ -71,11 +78,11 @@ pub fn step_gradients(
 
 /// The step's loss and gradients for one micro-batch with per-block checkpointing; returns the
 /// (scaled) loss and the objective's metric sums.
-fn checkpointed_backward(model: &Llama, params: &[Var], inputs: &HeadInputs, objective: &dyn Objective, scale: f64, grads: &mut [Vec<f32>]) -> Result<LossSum> {
-    let (b, ctx) = (inputs.batch, inputs.ctx);
+fn checkpointed_backward(model: &Llama, params: &[Var], x0: Tensor, inputs: &HeadInputs, objective: &dyn Objective, scale: f64, grads: &mut [Vec<f32>]) -> Result<LossSum> {
+    let ctx = inputs.ctx;
     // Forward, keeping only each block's input; every block's graph is dropped at once.
     let mut block_inputs = Vec::with_capacity(model.layers.len());
-    let mut x = model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?;
+    let mut x = x0;
     for li in 0..model.layers.len() {
         let y = model.block_forward(li, &x, 0, None, ctx)?.detach();
         block_inputs.push(x);

@@ -7,7 +7,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
-use super::grads::{step_gradients, StepGradients};
+use super::grads::{step_gradients, StepGradients, StepPlan};
 use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
@@ -270,7 +270,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let units: usize = batches.iter().map(|b| objective.units(b)).sum();
         let n_tokens: usize = examples.iter().map(|e| e.tokens()).sum();
         let StepGradients { loss, mut grads, metrics: objective_metrics } =
-            step_gradients(&model, &params, &batches, units, cfg.seed, state.step, cfg.gradient_checkpointing, objective.as_ref())?;
+            step_gradients(&model, &params, &batches, units, &StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing }, objective.as_ref())?;
         crate::failpoint::hit("step");
         if !loss.is_finite() {
             return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
