@@ -6,7 +6,7 @@
 //! method switched off (TRL's `precompute_ref_log_probs`), and kept with the run, so a step runs
 //! the policy only: chosen and rejected sequences side by side in one batch.
 
-use super::{HeadInputs, LossSum, Objective, ObjectiveSpec};
+use super::{HeadInputs, LossSum, Objective, ObjectiveSpec, ValidationScore};
 use crate::data::batch::{make_batch, Batch};
 use crate::data::EncodedExample;
 use crate::error::{Error, Result};
@@ -121,6 +121,13 @@ impl Objective for Dpo {
             ("logps/rejected", sum(&|i| policy[p + i] as f64)),
         ];
         Ok(LossSum { loss, metrics })
+    }
+
+    fn validation_score(&self, model: &Llama, val: &[EncodedExample], batch_size: usize, pad_id: u32) -> Option<Result<ValidationScore>> {
+        Some(score(model, val, batch_size, pad_id, self).map(|s| ValidationScore {
+            loss: s.loss,
+            summary: format!("eval: DPO loss {:.4}, reward accuracy {:.3}, reward margin {:.4} on {} pairs", s.loss, s.reward_accuracy, s.reward_margin, s.pairs),
+        }))
     }
 
     fn describe(&self) -> serde_json::Value {

@@ -19,6 +19,7 @@ pub use dpo::Dpo;
 pub use sft::Sft;
 
 use crate::data::batch::Batch;
+use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::models::{ForwardCtx, Llama};
 use crate::plan_keys::PlanKeys;
@@ -84,8 +85,21 @@ pub trait Objective: Send + Sync {
     /// (the trainer divides by the step's units, so micro-batching leaves the step unchanged).
     fn loss_sum(&self, model: &Llama, x: &Tensor, inputs: &HeadInputs) -> Result<LossSum>;
 
+    /// How validation examples are scored where the token NLL is not this objective's measure
+    /// (DPO: its loss over pairs, with reward accuracy and margin); `None` for the NLL.
+    fn validation_score(&self, _model: &Llama, _val: &[EncodedExample], _batch_size: usize, _pad_id: u32) -> Option<Result<ValidationScore>> {
+        None
+    }
+
     /// The objective and its settings, for `run.json`.
     fn describe(&self) -> serde_json::Value;
+}
+
+/// An objective's own validation score: the number logged as `eval_loss`, and a line for the
+/// console.
+pub struct ValidationScore {
+    pub loss: f64,
+    pub summary: String,
 }
 
 /// The plan's choice: `objective = "<name>"` and that objective's own keys.

@@ -161,7 +161,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         super::preference::reference_logps(cfg, &model, &mut data, &fingerprint, pad_id)?;
     }
     let data = data;
-    let dpo = (cfg.objective == "dpo").then(|| crate::objectives::Dpo::from_spec(&cfg.objective_spec())).transpose()?;
     method.set_total_steps(total_steps);
     let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
@@ -227,11 +226,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if data.val.is_empty() {
             return Ok(None);
         }
-        // Pairs are scored by the DPO loss (the NLL of both responses would mean little).
-        let scored = match &dpo {
-            Some(d) => crate::objectives::dpo::score(model, &data.val, cfg.micro_batch_size, pad_id, d).map(|s| {
-                progress.println(&format!("eval: DPO loss {:.4}, reward accuracy {:.3}, reward margin {:.4} on {} pairs", s.loss, s.reward_accuracy, s.reward_margin, s.pairs));
-                s.loss
+        let scored = match objective.validation_score(model, &data.val, cfg.micro_batch_size, pad_id) {
+            Some(r) => r.map(|v| {
+                progress.println(&v.summary);
+                v.loss
             }),
             None => evaluate(model, &data.val, cfg.micro_batch_size, pad_id).map(|r| r.loss),
         };
