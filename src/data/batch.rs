@@ -26,6 +26,14 @@ pub struct Batch {
     pub reference_logps: Option<Vec<f32>>,
 }
 
+impl Batch {
+    /// Whether the input token at flat position `i` (row-major `[batch_size, seq_len]`) is a
+    /// response token: the target of the position before it in its row.
+    pub fn is_response_input(&self, i: usize) -> bool {
+        i % self.seq_len != 0 && self.targets[i - 1] != IGNORE_INDEX
+    }
+}
+
 /// Pads `examples` on the right to the longest one and shifts labels into next-token targets.
 /// Right padding needs no attention mask for a causal model: padded positions come after every
 /// real one, and their targets are `-100`. Preference pairs give two rows each: all chosen

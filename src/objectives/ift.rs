@@ -54,7 +54,7 @@ impl Objective for Ift {
         let predicted = kernels::lm_head_argmax(&h, model.head_weight())?;
         // Position j reads the prediction made at j − 1 where its token is a response token.
         let further: Vec<u32> = (0..b * t)
-            .map(|i| if i % t != 0 && batch.targets[i - 1] != IGNORE_INDEX { predicted[i - 1] } else { batch.input_ids[i] })
+            .map(|i| if batch.is_response_input(i) { predicted[i - 1] } else { batch.input_ids[i] })
             .collect();
         let e = model.embed_ids(&batch.input_ids, b, t)?;
         let e_further = model.embed_ids(&further, b, t)?;

@@ -52,10 +52,9 @@ impl MaskedThought {
 /// position `j` is a response token when it is the target of position `j − 1`), each drawn
 /// independently from the micro-batch's seed.
 pub fn mask_positions(batch: &Batch, p: f64, seed: u64) -> Vec<usize> {
-    let t = batch.seq_len;
     let mut rng = SplitMix64::derive(seed, &[0x3a5c]);
     (0..batch.input_ids.len())
-        .filter(|&i| i % t != 0 && batch.targets[i - 1] != crate::data::IGNORE_INDEX)
+        .filter(|&i| batch.is_response_input(i))
         .filter(|_| (rng.next_f32() as f64) < p)
         .collect()
 }
