@@ -3,7 +3,8 @@
 
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::models::{ForwardCtx, KvCache, Llama};
+use crate::kernels;
+use crate::models::{ForwardCtx, KvCache, Llama, RowCache};
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
@@ -46,13 +47,30 @@ pub fn prompt_ids(tok: &TextTokenizer, prompt: &str, chat: bool) -> Result<Vec<u
     }
 }
 
+/// Draws the next token from `logits`: the argmax at temperature 0, else a sample from the
+/// temperature-scaled softmax restricted to the smallest set of tokens whose probability
+/// reaches `top_p`.
 fn pick(logits: &[f32], opts: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
     let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
     if opts.temperature <= 0.0 {
         return argmax();
     }
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - m) / opts.temperature).exp())).collect();
+    let weight = |l: f32| ((l as f64 - m) / opts.temperature).exp();
+    if opts.top_p >= 1.0 {
+        // Every token stays a candidate: one pass, no sort.
+        let total: f64 = logits.iter().map(|&l| weight(l)).sum();
+        let mut u = rng.next_f32() as f64 * total;
+        for (i, &l) in logits.iter().enumerate() {
+            let p = weight(l);
+            if u < p {
+                return i as u32;
+            }
+            u -= p;
+        }
+        return argmax();
+    }
+    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, weight(l))).collect();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total: f64 = probs.iter().map(|p| p.1).sum();
     let mut kept = Vec::new();
@@ -75,6 +93,95 @@ fn pick(logits: &[f32], opts: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
     kept.last().map_or_else(argmax, |p| p.0 as u32)
 }
 
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Completion {
+    /// The new tokens, without the stop token.
+    pub ids: Vec<u32>,
+    /// It ended with a stop token (rather than at `max_new_tokens` or the model's context).
+    pub stopped: bool,
+}
+
+/// Samples `per_prompt` completions of every prompt, all decoded together in one batch: each
+/// prompt is prefilled once and its cache copied to its rows, then every step runs one token
+/// of every unfinished row through the model ([`Llama::decode_step`]). Rows stop at a `stop`
+/// token, after `max_new_tokens`, or at the model's context; finished rows leave the batch.
+/// Row `p·per_prompt + s` (sample `s` of prompt `p`) draws from its own random stream, so its
+/// tokens do not depend on the other rows. `on_token(row, id)` sees every kept token as it is
+/// chosen. Returns the completions in row order.
+pub fn generate_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    per_prompt: usize,
+    opts: &SamplingOptions,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Completion>> {
+    opts.validate()?;
+    let context = model.config.max_position_embeddings;
+    let rows = prompts.len() * per_prompt;
+    let mut out = vec![Completion::default(); rows];
+    // Tokens each row may add: its prompt's room in the context, at most max_new_tokens.
+    let mut limit = Vec::with_capacity(rows);
+    for (p, ids) in prompts.iter().enumerate() {
+        if ids.is_empty() {
+            return Err(Error::Model(format!("prompt {p} encodes to no tokens")));
+        }
+        if ids.len() > context {
+            return Err(Error::Model(format!(
+                "prompt {p} is {} tokens long, past the model's context of {context} tokens (max_position_embeddings / GGUF context_length); shorten it",
+                ids.len()
+            )));
+        }
+        limit.extend(std::iter::repeat_n(opts.max_new_tokens.min(context - ids.len()), per_prompt));
+    }
+    let cap = prompts.iter().zip(limit.iter().step_by(per_prompt.max(1))).map(|(ids, &n)| ids.len() + n).max().unwrap_or(0);
+    let c = &model.config;
+    let mut cache = RowCache::new(c.num_hidden_layers, rows, cap, c.num_key_value_heads * c.head_dim);
+    let mut rngs: Vec<SplitMix64> = (0..rows).map(|r| SplitMix64::derive(opts.seed, &[0x6e6, r as u64])).collect();
+    let ctx = ForwardCtx::eval();
+    // Takes row `r`'s next token from its logits; whether the row goes on.
+    let mut accept = |r: usize, logits: &[f32], rngs: &mut [SplitMix64], out: &mut [Completion]| -> bool {
+        if out[r].ids.len() >= limit[r] {
+            return false;
+        }
+        let id = pick(logits, opts, &mut rngs[r]);
+        if stop.contains(&id) {
+            out[r].stopped = true;
+            return false;
+        }
+        out[r].ids.push(id);
+        on_token(r, id);
+        out[r].ids.len() < limit[r]
+    };
+    let mut active = Vec::with_capacity(rows);
+    for (p, ids) in prompts.iter().enumerate() {
+        let mut prefill = KvCache::new(c.num_hidden_layers);
+        let h = model.hidden(ids, 1, ids.len(), Some(&mut prefill), &ctx)?;
+        let last: Vec<f32> = kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?;
+        for s in 0..per_prompt {
+            let r = p * per_prompt + s;
+            cache.fill_row(r, &prefill)?;
+            active.push(accept(r, &last, &mut rngs, &mut out));
+        }
+    }
+    let mut live: Vec<usize> = (0..rows).collect();
+    loop {
+        cache.retain(&active);
+        live = live.iter().zip(&active).filter(|(_, &a)| a).map(|(&r, _)| r).collect();
+        if live.is_empty() {
+            return Ok(out);
+        }
+        if let Some(signal) = crate::train::interrupt::requested() {
+            return Err(Error::Interrupted { signal, detail: "generation interrupted".into() });
+        }
+        let next: Vec<u32> = live.iter().map(|&r| *out[r].ids.last().expect("a live row has a token")).collect();
+        let logits: Vec<f32> = model.decode_step(&next, &mut cache, &ctx)?.flatten_all()?.to_vec1()?;
+        let vocab = logits.len() / live.len();
+        active = live.iter().enumerate().map(|(slot, &r)| accept(r, &logits[slot * vocab..(slot + 1) * vocab], &mut rngs, &mut out)).collect();
+    }
+}
+
 /// Generates up to `max_new_tokens`, calling `on_text` with each newly decoded piece of text;
 /// stops at an end-of-sequence token. Returns the generated ids.
 pub fn generate(
@@ -91,43 +198,38 @@ pub fn generate(
         return Err(Error::Model("the prompt encodes to no tokens".into()));
     }
     let context = model.config.max_position_embeddings;
-    if ids.len() > context {
-        return Err(Error::Model(format!(
-            "the prompt is {} tokens long, past the model's context of {context} tokens (max_position_embeddings / GGUF context_length); shorten it",
-            ids.len()
-        )));
-    }
-    let room = context - ids.len();
-    if opts.max_new_tokens > room {
+    let room = context.saturating_sub(ids.len());
+    if ids.len() <= context && opts.max_new_tokens > room {
         eprintln!(
             "note: the prompt ({} tokens) leaves room for {room} new tokens in the model's context of {context}; generation stops there (asked for {})",
             ids.len(),
             opts.max_new_tokens
         );
     }
+    let mut so_far: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let mut failed = None;
+    let done = generate_batch(model, &[ids], 1, opts, &stop_tokens(model, tok), &mut |_, id| {
+        so_far.push(id);
+        match tok.decode(&so_far, true) {
+            // Print only whole characters: a multi-byte character may span several tokens.
+            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() > printed => {
+                on_text(&text[printed..]);
+                printed = text.len();
+            }
+            Ok(_) => {}
+            Err(e) => failed = failed.take().or(Some(e)),
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(done.into_iter().next().map(|c| c.ids).unwrap_or_default())
+}
+
+/// The tokens that end a generation: the model's EOS ids and the tokenizer's.
+pub fn stop_tokens(model: &Llama, tok: &TextTokenizer) -> Vec<u32> {
     let mut stop: Vec<u32> = model.config.eos_token_ids.clone();
     stop.extend(tok.eos_id());
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let mut rng = SplitMix64::new(opts.seed);
-    let mut out: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    let mut next_input = ids;
-    for _ in 0..opts.max_new_tokens.min(room) {
-        let t = next_input.len();
-        let logits = model.logits(&next_input, 1, t, Some(&mut cache), &ForwardCtx::eval())?;
-        let last: Vec<f32> = logits.get(t - 1)?.to_vec1()?;
-        let id = pick(&last, opts, &mut rng);
-        if stop.contains(&id) {
-            break;
-        }
-        out.push(id);
-        let text = tok.decode(&out, true)?;
-        // Print only whole characters: a multi-byte character may span several tokens.
-        if !text.ends_with('\u{FFFD}') && text.len() > printed {
-            on_text(&text[printed..]);
-            printed = text.len();
-        }
-        next_input = vec![id];
-    }
-    Ok(out)
+    stop
 }

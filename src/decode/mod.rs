@@ -2,4 +2,4 @@
 
 pub mod generate;
 
-pub use generate::{generate, SamplingOptions};
+pub use generate::{generate, generate_batch, prompt_ids, stop_tokens, Completion, SamplingOptions};

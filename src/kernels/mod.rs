@@ -9,6 +9,7 @@
 mod attention;
 mod columns;
 mod cross_entropy;
+mod decode_attention;
 mod dropout;
 mod frozen_weight;
 pub mod gemm;
@@ -22,12 +23,13 @@ pub(crate) mod vexp;
 pub use attention::causal_attention;
 pub use columns::{scale_columns, scale_shift_columns};
 pub use cross_entropy::{lm_head_argmax, lm_head_logits, lm_head_nll, lm_head_nll_kl, IGNORE_INDEX};
+pub use decode_attention::{decode_attention, DecodeShape};
 pub use dropout::dropout;
 pub use frozen_weight::FrozenWeight;
 pub use linear::frozen_linear;
 pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;
-pub use rope::{rope, RopeTables};
+pub use rope::{rope, rope_at, RopeTables};
 pub use swiglu::swiglu;
 
 use candle_core::backend::BackendStorage;

@@ -40,7 +40,9 @@ impl RopeTables {
 
 struct Rope {
     tables: Arc<RopeTables>,
-    pos0: usize,
+    /// Position of each sequence's first token: one entry for all sequences, or one per
+    /// sequence (decoding a batch whose rows sit at different positions).
+    starts: Arc<[usize]>,
 }
 
 impl Rope {
@@ -54,12 +56,18 @@ impl Rope {
         if d != 2 * half {
             bail!("rope: head_dim {d} does not match the tables ({})", 2 * half);
         }
-        if self.pos0 + t > self.tables.max_pos {
-            bail!("rope: position {} beyond the precomputed {}", self.pos0 + t, self.tables.max_pos);
+        let sequences = x.len() / (t * h * d).max(1);
+        if self.starts.len() != 1 && self.starts.len() != sequences {
+            bail!("rope: {} start positions for {sequences} sequences", self.starts.len());
         }
+        let last = self.starts.iter().max().copied().unwrap_or(0) + t;
+        if last > self.tables.max_pos {
+            bail!("rope: position {last} beyond the precomputed {}", self.tables.max_pos);
+        }
+        let start = |seq: usize| if self.starts.len() == 1 { self.starts[0] } else { self.starts[seq] };
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(row, (yr, xr))| {
-            let pos = self.pos0 + row % t;
+            let pos = start(row / t) + row % t;
             let cos = &self.tables.cos[pos * half..(pos + 1) * half];
             let sin = &self.tables.sin[pos * half..(pos + 1) * half];
             for (yh, xh) in yr.chunks_mut(d).zip(xr.chunks(d)) {
@@ -95,5 +103,11 @@ impl CustomOp1 for Rope {
 
 /// Applies RoPE to `x: [batch, seq, heads, head_dim]`; token `j` has position `pos0 + j`.
 pub fn rope(x: &Tensor, tables: &Arc<RopeTables>, pos0: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), pos0 })
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), starts: Arc::new([pos0]) })
+}
+
+/// RoPE for a batch whose sequences start at different positions: token `j` of sequence `i`
+/// has position `starts[i] + j`.
+pub fn rope_at(x: &Tensor, tables: &Arc<RopeTables>, starts: &[usize]) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), starts: starts.into() })
 }

@@ -4,6 +4,7 @@
 
 use super::config::ModelConfig;
 use super::block_site::{BlockSite, BlockSiteInfo};
+use super::kv_cache::{KvCache, RowCache};
 use super::linear::{ForwardCtx, Linear, SiteInfo};
 use crate::error::{Error, Result};
 use crate::kernels::{self, FrozenWeight, RopeTables};
@@ -55,24 +56,6 @@ pub struct Llama {
     pub layers: Vec<Block>,
     pub norm: Tensor,
     rope: Arc<RopeTables>,
-}
-
-/// Keys and values of the positions seen so far, per layer (`[b, t, h_kv, d]`).
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
-    }
-    /// Number of positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[1])
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Where [`Llama::from_weights`] takes the model's tensors from: dense f32 tensors by Hugging
@@ -315,6 +298,30 @@ impl Llama {
 
     /// Block `li` applied to the residual stream `x: [b, t, hidden]` at positions from `pos0`.
     pub fn block_forward(&self, li: usize, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        self.block_with(li, x, ctx, |q, k, v| {
+            let q = kernels::rope(&q, &self.rope, pos0)?;
+            let mut k = kernels::rope(&k, &self.rope, pos0)?;
+            let mut v = v;
+            if let Some(cache) = cache {
+                if let Some((pk, pv)) = &cache.layers[li] {
+                    k = Tensor::cat(&[pk, &k], 1)?;
+                    v = Tensor::cat(&[pv, &v], 1)?;
+                }
+                cache.layers[li] = Some((k.clone(), v.clone()));
+            }
+            kernels::causal_attention(&q, &k, &v)
+        })
+    }
+
+    /// Block `li` with its attention core supplied: `attend(q, k, v)` gets the projections
+    /// `[b, t, heads, head_dim]` before RoPE and returns the attention output in `q`'s shape.
+    fn block_with(
+        &self,
+        li: usize,
+        x: &Tensor,
+        ctx: &ForwardCtx,
+        attend: impl FnOnce(Tensor, Tensor, Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let blk = &self.layers[li];
         let (b, t, _) = x.dims3()?;
@@ -322,22 +329,40 @@ impl Llama {
         let q = blk.q_proj.forward(&h, ctx)?.reshape((b, t, c.num_attention_heads, c.head_dim))?;
         let k = blk.k_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
         let v = blk.v_proj.forward(&h, ctx)?.reshape((b, t, c.num_key_value_heads, c.head_dim))?;
-        let q = kernels::rope(&q, &self.rope, pos0)?;
-        let mut k = kernels::rope(&k, &self.rope, pos0)?;
-        let mut v = v;
-        if let Some(cache) = cache {
-            if let Some((pk, pv)) = &cache.layers[li] {
-                k = Tensor::cat(&[pk, &k], 1)?;
-                v = Tensor::cat(&[pv, &v], 1)?;
-            }
-            cache.layers[li] = Some((k.clone(), v.clone()));
-        }
-        let a = kernels::causal_attention(&q, &k, &v)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
+        let a = attend(q, k, v)?.reshape((b, t, c.num_attention_heads * c.head_dim))?;
         let x = (x + blk.o_proj.forward(&a, ctx)?)?;
         let h = kernels::rms_norm(&x, &blk.post_attention_layernorm, c.rms_norm_eps)?;
         let m = kernels::swiglu(&blk.gate_proj.forward(&h, ctx)?, &blk.up_proj.forward(&h, ctx)?)?;
         let mlp_out = blk.mlp_site.apply(&x, blk.down_proj.forward(&m, ctx)?, ctx)?;
         x + mlp_out
+    }
+
+    /// One decoding step of a batch whose rows sit at different positions: `ids[i]` is row
+    /// `i`'s next token, placed at position `cache.lens()[i]`; the cache gains one position
+    /// per row. Returns the logits `[rows, vocab]` of the token after it.
+    pub fn decode_step(&self, ids: &[u32], cache: &mut RowCache, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let b = ids.len();
+        if b != cache.rows() {
+            candle_core::bail!("decode step: {b} tokens for a cache of {} rows", cache.rows());
+        }
+        let starts = cache.lens().to_vec();
+        let lens: Vec<usize> = starts.iter().map(|n| n + 1).collect();
+        let shape = kernels::DecodeShape { hq: c.num_attention_heads, hkv: c.num_key_value_heads, d: c.head_dim, cap: cache.capacity() };
+        let mut x = self.embed_ids(ids, b, 1)?;
+        for li in 0..self.layers.len() {
+            x = self.block_with(li, &x, ctx, |q, k, v| {
+                let q: Vec<f32> = kernels::rope_at(&q, &self.rope, &starts)?.flatten_all()?.to_vec1()?;
+                let k: Vec<f32> = kernels::rope_at(&k, &self.rope, &starts)?.flatten_all()?.to_vec1()?;
+                let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+                cache.write(li, &k, &v).map_err(candle_core::Error::wrap)?;
+                let (kc, vc) = cache.layer(li);
+                let out = kernels::decode_attention(&q, kc, vc, &lens, shape);
+                Tensor::from_vec(out, (b, 1, c.num_attention_heads, c.head_dim), self.device())
+            })?;
+        }
+        cache.advance();
+        kernels::lm_head_logits(&self.final_norm(&x)?, self.head_weight())
     }
 
     /// The final norm over the last block's output, flattened to `[b·t, hidden]`.

@@ -2,6 +2,7 @@
 
 pub mod block_site;
 pub mod config;
+pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
@@ -9,4 +10,5 @@ pub mod load;
 pub use block_site::{BlockHook, BlockSite, BlockSiteInfo};
 pub use config::{ModelConfig, RopeScaling};
 pub use linear::{add_bias, ForwardCtx, Linear, SiteHook, SiteInfo};
-pub use llama::{KvCache, Llama};
+pub use kv_cache::{KvCache, RowCache};
+pub use llama::Llama;
