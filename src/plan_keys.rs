@@ -54,4 +54,13 @@ impl PlanKeys<'_> {
         }
         Ok(v)
     }
+
+    /// A string key, if set.
+    pub fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.0.get(key) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(Error::config(key, format!("is {v}; expected a string"))),
+        }
+    }
 }

@@ -88,7 +88,7 @@ fn batched_greedy_generation_equals_one_sequence_at_a_time_from_scratch() {
         for s in 0..2 {
             let row = &got[2 * p + s];
             assert_eq!(&row.ids, want, "prompt {p}, sample {s}");
-            assert!(!row.stopped);
+            assert_eq!(row.stop, None);
             assert_eq!(&seen[2 * p + s], want, "on_token saw every token of its row");
         }
     }
@@ -99,7 +99,7 @@ fn batched_greedy_generation_equals_one_sequence_at_a_time_from_scratch() {
         let cut = want.iter().position(|&t| t == stop);
         let kept = &want[..cut.unwrap_or(want.len())];
         assert_eq!(got[p].ids, kept, "prompt {p}");
-        assert_eq!(got[p].stopped, cut.is_some());
+        assert_eq!(got[p].stop, cut.map(|_| stop));
     }
 }
 

@@ -108,15 +108,22 @@ fn frozen_linear_matches_matmul() {
 
 /// For every storage type a GGUF base may arrive in: the tiled product on the blocks equals
 /// dequantize-then-matmul (forward and input gradient) within f32 rounding. The matrix is tall
-/// enough (300 rows of 512) to span several tiles, one of them partial.
+/// enough (300 rows of 512) to span several tiles, one of them partial. 21 input rows take the
+/// dot-product path of decoding, 45 the GEMM path of training.
 #[test]
 fn frozen_linear_on_gguf_blocks_equals_dequantize_then_matmul() {
+    for (b, t) in [(3, 7), (5, 9)] {
+        frozen_blocks_case(b, t);
+    }
+}
+
+fn frozen_blocks_case(batch: usize, seq: usize) {
     let (out_f, in_f) = (300, 512);
     let w = randn(&[out_f, in_f], 23);
     let wv: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-    let x = randn(&[3, 7, in_f], 24);
-    let dy = randn(&[3, 7, out_f], 25);
-    for ty in [GgmlType::BF16, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+    let x = randn(&[batch, seq, in_f], 24);
+    let dy = randn(&[batch, seq, out_f], 25);
+    for ty in [GgmlType::F32, GgmlType::BF16, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
         let bytes = quants::quantize(ty, &wv).unwrap();
         let fw = FrozenWeight::from_blocks(ty, bytes.clone(), out_f, in_f).unwrap();
         assert_eq!(fw.storage_bytes(), bytes.len());

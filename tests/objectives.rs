@@ -214,8 +214,10 @@ fn dpo_gradient_matches_finite_differences_and_averages_over_pairs() {
     let singles: Vec<Batch> = pairs.iter().map(|p| pair_batch(&m, std::slice::from_ref(p))).collect();
     // (Reference log-probabilities come from the reference pass, which the adapter does not touch.)
     let split = step_gradients(&m, &params, &singles, 2, &StepPlan { seed: 1, step: 0, total_steps: 10, checkpointing: false }, o.as_ref()).unwrap();
-    assert!((split.loss - full.loss).abs() < 1e-6 && max_rel(&split.grads, &full.grads) < 1e-5, "micro-batching changes the DPO step");
-    assert!((split.metrics["rewards/margins"] - full.metrics["rewards/margins"]).abs() < 1e-6);
+    // (To f32 rounding: batches of different sizes may take different, equally exact product
+    // paths, the dot-product one of decoding below 33 rows.)
+    assert!((split.loss - full.loss).abs() < 1e-5 && max_rel(&split.grads, &full.grads) < 1e-5, "micro-batching changes the DPO step: loss {} vs {}, gradients {}", split.loss, full.loss, max_rel(&split.grads, &full.grads));
+    assert!((split.metrics["rewards/margins"] - full.metrics["rewards/margins"]).abs() < 1e-5);
 }
 
 fn write_pairs(path: &std::path::Path, n: usize, offset: usize) {

@@ -24,6 +24,15 @@ pub struct Batch {
     /// Per row, the reference model's log-probability of the row's targets, where it was
     /// computed before training (DPO's cached reference).
     pub reference_logps: Option<Vec<f32>>,
+    /// Sampled completions (GRPO): per row, its reward and its group-normalised advantage.
+    pub rollout: Option<RolloutRows>,
+}
+
+/// Per row of a batch of sampled completions, what the online objectives need.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RolloutRows {
+    pub rewards: Vec<f32>,
+    pub advantages: Vec<f32>,
 }
 
 impl Batch {
@@ -70,6 +79,7 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
         lengths,
         pairs,
         reference_logps,
+        rollout: None,
     }
 }
 

@@ -87,6 +87,16 @@ impl EncodedExample {
         self.input_ids.len()
     }
 
+    /// Tokens before the first target: the prompt a completion of this example continues.
+    pub fn prompt_len(&self) -> usize {
+        self.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap_or(self.labels.len())
+    }
+
+    /// The target tokens (the demonstrated completion).
+    pub fn target_ids(&self) -> Vec<u32> {
+        self.labels.iter().filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.input_ids.is_empty()
     }

@@ -98,8 +98,8 @@ fn pick(logits: &[f32], opts: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
 pub struct Completion {
     /// The new tokens, without the stop token.
     pub ids: Vec<u32>,
-    /// It ended with a stop token (rather than at `max_new_tokens` or the model's context).
-    pub stopped: bool,
+    /// The stop token it ended with; `None` when it ran to `max_new_tokens` or the context.
+    pub stop: Option<u32>,
 }
 
 /// Samples `per_prompt` completions of every prompt, all decoded together in one batch: each
@@ -147,7 +147,7 @@ pub fn generate_batch(
         }
         let id = pick(logits, opts, &mut rngs[r]);
         if stop.contains(&id) {
-            out[r].stopped = true;
+            out[r].stop = Some(id);
             return false;
         }
         out[r].ids.push(id);

@@ -8,6 +8,7 @@
 //! and a tile of rows is a slice of the tensor's bytes.
 
 use super::gemm::{matmul_strided, View};
+use super::skinny::dot_block;
 use crate::formats::gguf::quants::{dequantize_into, f32_to_bf16, GgmlType};
 use candle_core::{bail, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -16,6 +17,12 @@ use std::sync::Arc;
 /// Tiles hold about this many dequantized elements (256 KB of f32: resident in L2 while the
 /// GEMM streams the activations past it).
 const TILE_ELEMS: usize = 65536;
+
+/// Up to this many rows of `x`, `x·Wᵀ` takes the dot-product path (decoding a batch).
+const SKINNY_ROWS: usize = 32;
+
+/// Weight elements per task of the dot-product path (64 KB of f32: in L2 with room for `x`).
+const SKINNY_BLOCK_ELEMS: usize = 16384;
 
 #[derive(Clone)]
 pub struct FrozenWeight {
@@ -149,10 +156,49 @@ impl FrozenWeight {
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
         let (out, inp) = (self.out, self.inp);
         assert!(x.len() == m * inp && y.len() == m * out, "frozen weight: x·Wᵀ operand sizes");
+        if m <= SKINNY_ROWS {
+            return self.matmul_t_skinny(x, m, y, accumulate);
+        }
         self.for_each_tile(|r0, n, w| {
             // y[:, r0..r0+n] (+)= x · w_tileᵀ
             matmul_strided(y, View::rows(r0, out), x, View::rows(0, inp), w, View::rows(0, inp).t(), m, inp, n, accumulate, 1.0);
         });
+    }
+
+    /// [`FrozenWeight::matmul_t`] for a few rows of `x` (decoding): one parallel pass over
+    /// blocks of weight rows, each dequantized into a small per-task buffer and dotted with
+    /// every row of `x` while it is in cache.
+    fn matmul_t_skinny(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+        let (out, inp) = (self.out, self.inp);
+        let rows = (SKINNY_BLOCK_ELEMS / inp.max(1)).clamp(1, out.max(1));
+        let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(rows))
+            .into_par_iter()
+            .map(|bi| {
+                let (r0, n) = (bi * rows, rows.min(out - bi * rows));
+                let mut o = vec![0f32; m * n];
+                match &*self.data {
+                    Data::F32(w) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
+                    Data::Blocks { ty, bytes, row_bytes } => {
+                        let mut w = vec![0f32; n * inp];
+                        dequantize_into(*ty, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], &mut w).expect("sizes were checked at construction");
+                        dot_block(x, m, &w, n, inp, &mut o);
+                    }
+                }
+                (r0, o)
+            })
+            .collect();
+        for (r0, o) in blocks {
+            let n = o.len() / m.max(1);
+            for i in 0..m {
+                let dst = &mut y[i * out + r0..i * out + r0 + n];
+                let src = &o[i * n..(i + 1) * n];
+                if accumulate {
+                    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
     }
 
     /// `dx[m, in] (+)= g[m, out] · W`.

@@ -17,6 +17,7 @@ mod linear;
 mod lora_linear;
 mod rmsnorm;
 mod rope;
+mod skinny;
 mod swiglu;
 pub(crate) mod vexp;
 

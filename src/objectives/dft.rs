@@ -47,7 +47,7 @@ impl Objective for Dft {
         }
     }
 
-    fn needs_reference(&self) -> bool {
+    fn needs_reference(&self, _batch: &crate::data::batch::Batch) -> bool {
         self.lambda.is_some()
     }
 

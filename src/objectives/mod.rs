@@ -10,12 +10,16 @@
 
 mod dft;
 pub mod dpo;
+pub mod grpo;
 mod ift;
 pub mod masked_thought;
+pub mod reward;
+pub mod sasr;
 mod sft;
 
 pub use dft::Dft;
 pub use dpo::Dpo;
+pub use grpo::{Grpo, RolloutPlan};
 pub use sft::Sft;
 
 use crate::data::batch::Batch;
@@ -57,10 +61,28 @@ pub struct LossSum {
 pub trait Objective: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Whether each micro-batch needs a reference pass ([`HeadInputs::reference`]).
-    fn needs_reference(&self) -> bool {
+    /// Whether this micro-batch needs a reference pass ([`HeadInputs::reference`]).
+    fn needs_reference(&self, _batch: &Batch) -> bool {
         false
     }
+
+    /// Online objectives (GRPO, SASR): how completions are sampled and rewarded.
+    fn rollouts(&self) -> Option<&RolloutPlan> {
+        None
+    }
+
+    /// What step `at` trains on: the data's demonstrations, or completions sampled from the
+    /// policy ([`Objective::rollouts`]). SASR chooses per step from `mix`.
+    fn step_kind(&self, _at: &StepInfo, _mix: &MixState) -> StepKind {
+        if self.rollouts().is_some() {
+            StepKind::Rollouts
+        } else {
+            StepKind::Demonstrations
+        }
+    }
+
+    /// Records what a finished step tells the step choice (SASR: its gradient norm).
+    fn after_step(&self, _mix: &mut MixState, _at: &StepInfo, _kind: StepKind, _grad_norm: f64) {}
 
     /// Whether the reference model's sequence log-probabilities must be computed once before
     /// training ([`Batch::reference_logps`]; DPO).
@@ -95,6 +117,25 @@ pub trait Objective: Send + Sync {
     fn describe(&self) -> serde_json::Value;
 }
 
+/// What an optimizer step trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// The dataset's examples (SFT and its variants, DPO's pairs).
+    Demonstrations,
+    /// Completions sampled from the policy and scored by a reward (GRPO).
+    Rollouts,
+}
+
+/// The state behind an objective's step choices, kept in checkpoints so a resumed run chooses
+/// as the uninterrupted one would (SASR's gradient norms).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MixState {
+    /// The SFT gradient norm at the last warm-up step (`G_warm`).
+    pub warmup_grad_norm: Option<f64>,
+    /// The gradient norm of the most recent SFT step.
+    pub last_sft_grad_norm: Option<f64>,
+}
+
 /// An objective's own validation score: the number logged as `eval_loss`, and a line for the
 /// console.
 pub struct ValidationScore {
@@ -117,18 +158,22 @@ impl ObjectiveSpec {
 
 struct Entry {
     name: &'static str,
-    keys: &'static [&'static str],
+    /// The objective's plan keys, in groups (SASR takes GRPO's too).
+    keys: &'static [&'static [&'static str]],
     create: fn(&ObjectiveSpec) -> Result<Box<dyn Objective>>,
 }
 
 const ENTRIES: &[Entry] = &[
     Entry { name: "sft", keys: &[], create: |_| Ok(Box::new(sft::Sft)) },
     Entry { name: "dft", keys: &[], create: |_| Ok(Box::new(dft::Dft::plain())) },
-    Entry { name: "asft", keys: &["asft_lambda"], create: dft::Dft::asft },
-    Entry { name: "dpo", keys: &["dpo_beta", "dpo_label_smoothing"], create: dpo::Dpo::create },
-    Entry { name: "masked_thought", keys: &["mft_p_max", "mft_ramp_ratio"], create: masked_thought::MaskedThought::create },
-    Entry { name: "ift", keys: &["ift_lambda", "ift_gamma"], create: ift::Ift::create },
+    Entry { name: "asft", keys: &[&["asft_lambda"]], create: dft::Dft::asft },
+    Entry { name: "dpo", keys: &[&["dpo_beta", "dpo_label_smoothing"]], create: dpo::Dpo::create },
+    Entry { name: "masked_thought", keys: &[&["mft_p_max", "mft_ramp_ratio"]], create: masked_thought::MaskedThought::create },
+    Entry { name: "ift", keys: &[&["ift_lambda", "ift_gamma"]], create: ift::Ift::create },
+    Entry { name: "grpo", keys: &[grpo::KEYS], create: grpo::Grpo::create },
+    Entry { name: "sasr", keys: &[sasr::KEYS, grpo::KEYS], create: sasr::Sasr::create },
 ];
+
 
 pub fn names() -> Vec<&'static str> {
     ENTRIES.iter().map(|e| e.name).collect()
@@ -136,7 +181,13 @@ pub fn names() -> Vec<&'static str> {
 
 /// Whether some objective declares `key` as one of its plan keys.
 pub fn is_objective_key(key: &str) -> bool {
-    ENTRIES.iter().any(|e| e.keys.contains(&key))
+    ENTRIES.iter().any(|e| e.declares(key))
+}
+
+impl Entry {
+    fn declares(&self, key: &str) -> bool {
+        self.keys.iter().any(|group| group.contains(&key))
+    }
 }
 
 /// The plan's objective: a known name, only its own keys, values it accepts.
@@ -146,8 +197,8 @@ pub fn create(spec: &ObjectiveSpec) -> Result<Box<dyn Objective>> {
         .find(|e| e.name == spec.name)
         .ok_or_else(|| Error::config("objective", format!("`{}` is not an objective ferrotune knows (known: {})", spec.name, names().join(", "))))?;
     for key in spec.options.keys() {
-        if !e.keys.contains(&key.as_str()) {
-            let owners: Vec<&str> = ENTRIES.iter().filter(|o| o.keys.contains(&key.as_str())).map(|o| o.name).collect();
+        if !e.declares(key) {
+            let owners: Vec<&str> = ENTRIES.iter().filter(|o| o.declares(key)).map(|o| o.name).collect();
             return Err(Error::config(key.as_str(), format!("applies to objective = {}, and this plan has objective = \"{}\"", owners.join(" or "), e.name)));
         }
     }

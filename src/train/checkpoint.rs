@@ -34,6 +34,9 @@ pub struct TrainerState {
     /// SHA-256 of the encoded training and validation examples (see [`data_fingerprint`]).
     #[serde(default)]
     pub data_fingerprint: Option<String>,
+    /// What the objective's step choices depend on (SASR's gradient norms).
+    #[serde(default)]
+    pub mix: crate::objectives::MixState,
 }
 
 pub fn step_dir(output_dir: &Path, step: usize) -> PathBuf {

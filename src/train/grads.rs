@@ -53,7 +53,7 @@ pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: u
         let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
         let ctx = ForwardCtx::train(seed);
         let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
-        let reference = if objective.needs_reference() { Some(reference_hidden(model, b)?) } else { None };
+        let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
         let x0 = match objective.input_embeddings(model, b, &at)? {
             Some(x) => x,

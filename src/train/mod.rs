@@ -9,6 +9,7 @@ pub mod memory;
 pub mod metrics;
 pub mod preference;
 pub mod progress;
+pub mod rollout;
 pub mod run_dir;
 pub mod trainer;
 

@@ -18,6 +18,8 @@ use crate::data::batch::{epoch_order, make_batch, Batch};
 use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::methods::{registry, Method, MethodSpec};
+use crate::objectives::{RolloutPlan, StepInfo, StepKind};
+use crate::rng::SplitMix64;
 use crate::models::{load, Llama};
 use crate::optim::{clip_grad_norm, AdamWConfig, LrSchedule, Scheduler};
 use candle_core::Var;
@@ -141,6 +143,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     super::preference::check_objective_data(cfg, objective.as_ref(), &data)?;
     let pad_id = tok.pad_id();
     let per_step = cfg.micro_batch_size * cfg.gradient_accumulation_steps;
+    if let Some(plan) = objective.rollouts() {
+        check_rollout_plan(cfg, plan, per_step, &data.train, &tok)?;
+    }
     let n_train = data.train.len();
     let total_steps = match (cfg.max_steps, cfg.num_epochs) {
         (Some(s), _) => s,
@@ -174,6 +179,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ferrotune_version: env!("CARGO_PKG_VERSION").into(),
         plan: Some(identity),
         data_fingerprint: Some(fingerprint.clone()),
+        mix: Default::default(),
     };
     if let Some(dir) = &resume_dir {
         checkpoint::load_optimizer(dir, method.as_mut(), opt.as_mut())?;
@@ -200,6 +206,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         state.step = saved.step;
         state.samples_seen = saved.samples_seen;
+        state.mix = saved.mix;
     }
     if cfg.warmup_steps >= total_steps {
         eprintln!(
@@ -262,13 +269,35 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let (mut tok_total, mut time_total) = (0usize, 0f64);
     while state.step < total_steps {
         let t0 = Instant::now();
-        let examples: Vec<&EncodedExample> =
-            (0..per_step as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
-        let batches: Vec<Batch> = examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect();
+        // The run's seed, not a micro-batch's: the step choice is one draw per step.
+        let at = StepInfo { step: state.step, total_steps, seed: cfg.seed };
+        let kind = objective.step_kind(&at, &state.mix);
+        let (batches, consumed, rollouts) = match (kind, objective.rollouts()) {
+            (StepKind::Rollouts, Some(plan)) => {
+                let prompts = per_step / plan.group_size;
+                let examples: Vec<&EncodedExample> = (0..prompts as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
+                let seed = SplitMix64::derive(cfg.seed, &[0x6011, state.step as u64]).next_u64();
+                let mut r = super::rollout::sample(&model, &tok, &examples, plan, cfg.micro_batch_size, pad_id, seed)?;
+                (std::mem::take(&mut r.batches), prompts, Some(r))
+            }
+            _ => {
+                let examples: Vec<&EncodedExample> = (0..per_step as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
+                (examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect::<Vec<Batch>>(), per_step, None)
+            }
+        };
         let units: usize = batches.iter().map(|b| objective.units(b)).sum();
-        let n_tokens: usize = examples.iter().map(|e| e.tokens()).sum();
-        let StepGradients { loss, mut grads, metrics: objective_metrics } =
+        let n_tokens: usize = batches.iter().map(|b| b.lengths.iter().sum::<usize>()).sum();
+        let StepGradients { loss, mut grads, metrics: mut objective_metrics } =
             step_gradients(&model, &params, &batches, units, &StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing }, objective.as_ref())?;
+        if let Some(r) = &rollouts {
+            objective_metrics.insert("rollout/tokens_per_s".into(), r.generated_tokens as f64 / r.seconds.max(1e-9));
+            objective_metrics.insert("rollout/seconds".into(), r.seconds);
+            objective_metrics.insert("rollout/mean_reward".into(), r.mean_reward);
+            objective_metrics.insert("rollout/informative_groups".into(), r.informative_groups);
+        }
+        if objective.rollouts().is_some() {
+            objective_metrics.insert("rollout_step".into(), (kind == StepKind::Rollouts) as u8 as f64);
+        }
         crate::failpoint::hit("step");
         if !loss.is_finite() {
             return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
@@ -277,6 +306,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         if !grad_norm.is_finite() {
             return Err(nan_error(state.step + 1, "gradient norm", grad_norm, &last_ckpt));
         }
+        objective.after_step(&mut state.mix, &at, kind, grad_norm);
         let lr = sched.lr(state.step);
         if units > 0 {
             method.grad_transform(&mut grads)?;
@@ -284,7 +314,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         state.step += 1;
         method.on_step(state.step, &mut model)?;
-        state.samples_seen += per_step as u64;
+        state.samples_seen += consumed as u64;
         let dt = t0.elapsed().as_secs_f64();
         tok_total += n_tokens;
         time_total += dt;
@@ -358,6 +388,29 @@ fn finish(
         tokens_per_s: tok_total as f64 / time_total.max(1e-9),
         memory_estimate: None,
     })
+}
+
+/// A step of an online objective trains on whole groups of completions, of prompts whose
+/// references the reward can read.
+fn check_rollout_plan(cfg: &TrainConfig, plan: &RolloutPlan, per_step: usize, train: &[EncodedExample], tok: &crate::data::TextTokenizer) -> Result<()> {
+    if !per_step.is_multiple_of(plan.group_size) {
+        return Err(Error::config(
+            "micro_batch_size",
+            format!(
+                "× gradient_accumulation_steps = {per_step} completions per step, which is not a multiple of grpo_group_size = {}: a step trains on whole groups (TRL's rule for num_generations)",
+                plan.group_size
+            ),
+        ));
+    }
+    let unreadable = super::rollout::check_examples(train, plan, tok, cfg.train_on_inputs)?;
+    if unreadable > 0 {
+        eprintln!(
+            "warning: {unreadable} of {} training examples have a reference completion the `{}` reward cannot read; their completions always score 0",
+            train.len(),
+            plan.reward.name()
+        );
+    }
+    Ok(())
 }
 
 /// Says what truncation did to the data, and refuses examples the model's positions cannot hold
