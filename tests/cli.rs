@@ -67,6 +67,18 @@ fn train_eval_merge_generate_inspect() {
     let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
     assert!(ok, "generate failed: {err}");
 
+    // Task accuracy by generation on chat data: prompts end at the assistant turn.
+    let (ok, out, err) = ferrotune(&["eval", "--model", "model", "--adapter", "out/adapter", "--data", "chat.jsonl", "--task", "exact-match", "--limit", "3", "--max-new-tokens", "4", "--predictions", "pred.jsonl"], dir);
+    assert!(ok, "eval --task failed: {err}");
+    let t = last_json(&out);
+    assert_eq!((t["task"].as_str(), t["examples"].as_u64()), (Some("exact"), Some(3)));
+    let preds = std::fs::read_to_string(dir.join("pred.jsonl")).unwrap();
+    assert_eq!(preds.lines().count(), 3);
+    let first: serde_json::Value = serde_json::from_str(preds.lines().next().unwrap()).unwrap();
+    assert!(first["prompt"].as_str().unwrap().contains("count to 0") && first["reference"].as_str().unwrap().starts_with('0'), "{first}");
+    let (ok, _, err) = ferrotune(&["eval", "--model", "model", "--data", "chat.jsonl", "--task", "regex"], dir);
+    assert!(!ok && err.contains("--pattern"), "{err}");
+
     let (ok, out, err) = ferrotune(&["inspect-data", "run.toml", "-n", "1"], dir);
     assert!(ok, "inspect-data failed: {err}");
     assert!(out.contains("[[") && out.contains("targets"), "non-target tokens are marked: {out}");

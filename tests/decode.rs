@@ -116,3 +116,30 @@ fn a_sampled_row_does_not_depend_on_the_rows_beside_it() {
     // Its samples are draws, not copies of one another.
     assert!(together[0].ids != together[1].ids || together[1].ids != together[2].ids, "three samples at temperature 1 are identical");
 }
+
+/// `eval --task`'s scoring: an example whose reference is exactly what the model generates
+/// greedily from its prompt scores 1, one with another reference 0; the prompt is the
+/// example's tokens before its first target.
+#[test]
+fn task_scoring_compares_greedy_generations_with_references() {
+    use ferrotune::data::EncodedExample;
+    use ferrotune::objectives::reward::Reward;
+    let dir = tempfile::tempdir().unwrap();
+    let (m, vocab) = adapted_model(dir.path());
+    let tok = load::load_tokenizer(dir.path()).unwrap();
+    let prompts = [ids(vocab, 5, 31), ids(vocab, 7, 32)];
+    let greedy_out = generate_batch(&m, &prompts, 1, &greedy(4), &ferrotune::decode::stop_tokens(&m, &tok), &mut |_, _| {}).unwrap();
+    let example = |prompt: &[u32], completion: &[u32]| EncodedExample {
+        input_ids: prompt.iter().chain(completion).copied().collect(),
+        labels: prompt.iter().map(|_| -100).chain(completion.iter().map(|&t| t as i32)).collect(),
+        ..Default::default()
+    };
+    let wrong: Vec<u32> = greedy_out[1].ids.iter().map(|&t| (t + 1) % vocab as u32).collect();
+    let examples = vec![example(&prompts[0], &greedy_out[0].ids), example(&prompts[1], &wrong)];
+    let mut batches = 0;
+    let (score, predictions) = ferrotune::decode::task::score(&m, &tok, &examples, &Reward::Exact, 4, 1, &mut |_, _| batches += 1).unwrap();
+    assert_eq!(batches, 2, "one progress report per batch");
+    assert_eq!((score.correct, score.examples), (1, 2));
+    assert!(predictions[0].correct && !predictions[1].correct);
+    assert_eq!(predictions[0].completion, tok.decode(&greedy_out[0].ids, true).unwrap());
+}

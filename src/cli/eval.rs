@@ -2,13 +2,48 @@ use crate::config::DatasetSpec;
 use crate::data::EncodeOptions;
 use crate::train::dataset::load_spec;
 use crate::train::evaluate;
-use std::path::Path;
+use crate::objectives::reward::{Reward, RewardError};
+use std::path::{Path, PathBuf};
+
+/// `--task` and its options.
+pub struct TaskArgs {
+    pub name: String,
+    pub pattern: Option<String>,
+    pub max_new_tokens: usize,
+    pub predictions: Option<PathBuf>,
+}
+
+impl TaskArgs {
+    fn reward(&self) -> anyhow::Result<Reward> {
+        let name = if self.name == "exact-match" { "exact" } else { self.name.as_str() };
+        Reward::named(name, self.pattern.as_deref()).map_err(|e| match e {
+            RewardError::Name(m) if name == "regex" => anyhow::anyhow!("--task regex: {m} with --pattern"),
+            RewardError::Name(_) => anyhow::anyhow!("--task {}: expected gsm8k, exact-match, contains or regex", self.name),
+            RewardError::Pattern(m) => anyhow::anyhow!("--pattern: {m}"),
+        })
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
-pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequence_len: usize, batch_size: usize, objective: &str, dpo_beta: f64) -> anyhow::Result<()> {
+pub fn run(
+    model: &Path,
+    adapter: Option<&Path>,
+    data: &Path,
+    format: &str,
+    sequence_len: usize,
+    batch_size: usize,
+    objective: &str,
+    dpo_beta: f64,
+    task: Option<&TaskArgs>,
+    limit: Option<usize>,
+) -> anyhow::Result<()> {
     let data_path = data;
     if sequence_len == 0 || batch_size == 0 {
         anyhow::bail!("--sequence-len and --batch-size must be at least 1");
+    }
+    let reward = task.map(TaskArgs::reward).transpose()?;
+    if task.is_some() && objective != "sft" {
+        anyhow::bail!("--task scores generations; it does not combine with --objective {objective}");
     }
     let dpo = match objective {
         "sft" => None,
@@ -22,7 +57,10 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequ
     let spec = DatasetSpec { path: data.to_path_buf(), format: format.to_string() };
     // `tokenizer(text)` semantics: nothing appended beyond what the tokenizer itself adds.
     let opts = EncodeOptions { train_on_inputs: false, add_eos: false, sequence_len };
-    let data = load_spec(&spec, &session.tokenizer, &opts)?;
+    let mut data = load_spec(&spec, &session.tokenizer, &opts)?;
+    if let Some(n) = limit {
+        data.examples.truncate(n);
+    }
     if data.stats.without_targets > 0 {
         eprintln!("note: {} examples have no target token and were skipped", data.stats.without_targets);
     }
@@ -35,6 +73,20 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, format: &str, sequ
         );
     }
     let pairs = data.examples.iter().filter(|e| e.rejected.is_some()).count();
+    if let (Some(task), Some(reward)) = (task, &reward) {
+        if pairs > 0 {
+            anyhow::bail!("{}: holds preference pairs; --task scores prompts with one reference completion each", data_path.display());
+        }
+        let (score, predictions) = crate::decode::task::score(&session.model, &session.tokenizer, &data.examples, reward, task.max_new_tokens, batch_size, &mut |done, total| {
+            eprintln!("{}: {done}/{total} examples generated", task.name);
+        })?;
+        if let Some(path) = &task.predictions {
+            let lines: String = predictions.iter().map(|p| serde_json::to_string(p).expect("serialisable") + "\n").collect();
+            crate::io_util::write_atomic(path, lines.as_bytes())?;
+        }
+        println!("{}", serde_json::to_string(&score)?);
+        return Ok(());
+    }
     if let Some(dpo) = &dpo {
         if pairs < data.examples.len() {
             anyhow::bail!("{}: --objective dpo scores preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}}); {} of {} records are not pairs", data_path.display(), data.examples.len() - pairs, data.examples.len());

@@ -65,6 +65,23 @@ pub enum Command {
         /// DPO's β for `--objective dpo`.
         #[arg(long, default_value_t = 0.1)]
         dpo_beta: f64,
+        /// Score generations instead of the loss: each example's prompt is continued greedily
+        /// and compared with its reference completion. `gsm8k` (the number after `####`),
+        /// `exact-match`, `contains`, or `regex` (with --pattern). Prints the accuracy.
+        #[arg(long)]
+        task: Option<String>,
+        /// The pattern of `--task regex`: its first capture group (or whole match) must agree.
+        #[arg(long)]
+        pattern: Option<String>,
+        /// Longest generation per example for `--task`.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Score only the first N examples.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Write every prompt, generation, reference and verdict of `--task` to this JSONL file.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
     },
     /// Continue a prompt (greedy unless --temperature is set).
     Generate {
@@ -191,8 +208,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),
-        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta } => {
-            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size, &objective, dpo_beta)
+        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta, task, pattern, max_new_tokens, limit, predictions } => {
+            let task = task.map(|name| eval::TaskArgs { name, pattern, max_new_tokens, predictions });
+            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size, &objective, dpo_beta, task.as_ref(), limit)
         }
         Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };

@@ -4,6 +4,7 @@
 //! - `gsm8k`: the number after the last `####` of each, compared as numbers (`1,000` = `1000`
 //!   = `1000.0`); a completion without `####` and a number scores 0;
 //! - `exact`: the two texts equal after trimming whitespace;
+//! - `contains`: the completion contains the reference (trimmed);
 //! - `regex`: `grpo_reward_pattern` is searched in both; its first capture group (the whole
 //!   match when it has none) must be found in both and be equal.
 
@@ -12,10 +13,18 @@ use crate::error::{Error, Result};
 use regex::Regex;
 use std::sync::LazyLock;
 
+/// Why a reward could not be built: its name, or its pattern.
+#[derive(Debug)]
+pub enum RewardError {
+    Name(String),
+    Pattern(String),
+}
+
 #[derive(Debug, Clone)]
 pub enum Reward {
     Gsm8k,
     Exact,
+    Contains,
     Regex(Regex),
 }
 
@@ -36,12 +45,27 @@ impl Reward {
     pub fn from_spec(spec: &ObjectiveSpec) -> Result<Self> {
         let keys = spec.keys();
         let pattern = keys.string("grpo_reward_pattern")?;
-        match (keys.choice_or("grpo_reward", &["gsm8k", "exact", "regex"])?, pattern) {
-            ("regex", Some(p)) => Regex::new(&p).map(Reward::Regex).map_err(|e| Error::config("grpo_reward_pattern", format!("is not a valid regular expression: {e}"))),
-            ("regex", None) => Err(Error::config("grpo_reward", "is \"regex\"; set grpo_reward_pattern too (e.g. \"answer: (\\\\w+)\")")),
-            (_, Some(_)) => Err(Error::config("grpo_reward_pattern", "applies to grpo_reward = \"regex\" only")),
+        let name = keys.choice_or("grpo_reward", &["gsm8k", "exact", "contains", "regex"])?;
+        if name == "regex" && pattern.is_none() {
+            return Err(Error::config("grpo_reward", "is \"regex\"; set grpo_reward_pattern too (e.g. \"answer: (\\\\w+)\")"));
+        }
+        Self::named(name, pattern.as_deref()).map_err(|e| match e {
+            RewardError::Pattern(msg) => Error::config("grpo_reward_pattern", msg),
+            RewardError::Name(msg) => Error::config("grpo_reward", msg),
+        })
+    }
+
+    /// The reward called `name` (`gsm8k`, `exact`, `contains`, `regex`; `regex` with its
+    /// pattern).
+    pub fn named(name: &str, pattern: Option<&str>) -> std::result::Result<Self, RewardError> {
+        match (name, pattern) {
+            ("regex", Some(p)) => Regex::new(p).map(Reward::Regex).map_err(|e| RewardError::Pattern(format!("is not a valid regular expression: {e}"))),
+            ("regex", None) => Err(RewardError::Name("is \"regex\"; give its pattern too (e.g. \"answer: (\\\\w+)\")".into())),
+            (_, Some(_)) => Err(RewardError::Pattern("applies to the regex reward only".into())),
             ("gsm8k", None) => Ok(Reward::Gsm8k),
-            (_, None) => Ok(Reward::Exact),
+            ("exact", None) => Ok(Reward::Exact),
+            ("contains", None) => Ok(Reward::Contains),
+            (other, None) => Err(RewardError::Name(format!("`{other}`: expected gsm8k, exact, contains or regex"))),
         }
     }
 
@@ -49,6 +73,7 @@ impl Reward {
         match self {
             Reward::Gsm8k => "gsm8k",
             Reward::Exact => "exact",
+            Reward::Contains => "contains",
             Reward::Regex(_) => "regex",
         }
     }
@@ -58,13 +83,17 @@ impl Reward {
     pub fn key_of(&self, text: &str) -> Option<String> {
         match self {
             Reward::Gsm8k => gsm8k_answer(text).map(|v| v.to_string()),
-            Reward::Exact => Some(text.trim().to_string()),
+            Reward::Exact | Reward::Contains => Some(text.trim().to_string()),
             Reward::Regex(re) => re.captures(text).map(|c| c.get(1).or_else(|| c.get(0)).map_or("", |m| m.as_str()).trim().to_string()),
         }
     }
 
     /// 1 when `completion` matches `reference`, else 0.
     pub fn score(&self, completion: &str, reference: &str) -> f64 {
+        if let Reward::Contains = self {
+            let want = reference.trim();
+            return (!want.is_empty() && completion.contains(want)) as u8 as f64;
+        }
         match (self.key_of(completion), self.key_of(reference)) {
             (Some(a), Some(b)) if a == b => 1.0,
             _ => 0.0,
