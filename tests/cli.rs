@@ -79,6 +79,14 @@ fn train_eval_merge_generate_inspect() {
     let (ok, _, err) = ferrotune(&["eval", "--model", "model", "--data", "chat.jsonl", "--task", "regex"], dir);
     assert!(!ok && err.contains("--pattern"), "{err}");
 
+    // The bench times a DPO step on pairs: twice the rows of the SFT step.
+    for (objective, rows) in [("sft", 2), ("dpo", 4)] {
+        let (ok, out, err) = ferrotune(&["bench", "--model", "model", "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1", "--objective", objective], dir);
+        assert!(ok, "bench --objective {objective} failed: {err}");
+        let r = last_json(&out);
+        assert_eq!((r["objective"].as_str(), r["rows"].as_u64()), (Some(objective), Some(rows)));
+    }
+
     let (ok, out, err) = ferrotune(&["inspect-data", "run.toml", "-n", "1"], dir);
     assert!(ok, "inspect-data failed: {err}");
     assert!(out.contains("[[") && out.contains("targets"), "non-target tokens are marked: {out}");

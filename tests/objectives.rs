@@ -276,6 +276,8 @@ fn a_dpo_run_trains_on_pairs_and_resumes_exactly() {
     assert!(dir.join("full/reference_logps.json").exists());
     // Two steps, then --resume to four: the same adapter, byte for byte.
     ferrotune::train::train(&dpo_plan(dir, "part", 2), &Default::default()).unwrap();
+    // A damaged cache is recomputed, not trusted (nor fatal): the result is unchanged.
+    std::fs::write(dir.join("part/reference_logps.json"), "{\"data_fingerprint\": \"x\", \"train\": [[1e9").unwrap();
     let resumed = ferrotune::train::train(&dpo_plan(dir, "part", 4), &ferrotune::train::TrainOptions { resume: true, ..Default::default() }).unwrap();
     assert_eq!(resumed.steps, 4);
     let bytes = |run: &str| std::fs::read(dir.join(run).join("adapter/adapter_model.safetensors")).unwrap();

@@ -35,6 +35,10 @@ pub struct BenchOptions {
     pub checkpointing: bool,
     /// How the base weights were loaded (`f32`, `bf16`, `gguf`), for the report.
     pub dtype: String,
+    /// `sft`, or `dpo`: the batch's rows become the chosen sides of as many preference pairs,
+    /// each with a rejected row of its own (twice the tokens per step), and the step is DPO's
+    /// with reference log-probabilities computed before timing (as the trainer caches them).
+    pub objective: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +64,9 @@ pub struct BenchReport {
     pub cpu_features: Vec<String>,
     pub batch: usize,
     pub seq: usize,
+    pub objective: String,
+    /// Sequences per step: `batch`, or `2 × batch` for DPO's pairs.
+    pub rows: usize,
 }
 
 /// SmolLM2-135M's architecture, for benchmarking without the weights.
@@ -204,14 +211,38 @@ pub fn create_method(name: &str) -> Result<Box<dyn Method>> {
     })
 }
 
+/// `rows` sequences of `t` random tokens, every position a target.
+fn random_batch(rows: usize, t: usize, vocab: usize, seed: u64) -> Batch {
+    let mut rng = SplitMix64::new(seed);
+    let ids: Vec<u32> = (0..rows * t).map(|_| rng.below(vocab as u64) as u32).collect();
+    // labels = inputs, shifted inside the loss: position j predicts token j + 1.
+    let targets: Vec<i32> = (0..rows * t).map(|i| if i % t == t - 1 { IGNORE_INDEX } else { ids[i + 1] as i32 }).collect();
+    Batch { input_ids: ids, targets, batch_size: rows, seq_len: t, n_targets: rows * (t - 1), lengths: vec![t; rows], ..Default::default() }
+}
+
 pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let (b, t) = (opts.batch, opts.seq);
-    let mut rng = SplitMix64::new(1234);
-    let ids: Vec<u32> = (0..b * t).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect();
-    // labels = inputs, shifted inside the loss: position j predicts token j + 1.
-    let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { IGNORE_INDEX } else { ids[i + 1] as i32 }).collect();
-    let n_targets = b * (t - 1);
-    let batch = Batch { input_ids: ids, targets, batch_size: b, seq_len: t, n_targets, lengths: vec![t; b], ..Default::default() };
+    let vocab = model.config.vocab_size;
+    let (mut batch, objective): (Batch, Box<dyn crate::objectives::Objective>) = match opts.objective.as_str() {
+        "sft" => (random_batch(b, t, vocab, 1234), Box::new(crate::objectives::Sft)),
+        "dpo" if !opts.forward_only => {
+            // The SFT batch's rows are the chosen sides; the rejected sides are fresh rows.
+            let (chosen, rejected) = (random_batch(b, t, vocab, 1234), random_batch(b, t, vocab, 4321));
+            let batch = Batch {
+                input_ids: [chosen.input_ids.as_slice(), &rejected.input_ids].concat(),
+                targets: [chosen.targets.as_slice(), &rejected.targets].concat(),
+                batch_size: 2 * b,
+                seq_len: t,
+                n_targets: 2 * chosen.n_targets,
+                lengths: vec![t; 2 * b],
+                pairs: b,
+                ..Default::default()
+            };
+            (batch, Box::new(crate::objectives::Dpo { beta: 0.1, label_smoothing: 0.0 }))
+        }
+        "dpo" => return Err(Error::flag("--objective", "dpo times training steps; drop --forward-only")),
+        other => return Err(Error::flag("--objective", format!("`{other}`: expected sft or dpo"))),
+    };
 
     let mut method: Option<Box<dyn Method>> = match opts.method.as_str() {
         "none" if opts.forward_only => None,
@@ -225,6 +256,11 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             Some(method)
         }
     };
+    if batch.pairs > 0 {
+        // Computed once before training, as the trainer caches them: not part of a step.
+        batch.reference_logps = Some(crate::objectives::dpo::batch_logps(&model, &batch, true)?);
+    }
+    let units = objective.units(&batch);
     let params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
     let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
     // The method's own update rule (LoRA-Pro's differs), as the trainer uses it.
@@ -238,7 +274,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
             let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: opts.checkpointing };
-            let grads = step_gradients(&model, &params, std::slice::from_ref(&batch), n_targets, &plan, &crate::objectives::Sft)?.grads;
+            let grads = step_gradients(&model, &params, std::slice::from_ref(&batch), units, &plan, objective.as_ref())?.grads;
             let (m, opt) = (method.as_mut().expect("training has a method"), opt.as_mut().expect("and an optimizer"));
             let mut grads = grads;
             m.grad_transform(&mut grads)?;
@@ -250,7 +286,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let mean = step_s.iter().sum::<f64>() / step_s.len().max(1) as f64;
-    let tokens_per_s = (b * t) as f64 / mean;
+    let rows = batch.batch_size;
+    let tokens_per_s = (rows * t) as f64 / mean;
     let flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
     let peak = gemm_peak_gflops();
     Ok(BenchReport {
@@ -270,5 +307,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         cpu_features: cpu_features(),
         batch: b,
         seq: t,
+        objective: opts.objective.clone(),
+        rows,
     })
 }

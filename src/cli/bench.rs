@@ -37,7 +37,7 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         // The bench's adapter: r = 16 on all seven projections.
         memory::method_plan(create_method(&opts.method)?.as_ref(), &footprint.config, &TargetModules::AllLinear, 16)?
     };
-    let tokens = opts.batch * opts.seq;
+    let tokens = report.rows * opts.seq;
     let (train, eval) = if opts.forward_only { (0, tokens) } else { (tokens, 0) };
     let step = StepShape {
         train_tokens: train,

@@ -186,6 +186,11 @@ pub enum Command {
         /// training, none with --forward-only.
         #[arg(long)]
         method: Option<String>,
+        /// The training objective: sft, or dpo (the batch's rows as the chosen sides of as many
+        /// preference pairs, each with its own rejected row; reference log-probabilities
+        /// computed before timing, as the trainer caches them).
+        #[arg(long, default_value = "sft")]
+        objective: String,
     },
     /// List the fine-tuning methods (`adapter = "<name>"`), with their own config keys.
     Methods {
@@ -239,9 +244,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method } => {
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method, objective } => {
             let method = method.unwrap_or_else(|| if forward_only { "none" } else { "lora" }.to_string());
-            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing };
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing, objective };
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }

@@ -55,14 +55,23 @@ fn restore(set: &mut [EncodedExample], values: &[[f32; 2]]) {
 pub fn reference_logps(cfg: &TrainConfig, model: &Llama, data: &mut Prepared, fingerprint: &str, pad_id: u32) -> Result<()> {
     let path = cfg.output_dir.join(REFERENCE_LOGPS_FILE);
     if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Ok(c) = serde_json::from_str::<Cached>(&text) {
-            if c.data_fingerprint == fingerprint && c.train.len() == data.train.len() && c.val.len() == data.val.len() {
+        // A cache that cannot be used is recomputed (and replaced), saying why.
+        let why = match serde_json::from_str::<Cached>(&text) {
+            Err(e) => format!("is not a valid cache ({e})"),
+            Ok(c) if c.data_fingerprint != fingerprint || c.train.len() != data.train.len() || c.val.len() != data.val.len() => {
+                "was computed for other data".to_string()
+            }
+            Ok(c) if c.train.iter().chain(&c.val).flatten().any(|v| !v.is_finite() || *v > 0.0) => {
+                "holds values that are not log-probabilities (non-finite or positive)".to_string()
+            }
+            Ok(c) => {
                 restore(&mut data.train, &c.train);
                 restore(&mut data.val, &c.val);
                 eprintln!("reference log-probabilities: read from {}", path.display());
                 return Ok(());
             }
-        }
+        };
+        eprintln!("note: {} {why}; computing the reference log-probabilities again", path.display());
     }
     let t0 = Instant::now();
     let total = data.train.len() + data.val.len();
