@@ -47,6 +47,10 @@ impl Objective for Dft {
         }
     }
 
+    fn uses_reference(&self) -> bool {
+        self.lambda.is_some()
+    }
+
     fn needs_reference(&self, _batch: &crate::data::batch::Batch) -> bool {
         self.lambda.is_some()
     }

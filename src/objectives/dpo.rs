@@ -93,6 +93,10 @@ impl Objective for Dpo {
         batch.pairs
     }
 
+    fn uses_reference(&self) -> bool {
+        true
+    }
+
     fn needs_reference_logps(&self) -> bool {
         true
     }

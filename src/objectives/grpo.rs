@@ -107,6 +107,10 @@ impl Objective for Grpo {
         "grpo"
     }
 
+    fn uses_reference(&self) -> bool {
+        self.beta > 0.0
+    }
+
     fn needs_reference(&self, batch: &Batch) -> bool {
         self.beta > 0.0 && batch.rollout.is_some()
     }

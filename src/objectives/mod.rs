@@ -66,6 +66,12 @@ pub trait Objective: Send + Sync {
         false
     }
 
+    /// Whether the objective compares with the reference model at all (ASFT, DPO, GRPO with a
+    /// KL term).
+    fn uses_reference(&self) -> bool {
+        false
+    }
+
     /// Online objectives (GRPO, SASR): how completions are sampled and rewarded.
     fn rollouts(&self) -> Option<&RolloutPlan> {
         None

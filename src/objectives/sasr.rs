@@ -67,6 +67,10 @@ impl Objective for Sasr {
         "sasr"
     }
 
+    fn uses_reference(&self) -> bool {
+        self.grpo.uses_reference()
+    }
+
     fn needs_reference(&self, batch: &Batch) -> bool {
         self.grpo.needs_reference(batch)
     }

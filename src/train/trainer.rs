@@ -162,6 +162,14 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
     let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    if let (Some(init), true) = (&cfg.init_adapter, objective.uses_reference()) {
+        eprintln!(
+            "note: objective = \"{}\" compares with a reference model, the base with the method switched off, not the policy of init_adapter {} \
+             (as TRL with a PEFT model and no ref_adapter_name). To anchor to that policy, merge it into the base first (`ferrotune merge`) and train a new adapter on the merged model",
+            cfg.objective,
+            init.display()
+        );
+    }
     if objective.needs_reference_logps() {
         super::preference::reference_logps(cfg, &model, &mut data, &fingerprint, pad_id)?;
     }
