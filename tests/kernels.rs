@@ -422,3 +422,85 @@ fn lora_linear_matches_the_unfused_branch_with_and_without_dropout() {
         );
     }
 }
+
+/// RoSTE's fake quantisation is quantize → dequantize: per row, integer codes on a symmetric
+/// `b`-bit grid scaled by the row's (clipped) largest magnitude, times the step; at most 2^b
+/// values per row; idempotent without clipping. Its gradient passes straight through inside the
+/// grid's range and stops at clipped entries.
+#[test]
+fn fake_quant_is_quantize_then_dequantize_with_a_straight_through_gradient() {
+    use ferrotune::kernels::{fake_quant, QuantGrid};
+    let x = randn(&[5, 33], 41);
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    for (bits, clip) in [(4, 1.0f32), (8, 1.0), (4, 0.6)] {
+        let grid = QuantGrid { bits, clip_ratio: clip };
+        let y: Vec<f32> = fake_quant(&x, grid).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let qmax = (1i64 << (bits - 1)) - 1;
+        for (r, (row, yrow)) in xv.chunks(33).zip(y.chunks(33)).enumerate() {
+            let max = row.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let step = max * clip as f64 / qmax as f64;
+            let mut codes = std::collections::BTreeSet::new();
+            for (&v, &q) in row.iter().zip(yrow) {
+                let code = ((v as f64 / step).round() as i64).clamp(-qmax - 1, qmax);
+                codes.insert(code);
+                let want = code as f64 * step;
+                assert!((q as f64 - want).abs() <= 1e-6 * max, "{bits} bits, row {r}: {v} → {q}, expected {want}");
+            }
+            assert!(codes.len() <= 1 << bits);
+        }
+        if clip == 1.0 {
+            let again: Vec<f32> = fake_quant(&Tensor::from_vec(y.clone(), (5, 33), &DEV).unwrap(), grid).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(again, y, "quantising a quantised tensor changes it");
+        }
+        // The straight-through gradient: 1 inside the range, 0 where the value was clipped.
+        let xvar = Var::from_tensor(&x).unwrap();
+        let g = fake_quant(xvar.as_tensor(), grid).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = g.get(xvar.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (row, grow) in xv.chunks(33).zip(gx.chunks(33)) {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let step = max * clip / qmax as f32;
+            for (&v, &gv) in row.iter().zip(grow) {
+                let inside = v >= -(qmax as f32 + 1.0) * step && v <= qmax as f32 * step;
+                assert_eq!(gv, if inside { 1.0 } else { 0.0 }, "value {v}, step {step}");
+            }
+        }
+        if clip < 1.0 {
+            assert!(gx.contains(&0.0), "clipping at {clip} stops some gradients");
+        }
+    }
+    assert!(fake_quant(&x, QuantGrid { bits: 1, clip_ratio: 1.0 }).is_err());
+}
+
+/// The block Hadamard rotation is orthonormal and its own inverse; for a power of two it is
+/// Sylvester's Hadamard matrix over √n; rotating inputs and weights alike leaves `x·Wᵀ` as it
+/// was (SmolLM2's 576 rotates in 9 blocks of 64).
+#[test]
+fn block_hadamard_rotation_is_orthonormal_and_leaves_products_unchanged() {
+    use ferrotune::linalg::hadamard::{block_size, rotate_rows};
+    assert_eq!((block_size(576), block_size(1536), block_size(64), block_size(7)), (64, 512, 64, 1));
+    // n = 8: the rotation of the unit vectors is H₈/√8, H₈[i][j] = (−1)^popcount(i & j).
+    let mut eye: Vec<f32> = (0..64).map(|i| (i / 8 == i % 8) as u8 as f32).collect();
+    rotate_rows(&mut eye, 8);
+    for i in 0..8 {
+        for j in 0..8 {
+            let want = if (i & j as usize).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / 8f32.sqrt();
+            assert!((eye[i * 8 + j] - want).abs() < 1e-6);
+        }
+    }
+    let n = 576;
+    let x: Vec<f32> = randn(&[3, n], 51).flatten_all().unwrap().to_vec1().unwrap();
+    let w: Vec<f32> = randn(&[4, n], 52).flatten_all().unwrap().to_vec1().unwrap();
+    let (mut xr, mut wr) = (x.clone(), w.clone());
+    rotate_rows(&mut xr, n);
+    rotate_rows(&mut wr, n);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| (*p as f64) * (*q as f64)).sum::<f64>();
+    for i in 0..3 {
+        assert!((dot(&xr[i * n..(i + 1) * n], &xr[i * n..(i + 1) * n]) - dot(&x[i * n..(i + 1) * n], &x[i * n..(i + 1) * n])).abs() < 1e-3, "norms are kept");
+        for o in 0..4 {
+            let (a, b) = (dot(&xr[i * n..(i + 1) * n], &wr[o * n..(o + 1) * n]), dot(&x[i * n..(i + 1) * n], &w[o * n..(o + 1) * n]));
+            assert!((a - b).abs() < 1e-3, "x·Wᵀ changed by the rotation: {a} vs {b}");
+        }
+    }
+    rotate_rows(&mut xr, n);
+    assert!(xr.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5), "the rotation is its own inverse");
+}

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use faer::linalg::solvers::DenseSolveCore;
 use nalgebra::DMatrix;
 
+pub mod hadamard;
 mod lanczos;
 
 pub type Mat = DMatrix<f64>;
