@@ -24,19 +24,20 @@ impl TaskArgs {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    model: &Path,
-    adapter: Option<&Path>,
-    data: &Path,
-    format: &str,
-    sequence_len: usize,
-    batch_size: usize,
-    objective: &str,
-    dpo_beta: f64,
-    task: Option<&TaskArgs>,
-    limit: Option<usize>,
-) -> anyhow::Result<()> {
+/// What `eval` was asked besides the model and the data.
+pub struct EvalOptions<'a> {
+    pub format: &'a str,
+    pub sequence_len: usize,
+    pub batch_size: usize,
+    pub objective: &'a str,
+    pub dpo_beta: f64,
+    pub task: Option<&'a TaskArgs>,
+    pub limit: Option<usize>,
+    pub fake_quant: bool,
+}
+
+pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -> anyhow::Result<()> {
+    let EvalOptions { format, sequence_len, batch_size, objective, dpo_beta, task, limit, fake_quant } = *o;
     let data_path = data;
     if sequence_len == 0 || batch_size == 0 {
         anyhow::bail!("--sequence-len and --batch-size must be at least 1");
@@ -53,7 +54,13 @@ pub fn run(
         }
         other => anyhow::bail!("--objective {other}: expected sft or dpo"),
     };
-    let session = crate::session::Session::load(model, adapter)?;
+    let mut session = crate::session::Session::load(model, adapter)?;
+    if fake_quant {
+        let plan_dir = adapter.unwrap_or(model);
+        let plan = crate::models::qat::read_plan(plan_dir)?
+            .ok_or_else(|| anyhow::anyhow!("--fake-quant: {} has no {} (written by a run with objective = \"roste\")", plan_dir.display(), crate::models::qat::PLAN_FILE))?;
+        crate::models::qat::attach(&mut session.model, &plan)?;
+    }
     let spec = DatasetSpec { path: data.to_path_buf(), format: format.to_string() };
     // `tokenizer(text)` semantics: nothing appended beyond what the tokenizer itself adds.
     let opts = EncodeOptions { train_on_inputs: false, add_eos: false, sequence_len };

@@ -82,6 +82,10 @@ pub enum Command {
         /// Write every prompt, generation, reference and verdict of `--task` to this JSONL file.
         #[arg(long)]
         predictions: Option<PathBuf>,
+        /// Run the model as its quantised form would, with the quantisation plan (`roste.json`)
+        /// of a RoSTE adapter or of a model merged from one.
+        #[arg(long)]
+        fake_quant: bool,
     },
     /// Continue a prompt (greedy unless --temperature is set).
     Generate {
@@ -213,9 +217,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),
-        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta, task, pattern, max_new_tokens, limit, predictions } => {
+        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta, task, pattern, max_new_tokens, limit, predictions, fake_quant } => {
             let task = task.map(|name| eval::TaskArgs { name, pattern, max_new_tokens, predictions });
-            eval::run(&model, adapter.as_deref(), &data, &format, sequence_len, batch_size, &objective, dpo_beta, task.as_ref(), limit)
+            let opts = eval::EvalOptions { format: &format, sequence_len, batch_size, objective: &objective, dpo_beta, task: task.as_ref(), limit, fake_quant };
+            eval::run(&model, adapter.as_deref(), &data, &opts)
         }
         Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };

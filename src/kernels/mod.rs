@@ -18,6 +18,7 @@ mod linear;
 mod lora_linear;
 mod rmsnorm;
 mod rope;
+mod rotate;
 mod skinny;
 mod swiglu;
 pub(crate) mod vexp;
@@ -33,6 +34,7 @@ pub use linear::frozen_linear;
 pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;
 pub use rope::{rope, rope_at, RopeTables};
+pub use rotate::hadamard_rotate;
 pub use swiglu::swiglu;
 
 use candle_core::backend::BackendStorage;

@@ -126,6 +126,14 @@ impl SiteHook for LoraSite {
         add_bias(crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)?, b0)
     }
 
+    fn delta_weight(&self, train: bool) -> Option<candle_core::Result<Tensor>> {
+        if train && self.dropout > 0.0 {
+            return None;
+        }
+        let (a, b) = if train { (self.a.as_tensor().clone(), self.b.as_tensor().clone()) } else { (self.a.as_detached_tensor(), self.b.as_detached_tensor()) };
+        Some(b.matmul(&a).and_then(|d| d * self.scaling))
+    }
+
     fn reference_forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>) -> candle_core::Result<Tensor> {
         match &self.initial {
             Some((a0, b0_)) => add_bias(crate::kernels::lora_linear(x, w0, a0, b0_, self.scaling as f32, 0.0, 0)?, b0),

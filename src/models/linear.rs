@@ -53,6 +53,14 @@ pub trait SiteHook: Send + Sync {
     fn reference_forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>) -> Result<Tensor> {
         add_bias(kernels::frozen_linear(x, w0)?, b0)
     }
+
+    /// The method's change of the weight, `W = W0 + ΔW`, as `[out, in]` (carrying the graph
+    /// to the method's parameters when `train`), for methods whose output is exactly
+    /// `x·(W0 + ΔW)ᵀ + b`; `None` for the others (and where dropout gives the branch no weight
+    /// form). Quantisation-aware training (RoSTE) quantises `W0 + ΔW`.
+    fn delta_weight(&self, _train: bool) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// `y + b` where there is a bias.

@@ -6,6 +6,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod qat;
 
 pub use block_site::{BlockHook, BlockSite, BlockSiteInfo};
 pub use config::{ModelConfig, RopeScaling};

@@ -14,6 +14,7 @@ pub mod grpo;
 mod ift;
 pub mod masked_thought;
 pub mod reward;
+pub mod roste;
 pub mod sasr;
 mod sft;
 
@@ -85,6 +86,22 @@ pub trait Objective: Send + Sync {
         } else {
             StepKind::Demonstrations
         }
+    }
+
+    /// Micro-batches (the run's first, in its order) [`Objective::prepare_model`] needs.
+    fn init_batches(&self) -> usize {
+        0
+    }
+
+    /// Changes the model before training, after the method is attached (RoSTE makes its sites
+    /// quantisation-aware, choosing rotations on `batches`).
+    fn prepare_model(&self, _model: &mut Llama, _batches: &[Batch]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes the objective's own files beside the adapter (RoSTE's quantisation plan).
+    fn save_extras(&self, _dir: &std::path::Path) -> Result<()> {
+        Ok(())
     }
 
     /// Records what a finished step tells the step choice (SASR: its gradient norm).
@@ -178,6 +195,7 @@ const ENTRIES: &[Entry] = &[
     Entry { name: "ift", keys: &[&["ift_lambda", "ift_gamma"]], create: ift::Ift::create },
     Entry { name: "grpo", keys: &[grpo::KEYS], create: grpo::Grpo::create },
     Entry { name: "sasr", keys: &[sasr::KEYS, grpo::KEYS], create: sasr::Sasr::create },
+    Entry { name: "roste", keys: &[roste::KEYS], create: roste::Roste::create },
 ];
 
 

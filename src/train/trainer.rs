@@ -73,6 +73,19 @@ impl Sampler {
     }
 }
 
+/// The run's own first `n` micro-batches, in its order (as PEFT's examples feed the trainer's
+/// dataloader): what data-driven inits and RoSTE's calibration see.
+fn first_batches(cfg: &TrainConfig, train: &[EncodedExample], n: usize, pad_id: u32) -> Vec<Batch> {
+    let mut sampler = Sampler::new(train.len(), cfg.seed, cfg.shuffle);
+    let mbs = cfg.micro_batch_size as u64;
+    (0..n as u64)
+        .map(|bi| {
+            let examples: Vec<&EncodedExample> = (0..mbs).map(|k| &train[sampler.index(bi * mbs + k)]).collect();
+            make_batch(&examples, pad_id)
+        })
+        .collect()
+}
+
 /// The plan's method on the model: read from the checkpoint being resumed or the
 /// `init_adapter`, or created, prepared on the run's first micro-batches if it asks, and attached.
 fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>, data: &super::dataset::Prepared, pad_id: u32) -> Result<Box<dyn Method>> {
@@ -92,15 +105,7 @@ fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>
     let n = method.init_batches();
     let mut from = String::new();
     if n > 0 {
-        // The run's own first micro-batches, in its order (as PEFT's examples feed the trainer's dataloader).
-        let mut sampler = Sampler::new(data.train.len(), cfg.seed, cfg.shuffle);
-        let batches: Vec<Batch> = (0..n)
-            .map(|bi| {
-                let examples: Vec<&EncodedExample> =
-                    (0..cfg.micro_batch_size as u64).map(|k| &data.train[sampler.index(bi as u64 * cfg.micro_batch_size as u64 + k)]).collect();
-                make_batch(&examples, pad_id)
-            })
-            .collect();
+        let batches = first_batches(cfg, &data.train, n, pad_id);
         method.prepare(model, &batches)?;
         from = format!(" from {n} micro-batches ({} examples)", batches.iter().map(|b| b.batch_size).sum::<usize>());
     }
@@ -162,6 +167,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
     let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    let n = objective.init_batches();
+    if n > 0 {
+        objective.prepare_model(&mut model, &first_batches(cfg, &data.train, n, pad_id))?;
+    }
     if let (Some(init), true) = (&cfg.init_adapter, objective.uses_reference()) {
         eprintln!(
             "note: objective = \"{}\" compares with a reference model, the base with the method switched off, not the policy of init_adapter {} \
@@ -360,17 +369,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             return Err(interrupted(sig, &format!("stopped after step {} of {total_steps}; {saved}", state.step)));
         }
         if last {
-            return finish(cfg, method.as_ref(), &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
+            return finish(cfg, method.as_ref(), objective.as_ref(), &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
         }
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
-    finish(cfg, method.as_ref(), &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
+    finish(cfg, method.as_ref(), objective.as_ref(), &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn finish(
     cfg: &TrainConfig,
     method: &dyn Method,
+    objective: &dyn crate::objectives::Objective,
     base_name: &str,
     progress: &Progress,
     eval_after: Option<f64>,
@@ -384,6 +394,7 @@ fn finish(
     let adapter_dir = cfg.output_dir.join(run_dir::ADAPTER_DIR);
     crate::io_util::write_files_into(&adapter_dir, |tmp| {
         method.save(tmp, base_name)?;
+        objective.save_extras(tmp)?;
         crate::failpoint::hit("adapter");
         Ok(())
     })?;
