@@ -115,21 +115,25 @@ fn fine_grids_give_back_the_float_model_and_its_gradient() {
     assert!(g4.iter().all(|v| v.is_finite()) && g4.iter().any(|&v| v != 0.0));
 }
 
-/// Each site keeps the rotation with the smaller quantisation error of `W0` on its calibration
-/// inputs: checked for the first site, whose input (the normalised embeddings) is computed here.
+/// Each site keeps the rotation with the smaller quantisation error of its weight (here `W0`: a
+/// fresh adapter) on its calibration inputs: checked for the first site, whose input (the
+/// normalised embeddings) is computed here.
 #[test]
 fn calibration_keeps_the_rotation_with_the_smaller_error() {
     let d = tempfile::tempdir().unwrap();
     let (mut m, _) = model_with_lora(d.path());
     let ids = ids(64, 12, 9);
     let base = plan(&m, (4, 4), |_| false);
-    let chosen = qat::calibrate(&mut m, &base, &mut |m| {
-        m.nll(&ids, std::sync::Arc::new(vec![-100; ids.len()]), 1, ids.len(), &ForwardCtx::eval())?;
-        Ok(())
-    })
-    .unwrap();
+    let sites = qat::attach(&mut m, &base).unwrap();
+    sites
+        .choose_rotations(&m, &mut |m| {
+            m.nll(&ids, std::sync::Arc::new(vec![-100; ids.len()]), 1, ids.len(), &ForwardCtx::eval())?;
+            Ok(())
+        })
+        .unwrap();
+    let chosen = sites.plan();
     assert_eq!(chosen.rotations.len(), m.linears().count());
-    assert!(m.linears().all(|l| l.hook.as_ref().unwrap().delta_weight(false).is_some()), "calibration leaves the LoRA hooks in place");
+    assert!(m.linears().all(|l| l.hook.as_ref().unwrap().delta_weight(false).is_some()), "the quantisation-aware sites carry the adapter");
     let l = &m.layers[0];
     let x = kernels::rms_norm(&m.embed_ids(&ids, 1, ids.len()).unwrap(), &l.input_layernorm, m.config.rms_norm_eps).unwrap();
     let w = l.q_proj.weight.to_tensor().unwrap();
@@ -151,9 +155,28 @@ fn calibration_keeps_the_rotation_with_the_smaller_error() {
 fn a_roste_run_exports_a_merged_model_that_quantises_as_trained() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let p = common::contract::Promise { adapter: "lora", extra: "objective = \"roste\"\nroste_weight_bits = 4\nroste_activation_bits = 8\nlora_dropout = 0.0", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true };
-    let cfg = common::contract::plan(dir, &p, 3);
+    let p = common::contract::Promise {
+        adapter: "lora",
+        extra: "objective = \"roste\"\nroste_weight_bits = 4\nroste_activation_bits = 8\nroste_rotation_refresh_steps = 1\nlora_dropout = 0.0",
+        mergeable: true,
+        peft: true,
+        gguf_lora: true,
+        identity_at_init: true,
+    };
+    let cfg = common::contract::plan(dir, &p, 4);
     let s = ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    // Two steps, then --resume to four: the rotations (re-chosen after every step) come back
+    // from the checkpoint, and the adapter is the uninterrupted run's, byte for byte.
+    let mut part = cfg.clone();
+    part.output_dir = dir.join("part");
+    part.max_steps = Some(2);
+    ferrotune::train::train(&part, &Default::default()).unwrap();
+    assert!(qat::read_plan(&dir.join("part/checkpoints/step-2")).unwrap().is_some(), "checkpoints keep the plan");
+    part.max_steps = Some(4);
+    ferrotune::train::train(&part, &ferrotune::train::TrainOptions { resume: true, ..Default::default() }).unwrap();
+    let bytes = |run: &str| std::fs::read(dir.join(run).join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(bytes("out") == bytes("part"), "a resumed RoSTE run differs from an uninterrupted one");
+    assert_eq!(std::fs::read(dir.join("out/adapter/roste.json")).unwrap(), std::fs::read(dir.join("part/adapter/roste.json")).unwrap());
     assert!(s.eval_after.unwrap().is_finite());
     let plan = qat::read_plan(&dir.join("out/adapter")).unwrap().expect("the adapter keeps its plan");
     assert_eq!((plan.weight_bits, plan.activation_bits), (4, 8));

@@ -7,8 +7,8 @@
 //! the gradient reaches the method's parameters.
 //!
 //! The rotation is chosen per site by quantisation error: on calibration batches each site
-//! compares `‖x·W0ᵀ − Q_a(x·R)·Q_w(W0·R)ᵀ‖²` with and without the rotation and keeps the
-//! smaller ([`calibrate`]).
+//! compares `‖x·Wᵀ − Q_a(x·R)·Q_w(W·R)ᵀ‖²`, `W = W0 + ΔW` its current weight, with and without
+//! the rotation and keeps the smaller ([`QatSites::choose_rotations`]).
 
 use super::linear::{add_bias, ForwardCtx, SiteHook};
 use super::Llama;
@@ -17,6 +17,7 @@ use crate::kernels::{self, FrozenWeight, QuantGrid};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The quantised model a RoSTE run trains for, and the rotation it chose per site.
@@ -55,23 +56,52 @@ fn quantised_product(x: &Tensor, w: &Tensor, rotate: bool, plan: &QatPlan) -> ca
 }
 
 pub struct QatSite {
+    name: String,
     inner: Option<Arc<dyn SiteHook>>,
     /// `W0` as dense f32 (read once; the quantised product needs it whole).
     base: Tensor,
-    rotate: bool,
+    rotate: AtomicBool,
     plan: Arc<QatPlan>,
+    /// While rotations are being chosen: the squared output error without and with the
+    /// rotation, summed over the tokens seen.
+    probe: Mutex<Option<[f64; 2]>>,
+}
+
+impl QatSite {
+    /// `W0 + ΔW`, with the graph to the method's parameters when `train`.
+    fn weight(&self, train: bool) -> candle_core::Result<Tensor> {
+        match &self.inner {
+            None => Ok(self.base.clone()),
+            Some(h) => match h.delta_weight(train) {
+                Some(delta) => &self.base + delta?,
+                None => candle_core::bail!("{}: quantisation-aware training needs the method's update as a weight change, and this site's method has none", self.name),
+            },
+        }
+    }
+
+    /// Adds this input's quantisation errors, with and without the rotation, to the probe.
+    fn measure(&self, x: &Tensor) -> candle_core::Result<()> {
+        let (x, w) = (x.detach(), self.weight(false)?);
+        let exact = x.broadcast_matmul(&w.t()?)?;
+        let mut errors = [0f64; 2];
+        for (i, rotate) in [false, true].into_iter().enumerate() {
+            let d = (quantised_product(&x, &w, rotate, &self.plan)? - &exact)?;
+            errors[i] = d.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        }
+        if let Some(acc) = self.probe.lock().expect("not poisoned").as_mut() {
+            acc[0] += errors[0];
+            acc[1] += errors[1];
+        }
+        Ok(())
+    }
 }
 
 impl SiteHook for QatSite {
     fn forward(&self, x: &Tensor, _w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let w = match &self.inner {
-            None => self.base.clone(),
-            Some(h) => match h.delta_weight(ctx.train) {
-                Some(delta) => (&self.base + delta?)?,
-                None => candle_core::bail!("quantisation-aware training needs the method's update as a weight change, and this site's method has none"),
-            },
-        };
-        add_bias(quantised_product(x, &w, self.rotate, &self.plan)?, b0)
+        if self.probe.lock().expect("not poisoned").is_some() {
+            self.measure(x)?;
+        }
+        add_bias(quantised_product(x, &self.weight(ctx.train)?, self.rotate.load(Ordering::Relaxed), &self.plan)?, b0)
     }
 
     fn reference_forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>) -> candle_core::Result<Tensor> {
@@ -86,58 +116,39 @@ impl SiteHook for QatSite {
     }
 }
 
-/// During calibration: each site's squared output error with and without the rotation,
-/// summed over the calibration tokens; the output itself is the site's unquantised one.
-struct Measuring {
-    inner: Option<Arc<dyn SiteHook>>,
-    base: Tensor,
+/// The quantisation-aware sites of a model, to choose and read their rotations.
+pub struct QatSites {
+    sites: Vec<Arc<QatSite>>,
     plan: Arc<QatPlan>,
-    errors: Mutex<[f64; 2]>,
 }
 
-impl SiteHook for Measuring {
-    fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let exact = x.broadcast_matmul(&self.base.t()?)?;
-        let mut errors = [0f64; 2];
-        for (i, rotate) in [false, true].into_iter().enumerate() {
-            let d = (quantised_product(x, &self.base, rotate, &self.plan)? - &exact)?;
-            errors[i] = d.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+impl QatSites {
+    /// Chooses every site's rotation by the quantisation error of its current weight
+    /// `W0 + ΔW` on the inputs `forward` feeds it (through the quantised model as it stands).
+    pub fn choose_rotations(&self, model: &Llama, forward: &mut dyn FnMut(&Llama) -> Result<()>) -> Result<()> {
+        self.sites.iter().for_each(|s| *s.probe.lock().expect("not poisoned") = Some([0.0; 2]));
+        let result = forward(model);
+        for s in &self.sites {
+            let errors = s.probe.lock().expect("not poisoned").take();
+            if let (Ok(()), Some([plain, rotated])) = (&result, errors) {
+                s.rotate.store(rotated < plain, Ordering::Relaxed);
+            }
         }
-        let mut acc = self.errors.lock().expect("not poisoned");
-        acc[0] += errors[0];
-        acc[1] += errors[1];
-        match &self.inner {
-            Some(h) => h.forward(x, w0, b0, ctx),
-            None => add_bias(exact, b0),
-        }
+        result
+    }
+
+    /// The plan with the sites' current rotations.
+    pub fn plan(&self) -> QatPlan {
+        QatPlan { rotations: self.sites.iter().map(|s| (s.name.clone(), s.rotate.load(Ordering::Relaxed))).collect(), ..(*self.plan).clone() }
     }
 }
 
-/// Chooses every linear site's rotation by the quantisation error of `W0` on the inputs
-/// `forward` feeds it, and returns the plan with the choices filled in. The model's hooks are
-/// as they were afterwards.
-pub fn calibrate(model: &mut Llama, plan: &QatPlan, forward: &mut dyn FnMut(&Llama) -> Result<()>) -> Result<QatPlan> {
-    let plan_arc = Arc::new(plan.clone());
-    let mut probes = Vec::new();
-    for lin in model.linears_mut() {
-        let probe = Arc::new(Measuring { inner: lin.hook.clone(), base: lin.weight.to_tensor()?, plan: plan_arc.clone(), errors: Mutex::new([0.0; 2]) });
-        probes.push((lin.name.clone(), lin.hook.take(), probe.clone()));
-        lin.hook = Some(probe);
-    }
-    let result = forward(model);
-    let mut chosen = plan.clone();
-    for (lin, (name, original, probe)) in model.linears_mut().zip(probes) {
-        lin.hook = original;
-        let [plain, rotated] = *probe.errors.lock().expect("not poisoned");
-        chosen.rotations.insert(name, rotated < plain);
-    }
-    result.map(|_| chosen)
-}
-
-/// Wraps every linear site of `model` (and its method's hook) in a quantisation-aware site
-/// with the plan's rotation. Fails for sites whose method has no weight-change form.
-pub fn attach(model: &mut Llama, plan: &QatPlan) -> Result<()> {
+/// Wraps every linear site of `model` (and its method's hook) in a quantisation-aware site,
+/// rotated as the plan says (not rotated where it names no rotation). Fails for sites whose
+/// method has no weight-change form.
+pub fn attach(model: &mut Llama, plan: &QatPlan) -> Result<QatSites> {
     let plan = Arc::new(plan.clone());
+    let mut sites = Vec::new();
     for lin in model.linears_mut() {
         if let Some(h) = &lin.hook {
             if h.delta_weight(true).is_none() {
@@ -147,11 +158,19 @@ pub fn attach(model: &mut Llama, plan: &QatPlan) -> Result<()> {
                 ));
             }
         }
-        let rotate = *plan.rotations.get(&lin.name).ok_or_else(|| Error::Model(format!("the quantisation plan has no rotation for {}", lin.name)))?;
-        let site = QatSite { inner: lin.hook.take(), base: lin.weight.to_tensor()?, rotate, plan: plan.clone() };
-        lin.hook = Some(Arc::new(site));
+        let rotate = plan.rotations.get(&lin.name).copied().unwrap_or(false);
+        let site = Arc::new(QatSite {
+            name: lin.name.clone(),
+            inner: lin.hook.take(),
+            base: lin.weight.to_tensor()?,
+            rotate: AtomicBool::new(rotate),
+            plan: plan.clone(),
+            probe: Mutex::new(None),
+        });
+        lin.hook = Some(site.clone());
+        sites.push(site);
     }
-    Ok(())
+    Ok(QatSites { sites, plan })
 }
 
 /// Where a RoSTE adapter (and a model merged from one) keeps its plan.

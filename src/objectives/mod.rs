@@ -94,12 +94,20 @@ pub trait Objective: Send + Sync {
     }
 
     /// Changes the model before training, after the method is attached (RoSTE makes its sites
-    /// quantisation-aware, choosing rotations on `batches`).
-    fn prepare_model(&self, _model: &mut Llama, _batches: &[Batch]) -> Result<()> {
+    /// quantisation-aware, choosing rotations on `batches`); `resume` is the checkpoint a
+    /// resumed run continues from, whose [`Objective::save_extras`] files it may read.
+    fn prepare_model(&self, _model: &mut Llama, _batches: &[Batch], _resume: Option<&std::path::Path>) -> Result<()> {
         Ok(())
     }
 
-    /// Writes the objective's own files beside the adapter (RoSTE's quantisation plan).
+    /// After optimizer step `step` (counted from 1) of `total_steps` (RoSTE's periodic
+    /// rotation search).
+    fn on_step(&self, _model: &Llama, _step: usize, _total_steps: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes the objective's own files beside the adapter and into checkpoints (RoSTE's
+    /// quantisation plan).
     fn save_extras(&self, _dir: &std::path::Path) -> Result<()> {
         Ok(())
     }

@@ -6,14 +6,16 @@
 //! gradients ([`crate::models::qat`]). The loss is SFT's. The adapter folder gets `roste.json`,
 //! the plan (bits, clipping, rotation per site) that a merged model is quantised with.
 //!
-//! Not (yet) covered, against the paper: KV-cache quantisation, the residual-stream rotation
-//! `R1` folded into the weights (rotations here are per site and online), and re-running the
-//! rotation search during training (it runs once, at the start).
+//! The rotation search re-runs every `roste_rotation_refresh_steps` steps on the same
+//! micro-batches with the weights as they are then (the paper's bilevel alternation); 0 keeps
+//! the first choice. Checkpoints keep the plan, so `--resume` continues with the rotations the
+//! run had. Not covered, against the paper: KV-cache quantisation, and the residual-stream
+//! rotation `R1` folded into the weights (rotations here are per site and online).
 
 use super::{HeadInputs, LossSum, Objective, ObjectiveSpec, Sft};
 use crate::data::batch::Batch;
 use crate::error::{Error, Result};
-use crate::models::qat::{self, QatPlan};
+use crate::models::qat::{self, QatPlan, QatSites};
 use crate::models::{ForwardCtx, Llama};
 use candle_core::Tensor;
 use std::path::Path;
@@ -22,10 +24,21 @@ use std::sync::{Arc, Mutex};
 pub struct Roste {
     plan: QatPlan,
     calibration_batches: usize,
-    chosen: Mutex<Option<QatPlan>>,
+    refresh_steps: usize,
+    /// The model's quantisation-aware sites and the micro-batches their rotations are chosen
+    /// on, once [`Objective::prepare_model`] ran.
+    state: Mutex<Option<(QatSites, Vec<Batch>)>>,
 }
 
-pub const KEYS: &[&str] = &["roste_weight_bits", "roste_activation_bits", "roste_clip_ratio", "roste_calibration_batches"];
+pub const KEYS: &[&str] = &["roste_weight_bits", "roste_activation_bits", "roste_clip_ratio", "roste_calibration_batches", "roste_rotation_refresh_steps"];
+
+/// Runs the model over `batches` (no graph): the inputs the rotation search sees.
+fn calibration_pass(model: &Llama, batches: &[Batch]) -> Result<()> {
+    for b in batches {
+        model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::eval())?;
+    }
+    Ok(())
+}
 
 impl Roste {
     pub fn create(spec: &ObjectiveSpec) -> Result<Box<dyn Objective>> {
@@ -44,12 +57,13 @@ impl Roste {
             rotations: Default::default(),
         };
         let calibration_batches = keys.usize_or("roste_calibration_batches", 4)?.max(1);
-        Ok(Box::new(Self { plan, calibration_batches, chosen: Mutex::new(None) }))
+        let refresh_steps = keys.usize_or("roste_rotation_refresh_steps", 0)?;
+        Ok(Box::new(Self { plan, calibration_batches, refresh_steps, state: Mutex::new(None) }))
     }
 
-    /// The plan with its rotations, once [`Objective::prepare_model`] chose them.
+    /// The plan with the rotations the sites have now, once [`Objective::prepare_model`] ran.
     pub fn chosen(&self) -> Option<QatPlan> {
-        self.chosen.lock().expect("not poisoned").clone()
+        self.state.lock().expect("not poisoned").as_ref().map(|(sites, _)| sites.plan())
     }
 }
 
@@ -66,18 +80,29 @@ impl Objective for Roste {
         self.calibration_batches
     }
 
-    fn prepare_model(&self, model: &mut Llama, batches: &[Batch]) -> Result<()> {
-        let chosen = qat::calibrate(model, &self.plan, &mut |m| {
-            for b in batches {
-                m.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::eval())?;
-            }
-            Ok(())
-        })?;
-        qat::attach(model, &chosen)?;
-        let rotated = chosen.rotations.values().filter(|&&r| r).count();
-        eprintln!("roste: {rotated} of {} sites rotated (block Hadamard), chosen on {} micro-batches", chosen.rotations.len(), batches.len());
-        *self.chosen.lock().expect("not poisoned") = Some(chosen);
+    fn prepare_model(&self, model: &mut Llama, batches: &[Batch], resume: Option<&Path>) -> Result<()> {
+        // A resumed run continues with the rotations its checkpoint had.
+        let resumed = resume.map(qat::read_plan).transpose()?.flatten();
+        let sites = qat::attach(model, resumed.as_ref().unwrap_or(&self.plan))?;
+        if resumed.is_none() {
+            sites.choose_rotations(model, &mut |m| calibration_pass(m, batches))?;
+        }
+        let plan = sites.plan();
+        let rotated = plan.rotations.values().filter(|&&r| r).count();
+        let how = if resumed.is_some() { "as the checkpoint had them".to_string() } else { format!("chosen on {} micro-batches", batches.len()) };
+        eprintln!("roste: {rotated} of {} sites rotated (block Hadamard), {how}", plan.rotations.len());
+        *self.state.lock().expect("not poisoned") = Some((sites, batches.to_vec()));
         Ok(())
+    }
+
+    fn on_step(&self, model: &Llama, step: usize, total_steps: usize) -> Result<()> {
+        if self.refresh_steps == 0 || !step.is_multiple_of(self.refresh_steps) || step >= total_steps {
+            return Ok(());
+        }
+        match self.state.lock().expect("not poisoned").as_ref() {
+            Some((sites, batches)) => sites.choose_rotations(model, &mut |m| calibration_pass(m, batches)),
+            None => Ok(()),
+        }
     }
 
     fn save_extras(&self, dir: &Path) -> Result<()> {
@@ -92,6 +117,7 @@ impl Objective for Roste {
         serde_json::json!({
             "name": "roste", "roste_weight_bits": self.plan.weight_bits, "roste_activation_bits": self.plan.activation_bits,
             "roste_clip_ratio": self.plan.weight_clip_ratio, "roste_calibration_batches": self.calibration_batches,
+            "roste_rotation_refresh_steps": self.refresh_steps,
             "rotated_sites": rotated,
         })
     }

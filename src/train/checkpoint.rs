@@ -43,9 +43,11 @@ pub fn step_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(super::run_dir::CHECKPOINTS_DIR).join(format!("step-{step}"))
 }
 
-pub fn save(dir: &Path, method: &dyn Method, opt: &dyn Optimizer, state: &TrainerState, base_model: &str) -> Result<()> {
+/// Writes a checkpoint; `extras` adds the objective's own files (RoSTE's plan).
+pub fn save(dir: &Path, method: &dyn Method, opt: &dyn Optimizer, state: &TrainerState, base_model: &str, extras: &dyn Fn(&Path) -> Result<()>) -> Result<()> {
     crate::io_util::write_dir_atomic(dir, |tmp| {
         method.save_checkpoint(tmp, base_model)?;
+        extras(tmp)?;
         crate::failpoint::hit("checkpoint");
         let o = opt.state(&method.params())?;
         let meta = HashMap::from([("adam_step".to_string(), o.step.to_string())]);

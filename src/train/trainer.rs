@@ -169,7 +169,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
     let n = objective.init_batches();
     if n > 0 {
-        objective.prepare_model(&mut model, &first_batches(cfg, &data.train, n, pad_id))?;
+        objective.prepare_model(&mut model, &first_batches(cfg, &data.train, n, pad_id), resume_dir.as_deref())?;
     }
     if let (Some(init), true) = (&cfg.init_adapter, objective.uses_reference()) {
         eprintln!(
@@ -331,6 +331,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         state.step += 1;
         method.on_step(state.step, &mut model)?;
+        objective.on_step(&model, state.step, total_steps)?;
         state.samples_seen += consumed as u64;
         let dt = t0.elapsed().as_secs_f64();
         tok_total += n_tokens;
@@ -360,7 +361,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let signal = interrupt::requested();
         if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last || signal.is_some() {
             let dir = checkpoint::step_dir(out, state.step);
-            checkpoint::save(&dir, method.as_ref(), opt.as_ref(), &state, &base_name)?;
+            checkpoint::save(&dir, method.as_ref(), opt.as_ref(), &state, &base_name, &|tmp| objective.save_extras(tmp))?;
             last_ckpt = Some(dir);
         }
         if let (Some(sig), false) = (signal, last) {
