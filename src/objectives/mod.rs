@@ -88,6 +88,12 @@ pub trait Objective: Send + Sync {
         }
     }
 
+    /// Memory the objective needs beyond the method's: bytes held for the run, and f32 values
+    /// per training token kept for the backward (RoSTE's dense weights and quantised copies).
+    fn planned_memory(&self, _model: &crate::models::ModelConfig) -> (u64, u64) {
+        (0, 0)
+    }
+
     /// Micro-batches (the run's first, in its order) [`Objective::prepare_model`] needs.
     fn init_batches(&self) -> usize {
         0

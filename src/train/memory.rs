@@ -466,11 +466,12 @@ pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedE
     let fp = Footprint::of_model(&cfg.base_model, &cfg.load_options()?)?;
     let method = crate::methods::registry::create(&crate::methods::MethodSpec::from_config(cfg))?;
     let planned = method_plan(method.as_ref(), &fp.config, &cfg.target_modules(), cfg.lora_r)?;
+    let (objective_bytes, objective_floats) = crate::objectives::create(&cfg.objective_spec())?.planned_memory(&fp.config);
     let mut shape = step_shape(cfg, train, val, total_steps, planned.trainable_params);
-    shape.method_floats_per_token = planned.floats_per_token;
+    shape.method_floats_per_token = planned.floats_per_token + objective_floats;
     let mut e = estimate(&fp, &shape, process);
-    e.adapter += planned.extra_bytes;
-    e.total += planned.extra_bytes;
+    e.adapter += planned.extra_bytes + objective_bytes;
+    e.total += planned.extra_bytes + objective_bytes;
     Ok(e)
 }
 
