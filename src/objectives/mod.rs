@@ -1,9 +1,16 @@
 //! Training objectives: what a micro-batch's loss is, given the model's outputs. SFT's token
 //! cross-entropy is one of them; DFT and ASFT reweight it and anchor it to a reference model.
-//! An objective never sees a method: it works on the last block's output and the frozen LM head,
-//! so every objective combines with every method. Objectives that compare with the starting
+//! An objective never sees a method: it works on the last block's output and the frozen LM head.
+//! Objectives that compare with the starting
 //! model ask for a *reference pass*, the same model with the method switched off
 //! ([`ForwardCtx::reference`]), so no second copy of the base is ever held.
+//!
+//! *Online* objectives (GRPO, and SASR's GRPO steps) train on completions the trainer samples
+//! from the policy ([`Objective::rollouts`]); the batch then carries each completion's reward
+//! and advantage. RoSTE changes the forward itself: before training it makes the model's sites
+//! quantisation-aware ([`Objective::prepare_model`]) and keeps SFT's loss. So every objective
+//! combines with every method, except RoSTE, which needs the method's update as a weight change
+//! (the LoRA family).
 //!
 //! Every objective keeps the head's cross-entropy chunked: nothing here forms the
 //! `tokens × vocab` logits of a batch.
@@ -48,7 +55,8 @@ pub struct StepInfo {
     /// Optimizer steps done before this one.
     pub step: usize,
     pub total_steps: usize,
-    /// This micro-batch's seed (also its forward's dropout seed).
+    /// This micro-batch's seed (also its forward's dropout seed); for the per-step choice of
+    /// [`Objective::step_kind`], the run's seed.
     pub seed: u64,
 }
 
@@ -211,7 +219,6 @@ const ENTRIES: &[Entry] = &[
     Entry { name: "sasr", keys: &[sasr::KEYS, grpo::KEYS], create: sasr::Sasr::create },
     Entry { name: "roste", keys: &[roste::KEYS], create: roste::Roste::create },
 ];
-
 
 pub fn names() -> Vec<&'static str> {
     ENTRIES.iter().map(|e| e.name).collect()

@@ -25,6 +25,16 @@ pub struct Rollouts {
     pub informative_groups: f64,
 }
 
+impl Rollouts {
+    /// Adds the rollout's own figures to a step's metrics.
+    pub fn record(&self, metrics: &mut std::collections::BTreeMap<String, f64>) {
+        metrics.insert("rollout/tokens_per_s".into(), self.generated_tokens as f64 / self.seconds.max(1e-9));
+        metrics.insert("rollout/seconds".into(), self.seconds);
+        metrics.insert("rollout/mean_reward".into(), self.mean_reward);
+        metrics.insert("rollout/informative_groups".into(), self.informative_groups);
+    }
+}
+
 /// Refuses data a rollout cannot use: every example needs a prompt and a reference the reward
 /// can read. Returns how many references the reward cannot read (they can never score 1).
 pub fn check_examples(examples: &[EncodedExample], plan: &RolloutPlan, tok: &TextTokenizer, train_on_inputs: bool) -> Result<usize> {

@@ -307,10 +307,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let StepGradients { loss, mut grads, metrics: mut objective_metrics } =
             step_gradients(&model, &params, &batches, units, &StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing }, objective.as_ref())?;
         if let Some(r) = &rollouts {
-            objective_metrics.insert("rollout/tokens_per_s".into(), r.generated_tokens as f64 / r.seconds.max(1e-9));
-            objective_metrics.insert("rollout/seconds".into(), r.seconds);
-            objective_metrics.insert("rollout/mean_reward".into(), r.mean_reward);
-            objective_metrics.insert("rollout/informative_groups".into(), r.informative_groups);
+            r.record(&mut objective_metrics);
         }
         if objective.rollouts().is_some() {
             objective_metrics.insert("rollout_step".into(), (kind == StepKind::Rollouts) as u8 as f64);
