@@ -39,6 +39,9 @@ pub struct BenchOptions {
     /// each with a rejected row of its own (twice the tokens per step), and the step is DPO's
     /// with reference log-probabilities computed before timing (as the trainer caches them).
     pub objective: String,
+    /// Time batched generation of this many new tokens instead of training (see
+    /// [`run_decode`]).
+    pub decode: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -309,5 +312,59 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         seq: t,
         objective: opts.objective.clone(),
         rows,
+    })
+}
+
+/// What `bench --decode` measured: batched generation as `generate`, `eval --task` and GRPO's
+/// rollouts run it.
+#[derive(Debug, Serialize)]
+pub struct DecodeReport {
+    pub mode: &'static str,
+    /// Sequences decoded together, each from its own random prompt of `prompt_tokens`.
+    pub rows: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Generated tokens (all rows) per second, prefill included.
+    pub tokens_per_s: f64,
+    /// Seconds of the prefill (every prompt once) and per decoding step (one token of every row).
+    pub prefill_s: f64,
+    pub step_ms: f64,
+    pub peak_rss_mib: f64,
+    pub dtype: String,
+    pub threads: usize,
+    pub cpu_features: Vec<String>,
+}
+
+/// Times [`crate::decode::generate_batch`]: `rows` random prompts of `prompt` tokens, `new`
+/// greedy tokens each (no stop token, so every row runs to the end), after one untimed warm-up
+/// generation of 2 tokens.
+pub fn run_decode(model: &Llama, rows: usize, prompt: usize, new: usize, dtype: &str) -> Result<DecodeReport> {
+    if rows == 0 || prompt == 0 || new == 0 {
+        return Err(Error::flag("--decode", "needs at least one row (--batch), one prompt token (--seq) and one new token"));
+    }
+    let mut rng = SplitMix64::new(99);
+    let prompts: Vec<Vec<u32>> = (0..rows).map(|_| (0..prompt).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect()).collect();
+    let greedy = |n| crate::decode::SamplingOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, seed: 0 };
+    crate::decode::generate_batch(model, &prompts, 1, &greedy(2), &[], &mut |_, _| {})?;
+    let t0 = Instant::now();
+    let mut first_token_at = None;
+    let out = crate::decode::generate_batch(model, &prompts, 1, &greedy(new), &[], &mut |_, _| {
+        first_token_at.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+    })?;
+    let total = t0.elapsed().as_secs_f64();
+    let generated: usize = out.iter().map(|c| c.ids.len()).sum();
+    let prefill_s = first_token_at.unwrap_or(total);
+    Ok(DecodeReport {
+        mode: "decode",
+        rows,
+        prompt_tokens: prompt,
+        new_tokens: new,
+        tokens_per_s: generated as f64 / total,
+        prefill_s,
+        step_ms: 1000.0 * (total - prefill_s) / (new.saturating_sub(1)).max(1) as f64,
+        peak_rss_mib: peak_rss_mib(),
+        dtype: dtype.to_string(),
+        threads: rayon::current_num_threads(),
+        cpu_features: cpu_features(),
     })
 }

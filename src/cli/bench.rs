@@ -29,6 +29,24 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         }
         (None, None) => anyhow::bail!("give --model PATH or --shape NAME (or set PEERS_GGUF)"),
     };
+    if let Some(new_tokens) = opts.decode {
+        let mut m = m;
+        // Decoding through a freshly attached adapter, as a run's rollouts do; kept alive to
+        // the end.
+        let _method = match opts.method.as_str() {
+            "none" => None,
+            name => {
+                let mut method = create_method(name)?;
+                if method.init_batches() > 0 {
+                    anyhow::bail!("--decode --method {name}: this method initialises from data; time it with lora or none");
+                }
+                method.attach(&mut m)?;
+                Some(method)
+            }
+        };
+        println!("{}", serde_json::to_string(&crate::bench::run_decode(&m, opts.batch, opts.seq, new_tokens, &opts.dtype)?)?);
+        return Ok(());
+    }
     let mut report = run_bench(m, opts)?;
     // What the bench's method plans to hold, as `ferrotune train`'s check counts it.
     let planned = if opts.method == "none" {
