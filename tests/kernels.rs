@@ -504,3 +504,24 @@ fn block_hadamard_rotation_is_orthonormal_and_leaves_products_unchanged() {
     rotate_rows(&mut xr, n);
     assert!(xr.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-5), "the rotation is its own inverse");
 }
+
+/// The decoding product with a row length that is not a multiple of the 16 lanes and a row
+/// count that is not a multiple of four: every tail is summed.
+#[test]
+fn skinny_products_handle_ragged_sizes() {
+    for (m, inp) in [(1, 37), (6, 37), (7, 5), (32, 70)] {
+        let out = 9;
+        let w = randn(&[out, inp], 61);
+        let x = randn(&[m, inp], 62);
+        let fw = frozen(&w);
+        let (wv, xv): (Vec<f32>, Vec<f32>) = (w.flatten_all().unwrap().to_vec1().unwrap(), x.flatten_all().unwrap().to_vec1().unwrap());
+        let mut y = vec![1f32; m * out];
+        fw.matmul_t(&xv, m, &mut y, true);
+        for i in 0..m {
+            for o in 0..out {
+                let want = 1.0 + (0..inp).map(|k| xv[i * inp + k] as f64 * wv[o * inp + k] as f64).sum::<f64>();
+                assert!((y[i * out + o] as f64 - want).abs() < 1e-4, "m {m}, in {inp}: [{i}, {o}] {} vs {want}", y[i * out + o]);
+            }
+        }
+    }
+}
