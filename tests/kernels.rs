@@ -483,7 +483,7 @@ fn block_hadamard_rotation_is_orthonormal_and_leaves_products_unchanged() {
     rotate_rows(&mut eye, 8);
     for i in 0..8 {
         for j in 0..8 {
-            let want = if (i & j as usize).count_ones() % 2 == 0 { 1.0 } else { -1.0 } / 8f32.sqrt();
+            let want = if (i & j).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 } / 8f32.sqrt();
             assert!((eye[i * 8 + j] - want).abs() < 1e-6);
         }
     }

@@ -264,6 +264,6 @@ fn grpo_and_sasr_runs_log_rollouts_and_resume_exactly() {
     let mut bad = online_plan(dir, "grpo", "bad", 2);
     bad.micro_batch_size = 2;
     bad.gradient_accumulation_steps = 1;
-    let err = ferrotune::train::train(&bad, &Default::default()).err().expect("refused").to_string();
+    let err = ferrotune::train::train(&bad, &Default::default()).expect_err("refused").to_string();
     assert!(err.contains("multiple of grpo_group_size"), "{err}");
 }

@@ -39,7 +39,7 @@ impl Batch {
     /// Whether the input token at flat position `i` (row-major `[batch_size, seq_len]`) is a
     /// response token: the target of the position before it in its row.
     pub fn is_response_input(&self, i: usize) -> bool {
-        i % self.seq_len != 0 && self.targets[i - 1] != IGNORE_INDEX
+        !i.is_multiple_of(self.seq_len) && self.targets[i - 1] != IGNORE_INDEX
     }
 }
 

@@ -97,7 +97,7 @@ impl CustomOp1 for FakeQuant {
 /// Fake-quantises every row of `x`'s last dimension on `grid`, with the straight-through
 /// gradient.
 pub fn fake_quant(x: &Tensor, grid: QuantGrid) -> Result<Tensor> {
-    if !(2..=16).contains(&grid.bits) || !(grid.clip_ratio > 0.0 && grid.clip_ratio <= 1.0) {
+    if !((2..=16).contains(&grid.bits) && grid.clip_ratio > 0.0 && grid.clip_ratio <= 1.0) {
         bail!("fake-quant: bits {} must be 2..=16 and the clipping ratio {} in (0, 1]", grid.bits, grid.clip_ratio);
     }
     x.contiguous()?.apply_op1(FakeQuant(grid))
