@@ -481,8 +481,8 @@ fn block_hadamard_rotation_is_orthonormal_and_leaves_products_unchanged() {
     // n = 8: the rotation of the unit vectors is H₈/√8, H₈[i][j] = (−1)^popcount(i & j).
     let mut eye: Vec<f32> = (0..64).map(|i| (i / 8 == i % 8) as u8 as f32).collect();
     rotate_rows(&mut eye, 8);
-    for i in 0..8 {
-        for j in 0..8 {
+    for i in 0..8usize {
+        for j in 0..8usize {
             let want = if (i & j).count_ones().is_multiple_of(2) { 1.0 } else { -1.0 } / 8f32.sqrt();
             assert!((eye[i * 8 + j] - want).abs() < 1e-6);
         }
