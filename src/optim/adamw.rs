@@ -37,29 +37,58 @@ impl AdamW {
     /// One update of every parameter with its gradient at learning rate `lr`.
     pub fn step(&mut self, params: &[Var], grads: &[Vec<f32>], lr: f64) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2 = 1.0 - c.beta2.powi(t);
-        let step_size = (lr / bias_correction1) as f32;
-        let bc2_sqrt = bias_correction2.sqrt() as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let (w1, b2, w2, eps) = ((1.0 - c.beta1) as f32, c.beta2 as f32, (1.0 - c.beta2) as f32, c.eps as f32);
+        let k = self.config.coefficients(self.step, lr);
         for (i, (p, g)) in params.iter().zip(grads).enumerate() {
             let mut w: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
             let (m, v) = (&mut self.exp_avg[i], &mut self.exp_avg_sq[i]);
             for j in 0..w.len() {
-                if c.weight_decay != 0.0 {
-                    w[j] *= decay;
-                }
-                m[j] += w1 * (g[j] - m[j]); // torch: exp_avg.lerp_(grad, 1 − β1)
-                v[j] = v[j] * b2 + w2 * (g[j] * g[j]);
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                w[j] += -step_size * (m[j] / denom);
+                k.update(&mut w[j], g[j], &mut m[j], &mut v[j]);
             }
             p.set(&Tensor::from_vec(w, p.shape(), p.device())?)?;
         }
         Ok(())
+    }
+}
+
+/// The per-step constants of an AdamW update (step `t`, rate `lr`), in f32 as torch computes
+/// the element update.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepCoefficients {
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: Option<f32>,
+    w1: f32,
+    b2: f32,
+    w2: f32,
+    eps: f32,
+}
+
+impl AdamWConfig {
+    pub(crate) fn coefficients(&self, t: u64, lr: f64) -> StepCoefficients {
+        let t = t as i32;
+        StepCoefficients {
+            step_size: (lr / (1.0 - self.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
+            decay: (self.weight_decay != 0.0).then(|| (1.0 - lr * self.weight_decay) as f32),
+            w1: (1.0 - self.beta1) as f32,
+            b2: self.beta2 as f32,
+            w2: (1.0 - self.beta2) as f32,
+            eps: self.eps as f32,
+        }
+    }
+}
+
+impl StepCoefficients {
+    /// One weight's update from its gradient `g` and moments `m`, `v`.
+    #[inline(always)]
+    pub(crate) fn update(&self, w: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        if let Some(d) = self.decay {
+            *w *= d;
+        }
+        *m += self.w1 * (g - *m); // torch: exp_avg.lerp_(grad, 1 − β1)
+        *v = *v * self.b2 + self.w2 * (g * g);
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        *w += -self.step_size * (*m / denom);
     }
 }
 

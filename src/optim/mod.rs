@@ -1,12 +1,14 @@
-//! Optimisation: AdamW, learning-rate schedules, gradient clipping, and the [`Optimizer`]
+//! Optimisation: AdamW (dense, and masked for sparse fine-tuning), learning-rate schedules, gradient clipping, and the [`Optimizer`]
 //! contract a method may fill with its own update rule (LoRA-Pro's adjusted AdamW).
 
 pub mod adamw;
 pub mod clip;
+pub mod masked_adamw;
 pub mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::clip_grad_norm;
+pub use masked_adamw::MaskedAdamW;
 pub use schedule::{LrSchedule, Scheduler};
 
 use crate::error::{Error, Result};
