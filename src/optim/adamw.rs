@@ -69,7 +69,7 @@ impl AdamWConfig {
         StepCoefficients {
             step_size: (lr / (1.0 - self.beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
-            decay: (self.weight_decay != 0.0).then(|| (1.0 - lr * self.weight_decay) as f32),
+            decay: (self.weight_decay != 0.0).then_some((1.0 - lr * self.weight_decay) as f32),
             w1: (1.0 - self.beta1) as f32,
             b2: self.beta2 as f32,
             w2: (1.0 - self.beta2) as f32,
