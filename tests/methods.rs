@@ -509,3 +509,31 @@ fn a_failed_recording_forward_is_reported_not_hung() {
         assert!(m.linears().all(|l| l.hook.is_none()), "{method}: the recording hooks come off");
     }
 }
+
+/// Full fine-tuning of chosen sites keeps the method contract, and changes exactly the chosen
+/// matrices: after merging, every other base tensor is bit-identical to the base.
+#[test]
+fn full_fine_tuning_keeps_the_contract_and_touches_only_its_sites() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "full", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+    let d = tempfile::tempdir().unwrap();
+    let p = Promise { adapter: "full", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true };
+    common::contract::plan(d.path(), &p, 2);
+    let cfg = ferrotune::config::TrainConfig::load(&d.path().join("run.toml"), &["lora_target_modules=[\"q_proj\", \"down_proj\"]".into()]).unwrap();
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let base = ferrotune::models::load::load_model(&d.path().join("model")).unwrap().named_weights().unwrap();
+    let mut session = ferrotune::session::Session::load(&d.path().join("model"), Some(&d.path().join("out/adapter"))).unwrap();
+    assert_eq!(session.method.as_ref().unwrap().num_params(), 2 * (32 * 32 + 32 * 64), "q_proj and down_proj of both layers");
+    session.merge_adapter().unwrap();
+    let merged = session.model.named_weights().unwrap();
+    for ((name, b), (name2, m)) in base.iter().zip(&merged) {
+        assert_eq!(name, name2);
+        let (b, m): (Vec<f32>, Vec<f32>) = (b.flatten_all().unwrap().to_vec1().unwrap(), m.flatten_all().unwrap().to_vec1().unwrap());
+        let changed = b.iter().zip(&m).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        if name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight") {
+            assert!(changed > b.len() / 2, "{name}: only {changed} of {} entries trained", b.len());
+        } else {
+            assert_eq!(changed, 0, "{name} is not a trained site, and {changed} of its entries changed");
+        }
+    }
+}

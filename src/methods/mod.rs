@@ -15,6 +15,7 @@ pub mod dora;
 pub mod eva;
 pub mod files;
 pub mod flora;
+pub mod full;
 pub mod lora;
 pub mod lora_pro;
 pub mod options;

@@ -1,0 +1,131 @@
+//! Full fine-tuning of chosen linear sites (`adapter = "full"`): every site that
+//! `lora_target_modules` selects trains its whole weight, held as an f32 master copy; the rest
+//! of the model stays as loaded (GGUF blocks, bf16, f32), and the weight gradient `gᵀx` is
+//! formed for the chosen sites only. The adapter folder holds the trained matrices under their
+//! Hugging Face names (`<site>.weight`), so resuming is exact and merging is a replacement.
+
+use super::files::{refuse_leftovers, write_adapter};
+use super::registry::Entry;
+use super::targets::{hook_targets, TargetModules};
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
+use crate::error::{Error, Result};
+use crate::formats::safetensors as st;
+use crate::kernels::FrozenWeight;
+use crate::models::linear::add_bias;
+use crate::models::{BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
+use candle_core::{Tensor, Var};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const FULL: Entry = Entry {
+    name: "full",
+    summary: "full fine-tuning of the target linears' whole weights (f32 master copies of those only); merges by replacement",
+    keys: &[],
+    create,
+    load,
+    claims_peft: super::registry::not_peft,
+};
+
+fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    Ok(Box::new(Full { targets: spec.target_modules.clone(), sites: Vec::new() }))
+}
+
+fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
+    let targets = TargetModules::from_json(cfg.get("target_modules").unwrap_or(&serde_json::Value::Null), "target_modules")
+        .map_err(|e| Error::format(&dir.join(ADAPTER_CONFIG), e.to_string()))?;
+    let w_path = dir.join(ADAPTER_WEIGHTS);
+    let mut tensors = st::load_f32(&w_path)?;
+    let mut full = Full { targets, sites: Vec::new() };
+    full.attach_with(model, |lin| {
+        let (out_f, in_f) = lin.weight.dims();
+        super::lora::take_checked(&mut tensors, &key(&lin.name), &[out_f, in_f], &lin.name, &w_path)
+    })?;
+    refuse_leftovers(&tensors, &w_path, "trained module")?;
+    Ok(Box::new(full))
+}
+
+fn key(site: &str) -> String {
+    format!("{site}.weight")
+}
+
+struct FullSite {
+    site: String,
+    /// The trained weight `[out, in]`, f32.
+    w: Var,
+}
+
+impl SiteHook for FullSite {
+    fn forward(&self, x: &Tensor, _w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let w = if ctx.train { self.w.as_tensor().clone() } else { self.w.as_detached_tensor() };
+        add_bias(x.broadcast_matmul(&w.t()?)?, b0)
+    }
+}
+
+pub struct Full {
+    targets: TargetModules,
+    sites: Vec<Arc<FullSite>>,
+}
+
+impl Full {
+    fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(&crate::models::Linear) -> Result<Tensor>) -> Result<()> {
+        let sites = hook_targets(model, &self.targets, |_, lin| Ok(Arc::new(FullSite { site: lin.name.clone(), w: Var::from_tensor(&init(lin)?)? })))?;
+        self.sites.extend(sites);
+        Ok(())
+    }
+}
+
+impl Method for Full {
+    fn name(&self) -> &'static str {
+        "full"
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        // The master copy starts as the loaded weight, dequantized.
+        self.attach_with(model, |lin| Ok(lin.weight.to_tensor()?))
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.sites.iter().map(|s| (key(&s.site), s.w.clone())).collect()
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.sites.iter().map(|s| s.site.clone()).collect()
+    }
+
+    fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        let chosen = self.targets.select(sites, "lora_target_modules")?;
+        let weights: u64 = chosen.iter().map(|s| (s.out_features * s.in_features) as u64).sum();
+        // The trainable values (with gradient and moments, counted by the estimate), and per
+        // token each chosen site's input, kept for the weight gradient.
+        Ok(Some(PlannedMemory { trainable_params: weights, extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.in_features as u64).sum() }))
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        let cfg = serde_json::json!({
+            METHOD_KEY: "full",
+            "base_model_name_or_path": base_model,
+            "target_modules": self.targets.to_json(),
+            "ferrotune_version": env!("CARGO_PKG_VERSION"),
+        });
+        let tensors: Vec<(String, Tensor)> = self.sites.iter().map(|s| (key(&s.site), s.w.as_detached_tensor())).collect();
+        write_adapter(dir, &tensors, &cfg, false)
+    }
+
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        for lin in model.linears_mut() {
+            if let Some(site) = self.sites.iter().find(|s| s.site == lin.name) {
+                lin.weight = FrozenWeight::from_tensor(&site.w.as_detached_tensor())?;
+                lin.hook = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "sites": self.sites.len(), "trained_entries": self.num_params() })
+    }
+}
