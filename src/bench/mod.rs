@@ -291,7 +291,13 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let mean = step_s.iter().sum::<f64>() / step_s.len().max(1) as f64;
     let rows = batch.batch_size;
     let tokens_per_s = (rows * t) as f64 / mean;
-    let flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
+    let mut flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
+    if opts.method == "full" && !opts.forward_only {
+        // Full fine-tuning's trainable matrices are the projections themselves, not additions
+        // beside frozen ones: their forward and input-gradient products are in the 6 per
+        // trainable weight already, so the frozen count's 4 per weight must not count them too.
+        flops -= 4.0 * adapter_params as f64;
+    }
     let peak = gemm_peak_gflops();
     Ok(BenchReport {
         tokens_per_s,
