@@ -5,30 +5,13 @@ mod common;
 use candle_core::{Tensor, Var};
 use common::*;
 use ferrotune::data::{make_batch, Batch, EncodedExample};
-use ferrotune::methods::{registry, TargetModules};
+use ferrotune::methods::TargetModules;
 use ferrotune::models::Llama;
 use ferrotune::objectives::{self, Objective, ObjectiveSpec};
 use ferrotune::train::grads::{step_gradients, StepGradients, StepPlan};
 
-/// A tiny model with LoRA on two projections (dropout off), and the LoRA's parameters (the
-/// model's hooks hold them).
 fn model_with_lora(dir: &std::path::Path) -> (Llama, Vec<Var>) {
-    write_tiny_hf(dir, &TinySpec::default());
-    let mut m = ferrotune::models::load::load_model(dir).unwrap();
-    let spec = method_spec("lora", 3, 6.0, TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]), 5, Default::default());
-    let mut lora = registry::create(&spec).unwrap();
-    lora.attach(&mut m).unwrap();
-    let params: Vec<Var> = lora.params().into_iter().map(|(_, v)| v).collect();
-    (m, params)
-}
-
-/// Moves every parameter away from its init (B = 0 would leave the adapter without effect).
-fn perturb(params: &[Var], seed: u64) {
-    let mut rng = ferrotune::rng::SplitMix64::new(seed);
-    for v in params {
-        let vals: Vec<f32> = (0..v.elem_count()).map(|_| (rng.next_f32() - 0.5) * 0.4).collect();
-        v.set(&Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
-    }
+    tiny_with_lora(dir, TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]))
 }
 
 fn batch(seqs: &[(Vec<u32>, usize)]) -> Batch {

@@ -7,7 +7,7 @@ use candle_core::{Tensor, Var};
 use common::*;
 use ferrotune::data::batch::RolloutRows;
 use ferrotune::data::{make_batch, Batch, EncodedExample};
-use ferrotune::methods::{registry, TargetModules};
+use ferrotune::methods::TargetModules;
 use ferrotune::models::Llama;
 use ferrotune::objectives::grpo::group_advantages;
 use ferrotune::objectives::reward::{gsm8k_answer, Reward};
@@ -16,20 +16,7 @@ use ferrotune::objectives::{self, MixState, Objective, ObjectiveSpec, StepInfo, 
 use ferrotune::train::grads::{step_gradients, StepGradients, StepPlan};
 
 fn model_with_lora(dir: &std::path::Path) -> (Llama, Vec<Var>) {
-    write_tiny_hf(dir, &TinySpec::default());
-    let mut m = ferrotune::models::load::load_model(dir).unwrap();
-    let spec = method_spec("lora", 3, 6.0, TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]), 5, Default::default());
-    let mut lora = registry::create(&spec).unwrap();
-    lora.attach(&mut m).unwrap();
-    (m, lora.params().into_iter().map(|(_, v)| v).collect())
-}
-
-fn perturb(params: &[Var], seed: u64) {
-    let mut rng = ferrotune::rng::SplitMix64::new(seed);
-    for v in params {
-        let vals: Vec<f32> = (0..v.elem_count()).map(|_| (rng.next_f32() - 0.5) * 0.4).collect();
-        v.set(&Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
-    }
+    tiny_with_lora(dir, TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]))
 }
 
 fn spec(name: &str, options: &[(&str, toml::Value)]) -> ObjectiveSpec {

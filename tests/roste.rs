@@ -7,25 +7,12 @@ mod common;
 use candle_core::{Tensor, Var};
 use common::*;
 use ferrotune::kernels;
-use ferrotune::methods::{registry, TargetModules};
+use ferrotune::methods::TargetModules;
 use ferrotune::models::qat::{self, QatPlan};
 use ferrotune::models::{ForwardCtx, Llama};
 
 fn model_with_lora(dir: &std::path::Path) -> (Llama, Vec<Var>) {
-    write_tiny_hf(dir, &TinySpec::default());
-    let mut m = ferrotune::models::load::load_model(dir).unwrap();
-    let spec = method_spec("lora", 3, 6.0, TargetModules::AllLinear, 5, Default::default());
-    let mut lora = registry::create(&spec).unwrap();
-    lora.attach(&mut m).unwrap();
-    (m, lora.params().into_iter().map(|(_, v)| v).collect())
-}
-
-fn perturb(params: &[Var], seed: u64) {
-    let mut rng = ferrotune::rng::SplitMix64::new(seed);
-    for v in params {
-        let vals: Vec<f32> = (0..v.elem_count()).map(|_| (rng.next_f32() - 0.5) * 0.4).collect();
-        v.set(&Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
-    }
+    tiny_with_lora(dir, TargetModules::AllLinear)
 }
 
 fn plan(m: &Llama, bits: (u32, u32), rotate: impl Fn(usize) -> bool) -> QatPlan {

@@ -41,6 +41,11 @@ impl Batch {
     pub fn is_response_input(&self, i: usize) -> bool {
         !i.is_multiple_of(self.seq_len) && self.targets[i - 1] != IGNORE_INDEX
     }
+
+    /// Target tokens per row (its response tokens).
+    pub fn targets_per_row(&self) -> Vec<usize> {
+        self.targets.chunks(self.seq_len.max(1)).map(|r| r.iter().filter(|&&t| t != IGNORE_INDEX).count()).collect()
+    }
 }
 
 /// Pads `examples` on the right to the longest one and shifts labels into next-token targets.

@@ -87,9 +87,10 @@ impl EncodedExample {
         self.input_ids.len()
     }
 
-    /// Tokens before the first target: the prompt a completion of this example continues.
-    pub fn prompt_len(&self) -> usize {
-        self.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap_or(self.labels.len())
+    /// The tokens before the first target: the prompt a completion of this example continues.
+    pub fn prompt_ids(&self) -> &[u32] {
+        let n = self.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap_or(self.labels.len());
+        &self.input_ids[..n]
     }
 
     /// The target tokens (the demonstrated completion).

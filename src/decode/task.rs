@@ -47,7 +47,7 @@ pub fn score(
     let mut predictions = Vec::with_capacity(examples.len());
     let mut generated = 0;
     for chunk in examples.chunks(batch_size.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.input_ids[..e.prompt_len()].to_vec()).collect();
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt_ids().to_vec()).collect();
         let completions = generate_batch(model, &prompts, 1, &greedy, &stop, &mut |_, _| {})?;
         for ((e, prompt), c) in chunk.iter().zip(&prompts).zip(completions) {
             generated += c.ids.len();

@@ -17,7 +17,6 @@
 use super::reward::Reward;
 use super::{HeadInputs, LossSum, Objective, ObjectiveSpec};
 use crate::data::batch::Batch;
-use crate::data::IGNORE_INDEX;
 use crate::decode::SamplingOptions;
 use crate::error::{Error, Result};
 use crate::kernels;
@@ -97,11 +96,6 @@ pub fn group_advantages(rewards: &[f64], group: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Completion tokens per row.
-fn row_counts(batch: &Batch) -> Vec<usize> {
-    batch.targets.chunks(batch.seq_len.max(1)).map(|r| r.iter().filter(|&&t| t != IGNORE_INDEX).count()).collect()
-}
-
 impl Objective for Grpo {
     fn name(&self) -> &'static str {
         "grpo"
@@ -117,7 +111,7 @@ impl Objective for Grpo {
 
     /// Completions (with at least one token): the loss is a mean over completions.
     fn units(&self, batch: &Batch) -> usize {
-        row_counts(batch).iter().filter(|&&n| n > 0).count()
+        batch.targets_per_row().iter().filter(|&&n| n > 0).count()
     }
 
     fn rollouts(&self) -> Option<&RolloutPlan> {
@@ -130,8 +124,8 @@ impl Objective for Grpo {
         let (n, t) = (batch.batch_size, batch.seq_len);
         let dev = x.device();
         let nll = model.head_nll(x, inputs.targets.clone(), inputs.ctx)?.reshape((n, t))?;
-        let counts = row_counts(batch);
-        let mask = Tensor::from_vec(batch.targets.iter().map(|&v| (v != IGNORE_INDEX) as u8 as f32).collect::<Vec<_>>(), (n, t), dev)?;
+        let counts = batch.targets_per_row();
+        let mask = super::target_mask(batch, dev)?;
         let inv_len = Tensor::from_vec(counts.iter().map(|&c| 1.0 / c.max(1) as f32).collect::<Vec<_>>(), (n, 1), dev)?;
         let advantages = Tensor::from_vec(rows.advantages.clone(), (n, 1), dev)?;
         // ρ = exp(log π − sg(log π)) = exp(sg(ℓ) − ℓ): 1 in value, ∇ρ = ∇log π.

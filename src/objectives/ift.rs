@@ -12,7 +12,6 @@
 
 use super::{HeadInputs, LossSum, Objective, ObjectiveSpec, StepInfo};
 use crate::data::batch::Batch;
-use crate::data::IGNORE_INDEX;
 use crate::error::Result;
 use crate::kernels;
 use crate::models::{ForwardCtx, Llama};
@@ -30,11 +29,6 @@ impl Ift {
     }
 }
 
-/// Response tokens per row of a batch.
-fn row_targets(batch: &Batch) -> Vec<usize> {
-    batch.targets.chunks(batch.seq_len.max(1)).map(|r| r.iter().filter(|&&t| t != IGNORE_INDEX).count()).collect()
-}
-
 impl Objective for Ift {
     fn name(&self) -> &'static str {
         "ift"
@@ -42,7 +36,7 @@ impl Objective for Ift {
 
     /// Sequences (with at least one response token): IFT averages per sequence.
     fn units(&self, batch: &Batch) -> usize {
-        row_targets(batch).iter().filter(|&&n| n > 0).count()
+        batch.targets_per_row().iter().filter(|&&n| n > 0).count()
     }
 
     fn input_embeddings(&self, model: &Llama, batch: &Batch, _at: &StepInfo) -> Result<Option<Tensor>> {
@@ -65,9 +59,9 @@ impl Objective for Ift {
         let batch = inputs.batch;
         let (b, t) = (batch.batch_size, batch.seq_len);
         let nll = model.head_nll(x, inputs.targets.clone(), inputs.ctx)?.reshape((b, t))?;
-        let counts = row_targets(batch);
+        let counts = batch.targets_per_row();
         let dev = x.device();
-        let mask = Tensor::from_vec(batch.targets.iter().map(|&v| (v != IGNORE_INDEX) as u8 as f32).collect::<Vec<_>>(), (b, t), dev)?;
+        let mask = super::target_mask(batch, dev)?;
         // Rows without targets contribute 0; n = 1 keeps their division finite.
         let n = Tensor::from_vec(counts.iter().map(|&c| c.max(1) as f32).collect::<Vec<_>>(), (b, 1), dev)?;
         let weights = if self.gamma == 0.0 {

@@ -250,6 +250,12 @@ pub fn create(spec: &ObjectiveSpec) -> Result<Box<dyn Objective>> {
     (e.create)(spec)
 }
 
+/// 1 where a position of the batch has a target, else 0, `[b, t]`.
+pub(crate) fn target_mask(batch: &Batch, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = batch.targets.iter().map(|&v| (v != crate::data::IGNORE_INDEX) as u8 as f32).collect();
+    Tensor::from_vec(mask, (batch.batch_size, batch.seq_len), dev)
+}
+
 /// The reference model's final hidden states for a batch: the model with every method switched
 /// off, no graph.
 pub fn reference_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {

@@ -80,10 +80,9 @@ impl Objective for Roste {
     /// quantised, and the gradients of the last three, which candle keeps to the end of the
     /// backward); per token, each site's rotated and quantised input and their gradients.
     fn planned_memory(&self, c: &crate::models::ModelConfig) -> (u64, u64) {
-        let (d, ff, layers) = (c.hidden_size as u64, c.intermediate_size as u64, c.num_hidden_layers as u64);
-        let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
-        let weights = layers * (d * q + 2 * d * kv + q * d + 3 * d * ff);
-        let site_inputs = layers * (5 * d + q + ff);
+        let sites = crate::train::memory::site_shapes(c);
+        let weights: u64 = sites.iter().map(|s| (s.in_features * s.out_features) as u64).sum();
+        let site_inputs: u64 = sites.iter().map(|s| s.in_features as u64).sum();
         (7 * 4 * weights, 4 * site_inputs)
     }
 

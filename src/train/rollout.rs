@@ -61,7 +61,7 @@ pub fn check_examples(examples: &[EncodedExample], plan: &RolloutPlan, tok: &Tex
 /// packs them, `micro_batch_size` completions per batch. `seed` fixes the samples.
 pub fn sample(model: &Llama, tok: &TextTokenizer, examples: &[&EncodedExample], plan: &RolloutPlan, micro_batch_size: usize, pad_id: u32, seed: u64) -> Result<Rollouts> {
     let g = plan.group_size;
-    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.input_ids[..e.prompt_len()].to_vec()).collect();
+    let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt_ids().to_vec()).collect();
     let sampling = SamplingOptions { seed, ..plan.sampling.clone() };
     let t0 = Instant::now();
     let completions = generate_batch(model, &prompts, g, &sampling, &stop_tokens(model, tok), &mut |_, _| {})?;

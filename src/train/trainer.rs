@@ -289,18 +289,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         // The run's seed, not a micro-batch's: the step choice is one draw per step.
         let at = StepInfo { step: state.step, total_steps, seed: cfg.seed };
         let kind = objective.step_kind(&at, &state.mix);
-        let (batches, consumed, rollouts) = match (kind, objective.rollouts()) {
-            (StepKind::Rollouts, Some(plan)) => {
-                let prompts = per_step / plan.group_size;
-                let examples: Vec<&EncodedExample> = (0..prompts as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
+        // A rollout step takes one example (a prompt) per group of completions.
+        let plan = objective.rollouts().filter(|_| kind == StepKind::Rollouts);
+        let consumed = plan.map_or(per_step, |p| per_step / p.group_size);
+        let examples: Vec<&EncodedExample> = (0..consumed as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
+        let (batches, rollouts) = match plan {
+            Some(plan) => {
                 let seed = SplitMix64::derive(cfg.seed, &[0x6011, state.step as u64]).next_u64();
                 let mut r = super::rollout::sample(&model, &tok, &examples, plan, cfg.micro_batch_size, pad_id, seed)?;
-                (std::mem::take(&mut r.batches), prompts, Some(r))
+                (std::mem::take(&mut r.batches), Some(r))
             }
-            _ => {
-                let examples: Vec<&EncodedExample> = (0..per_step as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
-                (examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect::<Vec<Batch>>(), per_step, None)
-            }
+            None => (examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect::<Vec<Batch>>(), None),
         };
         let units: usize = batches.iter().map(|b| objective.units(b)).sum();
         let n_tokens: usize = batches.iter().map(|b| b.lengths.iter().sum::<usize>()).sum();

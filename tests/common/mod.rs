@@ -259,3 +259,23 @@ pub fn method_spec(adapter: &str, r: usize, alpha: f64, targets: ferrotune::meth
         options,
     }
 }
+
+/// The default tiny model written to `dir` with a LoRA (r 3, α 6, no dropout) on `targets`,
+/// and the LoRA's parameters (the model's hooks hold them).
+pub fn tiny_with_lora(dir: &Path, targets: ferrotune::methods::TargetModules) -> (ferrotune::models::Llama, Vec<candle_core::Var>) {
+    write_tiny_hf(dir, &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(dir).unwrap();
+    let mut lora = ferrotune::methods::registry::create(&method_spec("lora", 3, 6.0, targets, 5, Default::default())).unwrap();
+    lora.attach(&mut m).unwrap();
+    (m, lora.params().into_iter().map(|(_, v)| v).collect())
+}
+
+/// Moves every parameter away from its init to seeded values in ±0.2 (B = 0 would leave an
+/// adapter without effect).
+pub fn perturb(params: &[candle_core::Var], seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    for v in params {
+        let vals: Vec<f32> = (0..v.elem_count()).map(|_| (rng.next_f32() - 0.5) * 0.4).collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
+    }
+}
