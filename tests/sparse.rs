@@ -1,6 +1,10 @@
 //! The machinery of sparse fine-tuning: masked AdamW against dense AdamW restricted to the
 //! mask (also across a mask change), and the sparse diff artefact (round trip, application,
-//! composition by addition).
+//! composition by addition), the masked sparse product, and the sparse methods: each keeps the
+//! method contract, and after training the merged weights differ from the base in exactly the
+//! entries the method changed, every other entry bit-identical.
+
+mod common;
 
 use candle_core::{Device, Tensor, Var};
 use ferrotune::formats::sparse_diff::{SparseDiff, SparseTensor};
@@ -109,4 +113,128 @@ fn sparse_diffs_round_trip_apply_and_compose_by_addition() {
     let err = SparseDiff::load(&path).unwrap_err().to_string();
     assert!(err.contains("`w`") && err.contains("below 2"), "{err}");
     assert!(SparseTensor { shape: vec![3], ..Default::default() }.apply(&mut [0.0; 2]).is_err());
+}
+
+/// `x·(W0 + Δ)ᵀ` with the sparse op equals the dense product with `Δ` scattered into a full
+/// matrix, and so do its gradients: the input's, and the trained entries' (the dense weight
+/// gradient read at those entries). Frozen entries of `Δ` count in the product but get no
+/// gradient; the base is both f32 and quantized, and both the GEMM and the few-rows path run.
+#[test]
+fn sparse_linear_matches_the_dense_product_and_its_gradients() {
+    use ferrotune::kernels::{sparse_linear, FrozenWeight, SparseChange};
+    use std::sync::Arc;
+    let (out, inp) = (40, 64);
+    let w0 = random(out * inp, 5);
+    let flat: Vec<u32> = (0..(out * inp) as u32).filter(|i| i % 7 == 3 || i % 11 == 0).collect();
+    let frozen_delta: Vec<f32> = random(flat.len(), 6).iter().map(|v| 0.1 * v).collect();
+    let trained: Vec<u32> = (0..flat.len() as u32).filter(|p| p % 2 == 0).collect();
+    let q8 = {
+        let bytes = ferrotune::formats::gguf::quants::quantize(ferrotune::formats::gguf::GgmlType::Q8_0, &w0).unwrap();
+        FrozenWeight::from_blocks(ferrotune::formats::gguf::GgmlType::Q8_0, bytes, out, inp).unwrap()
+    };
+    for base in [FrozenWeight::from_f32(w0.clone(), out, inp).unwrap(), q8] {
+        let w0f = base.to_f32_vec();
+        let theta0: Vec<f32> = trained.iter().map(|&p| w0f[flat[p as usize] as usize]).collect();
+        let theta: Vec<f32> = theta0.iter().zip(random(trained.len(), 8)).map(|(t, r)| t + 0.2 * r).collect();
+        let change = Arc::new(SparseChange::new(out, inp, &flat, frozen_delta.clone(), trained.clone(), theta0.clone()));
+        // The dense weight W0 + Δ.
+        let mut dense = w0f.clone();
+        for (p, (&f, &d)) in flat.iter().zip(&frozen_delta).enumerate() {
+            dense[f as usize] += match trained.binary_search(&(p as u32)) {
+                Ok(j) => theta[j] - theta0[j],
+                Err(_) => d,
+            };
+        }
+        for rows in [5, 70] {
+            let x = Var::from_tensor(&Tensor::from_vec(random(rows * inp, 9), (rows, inp), &Device::Cpu).unwrap()).unwrap();
+            let th = Var::from_tensor(&Tensor::from_vec(theta.clone(), theta.len(), &Device::Cpu).unwrap()).unwrap();
+            let wd = Var::from_tensor(&Tensor::from_vec(dense.clone(), (out, inp), &Device::Cpu).unwrap()).unwrap();
+            let probe = Tensor::from_vec(random(rows * out, 10), (rows, out), &Device::Cpu).unwrap();
+            let y = sparse_linear(x.as_tensor(), &base, &change, th.as_tensor()).unwrap();
+            let y_ref = x.as_tensor().matmul(&wd.as_tensor().t().unwrap()).unwrap();
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+                let err = a.iter().zip(&b).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(err < 1e-4, "{what} ({} base, {rows} rows): off by {err}", base.dtype_name());
+            };
+            close(&y, &y_ref, "output");
+            let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (y_ref * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            close(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap(), "input gradient");
+            let dense_grad: Vec<f32> = g_ref.get(wd.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want: Vec<f32> = trained.iter().map(|&p| dense_grad[flat[p as usize] as usize]).collect();
+            close(g.get(th.as_tensor()).unwrap(), &Tensor::new(want, &Device::Cpu).unwrap(), "trained entries' gradient");
+        }
+    }
+}
+
+#[test]
+fn lift_keeps_the_contract_across_a_mask_refresh() {
+    use common::contract::{check_method, Promise};
+    // A refresh at step 2 of 4: the resumed half starts from the checkpoint written right after
+    // it, so resume is checked across a mask change (moments re-mapped, masks restored).
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "lift", extra: "lift_mask_interval = 2", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+}
+
+/// Trains `adapter` on a tiny GGUF model (Q8_0 projections) and returns the base's and the
+/// merged model's weights, and `run.json`.
+fn train_and_merge(dir: &std::path::Path, adapter: &str, extra: &[&str]) -> (Vec<(String, Vec<f32>)>, Vec<(String, Vec<f32>)>, serde_json::Value) {
+    use common::contract::{plan, Promise};
+    let p = Promise { adapter: "lora", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true };
+    plan(dir, &p, 3);
+    common::write_tiny_gguf(&dir.join("model.gguf"), &common::TinySpec::default(), ferrotune::formats::gguf::GgmlType::Q8_0);
+    let mut overrides: Vec<String> = vec![format!("adapter=\"{adapter}\""), "base_model=\"model.gguf\"".into()];
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    let cfg = ferrotune::config::TrainConfig::load(&dir.join("run.toml"), &overrides).unwrap();
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let flat = |m: &ferrotune::models::Llama| -> Vec<(String, Vec<f32>)> {
+        m.named_weights().unwrap().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap())).collect()
+    };
+    let base = flat(&ferrotune::models::load::load_model(&dir.join("model.gguf")).unwrap());
+    let mut session = ferrotune::session::Session::load(&dir.join("model.gguf"), Some(&dir.join("out/adapter"))).unwrap();
+    session.merge_adapter().unwrap();
+    let run = serde_json::from_str(&std::fs::read_to_string(dir.join("out/run.json")).unwrap()).unwrap();
+    (base, flat(&session.model), run)
+}
+
+/// The defining property of a sparse method: the merged weights differ from the base in
+/// exactly the entries its diff holds (the entries it trained, counted), every other entry of
+/// every tensor bit-identical; and each trained matrix's count is what the method promised.
+fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&str, usize, usize) -> Option<usize>) {
+    let d = tempfile::tempdir().unwrap();
+    let (base, merged, run) = train_and_merge(d.path(), adapter, extra);
+    let diff = SparseDiff::load(&d.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+    let (mut changed_total, mut promised) = (0, Some(0));
+    for ((name, b), (name2, m)) in base.iter().zip(&merged) {
+        assert_eq!(name, name2);
+        let changed: Vec<u64> = (0..b.len() as u64).filter(|&i| b[i as usize].to_bits() != m[i as usize].to_bits()).collect();
+        match diff.tensors.get(name) {
+            Some(t) => {
+                assert_eq!(changed, t.indices, "{adapter}: {name}: the entries that changed are not the diff's entries");
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let k = per_matrix(name, rows, cols);
+                if let Some(k) = k {
+                    assert_eq!(changed.len(), k, "{adapter}: {name}: {} entries changed, the method trains {k}", changed.len());
+                }
+                promised = promised.zip(k).map(|(a, b)| a + b);
+                changed_total += changed.len();
+            }
+            None => assert!(changed.is_empty(), "{adapter}: {name} is not trained, and {} of its entries changed", changed.len()),
+        }
+    }
+    assert!(changed_total > 0);
+    if let Some(promised) = promised {
+        // (Where masks change, run.json, written at the start, cannot know the union.)
+        assert_eq!(run["resolved"]["method"]["details"]["trained_entries"].as_u64().unwrap() as usize, promised, "run.json counts the trained entries");
+        assert_eq!(promised, changed_total);
+    }
+}
+
+#[test]
+fn lift_changes_exactly_its_principal_entries_on_a_quantized_base() {
+    // No refresh: each matrix changes in exactly its budget of (m + n)·r_L entries.
+    check_exact_entries("lift", &["lift_mask_interval=0"], |_, rows, cols| Some(ferrotune::methods::lift::budget(rows, cols, 4)));
+    // With refreshes the changed entries are the union of the masks: at least the budget.
+    check_exact_entries("lift", &["lift_mask_interval=1", "lift_rank=2"], |_, _, _| None);
 }

@@ -1,6 +1,7 @@
 //! The sparse diff: what a sparse fine-tuning run changed, per tensor the flat indices and
 //! values of `θ − θ0`, in a safetensors file (`<name>.indices` as I64, `<name>.values` as F32,
-//! the tensor's shape in the metadata under `<name>.shape`). It applies to a base by adding the
+//! the tensor's shape as `<name>.shape`, I64). The shape is a tensor rather than metadata so
+//! that the file's bytes depend on its contents only (metadata is an unordered map). It applies to a base by adding the
 //! values at their indices, and two diffs compose by addition (LT-SFT's composition).
 
 use crate::error::{Error, Result};
@@ -99,7 +100,7 @@ impl SparseDiff {
             let n = t.indices.len();
             buffers.push((format!("{name}.indices"), Dtype::I64, vec![n], t.indices.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect()));
             buffers.push((format!("{name}.values"), Dtype::F32, vec![n], t.values.iter().flat_map(|v| v.to_le_bytes()).collect()));
-            metadata.insert(format!("{name}.shape"), serde_json::to_string(&t.shape).expect("serialisable"));
+            buffers.push((format!("{name}.shape"), Dtype::I64, vec![t.shape.len()], t.shape.iter().flat_map(|&d| (d as i64).to_le_bytes()).collect()));
         }
         metadata.insert("format".into(), "ferrotune-sparse-diff".into());
         let views: Vec<(String, TensorView<'_>)> = buffers
@@ -113,13 +114,12 @@ impl SparseDiff {
 
     pub fn load(path: &Path) -> Result<SparseDiff> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
         let mut diff = SparseDiff::default();
-        for (key, shape) in meta.iter().filter_map(|(k, v)| k.strip_suffix(".shape").map(|n| (n, v))) {
+        let mut names = st.names();
+        names.sort();
+        for key in names.iter().filter_map(|k| k.strip_suffix(".shape")) {
             let bad = |d: String| Error::format(path, format!("tensor `{key}`: {d}"));
-            let shape: Vec<usize> = serde_json::from_str(shape).map_err(|e| bad(format!("shape `{shape}`: {e}")))?;
             let view = |suffix: &str, dt: Dtype| {
                 let v = st.tensor(&format!("{key}.{suffix}")).map_err(|e| bad(format!("{suffix}: {e}")))?;
                 if v.dtype() != dt {
@@ -127,6 +127,7 @@ impl SparseDiff {
                 }
                 Ok(v.data().to_vec())
             };
+            let shape: Vec<usize> = view("shape", Dtype::I64)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")).max(0) as usize).collect();
             let indices: Vec<u64> = view("indices", Dtype::I64)?.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u64).collect();
             let values: Vec<f32> = view("values", Dtype::F32)?.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
             let n: usize = shape.iter().product();

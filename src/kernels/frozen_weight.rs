@@ -135,11 +135,11 @@ impl FrozenWeight {
     }
 
     /// Calls `f(first_row, rows, tile)` for consecutive tiles of rows covering the matrix, each
-    /// in f32. An f32 matrix is one tile, read in place; blocks are dequantized a tile at a time
-    /// into one reused scratch buffer.
-    fn for_each_tile(&self, mut f: impl FnMut(usize, usize, &[f32])) {
+    /// in f32 with `patch` added. An unpatched f32 matrix is one tile, read in place; otherwise
+    /// tiles are dequantized (or copied) one at a time into one reused scratch buffer.
+    fn for_each_tile(&self, patch: Option<&RowPatch>, mut f: impl FnMut(usize, usize, &[f32])) {
         let (out, inp) = (self.out, self.inp);
-        if let Data::F32(w) = &*self.data {
+        if let (Data::F32(w), None) = (&*self.data, patch) {
             return f(0, out, w);
         }
         let tile = (TILE_ELEMS / inp.max(1)).clamp(16, 1024);
@@ -148,18 +148,30 @@ impl FrozenWeight {
             let n = tile.min(out - r0);
             let w = &mut scratch[..n * inp];
             self.rows_into(r0, w);
+            if let Some(p) = patch {
+                p.add_to_rows(r0, inp, w);
+            }
             f(r0, n, w);
         }
     }
 
     /// `y[m, out] (+)= x[m, in] · Wᵀ`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+        self.matmul_t_patched(x, m, y, accumulate, None)
+    }
+
+    /// `y[m, out] (+)= x[m, in] · (W + P)ᵀ` for a sparse change `P` of the weight, added to each
+    /// tile as it is formed (the sum is never held whole).
+    pub fn matmul_t_patched(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool, patch: Option<&RowPatch>) {
         let (out, inp) = (self.out, self.inp);
         assert!(x.len() == m * inp && y.len() == m * out, "frozen weight: x·Wᵀ operand sizes");
-        if m <= SKINNY_ROWS {
-            return self.matmul_t_skinny(x, m, y, accumulate);
+        if let Some(p) = patch {
+            p.check(out, inp);
         }
-        self.for_each_tile(|r0, n, w| {
+        if m <= SKINNY_ROWS {
+            return self.matmul_t_skinny(x, m, y, accumulate, patch);
+        }
+        self.for_each_tile(patch, |r0, n, w| {
             // y[:, r0..r0+n] (+)= x · w_tileᵀ
             matmul_strided(y, View::rows(r0, out), x, View::rows(0, inp), w, View::rows(0, inp).t(), m, inp, n, accumulate, 1.0);
         });
@@ -168,7 +180,7 @@ impl FrozenWeight {
     /// [`FrozenWeight::matmul_t`] for a few rows of `x` (decoding): one parallel pass over
     /// blocks of weight rows, each dequantized into a small per-task buffer and dotted with
     /// every row of `x` while it is in cache.
-    fn matmul_t_skinny(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool) {
+    fn matmul_t_skinny(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool, patch: Option<&RowPatch>) {
         let (out, inp) = (self.out, self.inp);
         let rows = (SKINNY_BLOCK_ELEMS / inp.max(1)).clamp(1, out.max(1));
         let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(rows))
@@ -176,11 +188,19 @@ impl FrozenWeight {
             .map(|bi| {
                 let (r0, n) = (bi * rows, rows.min(out - bi * rows));
                 let mut o = vec![0f32; m * n];
-                match &*self.data {
-                    Data::F32(w) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
-                    Data::Blocks { ty, bytes, row_bytes } => {
+                match (&*self.data, patch) {
+                    (Data::F32(w), None) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
+                    (data, patch) => {
                         let mut w = vec![0f32; n * inp];
-                        dequantize_into(*ty, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], &mut w).expect("sizes were checked at construction");
+                        match data {
+                            Data::F32(full) => w.copy_from_slice(&full[r0 * inp..(r0 + n) * inp]),
+                            Data::Blocks { ty, bytes, row_bytes } => {
+                                dequantize_into(*ty, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], &mut w).expect("sizes were checked at construction")
+                            }
+                        }
+                        if let Some(p) = patch {
+                            p.add_to_rows(r0, inp, &mut w);
+                        }
                         dot_block(x, m, &w, n, inp, &mut o);
                     }
                 }
@@ -203,11 +223,52 @@ impl FrozenWeight {
 
     /// `dx[m, in] (+)= g[m, out] · W`.
     pub fn matmul(&self, g: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
+        self.matmul_patched(g, m, dx, accumulate, None)
+    }
+
+    /// `dx[m, in] (+)= g[m, out] · (W + P)` for a sparse change `P` of the weight.
+    pub fn matmul_patched(&self, g: &[f32], m: usize, dx: &mut [f32], accumulate: bool, patch: Option<&RowPatch>) {
         let (out, inp) = (self.out, self.inp);
         assert!(g.len() == m * out && dx.len() == m * inp, "frozen weight: g·W operand sizes");
-        self.for_each_tile(|r0, n, w| {
+        if let Some(p) = patch {
+            p.check(out, inp);
+        }
+        self.for_each_tile(patch, |r0, n, w| {
             // dx (+)= g[:, r0..r0+n] · w_tile; every tile after the first adds to the previous ones.
             matmul_strided(dx, View::rows(0, inp), g, View::rows(r0, out), w, View::rows(0, inp), m, n, inp, accumulate || r0 > 0, 1.0);
         });
+    }
+}
+
+/// A sparse change of a matrix `[out, in]`, row by row (CSR): entry `e` of row `r` (for `e` in
+/// `row_ptr[r]..row_ptr[r + 1]`) adds `values[e]` at column `cols[e]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowPatch<'a> {
+    pub row_ptr: &'a [u32],
+    pub cols: &'a [u32],
+    pub values: &'a [f32],
+}
+
+impl RowPatch<'_> {
+    fn check(&self, out: usize, inp: usize) {
+        assert!(
+            self.row_ptr.len() == out + 1
+                && self.cols.len() == self.values.len()
+                && self.row_ptr[out] as usize == self.values.len()
+                && self.cols.iter().all(|&c| (c as usize) < inp),
+            "sparse patch: does not fit a [{out}, {inp}] matrix"
+        );
+    }
+
+    /// Adds the entries of rows `r0..` to `tile`, which holds those rows (`inp` wide).
+    fn add_to_rows(&self, r0: usize, inp: usize, tile: &mut [f32]) {
+        let n = tile.len() / inp.max(1);
+        for r in 0..n {
+            let (a, b) = (self.row_ptr[r0 + r] as usize, self.row_ptr[r0 + r + 1] as usize);
+            let row = &mut tile[r * inp..(r + 1) * inp];
+            for (&c, &v) in self.cols[a..b].iter().zip(&self.values[a..b]) {
+                row[c as usize] += v;
+            }
+        }
     }
 }

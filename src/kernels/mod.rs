@@ -20,6 +20,7 @@ mod rmsnorm;
 mod rope;
 mod rotate;
 mod skinny;
+mod sparse_linear;
 mod swiglu;
 pub(crate) mod vexp;
 
@@ -29,12 +30,13 @@ pub use cross_entropy::{lm_head_argmax, lm_head_logits, lm_head_nll, lm_head_nll
 pub use decode_attention::{decode_attention, DecodeShape};
 pub use dropout::dropout;
 pub use fake_quant::{fake_quant, QuantGrid};
-pub use frozen_weight::FrozenWeight;
+pub use frozen_weight::{FrozenWeight, RowPatch};
 pub use linear::frozen_linear;
 pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;
 pub use rope::{rope, rope_at, RopeTables};
 pub use rotate::hadamard_rotate;
+pub use sparse_linear::{sparse_linear, SparseChange};
 pub use swiglu::swiglu;
 
 use candle_core::backend::BackendStorage;

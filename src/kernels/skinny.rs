@@ -67,6 +67,24 @@ unsafe fn block_avx2(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, o: &mut
     block_portable(x, m, w, n, k, o)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// `a · b` over the shorter of the two.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
 /// `o[i, r] = x_i · w_r` for the `m` rows of `x: [m, k]` and the `n` rows of `w: [n, k]`;
 /// `o: [m, n]`.
 pub fn dot_block(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, o: &mut [f32]) {

@@ -22,6 +22,7 @@ pub mod lora_pro;
 pub mod options;
 pub mod registry;
 pub mod residual;
+pub mod sparse;
 pub mod ssf;
 pub mod targets;
 pub mod triadaptlora;
@@ -87,7 +88,8 @@ pub trait Method: Send {
     fn attach(&mut self, model: &mut Llama) -> Result<()>;
 
     /// Trainable tensors under stable names (PEFT keys where PEFT has them), in a fixed order:
-    /// the order of gradients and optimizer state.
+    /// the order of gradients and optimizer state. [`Method::on_step`] may replace them (a
+    /// sparse method's new mask), so the trainer asks again every step.
     fn params(&self) -> Vec<(String, Var)>;
 
     fn num_params(&self) -> usize {

@@ -69,23 +69,39 @@ impl MaskedAdamW {
     /// One update at rate `lr`: `weights[i]` is matrix `i` (all its entries), `grads[i]` the
     /// gradient of its masked entries, in mask order.
     pub fn step(&mut self, weights: &mut [&mut [f32]], grads: &[Vec<f32>], lr: f64) -> Result<()> {
-        if weights.len() != self.tensors.len() || grads.len() != self.tensors.len() {
-            return Err(Error::Training(format!("masked AdamW: {} matrices, {} weights, {} gradients", self.tensors.len(), weights.len(), grads.len())));
+        if weights.len() != self.tensors.len() {
+            return Err(Error::Training(format!("masked AdamW: {} matrices, {} weights", self.tensors.len(), weights.len())));
         }
-        // Everything is checked before anything is written.
-        for ((t, g), w) in self.tensors.iter().zip(grads).zip(weights.iter()) {
-            if g.len() != t.indices.len() {
-                return Err(Error::Training(format!("masked AdamW: {} gradients for {} masked entries", g.len(), t.indices.len())));
-            }
+        for (t, w) in self.tensors.iter().zip(weights.iter()) {
             if t.indices.last().is_some_and(|&last| last as usize >= w.len()) {
                 return Err(Error::Training(format!("masked AdamW: an index past the matrix's {} entries", w.len())));
             }
         }
+        let mut values: Vec<Vec<f32>> = self.tensors.iter().zip(weights.iter()).map(|(t, w)| t.indices.iter().map(|&i| w[i as usize]).collect()).collect();
+        self.step_values(&mut values.iter_mut().map(|v| v.as_mut_slice()).collect::<Vec<_>>(), grads, lr)?;
+        for ((t, w), v) in self.tensors.iter().zip(weights.iter_mut()).zip(values) {
+            t.indices.iter().zip(v).for_each(|(&i, v)| w[i as usize] = v);
+        }
+        Ok(())
+    }
+
+    /// One update at rate `lr` where `values[i]` holds only matrix `i`'s masked entries, in mask
+    /// order (what a sparse site keeps).
+    pub fn step_values(&mut self, values: &mut [&mut [f32]], grads: &[Vec<f32>], lr: f64) -> Result<()> {
+        if values.len() != self.tensors.len() || grads.len() != self.tensors.len() {
+            return Err(Error::Training(format!("masked AdamW: {} matrices, {} weights, {} gradients", self.tensors.len(), values.len(), grads.len())));
+        }
+        // Everything is checked before anything is written.
+        for ((t, g), v) in self.tensors.iter().zip(grads).zip(values.iter()) {
+            if g.len() != t.indices.len() || v.len() != t.indices.len() {
+                return Err(Error::Training(format!("masked AdamW: {} gradients and {} values for {} masked entries", g.len(), v.len(), t.indices.len())));
+            }
+        }
         self.step += 1;
         let k = self.config.coefficients(self.step, lr);
-        for ((t, w), g) in self.tensors.iter_mut().zip(weights.iter_mut()).zip(grads) {
-            for (j, &idx) in t.indices.iter().enumerate() {
-                k.update(&mut w[idx as usize], g[j], &mut t.exp_avg[j], &mut t.exp_avg_sq[j]);
+        for ((t, v), g) in self.tensors.iter_mut().zip(values.iter_mut()).zip(grads) {
+            for j in 0..t.indices.len() {
+                k.update(&mut v[j], g[j], &mut t.exp_avg[j], &mut t.exp_avg_sq[j]);
             }
         }
         Ok(())

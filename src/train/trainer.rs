@@ -184,7 +184,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let data = data;
     method.set_total_steps(total_steps);
-    let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
     let mut opt = method.optimizer(adam);
 
@@ -302,6 +301,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             None => (examples.chunks(cfg.micro_batch_size).map(|c| make_batch(c, pad_id)).collect::<Vec<Batch>>(), None),
         };
         let units: usize = batches.iter().map(|b| objective.units(b)).sum();
+        // Fetched every step: a method may replace its tensors in `on_step` (a sparse mask refresh).
+        let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
         let n_tokens: usize = batches.iter().map(|b| b.lengths.iter().sum::<usize>()).sum();
         let StepGradients { loss, mut grads, metrics: mut objective_metrics } =
             step_gradients(&model, &params, &batches, units, &StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing }, objective.as_ref())?;
