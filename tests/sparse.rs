@@ -201,7 +201,7 @@ fn train_and_merge(dir: &std::path::Path, adapter: &str, extra: &[&str]) -> (Vec
 /// The defining property of a sparse method: the merged weights differ from the base in
 /// exactly the entries its diff holds (the entries it trained, counted), every other entry of
 /// every tensor bit-identical; and each trained matrix's count is what the method promised.
-fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&str, usize, usize) -> Option<usize>) {
+fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&[usize], &[f32]) -> Option<usize>) {
     let d = tempfile::tempdir().unwrap();
     let (base, merged, run) = train_and_merge(d.path(), adapter, extra);
     let diff = SparseDiff::load(&d.path().join("out/adapter/adapter_model.safetensors")).unwrap();
@@ -212,8 +212,7 @@ fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&str, 
         match diff.tensors.get(name) {
             Some(t) => {
                 assert_eq!(changed, t.indices, "{adapter}: {name}: the entries that changed are not the diff's entries");
-                let (rows, cols) = (t.shape[0], t.shape[1]);
-                let k = per_matrix(name, rows, cols);
+                let k = per_matrix(&t.shape, b);
                 if let Some(k) = k {
                     assert_eq!(changed.len(), k, "{adapter}: {name}: {} entries changed, the method trains {k}", changed.len());
                 }
@@ -234,7 +233,46 @@ fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&str, 
 #[test]
 fn lift_changes_exactly_its_principal_entries_on_a_quantized_base() {
     // No refresh: each matrix changes in exactly its budget of (m + n)·r_L entries.
-    check_exact_entries("lift", &["lift_mask_interval=0"], |_, rows, cols| Some(ferrotune::methods::lift::budget(rows, cols, 4)));
-    // With refreshes the changed entries are the union of the masks: at least the budget.
-    check_exact_entries("lift", &["lift_mask_interval=1", "lift_rank=2"], |_, _, _| None);
+    check_exact_entries("lift", &["lift_mask_interval=0"], |shape, _| Some(ferrotune::methods::lift::budget(shape[0], shape[1], 4)));
+    // With refreshes the changed entries are the union of the masks.
+    check_exact_entries("lift", &["lift_mask_interval=1", "lift_rank=2"], |_, _| None);
+}
+
+#[test]
+fn sara_keeps_the_contract_across_its_progressive_step() {
+    use common::contract::{check_method, Promise};
+    // The tiny model's weights are larger than real ones: τ = 0.05 selects about a tenth.
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "sara", extra: "sara_threshold = 0.05\nsara_progressive_step = 2", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+}
+
+#[test]
+fn sara_changes_exactly_its_small_entries_on_a_quantized_base() {
+    // The entries below τ in the (dequantized) base, in every trained matrix; the progressive
+    // step freezes some of them, but all trained before it.
+    check_exact_entries("sara", &["sara_threshold=0.05", "sara_progressive_step=2"], |_, w0| Some(w0.iter().filter(|v| v.abs() < 0.05).count()));
+}
+
+/// SaRA's rank penalty: its subgradient at the trained entries is the derivative of the
+/// nuclear norm of the matrix holding them (central differences on a full-rank matrix).
+#[test]
+fn sara_rank_penalty_is_the_nuclear_norm_gradient() {
+    let (rows, cols) = (7, 10);
+    let mask: Vec<u32> = (0..(rows * cols) as u32).filter(|i| i % 3 != 1).collect();
+    let theta = random(mask.len(), 21);
+    let lambda = 0.5;
+    let sub = ferrotune::methods::sara::nuclear_subgradient(rows, cols, &mask, &theta, lambda).unwrap();
+    let nuclear = |t: &[f32]| -> f64 {
+        let mut p = vec![0f32; rows * cols];
+        mask.iter().zip(t).for_each(|(&i, &v)| p[i as usize] = v);
+        ferrotune::linalg::svd(&ferrotune::linalg::from_rows(rows, cols, &p)).unwrap().s.iter().sum()
+    };
+    for j in [0, 5, 17, mask.len() - 1] {
+        let h = 1e-3f32;
+        let (mut up, mut down) = (theta.clone(), theta.clone());
+        up[j] += h;
+        down[j] -= h;
+        let fd = lambda * (nuclear(&up) - nuclear(&down)) / (2.0 * h as f64);
+        assert!((fd - sub[j] as f64).abs() < 2e-3, "entry {j}: subgradient {} vs finite difference {fd}", sub[j]);
+    }
 }

@@ -264,7 +264,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         batch.reference_logps = Some(crate::objectives::dpo::batch_logps(&model, &batch, true)?);
     }
     let units = objective.units(&batch);
-    let params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
+    let mut params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
     let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
     // The method's own update rule (LoRA-Pro's differs), as the trainer uses it.
     let mut opt = method.as_ref().map(|m| m.optimizer(AdamWConfig::default()));
@@ -283,6 +283,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
             m.grad_transform(&mut grads)?;
             opt.step(&params, &grads, 2e-4)?;
             m.on_step(step + 1, &mut model)?;
+            // As the trainer: `on_step` may have replaced the tensors (a sparse mask change).
+            params = m.params().into_iter().map(|(_, v)| v).collect();
         }
         if step >= opts.warmup {
             step_s.push(t0.elapsed().as_secs_f64());
@@ -296,6 +298,11 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         // Full fine-tuning's trainable matrices are the projections themselves, not additions
         // beside frozen ones: their forward and input-gradient products are in the 6 per
         // trainable weight already, so the frozen count's 4 per weight must not count them too.
+        flops -= 4.0 * adapter_params as f64;
+    }
+    if SPARSE_METHODS.contains(&opts.method.as_str()) && !opts.forward_only {
+        // A trained entry costs its gradient only (2 per token); its forward and input-gradient
+        // share are in the frozen products, which run on W0 + Δ.
         flops -= 4.0 * adapter_params as f64;
     }
     let peak = gemm_peak_gflops();
@@ -320,6 +327,9 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         rows,
     })
 }
+
+/// Methods that train entries of the base weights (see `methods::sparse`).
+const SPARSE_METHODS: &[&str] = &["lift", "sara"];
 
 /// What `bench --decode` measured: batched generation as `generate`, `eval --task` and GRPO's
 /// rollouts run it.

@@ -149,7 +149,7 @@ impl Method for Lift {
         }
         let t0 = std::time::Instant::now();
         let s = &self.s;
-        let joined = self.sites.reselect(model, |site, w| {
+        let joined = self.sites.reselect(model, false, |site, w| {
             let (rows, cols) = site.dims();
             s.select(w, rows, cols)
         })?;

@@ -22,6 +22,7 @@ pub mod lora_pro;
 pub mod options;
 pub mod registry;
 pub mod residual;
+pub mod sara;
 pub mod sparse;
 pub mod ssf;
 pub mod targets;

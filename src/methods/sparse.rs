@@ -56,6 +56,8 @@ struct SiteState {
     change: Arc<SparseChange>,
     /// Counts mask changes, so the optimizer knows when to re-map its moments.
     generation: u64,
+    /// The last generation whose change started every entry's moments afresh.
+    reset_at: u64,
 }
 
 impl SiteState {
@@ -116,7 +118,7 @@ impl SparseSite {
         let n = theta.len();
         let theta = Var::from_tensor(&Tensor::from_vec(theta, n, &Device::Cpu)?)?;
         let change = Arc::new(SparseChange::new(out, inp, &flat, delta, pos, base));
-        Ok(SparseSite { site: site.to_string(), out, inp, state: Mutex::new(SiteState { flat, mask, theta, change, generation: 0 }) })
+        Ok(SparseSite { site: site.to_string(), out, inp, state: Mutex::new(SiteState { flat, mask, theta, change, generation: 0, reset_at: 0 }) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SiteState> {
@@ -136,8 +138,10 @@ impl SparseSite {
         self.lock().mask.clone()
     }
 
-    fn generation(&self) -> u64 {
-        self.lock().generation
+    /// The mask's generation and the last one that reset the moments.
+    fn generation(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.generation, st.reset_at)
     }
 
     /// Entries changed so far (trained now or before).
@@ -159,8 +163,10 @@ impl SparseSite {
     }
 
     /// Trains `mask` from now on: entries that stay keep `θ` exactly, leaving ones keep their
-    /// `Δ`, joining ones start from their current value `θ0 + Δ` (`Δ = 0` for new ones).
-    pub fn set_mask(&self, w0: &FrozenWeight, mask: Vec<u32>) -> Result<()> {
+    /// `Δ`, joining ones start from their current value `θ0 + Δ` (`Δ = 0` for new ones). The
+    /// optimizer carries the moments of entries that stay, or with `reset_moments` starts all
+    /// of them from zero (a new optimizer for the new set).
+    pub fn set_mask(&self, w0: &FrozenWeight, mask: Vec<u32>, reset_moments: bool) -> Result<()> {
         if !strictly_increasing(&mask) || mask.last().is_some_and(|&l| l as usize >= self.out * self.inp) {
             return Err(Error::Model(format!("sparse site `{}`: a new mask must be strictly increasing indices below {}", self.site, self.out * self.inp)));
         }
@@ -199,6 +205,7 @@ impl SparseSite {
         let fresh = SparseSite::build(&self.site, self.out, self.inp, &w0, flat, delta, mask, Some(theta))?;
         let mut new = fresh.state.into_inner().unwrap_or_else(|p| p.into_inner());
         new.generation = generation;
+        new.reset_at = if reset_moments { generation } else { st.reset_at };
         *st = new;
         Ok(())
     }
@@ -331,9 +338,9 @@ impl SparseSites {
         Ok(())
     }
 
-    /// Gives every site a new mask, `select(site, current weight W0 + Δ)`; returns how many
-    /// trained entries are new.
-    pub fn reselect(&self, model: &Llama, mut select: impl FnMut(&SparseSite, &[f32]) -> Result<Vec<u32>>) -> Result<usize> {
+    /// Gives every site a new mask, `select(site, current weight W0 + Δ)` (see
+    /// [`SparseSite::set_mask`]); returns how many trained entries are new.
+    pub fn reselect(&self, model: &Llama, reset_moments: bool, mut select: impl FnMut(&SparseSite, &[f32]) -> Result<Vec<u32>>) -> Result<usize> {
         let mut joined = 0;
         for lin in model.linears() {
             let Some(site) = self.sites.iter().find(|s| s.site == lin.name) else { continue };
@@ -341,7 +348,7 @@ impl SparseSites {
             let mask = select(site, &w)?;
             let old = site.mask();
             joined += mask.iter().filter(|m| old.binary_search(m).is_err()).count();
-            site.set_mask(&lin.weight, mask)?;
+            site.set_mask(&lin.weight, mask, reset_moments)?;
         }
         Ok(joined)
     }
@@ -349,7 +356,7 @@ impl SparseSites {
     pub fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {
         let masks = self.sites.iter().map(|s| s.mask()).collect();
         let inner = MaskedAdamW::new(config, masks).expect("site masks are strictly increasing");
-        Box::new(SparseAdamW { sites: self.sites.clone(), generations: self.sites.iter().map(|s| s.generation()).collect(), inner })
+        Box::new(SparseAdamW { sites: self.sites.clone(), generations: self.sites.iter().map(|s| s.generation().0).collect(), inner })
     }
 
     pub fn describe(&self) -> serde_json::Value {
@@ -378,6 +385,7 @@ fn check_addressable(site: &str, out: usize, inp: usize) -> Result<()> {
 /// joining entries start from zero.
 struct SparseAdamW {
     sites: Vec<Arc<SparseSite>>,
+    /// The mask generation each matrix's moments follow.
     generations: Vec<u64>,
     inner: MaskedAdamW,
 }
@@ -386,8 +394,11 @@ impl SparseAdamW {
     /// The moments re-mapped to the sites' current masks.
     fn follow_masks(sites: &[Arc<SparseSite>], generations: &mut [u64], inner: &mut MaskedAdamW) -> Result<()> {
         for (i, s) in sites.iter().enumerate() {
-            let g = s.generation();
+            let (g, reset_at) = s.generation();
             if g != generations[i] {
+                if reset_at > generations[i] {
+                    inner.set_mask(i, Vec::new())?;
+                }
                 inner.set_mask(i, s.mask())?;
                 generations[i] = g;
             }
@@ -427,7 +438,7 @@ impl Optimizer for SparseAdamW {
             self.inner.set_mask(i, mask)?;
             self.inner.tensors[i].exp_avg = state.take_exact(&format!("{key}.exp_avg"), n, src)?;
             self.inner.tensors[i].exp_avg_sq = state.take_exact(&format!("{key}.exp_avg_sq"), n, src)?;
-            self.generations[i] = s.generation();
+            self.generations[i] = s.generation().0;
         }
         self.inner.step = state.step;
         Ok(())
