@@ -537,3 +537,54 @@ fn full_fine_tuning_keeps_the_contract_and_touches_only_its_sites() {
         }
     }
 }
+
+#[test]
+fn hft_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "hft", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+}
+
+/// HFT's rule: in every layer exactly 2 of the 4 attention projections, and 1 of the 3 MLP
+/// projections in ⌊L/2⌋ layers, 2 in the others, so half of each pair of layers trains; other
+/// stages draw other halves; the trainer trains exactly those matrices.
+#[test]
+fn hft_trains_exactly_half_of_the_block_projections() {
+    use ferrotune::models::SiteInfo;
+    let names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    for layers in [1usize, 2, 5, 30] {
+        let mut sites: Vec<SiteInfo> = (0..layers)
+            .flat_map(|i| names.iter().map(move |n| SiteInfo { name: format!("model.layers.{i}.{}.{n}", if n.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(n) { "mlp" } else { "self_attn" }), in_features: 8, out_features: 8 }))
+            .collect();
+        sites.push(SiteInfo { name: "lm_head".into(), in_features: 8, out_features: 8 });
+        let mut draws = std::collections::BTreeSet::new();
+        for stage in 0..4 {
+            let chosen = ferrotune::methods::hft::select(&sites, 3, stage);
+            assert!(!chosen.contains(&"lm_head".to_string()));
+            let mut one_mlp = 0;
+            for i in 0..layers {
+                let count = |kind: &[&str]| chosen.iter().filter(|c| c.starts_with(&format!("model.layers.{i}.")) && kind.iter().any(|k| c.ends_with(k))).count();
+                assert_eq!(count(&names[..4]), 2, "layer {i} of {layers}: attention projections trained");
+                let mlp = count(&names[4..]);
+                assert!(mlp == 1 || mlp == 2, "layer {i}: {mlp} MLP projections");
+                one_mlp += (mlp == 1) as usize;
+            }
+            assert_eq!(one_mlp, layers / 2, "{layers} layers: layers training one MLP projection");
+            assert_eq!(chosen.len(), 2 * layers + layers + (layers - layers / 2));
+            draws.insert(chosen);
+        }
+        assert!(draws.len() > 1, "{layers} layers: every stage drew the same half");
+    }
+    // Through the trainer: the run trains exactly the drawn matrices, each whole.
+    let d = tempfile::tempdir().unwrap();
+    let p = Promise { adapter: "hft", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true };
+    let cfg = common::contract::plan(d.path(), &p, 2);
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let model = ferrotune::models::load::load_model(&d.path().join("model")).unwrap();
+    let want = ferrotune::methods::hft::select(&model.sites(), cfg.seed, 0);
+    let session = ferrotune::session::Session::load(&d.path().join("model"), Some(&d.path().join("out/adapter"))).unwrap();
+    let mut got = session.method.as_ref().unwrap().sites();
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted);
+}

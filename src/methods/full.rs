@@ -27,21 +27,38 @@ pub const FULL: Entry = Entry {
 };
 
 fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
-    Ok(Box::new(Full { targets: spec.target_modules.clone(), sites: Vec::new() }))
+    Ok(Box::new(Full::new("full", spec.target_modules.clone())))
 }
 
 fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
-    let targets = TargetModules::from_json(cfg.get("target_modules").unwrap_or(&serde_json::Value::Null), "target_modules")
-        .map_err(|e| Error::format(&dir.join(ADAPTER_CONFIG), e.to_string()))?;
-    let w_path = dir.join(ADAPTER_WEIGHTS);
-    let mut tensors = st::load_f32(&w_path)?;
-    let mut full = Full { targets, sites: Vec::new() };
-    full.attach_with(model, |lin| {
-        let (out_f, in_f) = lin.weight.dims();
-        super::lora::take_checked(&mut tensors, &key(&lin.name), &[out_f, in_f], &lin.name, &w_path)
-    })?;
-    refuse_leftovers(&tensors, &w_path, "trained module")?;
-    Ok(Box::new(full))
+    Ok(Box::new(Full::load(model, dir, cfg, "full")?))
+}
+
+impl Full {
+    /// Trains the whole weights of the sites `targets` selects; `name` is the method it serves
+    /// (`full`, or a selection rule such as HFT's), written to the adapter config.
+    pub fn new(name: &'static str, targets: TargetModules) -> Self {
+        Full { name, targets, sites: Vec::new() }
+    }
+
+    /// Reads and attaches an adapter folder written by [`Method::save`].
+    pub fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static str) -> Result<Self> {
+        let targets = TargetModules::from_json(cfg.get("target_modules").unwrap_or(&serde_json::Value::Null), "target_modules")
+            .map_err(|e| Error::format(&dir.join(ADAPTER_CONFIG), e.to_string()))?;
+        let w_path = dir.join(ADAPTER_WEIGHTS);
+        let mut tensors = st::load_f32(&w_path)?;
+        let mut full = Full::new(name, targets);
+        full.attach_with(model, |lin| {
+            let (out_f, in_f) = lin.weight.dims();
+            super::lora::take_checked(&mut tensors, &key(&lin.name), &[out_f, in_f], &lin.name, &w_path)
+        })?;
+        refuse_leftovers(&tensors, &w_path, "trained module")?;
+        Ok(full)
+    }
+
+    pub fn targets(&self) -> &TargetModules {
+        &self.targets
+    }
 }
 
 fn key(site: &str) -> String {
@@ -62,6 +79,7 @@ impl SiteHook for FullSite {
 }
 
 pub struct Full {
+    name: &'static str,
     targets: TargetModules,
     sites: Vec<Arc<FullSite>>,
 }
@@ -76,7 +94,7 @@ impl Full {
 
 impl Method for Full {
     fn name(&self) -> &'static str {
-        "full"
+        self.name
     }
 
     fn attach(&mut self, model: &mut Llama) -> Result<()> {
@@ -102,7 +120,7 @@ impl Method for Full {
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
         let cfg = serde_json::json!({
-            METHOD_KEY: "full",
+            METHOD_KEY: self.name,
             "base_model_name_or_path": base_model,
             "target_modules": self.targets.to_json(),
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
