@@ -201,7 +201,7 @@ fn train_and_merge(dir: &std::path::Path, adapter: &str, extra: &[&str]) -> (Vec
 /// The defining property of a sparse method: the merged weights differ from the base in
 /// exactly the entries its diff holds (the entries it trained, counted), every other entry of
 /// every tensor bit-identical; and each trained matrix's count is what the method promised.
-fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&[usize], &[f32]) -> Option<usize>) {
+fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&[usize], &[f32]) -> Option<usize>) -> usize {
     let d = tempfile::tempdir().unwrap();
     let (base, merged, run) = train_and_merge(d.path(), adapter, extra);
     let diff = SparseDiff::load(&d.path().join("out/adapter/adapter_model.safetensors")).unwrap();
@@ -228,6 +228,7 @@ fn check_exact_entries(adapter: &str, extra: &[&str], per_matrix: impl Fn(&[usiz
         assert_eq!(run["resolved"]["method"]["details"]["trained_entries"].as_u64().unwrap() as usize, promised, "run.json counts the trained entries");
         assert_eq!(promised, changed_total);
     }
+    changed_total
 }
 
 #[test]
@@ -236,6 +237,27 @@ fn lift_changes_exactly_its_principal_entries_on_a_quantized_base() {
     check_exact_entries("lift", &["lift_mask_interval=0"], |shape, _| Some(ferrotune::methods::lift::budget(shape[0], shape[1], 4)));
     // With refreshes the changed entries are the union of the masks.
     check_exact_entries("lift", &["lift_mask_interval=1", "lift_rank=2"], |_, _| None);
+}
+
+#[test]
+fn lt_sft_keeps_the_contract_across_its_phase_switch() {
+    use common::contract::{check_method, Promise};
+    // Phase 2 starts after step 2, so the resumed half starts from the first sparse checkpoint.
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "lt_sft", extra: "lt_sft_phase1_steps = 2", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+}
+
+/// LT-SFT's result: after phase 1 moved every entry, the weights went back to θ0 and only the
+/// K chosen entries trained on, so the merged model differs from the base in exactly K
+/// entries over all matrices (K = a rank-4 LoRA's count here).
+#[test]
+fn lt_sft_changes_exactly_k_entries_after_the_reset() {
+    let shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)];
+    let k: usize = 2 * shapes.iter().map(|&(m, n)| ferrotune::methods::lift::budget(m, n, 4)).sum::<usize>();
+    let changed = check_exact_entries("lt_sft", &["lt_sft_phase1_steps=1"], |_, _| None);
+    assert_eq!(changed, k, "entries changed after phase 2");
+    let changed = check_exact_entries("lt_sft", &["lt_sft_phase1_steps=1", "lt_sft_entries=100", "lt_sft_l1=0"], |_, _| None);
+    assert_eq!(changed, 100);
 }
 
 #[test]

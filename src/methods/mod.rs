@@ -20,6 +20,7 @@ pub mod hft;
 pub mod lift;
 pub mod lora;
 pub mod lora_pro;
+pub mod lt_sft;
 pub mod options;
 pub mod registry;
 pub mod residual;

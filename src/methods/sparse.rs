@@ -134,6 +134,11 @@ impl SparseSite {
         self.lock().theta.clone()
     }
 
+    /// `θ0` of the trained entries, in mask order.
+    pub fn theta0(&self) -> Vec<f32> {
+        self.lock().change.base.clone()
+    }
+
     pub fn mask(&self) -> Vec<u32> {
         self.lock().mask.clone()
     }
