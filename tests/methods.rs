@@ -588,3 +588,66 @@ fn hft_trains_exactly_half_of_the_block_projections() {
     want_sorted.sort();
     assert_eq!(got, want_sorted);
 }
+
+#[test]
+fn greentrainer_keeps_the_contract() {
+    // Its selection needs the importance probe on data, so it is not attached bare.
+    let d = tempfile::tempdir().unwrap();
+    check_method(d.path(), &Promise { adapter: "greentrainer", extra: "greentrainer_rho = 0.7", mergeable: true, peft: false, gguf_lora: false, identity_at_init: false });
+}
+
+/// GreenTrainer's DP finds the best selection: the same total importance as trying every
+/// subset, on random small instances (negative importances, tight and loose budgets).
+#[test]
+fn greentrainer_selection_matches_brute_force() {
+    use ferrotune::methods::greentrainer::select;
+    let mut rng = ferrotune::rng::SplitMix64::new(17);
+    for case in 0..300 {
+        let n = 1 + (case % 10);
+        let importance: Vec<f64> = (0..n).map(|_| rng.next_f32() as f64 * 2.0 - 0.4).collect();
+        let dw: Vec<usize> = (0..n).map(|_| 1 + rng.below(40) as usize).collect();
+        let dy: Vec<usize> = (0..n).map(|_| rng.below(30) as usize).collect();
+        let budget = rng.below(200) as usize;
+        let cost = |sel: &[bool]| -> usize {
+            let deepest = sel.iter().rposition(|&s| s);
+            sel.iter().zip(&dw).filter(|(s, _)| **s).map(|(_, w)| w).sum::<usize>() + deepest.map_or(0, |d| dy[..=d].iter().sum())
+        };
+        let value = |sel: &[bool]| -> f64 { sel.iter().zip(&importance).filter(|(s, _)| **s).map(|(_, i)| i).sum() };
+        let mut best = 0f64;
+        for mask in 0u32..(1 << n) {
+            let sel: Vec<bool> = (0..n).map(|i| mask >> i & 1 == 1).collect();
+            if cost(&sel) <= budget {
+                best = best.max(value(&sel));
+            }
+        }
+        let got = select(&importance, &dw, &dy, budget);
+        assert!(cost(&got) <= budget, "case {case}: the DP's selection costs {} > {budget}", cost(&got));
+        assert!((value(&got) - best).abs() < 1e-9, "case {case}: DP {} vs brute force {best}", value(&got));
+    }
+}
+
+/// The cost model counts what the benchmark counts: its forward plus the full backward equal
+/// `bench`'s FLOPs per token for full fine-tuning of the same projections; a selection's
+/// backward shrinks with what it leaves out.
+#[test]
+fn greentrainer_cost_model_matches_the_benchmark_flops() {
+    use ferrotune::methods::greentrainer::CostModel;
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_hf(d.path(), &common::TinySpec::default());
+    let model = ferrotune::models::load::load_model(d.path()).unwrap();
+    let seq = 48;
+    let m = CostModel::new(&model.config, &model.sites(), &ferrotune::methods::TargetModules::AllLinear, seq).unwrap();
+    let weights: usize = model.sites().iter().filter(|s| s.name != "lm_head").map(|s| s.in_features * s.out_features).sum();
+    let bench = ferrotune::bench::flops_per_token(&model.config, seq, weights, true) - 4.0 * weights as f64;
+    assert!((m.forward + m.full_backward() - bench).abs() < 1e-6 * bench, "cost model {} vs bench {bench}", m.forward + m.full_backward());
+    let all = vec![true; m.names.len()];
+    assert!((m.backward(&all) - m.full_backward()).abs() < 1e-6);
+    // Only the output-most site: its weight gradient and its own activation gradient.
+    let mut first = vec![false; m.names.len()];
+    first[0] = true;
+    assert_eq!(m.backward(&first), m.fixed + m.dw[0] + m.dy[0]);
+    assert!(m.names[0].ends_with("layers.1.mlp.down_proj"), "backward order starts at the output: {}", m.names[0]);
+    // ρ = 1 is the whole backward; smaller ρ leaves less, floored at 5%.
+    assert!((m.backward_ratio(1.0) - 1.0).abs() < 1e-12);
+    assert!(m.backward_ratio(0.5) < 0.5 && m.backward_ratio(0.01) == 0.05);
+}

@@ -206,6 +206,7 @@ pub fn create_method(name: &str) -> Result<Box<dyn Method>> {
         target_modules: TargetModules::Names(targets_of_bench().map(String::from).to_vec()),
         use_rslora: name == "rslora",
         seed: 1234,
+        learning_rate: 2e-4,
         options: Default::default(),
     };
     registry::create(&spec).map_err(|e| match e {
@@ -294,7 +295,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let rows = batch.batch_size;
     let tokens_per_s = (rows * t) as f64 / mean;
     let mut flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
-    if opts.method == "full" && !opts.forward_only {
+    if WHOLE_MATRIX_METHODS.contains(&opts.method.as_str()) && !opts.forward_only {
         // Full fine-tuning's trainable matrices are the projections themselves, not additions
         // beside frozen ones: their forward and input-gradient products are in the 6 per
         // trainable weight already, so the frozen count's 4 per weight must not count them too.
@@ -327,6 +328,9 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         rows,
     })
 }
+
+/// Methods that train whole base matrices (full fine-tuning and its selection rules).
+const WHOLE_MATRIX_METHODS: &[&str] = &["full", "hft", "greentrainer", "lt_sft"];
 
 /// Methods that train entries of the base weights (see `methods::sparse`).
 const SPARSE_METHODS: &[&str] = &["lift", "sara"];

@@ -18,6 +18,8 @@ pub struct MethodSpec {
     pub use_rslora: bool,
     /// Drives every random initialisation.
     pub seed: u64,
+    /// The run's peak learning rate (GreenTrainer's importance probe takes one step at it).
+    pub learning_rate: f64,
     /// The method's own keys, as written in the plan.
     pub options: BTreeMap<String, toml::Value>,
 }
@@ -32,6 +34,7 @@ impl MethodSpec {
             target_modules: cfg.target_modules(),
             use_rslora: cfg.use_rslora,
             seed: cfg.seed,
+            learning_rate: cfg.learning_rate,
             options: cfg.method_options.clone(),
         }
     }

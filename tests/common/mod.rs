@@ -256,6 +256,7 @@ pub fn method_spec(adapter: &str, r: usize, alpha: f64, targets: ferrotune::meth
         target_modules: targets,
         use_rslora: false,
         seed,
+        learning_rate: 1e-3,
         options,
     }
 }
