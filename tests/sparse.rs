@@ -298,3 +298,38 @@ fn sara_rank_penalty_is_the_nuclear_norm_gradient() {
         assert!((fd - sub[j] as f64).abs() < 2e-3, "entry {j}: subgradient {} vs finite difference {fd}", sub[j]);
     }
 }
+
+/// SPT's allocation on a hand-made sensitivity map: the τ most sensitive entries over all
+/// matrices; a matrix holding at least r(m + n)/α of them gets a LoRA, one holding fewer trains
+/// just those, one holding none stays frozen.
+#[test]
+fn spt_allocation_follows_its_rule() {
+    use ferrotune::methods::spt::{allocate, Allocation};
+    let shapes = [(4, 6), (4, 6), (2, 3)];
+    // Matrix 0: six entries of 9.0; matrix 1: three of 5.0; matrix 2: small everywhere.
+    let mut s: Vec<Vec<f32>> = shapes.iter().map(|&(m, n)| vec![0.1; m * n]).collect();
+    for i in [0, 3, 7, 8, 20, 23] {
+        s[0][i] = 9.0;
+    }
+    for i in [2, 11, 17] {
+        s[1][i] = 5.0;
+    }
+    // r = 1, α = 2: N_struct/α = 5 for the 4×6 matrices.
+    let a = allocate(&s, &shapes, 9, 1, 2.0);
+    assert_eq!(a, vec![Allocation::Structured, Allocation::Unstructured(vec![2, 11, 17]), Allocation::Frozen]);
+    // A larger α lowers the bar: matrix 1's three entries now buy it a LoRA (3 ≥ 10/4).
+    assert_eq!(allocate(&s, &shapes, 9, 1, 4.0)[1], Allocation::Structured);
+    // A smaller budget reaches only matrix 0, which then holds too few for a LoRA.
+    assert_eq!(allocate(&s, &shapes, 4, 1, 2.0), vec![Allocation::Unstructured(vec![0, 3, 7, 8]), Allocation::Frozen, Allocation::Frozen]);
+}
+
+#[test]
+fn spt_keeps_the_contract_with_both_kinds_of_tuning() {
+    use common::contract::{check_method, Promise};
+    let d = tempfile::tempdir().unwrap();
+    // α = 1.5 puts the LoRA bar at r(m + n)/1.5: the most sensitive matrices reach it.
+    let out = check_method(d.path(), &Promise { adapter: "spt", extra: "spt_batches = 2\nspt_alpha = 1.5", mergeable: true, peft: false, gguf_lora: false, identity_at_init: false });
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let details = &run["resolved"]["method"]["details"];
+    assert!(!details["structured"].as_array().unwrap().is_empty() && details["sites"].as_u64().unwrap() > 0, "both kinds were allocated: {details}");
+}

@@ -17,7 +17,7 @@
 
 use super::full::Full;
 use super::registry::Entry;
-use super::sparse::{SparseSite, SparseSites};
+use super::sparse::{self, SparseSite, SparseSites};
 use super::targets::TargetModules;
 use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
 use crate::error::{Error, Result};
@@ -177,35 +177,9 @@ impl LtSft {
             shapes.push(lin.weight.dims());
         }
         let k = self.s.k(&shapes);
-        // The K-th largest |Δ| over every matrix, then the entries above it and, in site and
-        // index order, as many equal to it as K still takes (a deterministic tie rule).
-        let mut all: Vec<f32> = trained.iter().zip(&bases).flat_map(|(t, b)| t.iter().zip(b).map(|(t, b)| (t - b).abs())).collect();
-        let threshold = if k == 0 {
-            f32::INFINITY
-        } else {
-            let at = all.len() - k;
-            *all.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
-        };
-        drop(all);
-        let above: usize = trained.iter().zip(&bases).map(|(t, b)| t.iter().zip(b).filter(|(t, b)| (*t - *b).abs() > threshold).count()).sum();
-        let mut ties_left = k.saturating_sub(above);
-        let masks: Vec<Vec<u32>> = trained
-            .iter()
-            .zip(&bases)
-            .map(|(t, b)| {
-                (0..t.len() as u32)
-                    .filter(|&i| {
-                        let d = (t[i as usize] - b[i as usize]).abs();
-                        if d > threshold {
-                            return true;
-                        }
-                        let take = d == threshold && ties_left > 0;
-                        ties_left -= take as usize;
-                        take
-                    })
-                    .collect()
-            })
-            .collect();
+        let moved: Vec<Vec<f32>> = trained.iter().zip(&bases).map(|(t, b)| t.iter().zip(b).map(|(t, b)| (t - b).abs()).collect()).collect();
+        drop(bases);
+        let masks = sparse::global_top_k(&moved, k);
         // Back to θ0: the dense sites come off, sparse ones (θ = θ0) go on.
         for lin in model.linears_mut() {
             if names.contains(&lin.name) {

@@ -27,6 +27,7 @@ pub mod registry;
 pub mod residual;
 pub mod sara;
 pub mod sparse;
+pub mod spt;
 pub mod ssf;
 pub mod targets;
 pub mod triadaptlora;

@@ -322,6 +322,11 @@ impl SparseSites {
     /// The adapter folder plus the trained entries' masks and exact values.
     pub fn save_checkpoint(&self, dir: &Path, config: &serde_json::Value) -> Result<()> {
         self.save(dir, config)?;
+        self.save_trained(dir)
+    }
+
+    /// [`TRAINED_FILE`]: what a checkpoint adds to the adapter folder.
+    pub fn save_trained(&self, dir: &Path) -> Result<()> {
         let mut t = SparseDiff::default();
         for s in &self.sites {
             let st = s.lock();
@@ -448,4 +453,37 @@ impl Optimizer for SparseAdamW {
         self.inner.step = state.step;
         Ok(())
     }
+}
+
+/// Per matrix, the flat indices of its entries among the `k` largest `scores` over all
+/// matrices (increasing); ties at the threshold go to the earlier matrix and index, so the
+/// choice is deterministic.
+pub fn global_top_k(scores: &[Vec<f32>], k: usize) -> Vec<Vec<u32>> {
+    let total: usize = scores.iter().map(|s| s.len()).sum();
+    let k = k.min(total);
+    if k == 0 {
+        return scores.iter().map(|_| Vec::new()).collect();
+    }
+    let threshold = {
+        let mut all: Vec<f32> = scores.iter().flatten().copied().collect();
+        let at = all.len() - k;
+        *all.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
+    };
+    let above: usize = scores.iter().map(|s| s.iter().filter(|v| v.total_cmp(&threshold).is_gt()).count()).sum();
+    let mut ties_left = k - above;
+    scores
+        .iter()
+        .map(|s| {
+            (0..s.len() as u32)
+                .filter(|&i| match s[i as usize].total_cmp(&threshold) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Equal if ties_left > 0 => {
+                        ties_left -= 1;
+                        true
+                    }
+                    _ => false,
+                })
+                .collect()
+        })
+        .collect()
 }
