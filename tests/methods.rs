@@ -651,3 +651,59 @@ fn greentrainer_cost_model_matches_the_benchmark_flops() {
     assert!((m.backward_ratio(1.0) - 1.0).abs() < 1e-12);
     assert!(m.backward_ratio(0.5) < 0.5 && m.backward_ratio(0.01) == 0.05);
 }
+
+#[test]
+fn mosa_keeps_the_contract() {
+    let d = tempfile::tempdir().unwrap();
+    check_method(
+        d.path(),
+        &Promise { adapter: "mosa", extra: "adapter_bottleneck = 8\nadapter_scale = 0.5\nmosa_modules = 3", mergeable: false, peft: false, gguf_lora: false, identity_at_init: true },
+    );
+}
+
+/// MoSA's defining property: the modules partition the adapter's entries; a training forward
+/// sends gradient only to the entries of the modules drawn for it, and inference uses them all
+/// (the dense adapter, their sum).
+#[test]
+fn mosa_trains_only_the_drawn_module_and_infers_with_all() {
+    use common::*;
+    use ferrotune::methods::adaptformer::Split;
+    use ferrotune::methods::{registry, TargetModules};
+    use ferrotune::models::ForwardCtx;
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let opts = [("adapter_bottleneck".to_string(), toml::Value::Integer(4)), ("mosa_modules".to_string(), toml::Value::Integer(4))];
+    let spec = common::method_spec("mosa", 1, 1.0, TargetModules::AllLinear, 5, opts.into_iter().collect());
+    let mut mosa = registry::create(&spec).unwrap();
+    mosa.attach(&mut m).unwrap();
+    let params = mosa.params();
+    perturb(&params.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(), 3);
+    let split = Split { modules: 4, active: 1, seed: 5 };
+    let probe = ids(64, 12, 1);
+    let targets: Vec<i32> = probe[1..].iter().map(|&t| t as i32).chain([-100]).collect();
+    for seed in [11u64, 12, 13] {
+        let nll = m.nll(&probe, std::sync::Arc::new(targets.clone()), 1, probe.len(), &ForwardCtx::train(seed)).unwrap();
+        let store = nll.sum_all().unwrap().backward().unwrap();
+        for (site, layer) in [("model.layers.0.mlp", 0usize), ("model.layers.1.mlp", 1)] {
+            let drawn = split.drawn(layer, seed);
+            assert_eq!(drawn.len(), 1);
+            for (which, w) in [(0u64, "down.weight"), (1, "up.weight")] {
+                let (_, v) = params.iter().find(|(k, _)| k == &format!("{site}.adaptformer.{w}")).unwrap();
+                let g: Vec<f32> = store.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let part = split.partition(layer, which, g.len());
+                let live: Vec<u8> = g.iter().zip(&part).filter(|(g, _)| **g != 0.0).map(|(_, p)| *p).collect();
+                assert!(!live.is_empty(), "{site} {w}: no gradient at all");
+                assert!(live.iter().all(|p| *p == drawn[0]), "{site} {w}: gradient outside the drawn module {}", drawn[0]);
+            }
+        }
+    }
+    // Inference: the dense adapter. Zeroing one module's entries changes the output, so all count.
+    let full = logits(&m, &probe);
+    let (_, up) = params.iter().find(|(k, _)| k.ends_with("layers.1.mlp.adaptformer.up.weight")).unwrap();
+    let part = split.partition(1, 1, up.elem_count());
+    let vals: Vec<f32> = up.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let without: Vec<f32> = vals.iter().zip(&part).map(|(v, p)| if *p == 2 { 0.0 } else { *v }).collect();
+    up.set(&candle_core::Tensor::from_vec(without, up.shape(), up.device()).unwrap()).unwrap();
+    assert!(max_abs_diff(&full, &logits(&m, &probe)) > 1e-5, "module 2 of layer 1 takes part in inference");
+}

@@ -3,6 +3,16 @@
 //! `a = s · W_up·ReLU(W_down·x' + b_down) + b_up` reading the residual stream `x'` itself (not
 //! its norm). `W_down` Kaiming-uniform (a = √5), `W_up`, both biases 0: the block is unchanged
 //! at step 0. Non-linear, so it cannot be merged; the branch stays at inference.
+//!
+//! MoSA (METHODS.md §2.8, `adapter = "mosa"`) is the same adapter split into `K` disjoint
+//! sparse modules (`mosa_modules`): a fixed random partition assigns every entry of `W_down`
+//! and `W_up` to one module, and each training forward uses only the entries of the
+//! `mosa_active` modules drawn for it (`W ⊙ Π_k`), so only those receive gradients. At
+//! inference the modules are summed, which is the dense adapter itself: no extra cost.
+//! Choices where the spec is unconfirmed: the draw is per site and micro-batch (from the
+//! forward's seed); biases are shared by all modules; the optimizer is plain AdamW over the
+//! whole adapter (as a masked forward in PyTorch gives: an inactive entry has no gradient, but
+//! its moments and weight decay still move it); no hierarchical variant.
 
 use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
@@ -24,11 +34,53 @@ pub const ADAPTFORMER: Entry = Entry {
     claims_peft: super::registry::not_peft,
 };
 
+pub const MOSA: Entry = Entry {
+    name: "mosa",
+    summary: "MoSA: the AdaptFormer bottleneck split into disjoint sparse modules, one drawn per training forward; summed (the dense adapter) at inference",
+    keys: &["adapter_bottleneck", "adapter_scale", "mosa_modules", "mosa_active"],
+    create: create_mosa,
+    load,
+    claims_peft: super::registry::not_peft,
+};
+
+/// MoSA's split: `modules` disjoint parts, `active` of them used by each training forward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Split {
+    pub modules: usize,
+    pub active: usize,
+    /// Seeds the partition.
+    pub seed: u64,
+}
+
+impl Split {
+    /// The module of each entry of a site's `[rows, cols]` weight (`which`: 0 down, 1 up).
+    pub fn partition(&self, site: usize, which: u64, len: usize) -> Vec<u8> {
+        let mut rng = SplitMix64::derive(self.seed, &[0x305a, site as u64, which]);
+        (0..len).map(|_| rng.below(self.modules as u64) as u8).collect()
+    }
+
+    /// The modules a training forward with `seed` uses at `site`.
+    pub fn drawn(&self, site: usize, seed: u64) -> Vec<u8> {
+        let mut rng = SplitMix64::derive(seed, &[0x305b, site as u64]);
+        let mut all: Vec<u8> = (0..self.modules as u8).collect();
+        for i in 0..self.active {
+            let j = i + rng.below((self.modules - i) as u64) as usize;
+            all.swap(i, j);
+        }
+        all.truncate(self.active);
+        all
+    }
+}
+
 /// The official defaults: bottleneck 64, fixed scale 0.1.
 const DEFAULT_BOTTLENECK: usize = 64;
 const DEFAULT_SCALE: f64 = 0.1;
 
 fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    Ok(Box::new(adaptformer(spec)?))
+}
+
+fn adaptformer(spec: &MethodSpec) -> Result<AdaptFormer> {
     let bottleneck = spec.usize_or("adapter_bottleneck", DEFAULT_BOTTLENECK)?;
     if bottleneck == 0 {
         return Err(Error::config("adapter_bottleneck", "is 0; expected a bottleneck width of at least 1, such as 64"));
@@ -37,7 +89,21 @@ fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
     if scale == 0.0 {
         return Err(Error::config("adapter_scale", "is 0: the adapter's output would be multiplied away and training would change nothing"));
     }
-    Ok(Box::new(AdaptFormer { bottleneck, scale, seed: spec.seed, sites: Vec::new() }))
+    Ok(AdaptFormer { bottleneck, scale, seed: spec.seed, sites: Vec::new(), split: None })
+}
+
+fn create_mosa(spec: &MethodSpec) -> Result<Box<dyn Method>> {
+    let mut af = adaptformer(spec)?;
+    let modules = spec.usize_or("mosa_modules", 4)?;
+    let active = spec.usize_or("mosa_active", 1)?;
+    if !(2..=255).contains(&modules) {
+        return Err(Error::config("mosa_modules", format!("is {modules}; expected 2 to 255 modules to split the adapter into")));
+    }
+    if active == 0 || active >= modules {
+        return Err(Error::config("mosa_active", format!("is {active}; expected at least 1 and fewer than mosa_modules = {modules}")));
+    }
+    af.split = Some(Split { modules, active, seed: spec.seed });
+    Ok(Box::new(af))
 }
 
 fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
@@ -47,7 +113,11 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
     let scale = field("adapter_scale")?;
     let w_path = dir.join(ADAPTER_WEIGHTS);
     let mut tensors = st::load_f32(&w_path)?;
-    let mut af = AdaptFormer { bottleneck, scale, seed: 0, sites: Vec::new() };
+    let split = match cfg.get("mosa_modules") {
+        Some(_) => Some(Split { modules: field("mosa_modules")? as usize, active: field("mosa_active")? as usize, seed: field("mosa_seed")? as u64 }),
+        None => None,
+    };
+    let mut af = AdaptFormer { bottleneck, scale, seed: 0, sites: Vec::new(), split };
     af.attach_with(model, |_, site, d| {
         let mut take = |which: &str, shape: &[usize]| super::lora::take_checked(&mut tensors, &key(site, which), shape, site, &w_path);
         Ok([take("down.weight", &[bottleneck, d])?, take("down.bias", &[bottleneck])?, take("up.weight", &[d, bottleneck])?, take("up.bias", &[d])?])
@@ -68,6 +138,8 @@ struct Branch {
     up_w: Var,
     up_b: Var,
     scale: f64,
+    /// MoSA: the site's index, its split and each weight entry's module.
+    split: Option<(usize, Split, Tensor, Tensor)>,
 }
 
 impl Branch {
@@ -79,10 +151,22 @@ impl Branch {
 impl BlockHook for Branch {
     fn forward(&self, x: &Tensor, mlp_out: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let t = |v: &Var| if ctx.train { v.as_tensor().clone() } else { v.as_detached_tensor() };
+        let (mut down, mut up) = (t(&self.down_w), t(&self.up_w));
+        if let (Some((site, split, down_part, up_part)), true) = (&self.split, ctx.train) {
+            // W ⊙ Π: the drawn modules' entries only (a 0/1 mask, so the others get no gradient).
+            let drawn = split.drawn(*site, ctx.seed);
+            let mask = |part: &Tensor| -> candle_core::Result<Tensor> {
+                let ids: Vec<u8> = part.flatten_all()?.to_vec1()?;
+                let m: Vec<f32> = ids.iter().map(|i| drawn.contains(i) as u8 as f32).collect();
+                Tensor::from_vec(m, part.shape(), part.device())
+            };
+            down = (down * mask(down_part)?)?;
+            up = (up * mask(up_part)?)?;
+        }
         let (b, n, d) = x.dims3()?;
         let x2 = x.reshape((b * n, d))?;
-        let h = x2.matmul(&t(&self.down_w).t()?)?.broadcast_add(&t(&self.down_b))?.relu()?;
-        let a = (h.matmul(&t(&self.up_w).t()?)? * self.scale)?.broadcast_add(&t(&self.up_b))?;
+        let h = x2.matmul(&down.t()?)?.broadcast_add(&t(&self.down_b))?.relu()?;
+        let a = (h.matmul(&up.t()?)? * self.scale)?.broadcast_add(&t(&self.up_b))?;
         mlp_out + a.reshape((b, n, d))?
     }
 }
@@ -92,6 +176,8 @@ pub struct AdaptFormer {
     scale: f64,
     seed: u64,
     sites: Vec<Arc<Branch>>,
+    /// MoSA's split (`None`: plain AdaptFormer).
+    split: Option<Split>,
 }
 
 impl AdaptFormer {
@@ -102,6 +188,13 @@ impl AdaptFormer {
                 return Err(Error::Model(format!("block `{}` already has a method attached", site.info.name)));
             }
             let [dw, db, uw, ub] = init(i, &site.info.name, site.info.hidden_size)?;
+            let split = match self.split {
+                Some(s) => {
+                    let part = |which: u64, t: &Tensor| Tensor::from_vec(s.partition(i, which, t.elem_count()), t.shape(), &Device::Cpu);
+                    Some((i, s, part(0, &dw)?, part(1, &uw)?))
+                }
+                None => None,
+            };
             let branch = Arc::new(Branch {
                 site: site.info.name.clone(),
                 down_w: Var::from_tensor(&dw)?,
@@ -109,6 +202,7 @@ impl AdaptFormer {
                 up_w: Var::from_tensor(&uw)?,
                 up_b: Var::from_tensor(&ub)?,
                 scale: self.scale,
+                split,
             });
             site.hook = Some(branch.clone());
             self.sites.push(branch);
@@ -119,7 +213,7 @@ impl AdaptFormer {
 
 impl Method for AdaptFormer {
     fn name(&self) -> &'static str {
-        "adaptformer"
+        if self.split.is_some() { "mosa" } else { "adaptformer" }
     }
 
     fn attach(&mut self, model: &mut Llama) -> Result<()> {
@@ -151,17 +245,27 @@ impl Method for AdaptFormer {
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        let cfg = serde_json::json!({
-            METHOD_KEY: "adaptformer",
+        let mut cfg = serde_json::json!({
+            METHOD_KEY: self.name(),
             "base_model_name_or_path": base_model,
             "adapter_bottleneck": self.bottleneck,
             "adapter_scale": self.scale,
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         });
+        if let Some(s) = &self.split {
+            cfg["mosa_modules"] = s.modules.into();
+            cfg["mosa_active"] = s.active.into();
+            cfg["mosa_seed"] = s.seed.into();
+        }
         write_adapter(dir, &param_tensors(self.params()), &cfg, false)
     }
 
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "bottleneck": self.bottleneck, "scale": self.scale, "blocks": self.sites.len() })
+        let mut d = serde_json::json!({ "bottleneck": self.bottleneck, "scale": self.scale, "blocks": self.sites.len() });
+        if let Some(s) = &self.split {
+            d["mosa_modules"] = s.modules.into();
+            d["mosa_active"] = s.active.into();
+        }
+        d
     }
 }

@@ -32,7 +32,7 @@ pub fn not_peft(_: &serde_json::Value) -> bool {
 /// Every method, in the order listings show them. A PEFT folder goes to the first entry that
 /// claims it, so the more specific claims (DoRA's `use_dora`) must not be shadowed: LoRA's
 /// claim excludes them.
-const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &eva::EVA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER, &full::FULL, &hft::HFT, &lift::LIFT, &sara::SARA, &lt_sft::LT_SFT, &greentrainer::GREENTRAINER, &spt::SPT];
+const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &eva::EVA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER, &adaptformer::MOSA, &full::FULL, &hft::HFT, &lift::LIFT, &sara::SARA, &lt_sft::LT_SFT, &greentrainer::GREENTRAINER, &spt::SPT];
 
 pub fn entries() -> &'static [&'static Entry] {
     ENTRIES
