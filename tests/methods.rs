@@ -707,3 +707,20 @@ fn mosa_trains_only_the_drawn_module_and_infers_with_all() {
     up.set(&candle_core::Tensor::from_vec(without, up.shape(), up.device()).unwrap()).unwrap();
     assert!(max_abs_diff(&full, &logits(&m, &probe)) > 1e-5, "module 2 of layer 1 takes part in inference");
 }
+
+#[test]
+fn locft_bf_keeps_the_contract_and_trains_its_one_module() {
+    let d = tempfile::tempdir().unwrap();
+    let out = check_method(d.path(), &Promise { adapter: "locft_bf", extra: "", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true });
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    // Two layers: round(22/32 · 2) = 1.
+    assert_eq!(run["resolved"]["method"]["details"]["trained_modules"], serde_json::json!(["model.layers.1.mlp.down_proj"]));
+    assert_eq!(ferrotune::methods::locft::default_layer(32), 22);
+    assert_eq!(ferrotune::methods::locft::default_layer(30), 21);
+    // A location the model does not have is refused by key.
+    let p = Promise { adapter: "locft_bf", extra: "locft_layer = 5", mergeable: true, peft: false, gguf_lora: false, identity_at_init: true };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = common::contract::plan(d.path(), &p, 1);
+    let err = ferrotune::train::train(&cfg, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("locft_layer") && err.contains("2 layers"), "{err}");
+}

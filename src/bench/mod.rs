@@ -330,7 +330,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
 }
 
 /// Methods that train whole base matrices (full fine-tuning and its selection rules).
-const WHOLE_MATRIX_METHODS: &[&str] = &["full", "hft", "greentrainer", "lt_sft"];
+const WHOLE_MATRIX_METHODS: &[&str] = &["full", "hft", "greentrainer", "lt_sft", "locft_bf"];
 
 /// Methods that train entries of the base weights (see `methods::sparse`).
 const SPARSE_METHODS: &[&str] = &["lift", "sara"];

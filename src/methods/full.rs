@@ -147,3 +147,78 @@ impl Method for Full {
         serde_json::json!({ "sites": self.sites.len(), "trained_entries": self.num_params() })
     }
 }
+
+/// Full fine-tuning of the sites a rule picks from the model when the method is attached:
+/// HFT's half of the projections, LocFT-BF's location. The rule's settings are written to the
+/// adapter config (`selection`), and a reloaded adapter trains the sites it holds.
+pub struct Selected {
+    name: &'static str,
+    rule: fn(&[SiteInfo], &serde_json::Value) -> Result<Vec<String>>,
+    settings: serde_json::Value,
+    full: Option<Full>,
+}
+
+impl Selected {
+    pub fn new(name: &'static str, rule: fn(&[SiteInfo], &serde_json::Value) -> Result<Vec<String>>, settings: serde_json::Value) -> Self {
+        Selected { name, rule, settings, full: None }
+    }
+
+    /// Reads an adapter folder a `Selected` of this `name` wrote.
+    pub fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value, name: &'static str, rule: fn(&[SiteInfo], &serde_json::Value) -> Result<Vec<String>>) -> Result<Self> {
+        let settings = cfg.get("selection").cloned().ok_or_else(|| Error::format(&dir.join(ADAPTER_CONFIG), "field `selection` is missing"))?;
+        Ok(Selected { name, rule, settings, full: Some(Full::load(model, dir, cfg, name)?) })
+    }
+
+    fn full(&self) -> &Full {
+        self.full.as_ref().expect("used only once attached")
+    }
+}
+
+impl Method for Selected {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn attach(&mut self, model: &mut Llama) -> Result<()> {
+        let chosen = (self.rule)(&model.sites(), &self.settings)?;
+        let mut full = Full::new(self.name, TargetModules::Names(chosen));
+        full.attach(model)?;
+        self.full = Some(full);
+        Ok(())
+    }
+
+    fn params(&self) -> Vec<(String, Var)> {
+        self.full.as_ref().map_or(Vec::new(), |f| f.params())
+    }
+
+    fn sites(&self) -> Vec<String> {
+        self.full.as_ref().map_or(Vec::new(), |f| f.sites())
+    }
+
+    fn planned_memory(&self, sites: &[SiteInfo], blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
+        Full::new(self.name, TargetModules::Names((self.rule)(sites, &self.settings)?)).planned_memory(sites, blocks)
+    }
+
+    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
+        self.full().save(dir, base_model)?;
+        let path = dir.join(ADAPTER_CONFIG);
+        let mut cfg: serde_json::Value = serde_json::from_str(&crate::io_util::read_to_string(&path)?).map_err(|e| Error::format(&path, e.to_string()))?;
+        cfg["selection"] = self.settings.clone();
+        crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&cfg).expect("serialisable").as_bytes())
+    }
+
+    fn merge(&self, model: &mut Llama) -> Result<()> {
+        self.full().merge(model)
+    }
+
+    fn mergeable(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let mut d = self.full.as_ref().map_or(serde_json::json!({}), |f| f.describe());
+        d["selection"] = self.settings.clone();
+        d["trained_modules"] = self.sites().into();
+        d
+    }
+}

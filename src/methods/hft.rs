@@ -14,16 +14,13 @@
 //! `hft_stage` (default 0): a later stage (SFT, then DPO, …) sets `hft_stage = 1, 2, …` to
 //! redraw with the same seed. The adapter holds the trained matrices, as `full`'s does.
 
-use super::full::Full;
+use super::full::Selected;
 use super::registry::Entry;
-use super::targets::TargetModules;
-use super::{Method, MethodSpec, PlannedMemory};
+use super::{Method, MethodSpec};
 use crate::error::{Error, Result};
-use crate::models::{BlockSiteInfo, Llama, SiteInfo};
-use crate::optim::{AdamWConfig, Optimizer};
+use crate::models::{Llama, SiteInfo};
 use crate::rng::SplitMix64;
-use candle_core::{Tensor, Var};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const HFT: Entry = Entry {
@@ -39,13 +36,21 @@ const ATTENTION: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
 const MLP: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
 
 fn create(spec: &MethodSpec) -> Result<Box<dyn Method>> {
-    let stage = spec.usize_or("hft_stage", 0)? as u64;
-    Ok(Box::new(Hft { seed: spec.seed, stage, full: None }))
+    let stage = spec.usize_or("hft_stage", 0)?;
+    Ok(Box::new(Selected::new("hft", rule, serde_json::json!({ "seed": spec.seed, "hft_stage": stage }))))
 }
 
 fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dyn Method>> {
-    let num = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::format(&dir.join(super::ADAPTER_CONFIG), format!("field `{k}` is missing or not a whole number")));
-    Ok(Box::new(Hft { seed: num("hft_seed")?, stage: num("hft_stage")?, full: Some(Full::load(model, dir, cfg, "hft")?) }))
+    Ok(Box::new(Selected::load(model, dir, cfg, "hft", rule)?))
+}
+
+fn rule(sites: &[SiteInfo], settings: &serde_json::Value) -> Result<Vec<String>> {
+    let num = |k: &str| settings.get(k).and_then(|v| v.as_u64()).ok_or_else(|| Error::Model(format!("hft: setting `{k}` is missing")));
+    let chosen = select(sites, num("seed")?, num("hft_stage")?);
+    if chosen.is_empty() {
+        return Err(Error::Model("hft: the model has no block projections (q/k/v/o_proj, gate/up/down_proj) to choose from".into()));
+    }
+    Ok(chosen)
 }
 
 /// `k` of `0..n`, drawn without replacement, increasing.
@@ -86,81 +91,3 @@ pub fn select(sites: &[SiteInfo], seed: u64, stage: u64) -> Vec<String> {
     out
 }
 
-pub struct Hft {
-    seed: u64,
-    stage: u64,
-    /// The trained matrices, once chosen.
-    full: Option<Full>,
-}
-
-impl Hft {
-    fn full(&self) -> &Full {
-        self.full.as_ref().expect("HFT is used only once attached")
-    }
-}
-
-impl Method for Hft {
-    fn name(&self) -> &'static str {
-        "hft"
-    }
-
-    fn attach(&mut self, model: &mut Llama) -> Result<()> {
-        let chosen = select(&model.sites(), self.seed, self.stage);
-        if chosen.is_empty() {
-            return Err(Error::Model("hft: the model has no block projections (q/k/v/o_proj, gate/up/down_proj) to choose from".into()));
-        }
-        let mut full = Full::new("hft", TargetModules::Names(chosen));
-        full.attach(model)?;
-        self.full = Some(full);
-        Ok(())
-    }
-
-    fn params(&self) -> Vec<(String, Var)> {
-        self.full.as_ref().map_or(Vec::new(), |f| f.params())
-    }
-
-    fn sites(&self) -> Vec<String> {
-        self.full.as_ref().map_or(Vec::new(), |f| f.sites())
-    }
-
-    fn planned_memory(&self, sites: &[SiteInfo], blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
-        Full::new("hft", TargetModules::Names(select(sites, self.seed, self.stage))).planned_memory(sites, blocks)
-    }
-
-    fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {
-        self.full().optimizer(config)
-    }
-
-    fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        self.full().state()
-    }
-
-    fn restore_state(&mut self, state: HashMap<String, Tensor>, src: &Path) -> Result<()> {
-        self.full.as_mut().expect("attached").restore_state(state, src)
-    }
-
-    fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
-        self.full().save(dir, base_model)?;
-        // The draw, so a reloaded adapter says which stage it was.
-        let path = dir.join(super::ADAPTER_CONFIG);
-        let mut cfg: serde_json::Value = serde_json::from_str(&crate::io_util::read_to_string(&path)?).map_err(|e| Error::format(&path, e.to_string()))?;
-        cfg["hft_seed"] = self.seed.into();
-        cfg["hft_stage"] = self.stage.into();
-        crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&cfg).expect("serialisable").as_bytes())
-    }
-
-    fn merge(&self, model: &mut Llama) -> Result<()> {
-        self.full().merge(model)
-    }
-
-    fn mergeable(&self) -> bool {
-        true
-    }
-
-    fn describe(&self) -> serde_json::Value {
-        let mut d = self.full.as_ref().map_or(serde_json::json!({}), |f| f.describe());
-        d["hft_stage"] = self.stage.into();
-        d["trained_modules"] = self.sites().into();
-        d
-    }
-}

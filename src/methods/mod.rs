@@ -19,6 +19,7 @@ pub mod full;
 pub mod greentrainer;
 pub mod hft;
 pub mod lift;
+pub mod locft;
 pub mod lora;
 pub mod lora_pro;
 pub mod lt_sft;
