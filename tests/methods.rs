@@ -724,3 +724,99 @@ fn locft_bf_keeps_the_contract_and_trains_its_one_module() {
     let err = ferrotune::train::train(&cfg, &Default::default()).unwrap_err().to_string();
     assert!(err.contains("locft_layer") && err.contains("2 layers"), "{err}");
 }
+
+#[test]
+fn snella_keeps_the_contract() {
+    // ΔW ≠ 0 at step 0 (the kernel of random tables), so no identity at init; an interval of 2
+    // changes the sparsity at step 2, where the resumed half starts.
+    let d = tempfile::tempdir().unwrap();
+    check_method(
+        d.path(),
+        &Promise { adapter: "snella", extra: "snella_mask_interval = 2\nsnella_rho_target = 0.5", mergeable: true, peft: false, gguf_lora: false, identity_at_init: false },
+    );
+}
+
+/// SNELLA's update: the kernel as its formula gives it entry by entry, zeroed at the matrix's
+/// ρ-quantile of |K|, each survivor times |K|; and of higher rank than its tables' q (the point
+/// of a distance kernel over a dot product).
+#[test]
+fn snella_update_is_the_sparsified_distance_kernel_and_is_high_rank() {
+    use common::*;
+    use ferrotune::methods::{registry, TargetModules};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(d.path(), &TinySpec::default());
+    let base = ferrotune::models::load::load_model(d.path()).unwrap();
+    let mut m = ferrotune::models::load::load_model(d.path()).unwrap();
+    let opts = [("snella_rho_init".to_string(), toml::Value::Float(0.25))];
+    let q = 4;
+    let spec = common::method_spec("snella", q, 1.0, TargetModules::Names(vec!["up_proj".into()]), 9, opts.into_iter().collect());
+    let mut snella = registry::create(&spec).unwrap();
+    snella.attach(&mut m).unwrap();
+    let params = snella.params();
+    let get = |k: &str| -> Vec<f32> { params.iter().find(|(n, _)| n == &format!("model.layers.0.mlp.up_proj.snella.{k}")).unwrap().1.as_tensor().flatten_all().unwrap().to_vec1().unwrap() };
+    let (p, qt) = (get("P"), get("Q"));
+    let (n, rows, heads, dh) = (32usize, 64usize, 2usize, q / 2);
+    // K[i, o] by its formula (α = γ = 1, β = 0 at init).
+    let mut k = vec![0f64; n * rows];
+    for i in 0..n {
+        for o in 0..rows {
+            k[i * rows + o] = (0..heads)
+                .map(|h| {
+                    let c = if h == 0 { 0.1 } else { -0.1 };
+                    let dist: f64 = (0..dh).map(|j| (p[(h * n + i) * dh + j] as f64 - qt[(h * rows + o) * dh + j] as f64).powi(2)).sum::<f64>().sqrt();
+                    c * dist
+                })
+                .sum();
+        }
+        let row = &mut k[i * rows..(i + 1) * rows];
+        let mx = row.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = row.iter().map(|v| (v - mx).exp()).sum();
+        let soft: Vec<f64> = row.iter().map(|v| (v - mx).exp() / z).collect();
+        row.iter_mut().zip(soft).for_each(|(v, s)| *v += s);
+    }
+    let mut mags: Vec<f64> = k.iter().map(|v| v.abs()).collect();
+    mags.sort_by(f64::total_cmp);
+    let threshold = mags[(k.len() as f64 * 0.25).ceil() as usize - 1];
+    let want: Vec<f64> = k.iter().map(|v| if v.abs() > threshold { v * v.abs() } else { 0.0 }).collect();
+    // The merged weight's change is ΔW = (that matrix)ᵀ.
+    snella.merge(&mut m).unwrap();
+    let w = |model: &ferrotune::models::Llama| model.linears().find(|l| l.name == "model.layers.0.mlp.up_proj").unwrap().weight.to_f32_vec();
+    let (w0, w1) = (w(&base), w(&m));
+    let mut zeros = 0;
+    for o in 0..rows {
+        for i in 0..n {
+            let got = (w1[o * n + i] - w0[o * n + i]) as f64;
+            let exp = want[i * rows + o];
+            assert!((got - exp).abs() < 1e-6 + 1e-4 * exp.abs(), "ΔW[{o}, {i}] = {got}, the kernel gives {exp}");
+            zeros += (exp == 0.0) as usize;
+        }
+    }
+    assert_eq!(zeros, (n * rows) / 4, "ρ = 0.25 zeroes a quarter of the entries");
+    // Rank well above q = 4.
+    let delta: Vec<f32> = (0..rows * n).map(|j| w1[j] - w0[j]).collect();
+    let s = ferrotune::linalg::svd(&ferrotune::linalg::from_rows(rows, n, &delta)).unwrap().s;
+    let rank = s.iter().filter(|&&x| x > 1e-6 * s[0]).count();
+    assert!(rank > 4 * q, "the kernel update has rank {rank}, hardly above q = {q}");
+}
+
+/// The bi-level competition's budget: cubic from V0 to V_T, and shared in proportion to the
+/// scores with each matrix capped at its size, the remainder going to the others.
+#[test]
+fn snella_budget_schedule_and_allocation_follow_their_rules() {
+    use ferrotune::methods::snella::{allocate, budget_at};
+    assert_eq!(budget_at(0, 10, 0, 0, 100.0, 40.0), 100.0);
+    assert_eq!(budget_at(10, 10, 0, 0, 100.0, 40.0), 40.0);
+    assert!((budget_at(5, 10, 0, 0, 100.0, 40.0) - (40.0 + 60.0 * 0.125)).abs() < 1e-12);
+    assert_eq!(budget_at(2, 10, 3, 2, 100.0, 40.0), 100.0, "warm-up keeps V0");
+    assert_eq!(budget_at(9, 10, 3, 2, 100.0, 40.0), 40.0, "the final warm-up holds V_T");
+    // Proportional when nothing is capped.
+    let a = allocate(&[0.5, 0.25, 0.25], &[100, 100, 100], 80.0);
+    assert!((a[0] - 40.0).abs() < 1e-9 && (a[1] - 20.0).abs() < 1e-9 && (a[2] - 20.0).abs() < 1e-9, "{a:?}");
+    // Matrix 0 would get 120 of 10: capped, its excess shared by the others in proportion.
+    let a = allocate(&[0.6, 0.3, 0.1], &[10, 1000, 1000], 200.0);
+    assert!((a[0] - 10.0).abs() < 1e-9, "{a:?}");
+    assert!((a[1] - 142.5).abs() < 1e-6 && (a[2] - 47.5).abs() < 1e-6, "{a:?}");
+    assert!((a.iter().sum::<f64>() - 200.0).abs() < 1e-6);
+    // More budget than room: everything full.
+    assert_eq!(allocate(&[1.0, 0.0], &[5, 7], 100.0), vec![5.0, 7.0]);
+}

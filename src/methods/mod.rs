@@ -27,6 +27,7 @@ pub mod options;
 pub mod registry;
 pub mod residual;
 pub mod sara;
+pub mod snella;
 pub mod sparse;
 pub mod spt;
 pub mod ssf;
