@@ -69,7 +69,7 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
     };
     let mut estimate = memory::estimate(&footprint, &step, process);
     if !opts.forward_only {
-        estimate.total += planned.extra_bytes;
+        estimate.add_method(&planned, &footprint.config, opts.checkpointing);
     }
     report.memory_estimate_mib = Some(estimate.total_mib());
     println!("{}", serde_json::to_string(&report)?);

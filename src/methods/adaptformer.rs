@@ -241,7 +241,7 @@ impl Method for AdaptFormer {
         let trainable_params = blocks.iter().map(|b| 2 * r * b.hidden_size as u64 + r + b.hidden_size as u64).sum();
         // The bottleneck's pre- and post-ReLU values and the branch output and sum, per block.
         let floats_per_token = blocks.iter().map(|b| 2 * r + 2 * b.hidden_size as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token }))
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token, ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

@@ -188,7 +188,7 @@ impl Method for Dora {
         // with dropout also the dropped input, `x − drop(x)` and the base product of it.
         let per_site = |s: &&SiteInfo| if self.config.dropout > 0.0 { (2 * s.in_features + 3 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
         let floats_per_token = chosen.iter().map(per_site).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token }))
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token, ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

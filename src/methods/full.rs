@@ -115,7 +115,7 @@ impl Method for Full {
         let weights: u64 = chosen.iter().map(|s| (s.out_features * s.in_features) as u64).sum();
         // The trainable values (with gradient and moments, counted by the estimate), and per
         // token each chosen site's input, kept for the weight gradient.
-        Ok(Some(PlannedMemory { trainable_params: weights, extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.in_features as u64).sum() }))
+        Ok(Some(PlannedMemory { trainable_params: weights, extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.in_features as u64).sum(), ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

@@ -132,7 +132,7 @@ impl Method for Lift {
     fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let chosen = self.s.targets.select(sites, "lora_target_modules")?;
         let entries: u64 = chosen.iter().map(|s| budget(s.out_features, s.in_features, self.s.rank) as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params: entries, extra_bytes: entries * sparse::BYTES_PER_ENTRY, floats_per_token: 0 }))
+        Ok(Some(PlannedMemory { trainable_params: entries, extra_bytes: entries * sparse::BYTES_PER_ENTRY, floats_per_token: 0, ..Default::default() }))
     }
 
     fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {

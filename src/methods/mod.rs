@@ -74,6 +74,9 @@ pub struct PlannedMemory {
     /// f32 values per training token that its ops keep for the backward beyond LoRA's, over
     /// the whole model (DoRA's rescaled outputs, AdaptFormer's bottleneck activations).
     pub floats_per_token: u64,
+    /// Bytes its ops keep in the autograd graph whatever the batch, over the whole model
+    /// (SNELLA's weight-sized kernels); with activation checkpointing one block's share.
+    pub graph_bytes: u64,
 }
 
 pub trait Method: Send {

@@ -174,7 +174,7 @@ impl Method for Sara {
         // LoRA-scale 1/8 of the entries and let run.json report the true count.
         let chosen = self.s.targets.select(sites, "lora_target_modules")?;
         let entries: u64 = chosen.iter().map(|s| (s.out_features * s.in_features / 8) as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params: entries, extra_bytes: entries * sparse::BYTES_PER_ENTRY, floats_per_token: 0 }))
+        Ok(Some(PlannedMemory { trainable_params: entries, extra_bytes: entries * sparse::BYTES_PER_ENTRY, floats_per_token: 0, ..Default::default() }))
     }
 
     fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {

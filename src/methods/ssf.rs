@@ -140,7 +140,7 @@ impl Method for Ssf {
     fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let chosen = self.targets.select(sites, "lora_target_modules")?;
         // Kept per token for the backward: each site's unscaled output (γ's gradient reads it).
-        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.out_features as u64).sum() }))
+        Ok(Some(PlannedMemory { trainable_params: chosen.iter().map(|s| 2 * s.out_features as u64).sum(), extra_bytes: 0, floats_per_token: chosen.iter().map(|s| s.out_features as u64).sum(), ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

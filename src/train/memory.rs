@@ -368,6 +368,17 @@ fn activation_bytes(c: &ModelConfig, s: &StepShape) -> u64 {
     train.max(eval)
 }
 
+impl MemoryEstimate {
+    /// Adds what a method holds beyond its trainable values: its own buffers, and the graph
+    /// bytes its ops keep (one block's share with checkpointing).
+    pub fn add_method(&mut self, planned: &PlannedMemory, c: &ModelConfig, checkpointing: bool) {
+        let graph = if checkpointing { planned.graph_bytes / c.num_hidden_layers.max(1) as u64 } else { planned.graph_bytes };
+        self.adapter += planned.extra_bytes;
+        self.activations += graph;
+        self.total += planned.extra_bytes + graph;
+    }
+}
+
 /// The estimate for a run of `shape` on a model of footprint `fp`, by a process that holds
 /// `process` bytes before loading it.
 pub fn estimate(fp: &Footprint, s: &StepShape, process: u64) -> MemoryEstimate {
@@ -470,8 +481,9 @@ pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedE
     let mut shape = step_shape(cfg, train, val, total_steps, planned.trainable_params);
     shape.method_floats_per_token = planned.floats_per_token + objective_floats;
     let mut e = estimate(&fp, &shape, process);
-    e.adapter += planned.extra_bytes + objective_bytes;
-    e.total += planned.extra_bytes + objective_bytes;
+    e.adapter += objective_bytes;
+    e.total += objective_bytes;
+    e.add_method(&planned, &fp.config, cfg.gradient_checkpointing);
     Ok(e)
 }
 
