@@ -333,3 +333,50 @@ fn spt_keeps_the_contract_with_both_kinds_of_tuning() {
     let details = &run["resolved"]["method"]["details"];
     assert!(!details["structured"].as_array().unwrap().is_empty() && details["sites"].as_u64().unwrap() > 0, "both kinds were allocated: {details}");
 }
+
+/// The defining property on the real model (SmolLM2-135M, Q4_1 blocks): after LIFT and SaRA
+/// train, the merged weights differ from the base in exactly the entries of their diffs (LIFT:
+/// exactly (m+n)·r_L per matrix), every other entry of all 272 tensors bit-identical.
+#[test]
+fn sparse_methods_change_exactly_their_entries_of_the_real_model() {
+    let Some(gguf) = common::smollm2_gguf() else {
+        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        return;
+    };
+    let flat = |m: &ferrotune::models::Llama| -> Vec<(String, Vec<f32>)> { m.named_weights().unwrap().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap())).collect() };
+    let base = flat(&ferrotune::models::load::load_model(&gguf).unwrap());
+    for (adapter, extra) in [("lift", "lift_mask_interval = 0"), ("sara", "")] {
+        let d = tempfile::tempdir().unwrap();
+        let text = serde_json::json!({ "text": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. #### 72" }).to_string();
+        std::fs::write(d.path().join("train.jsonl"), text + "\n").unwrap();
+        let cfg = format!(
+            "base_model = {gguf:?}\ndatasets = [{{ path = \"train.jsonl\", type = \"text\" }}]\nadapter = \"{adapter}\"\n{extra}\nlora_r = 4\nlora_target_modules = [\"q_proj\", \"down_proj\"]\nsequence_len = 64\nmicro_batch_size = 1\nmax_steps = 2\nlearning_rate = 1e-3\nsave_steps = 0\noutput_dir = {:?}\n",
+            d.path().join("out")
+        );
+        std::fs::write(d.path().join("run.toml"), cfg).unwrap();
+        let cfg = ferrotune::config::TrainConfig::load(&d.path().join("run.toml"), &[]).unwrap();
+        ferrotune::train::train(&cfg, &Default::default()).unwrap();
+        let adapter_dir = d.path().join("out/adapter");
+        let diff = SparseDiff::load(&adapter_dir.join("adapter_model.safetensors")).unwrap();
+        let mut session = ferrotune::session::Session::load(&gguf, Some(&adapter_dir)).unwrap();
+        session.merge_adapter().unwrap();
+        let merged = flat(&session.model);
+        assert_eq!(base.len(), merged.len());
+        let mut trained = 0;
+        for ((name, b), (name2, m)) in base.iter().zip(&merged) {
+            assert_eq!(name, name2);
+            let changed: Vec<u64> = (0..b.len() as u64).filter(|&i| b[i as usize].to_bits() != m[i as usize].to_bits()).collect();
+            match diff.tensors.get(name) {
+                Some(t) => {
+                    assert_eq!(changed, t.indices, "{adapter}: {name}: the changed entries are not the diff's");
+                    if adapter == "lift" {
+                        assert_eq!(changed.len(), ferrotune::methods::lift::budget(t.shape[0], t.shape[1], 4), "{adapter}: {name}");
+                    }
+                    trained += 1;
+                }
+                None => assert!(changed.is_empty(), "{adapter}: {name} is not trained, and {} of its entries changed", changed.len()),
+            }
+        }
+        assert_eq!(trained, 60, "{adapter}: q_proj and down_proj of 30 layers");
+    }
+}
