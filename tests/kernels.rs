@@ -525,3 +525,63 @@ fn skinny_products_handle_ragged_sizes() {
         }
     }
 }
+
+/// SNELLA's fused distance kernel against its composition from candle ops (the spec's formula
+/// written out, the softmax by hand): the same update, and the same gradients for the tables
+/// and the three scalars, with and without sparsification.
+#[test]
+fn distance_kernel_matches_its_composition_and_gradients() {
+    use candle_core::{DType, Device, Tensor, Var, D};
+    let (heads, n, m, d) = (2usize, 7usize, 9usize, 3usize);
+    let mut rng = ferrotune::rng::SplitMix64::new(31);
+    let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_f32() - 0.5).collect() };
+    let p = Var::from_tensor(&Tensor::from_vec(rand(heads * n * d), (heads, n, d), &Device::Cpu).unwrap()).unwrap();
+    let q = Var::from_tensor(&Tensor::from_vec(rand(heads * m * d), (heads, m, d), &Device::Cpu).unwrap()).unwrap();
+    let s = Var::from_tensor(&Tensor::from_vec(vec![0.7f32, 1.3, 0.05], 3, &Device::Cpu).unwrap()).unwrap();
+    let probe = Tensor::from_vec(rand(n * m), (n, m), &Device::Cpu).unwrap();
+    let composed = |rho: f64| -> Tensor {
+        let mut k: Option<Tensor> = None;
+        for h in 0..heads {
+            let (ph, qh) = (p.as_tensor().get(h).unwrap(), q.as_tensor().get(h).unwrap());
+            let diff = ph.unsqueeze(1).unwrap().broadcast_sub(&qh.unsqueeze(0).unwrap()).unwrap();
+            let dist = (diff.sqr().unwrap().sum(D::Minus1).unwrap() + 1e-12).unwrap().sqrt().unwrap();
+            let c = if h % 2 == 0 { 0.1 } else { -0.1 };
+            let term = (dist * c).unwrap();
+            k = Some(match k { Some(a) => (a + term).unwrap(), None => term });
+        }
+        let k0 = k.unwrap();
+        let (alpha, gamma, beta) = (s.as_tensor().get(0).unwrap(), s.as_tensor().get(1).unwrap(), s.as_tensor().get(2).unwrap());
+        let z = k0.broadcast_div(&gamma).unwrap();
+        let e = z.broadcast_sub(&z.max_keepdim(D::Minus1).unwrap().detach()).unwrap().exp().unwrap();
+        let soft = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        let kk = (k0 + soft.broadcast_mul(&alpha).unwrap()).unwrap().broadcast_add(&beta).unwrap();
+        let mag = kk.abs().unwrap().detach();
+        let keep = if rho > 0.0 {
+            let mut v: Vec<f32> = mag.flatten_all().unwrap().to_vec1().unwrap();
+            let at = ((v.len() as f64 * rho).ceil() as usize).clamp(1, v.len()) - 1;
+            let t = *v.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
+            mag.gt(t as f64).unwrap().to_dtype(DType::F32).unwrap()
+        } else {
+            mag.ones_like().unwrap()
+        };
+        (kk * (mag * keep).unwrap()).unwrap()
+    };
+    for rho in [0.0, 0.3] {
+        let fused = ferrotune::kernels::distance_kernel(p.as_tensor(), q.as_tensor(), s.as_tensor(), rho).unwrap();
+        let reference = composed(rho);
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let (a, b): (Vec<f32>, Vec<f32>) = (a.flatten_all().unwrap().to_vec1().unwrap(), b.flatten_all().unwrap().to_vec1().unwrap());
+            let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let scale = b.iter().fold(0f32, |m, y| m.max(y.abs())).max(1e-3);
+            assert!(err <= 1e-4 * scale.max(1.0), "ρ = {rho}: {what} off by {err} (scale {scale})");
+        };
+        close(&fused, &reference, "update");
+        let zeros = fused.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
+        assert_eq!(zeros, ((n * m) as f64 * rho).ceil() as usize, "ρ = {rho}: zeroed entries");
+        let g = (fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, what) in [(&p, "P"), (&q, "Q"), (&s, "scalars")] {
+            close(g.get(v.as_tensor()).unwrap(), g_ref.get(v.as_tensor()).unwrap(), what);
+        }
+    }
+}

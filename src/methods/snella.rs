@@ -19,10 +19,9 @@
 //!
 //! `P`, `Q` start Kaiming-uniform (a = √5, bound `1/√(q/H)`), so `ΔW ≠ 0` at step 0: the method
 //! does not start from the pre-trained function. Defaults are the official FGVC script's
-//! (`ρ_init = 0`, `ρ_target = 0.3`, interval 1, β1 = β2 = 0.85, no warm-ups). The kernel is an
-//! `n×m` matrix per site, and the graph of its composition keeps dozens of that size per site
-//! for the backward (18.4 GB on SmolLM2's 210 projections): with `gradient_checkpointing =
-//! true` only one block's are alive at a time (0.98 GB), and the memory check says so.
+//! (`ρ_init = 0`, `ρ_target = 0.3`, interval 1, β1 = β2 = 0.85, no warm-ups). The update is
+//! one op ([`crate::kernels::distance_kernel`]) whose graph keeps only its `n×m` output per
+//! site; `gradient_checkpointing = true` keeps one block's.
 
 use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
@@ -33,7 +32,7 @@ use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, BlockSiteInfo, ForwardCtx, Llama, SiteHook, SiteInfo};
 use crate::rng::SplitMix64;
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -47,13 +46,10 @@ pub const SNELLA: Entry = Entry {
     claims_peft: super::registry::not_peft,
 };
 
-/// Kernel-sized f32 tensors a site's update keeps in the graph and forms in the backward.
-const KERNEL_COPIES: u64 = 43;
-
-/// The kernel's per-head weights `c_h = 0.1·(−1)^h`.
-fn head_weight(h: usize) -> f64 {
-    if h.is_multiple_of(2) { 0.1 } else { -0.1 }
-}
+/// Kernel-sized f32 buffers the backward of one site's update forms while it runs (the
+/// recomputed distances per head, `K0`, softmax, `K`, mask, `dK0`, `W`, and the update's
+/// gradient); only the update itself stays in the graph.
+const BACKWARD_COPIES: u64 = 9;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Settings {
@@ -147,13 +143,10 @@ struct SnellaSite {
     site: String,
     m: usize,
     n: usize,
-    heads: usize,
-    /// `[H, n, q/H]`, `[H, m, q/H]`, and the scalars `α`, `γ`, `β` (`[1]` each).
+    /// `[H, n, q/H]`, `[H, m, q/H]`, and the scalars `[α, γ, β]`.
     p: Var,
     q: Var,
-    alpha: Var,
-    gamma: Var,
-    beta: Var,
+    scalars: Var,
     /// The share of entries zeroed, `ρ_l`.
     rho: RwLock<f64>,
     drop_path: f64,
@@ -162,53 +155,25 @@ struct SnellaSite {
 }
 
 impl SnellaSite {
-    fn vars(&self) -> [(&'static str, &Var); 5] {
-        [("P", &self.p), ("Q", &self.q), ("alpha", &self.alpha), ("gamma", &self.gamma), ("beta", &self.beta)]
+    fn vars(&self) -> [(&'static str, &Var); 3] {
+        [("P", &self.p), ("Q", &self.q), ("scalars", &self.scalars)]
     }
 
     /// The sparse update `ΔWᵀ: [n, m]` (with the graph to the parameters when `train`).
     fn update_t(&self, train: bool) -> candle_core::Result<Tensor> {
         let t = |v: &Var| if train { v.as_tensor().clone() } else { v.as_detached_tensor() };
-        let (p, q) = (t(&self.p), t(&self.q));
-        let mut k: Option<Tensor> = None;
-        for h in 0..self.heads {
-            let (ph, qh) = (p.get(h)?, q.get(h)?);
-            // ‖p − q‖² = ‖p‖² + ‖q‖² − 2p·q, clamped at 0 against rounding; the tiny offset keeps
-            // the square root's gradient finite where two vectors meet.
-            let pn = ph.sqr()?.sum_keepdim(1)?;
-            let qn = qh.sqr()?.sum_keepdim(1)?.t()?;
-            let d2 = pn.broadcast_add(&qn)?.sub(&(ph.matmul(&qh.t()?)? * 2.0)?)?.relu()?;
-            let d = (d2 + 1e-12)?.sqrt()?.affine(head_weight(h), 0.0)?;
-            k = Some(match k {
-                Some(acc) => (acc + d)?,
-                None => d,
-            });
-        }
-        let k = k.expect("at least one head");
-        // K + α·softmax_o(K/γ) + β, the softmax written out (candle's fused one has no backward).
-        let z = k.broadcast_div(&t(&self.gamma))?;
-        let e = z.broadcast_sub(&z.max_keepdim(D::Minus1)?.detach())?.exp()?;
-        let soft = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        let k = (k + soft.broadcast_mul(&t(&self.alpha))?)?.broadcast_add(&t(&self.beta))?;
-        // Keep the entries above the ρ-quantile of |K|, each times its detached magnitude.
-        let mag = k.abs()?.detach();
-        let rho = *self.rho.read().expect("rho lock");
-        let keep = if rho > 0.0 {
-            let mut v: Vec<f32> = mag.flatten_all()?.to_vec1()?;
-            let at = (((v.len() as f64) * rho).ceil() as usize).clamp(1, v.len()) - 1;
-            let threshold = *v.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
-            mag.gt(threshold as f64)?.to_dtype(DType::F32)?
-        } else {
-            mag.ones_like()?
-        };
-        k * (mag * keep)?
+        crate::kernels::distance_kernel(&t(&self.p), &t(&self.q), &t(&self.scalars), *self.rho.read().expect("rho lock"))
     }
 }
 
 impl SiteHook for SnellaSite {
     fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let base = crate::kernels::frozen_linear(x, w0)?;
-        let mut branch = x.broadcast_matmul(&self.update_t(ctx.train)?)?;
+        // As a 2-D product: a broadcast one would copy the update once per sequence.
+        let rows = x.elem_count() / self.n.max(1);
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("x has a feature axis") = self.m;
+        let mut branch = x.reshape((rows, self.n))?.matmul(&self.update_t(ctx.train)?)?.reshape(out_dims)?;
         if ctx.train && self.drop_path > 0.0 && x.rank() == 3 {
             // Drop the branch of whole sequences, scale the kept ones by 1/(1 − p).
             let b = x.dim(0)?;
@@ -256,7 +221,7 @@ fn load(model: &mut Llama, dir: &Path, cfg: &serde_json::Value) -> Result<Box<dy
     let rhos = cfg.get("rho").and_then(|v| v.as_object()).cloned().unwrap_or_default();
     m.attach_with(model, |site, n, mm, heads, d| {
         let mut take = |w: &str, shape: &[usize]| super::lora::take_checked(&mut tensors, &key(site, w), shape, site, &w_path);
-        Ok(([take("P", &[heads, n, d])?, take("Q", &[heads, mm, d])?, take("alpha", &[1])?, take("gamma", &[1])?, take("beta", &[1])?], rhos.get(site).and_then(|v| v.as_f64()).unwrap_or(0.0)))
+        Ok(([take("P", &[heads, n, d])?, take("Q", &[heads, mm, d])?, take("scalars", &[3])?], rhos.get(site).and_then(|v| v.as_f64()).unwrap_or(0.0)))
     })?;
     refuse_leftovers(&tensors, &w_path, "adapted module")?;
     Ok(Box::new(m))
@@ -276,24 +241,21 @@ pub struct Snella {
     step: usize,
 }
 
-type Init = ([Tensor; 5], f64);
+type Init = ([Tensor; 3], f64);
 
 impl Snella {
     fn attach_with(&mut self, model: &mut Llama, mut init: impl FnMut(&str, usize, usize, usize, usize) -> Result<Init>) -> Result<()> {
         let (heads, d, drop_path) = (self.s.heads, self.s.q / self.s.heads, self.s.drop_path);
         let sites = hook_targets(model, &self.s.targets, |i, lin| {
             let (m, n) = lin.weight.dims();
-            let ([p, q, alpha, gamma, beta], rho) = init(&lin.name, n, m, heads, d)?;
+            let ([p, q, scalars], rho) = init(&lin.name, n, m, heads, d)?;
             Ok(Arc::new(SnellaSite {
                 site: lin.name.clone(),
                 m,
                 n,
-                heads,
                 p: Var::from_tensor(&p)?,
                 q: Var::from_tensor(&q)?,
-                alpha: Var::from_tensor(&alpha)?,
-                gamma: Var::from_tensor(&gamma)?,
-                beta: Var::from_tensor(&beta)?,
+                scalars: Var::from_tensor(&scalars)?,
                 rho: RwLock::new(rho),
                 drop_path,
                 stream: i as u64,
@@ -329,8 +291,8 @@ impl Method for Snella {
                 let v: Vec<f32> = (0..heads * rows * d).map(|_| (2.0 * rng.next_f32() - 1.0) * bound).collect();
                 Ok(Tensor::from_vec(v, (heads, rows, d), &Device::Cpu)?)
             };
-            let scalar = |v: f32| Tensor::from_vec(vec![v], 1, &Device::Cpu);
-            Ok(([table(n)?, table(m)?, scalar(1.0)?, scalar(1.0)?, scalar(0.0)?], rho))
+            // α = 1, γ = 1, β = 0.
+            Ok(([table(n)?, table(m)?, Tensor::from_vec(vec![1f32, 1.0, 0.0], 3, &Device::Cpu)?], rho))
         })
     }
 
@@ -345,11 +307,16 @@ impl Method for Snella {
     fn planned_memory(&self, sites: &[SiteInfo], _blocks: &[BlockSiteInfo]) -> Result<Option<PlannedMemory>> {
         let chosen = self.s.targets.select(sites, "lora_target_modules")?;
         let trainable: u64 = chosen.iter().map(|s| (self.s.q * (s.in_features + s.out_features) + 3) as u64).sum();
-        // The graph keeps about 30 kernel-sized f32 tensors per site and the backward forms as
-        // many again (measured on SmolLM2: an 18.4 GB peak for 106M kernel entries): all
-        // sites' unless the run checkpoints per block. The importance averages are small.
+        // The graph keeps each site's update (kernel-sized); the backward forms a few more while
+        // it passes one site. The importance averages are small.
         let kernels: u64 = chosen.iter().map(|s| (s.in_features * s.out_features) as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params: trainable, extra_bytes: 8 * trainable, floats_per_token: 0, graph_bytes: KERNEL_COPIES * 4 * kernels }))
+        let largest: u64 = chosen.iter().map(|s| (s.in_features * s.out_features) as u64).max().unwrap_or(0);
+        // Per token, the branch's outputs beside the base product (the update's product, the
+        // drop-path product, the sum and what the backward of the products keeps): about 7
+        // output-sized values per site, measured on SmolLM2 (6.28 GB peak at 4×256 without
+        // checkpointing, 0.58 GB with); 8 planned, to err on the safe side.
+        let floats_per_token = chosen.iter().map(|s| 8 * s.out_features as u64).sum();
+        Ok(Some(PlannedMemory { trainable_params: trainable, extra_bytes: 8 * trainable + BACKWARD_COPIES * 4 * largest, floats_per_token, graph_bytes: 4 * kernels }))
     }
 
     fn set_total_steps(&mut self, total_steps: usize) {
@@ -362,13 +329,13 @@ impl Method for Snella {
         let (b1, b2) = (self.s.beta1 as f32, self.s.beta2 as f32);
         let mut scores = Vec::with_capacity(self.sites.len());
         for (i, site) in self.sites.iter().enumerate() {
-            // Parameters of site i are grads[5i] (P) and grads[5i + 1] (Q).
+            // Parameters of site i are grads[3i] (P) and grads[3i + 1] (Q).
             let mut score = 0.0;
             let mut offset = 0;
             let imp = &mut self.importance[i];
             for (which, var) in [(0, &site.p), (1, &site.q)] {
                 let theta: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-                let g = &grads[5 * i + which];
+                let g = &grads[3 * i + which];
                 if imp.i_bar.len() < offset + theta.len() {
                     imp.i_bar.resize(offset + theta.len(), 0.0);
                     imp.u_bar.resize(offset + theta.len(), 0.0);
