@@ -31,3 +31,23 @@ pub fn refuse_leftovers(tensors: &HashMap<String, Tensor>, src: &Path, what: &st
         None => Ok(()),
     }
 }
+
+/// A method's `adapter_config.json`: its `settings` (an object) marked with the method and the
+/// base model, as every non-PEFT method writes it.
+pub fn method_config(method: &str, base_model: &str, mut settings: serde_json::Value) -> serde_json::Value {
+    settings[super::METHOD_KEY] = method.into();
+    settings["base_model_name_or_path"] = base_model.into();
+    settings["ferrotune_version"] = env!("CARGO_PKG_VERSION").into();
+    settings
+}
+
+/// Adds `fields` to the `adapter_config.json` another writer put in `dir` (a method built on
+/// another's files records its own settings beside them).
+pub fn amend_config(dir: &Path, fields: &[(&str, serde_json::Value)]) -> Result<()> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let mut cfg: serde_json::Value = serde_json::from_str(&crate::io_util::read_to_string(&path)?).map_err(|e| Error::format(&path, e.to_string()))?;
+    for (k, v) in fields {
+        cfg[*k] = v.clone();
+    }
+    crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&cfg).expect("JSON values always serialise").as_bytes())
+}

@@ -201,10 +201,7 @@ impl Method for Selected {
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
         self.full().save(dir, base_model)?;
-        let path = dir.join(ADAPTER_CONFIG);
-        let mut cfg: serde_json::Value = serde_json::from_str(&crate::io_util::read_to_string(&path)?).map_err(|e| Error::format(&path, e.to_string()))?;
-        cfg["selection"] = self.settings.clone();
-        crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&cfg).expect("serialisable").as_bytes())
+        super::files::amend_config(dir, &[("selection", self.settings.clone())])
     }
 
     fn merge(&self, model: &mut Llama) -> Result<()> {

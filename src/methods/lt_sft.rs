@@ -151,10 +151,7 @@ impl LtSft {
     }
 
     fn config(&self, base_model: &str) -> serde_json::Value {
-        let mut cfg = self.s.to_json();
-        cfg[super::METHOD_KEY] = "lt_sft".into();
-        cfg["base_model_name_or_path"] = base_model.into();
-        cfg["ferrotune_version"] = env!("CARGO_PKG_VERSION").into();
+        let mut cfg = super::files::method_config("lt_sft", base_model, self.s.to_json());
         cfg["lt_sft_phase"] = match self.phase {
             Phase::Dense(_) => 1,
             Phase::Sparse(_) => 2,

@@ -19,7 +19,7 @@
 use super::registry::Entry;
 use super::sparse::{self, SparseSites};
 use super::targets::TargetModules;
-use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, METHOD_KEY};
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG};
 use crate::error::{Error, Result};
 use crate::linalg;
 use crate::models::{BlockSiteInfo, Llama, SiteInfo};
@@ -119,11 +119,7 @@ pub struct Sara {
 
 impl Sara {
     fn config(&self, base_model: &str) -> serde_json::Value {
-        let mut cfg = self.s.to_json();
-        cfg[METHOD_KEY] = "sara".into();
-        cfg["base_model_name_or_path"] = base_model.into();
-        cfg["ferrotune_version"] = env!("CARGO_PKG_VERSION").into();
-        cfg
+        super::files::method_config("sara", base_model, self.s.to_json())
     }
 
     fn progressive_step(&self) -> usize {

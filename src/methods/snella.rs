@@ -26,7 +26,7 @@
 use super::files::{param_tensors, refuse_leftovers, write_adapter};
 use super::registry::Entry;
 use super::targets::{hook_targets, TargetModules};
-use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS, METHOD_KEY};
+use super::{Method, MethodSpec, PlannedMemory, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{Error, Result};
 use crate::formats::safetensors as st;
 use crate::kernels::FrozenWeight;
@@ -267,10 +267,7 @@ impl Snella {
     }
 
     fn config(&self, base_model: &str) -> serde_json::Value {
-        let mut cfg = self.s.to_json();
-        cfg[METHOD_KEY] = "snella".into();
-        cfg["base_model_name_or_path"] = base_model.into();
-        cfg["ferrotune_version"] = env!("CARGO_PKG_VERSION").into();
+        let mut cfg = super::files::method_config("snella", base_model, self.s.to_json());
         cfg["rho"] = self.sites.iter().map(|s| (s.site.clone(), serde_json::json!(*s.rho.read().expect("rho lock")))).collect::<serde_json::Map<_, _>>().into();
         cfg
     }
