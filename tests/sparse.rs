@@ -344,7 +344,11 @@ fn sparse_methods_change_exactly_their_entries_of_the_real_model() {
         return;
     };
     let flat = |m: &ferrotune::models::Llama| -> Vec<(String, Vec<f32>)> { m.named_weights().unwrap().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap())).collect() };
-    let base = flat(&ferrotune::models::load::load_model(&gguf).unwrap());
+    let model = ferrotune::models::load::load_model(&gguf).unwrap();
+    // (The count PEFT and transformers report for SmolLM2-135M: the tied head counted once.)
+    assert_eq!(model.parameter_count(), 134_515_008);
+    let base = flat(&model);
+    drop(model);
     for (adapter, extra) in [("lift", "lift_mask_interval = 0"), ("sara", "")] {
         let d = tempfile::tempdir().unwrap();
         let text = serde_json::json!({ "text": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. #### 72" }).to_string();

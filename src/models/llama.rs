@@ -177,6 +177,14 @@ impl Llama {
         self.linears().map(Linear::info).collect()
     }
 
+    /// The base model's parameters: embedding, untied head, linear weights and biases, norms.
+    pub fn parameter_count(&self) -> usize {
+        let dims = |w: &FrozenWeight| w.dims().0 * w.dims().1;
+        let linears: usize = self.linears().map(|l| dims(&l.weight) + l.bias.as_ref().map_or(0, |b| b.elem_count())).sum();
+        let norms = (2 * self.layers.len() + 1) * self.config.hidden_size;
+        dims(&self.embed_tokens) + self.lm_head.as_ref().map_or(0, dims) + linears + norms
+    }
+
     pub fn block_sites(&self) -> Vec<BlockSiteInfo> {
         self.layers.iter().map(|b| b.mlp_site.info.clone()).collect()
     }

@@ -241,9 +241,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let base_name = base_model_name(&cfg.base_model);
 
     let progress = Progress::new(total_steps, state.step);
+    let (trainable, base) = (method.num_params(), model.parameter_count());
     progress.println(&format!(
-        "training {} trainable parameters on {} examples ({} validation), {} steps of {} examples",
-        method.num_params(), n_train, data.val.len(), total_steps, per_step
+        "trainable params: {} || base params: {} || trainable%: {:.4}",
+        thousands(trainable),
+        thousands(base),
+        100.0 * trainable as f64 / base.max(1) as f64
+    ));
+    progress.println(&format!(
+        "training on {} ({} validation), {} of {}",
+        plural(n_train, "example"),
+        data.val.len(),
+        plural(total_steps, "step"),
+        plural(per_step, "example")
     ));
     let eval_now = |model: &Llama| -> Result<Option<f64>> {
         if data.val.is_empty() {
@@ -555,4 +565,35 @@ fn write_run_json(
     });
     let path = cfg.output_dir.join(run_dir::RUN_FILE);
     crate::io_util::write_atomic(&path, serde_json::to_string_pretty(&run).expect("serialisable").as_bytes())
+}
+
+/// `1234567` as `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `1 step`, `2 steps`.
+pub fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_read_as_people_write_them() {
+        assert_eq!(super::thousands(4884480), "4,884,480");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(1000), "1,000");
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::plural(1, "step"), "1 step");
+        assert_eq!(super::plural(15, "step"), "15 steps");
+    }
 }
