@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod clip;
 pub mod masked_adamw;
 pub mod schedule;
+pub mod zo;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::clip_grad_norm;
