@@ -97,6 +97,16 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     #[serde(default = "d_seed")]
     pub seed: u64,
+    /// `adamw`, or `mezo`: zeroth-order MeZO-SGD, two forward passes per step along a seeded
+    /// random direction, no gradients and no optimizer moments (METHODS.md §4.1).
+    #[serde(default = "d_optimizer", skip_serializing_if = "is_adamw")]
+    pub optimizer: String,
+    /// MeZO's perturbation size ε (default 1e-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zo_eps: Option<f64>,
+    /// MeZO's directions per step, their estimates averaged (n-SPSA; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zo_n_spsa: Option<usize>,
     /// Evaluate every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_steps: usize,
@@ -159,6 +169,14 @@ fn d_targets() -> TargetSpec {
 fn d_seq() -> usize {
     512
 }
+fn d_optimizer() -> String {
+    "adamw".into()
+}
+
+fn is_adamw(s: &str) -> bool {
+    s == "adamw"
+}
+
 fn one() -> usize {
     1
 }
@@ -279,6 +297,19 @@ impl TrainConfig {
         in_range("adam_epsilon", self.adam_epsilon, self.adam_epsilon > 0.0, "a small positive number such as 1e-8 (0 divides by zero where a moment is 0)")?;
         in_range("weight_decay", self.weight_decay, self.weight_decay >= 0.0, "0 or a positive number such as 0.01")?;
         in_range("max_grad_norm", self.max_grad_norm, self.max_grad_norm >= 0.0, "a positive number, or 0 to disable clipping")?;
+        if !["adamw", "mezo"].contains(&self.optimizer.as_str()) {
+            return Err(Error::config("optimizer", format!("is \"{}\"; expected \"adamw\" or \"mezo\" (zeroth-order)", self.optimizer)));
+        }
+        if let Some(e) = self.zo_eps {
+            in_range("zo_eps", e, e > 0.0 && e.is_finite(), "a small positive perturbation such as 1e-3")?;
+        }
+        if self.zo_n_spsa == Some(0) {
+            return Err(Error::config("zo_n_spsa", "must be at least 1"));
+        }
+        if self.optimizer != "mezo" && (self.zo_eps.is_some() || self.zo_n_spsa.is_some()) {
+            let key = if self.zo_eps.is_some() { "zo_eps" } else { "zo_n_spsa" };
+            return Err(Error::config(key, "is a setting of optimizer = \"mezo\", and this plan uses adamw"));
+        }
         if let Some(e) = self.num_epochs {
             in_range("num_epochs", e, e > 0.0, "a positive number of epochs")?;
         }

@@ -84,3 +84,24 @@ fn the_estimate_is_the_directional_derivative_and_restores_every_weight() {
     assert!(zo::spsa(&params, seed, eps, || Err(ferrotune::Error::Training("boom".into()))).is_err());
     assert_eq!(values(&params), snapshot);
 }
+
+/// `optimizer = "mezo"` through the trainer keeps the method contract (the adapter trains,
+/// reloads, merges, exports, and a resumed run draws the same directions bit for bit), and
+/// holds no optimizer moments.
+#[test]
+fn mezo_trains_a_lora_through_the_trainer_and_resumes_exactly() {
+    use common::contract::{check_method, Promise};
+    let d = tempfile::tempdir().unwrap();
+    let out = check_method(d.path(), &Promise { adapter: "lora", extra: "optimizer = \"mezo\"\nzo_eps = 1e-3\nzo_n_spsa = 2", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true });
+    let ckpt = out.join("checkpoints/step-4/optimizer.safetensors");
+    let opt = ferrotune::formats::safetensors::load_f32(&ckpt).unwrap();
+    assert!(opt.is_empty(), "MeZO keeps no moments: {:?}", opt.keys().collect::<Vec<_>>());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("zo_projected_grad"), "{metrics}");
+    // Its settings belong to it alone.
+    let p = Promise { adapter: "lora", extra: "zo_eps = 1e-3", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true };
+    let d = tempfile::tempdir().unwrap();
+    common::contract::plan_text(d.path(), &p, 1);
+    let err = ferrotune::config::TrainConfig::load(&d.path().join("run.toml"), &[]).unwrap_err().to_string();
+    assert!(err.contains("zo_eps") && err.contains("mezo"), "{err}");
+}

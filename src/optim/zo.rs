@@ -6,11 +6,13 @@
 //! The perturbation is applied in place, but the parameters are put back from the values they
 //! had, not by subtracting `εz` again: `(θ + εz) − εz` need not round back to `θ`, and a step at
 //! learning rate 0 must leave every weight bit-identical. (This is the building block; the
-//! trainer's `optimizer = "mezo"` and the streamed full-weight form come with issue 11.)
+//! trainer's `optimizer = "mezo"` runs [`Mezo::step`]; the streamed full-weight form of ZO2 is
+//! still to come.)
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
 use candle_core::{Tensor, Var};
+use std::path::Path;
 
 /// The direction `z` for parameter tensor `index` of draw `seed`: standard normal values,
 /// the same every time they are asked for.
@@ -85,4 +87,59 @@ pub fn update(params: &[Var], seed: u64, projected_grad: f64, lr: f64, weight_de
         p.set(&Tensor::from_vec(v, p.shape(), p.device())?)?;
     }
     Ok(())
+}
+
+/// MeZO-SGD as the trainer runs it: `n_spsa` directions per step, each from the run's seed and
+/// the step (so a resumed run draws the same ones), their estimates taken at the same `θ` and
+/// the updates applied after.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mezo {
+    pub seed: u64,
+    pub eps: f64,
+    pub n_spsa: usize,
+}
+
+impl Mezo {
+    /// The seed of direction `k` of optimizer step `step` (0-based).
+    pub fn direction_seed(&self, step: usize, k: usize) -> u64 {
+        SplitMix64::derive(self.seed, &[0x2e0, step as u64, k as u64]).next_u64()
+    }
+
+    /// One step: returns the mean loss at the perturbed points (the step's loss estimate) and
+    /// the mean projected gradient.
+    pub fn step(&self, params: &[Var], step: usize, lr: f64, weight_decay: f64, mut loss: impl FnMut() -> Result<f64>) -> Result<(f64, f64)> {
+        let n = self.n_spsa.max(1);
+        let mut estimates = Vec::with_capacity(n);
+        for k in 0..n {
+            let seed = self.direction_seed(step, k);
+            estimates.push((seed, spsa(params, seed, self.eps, &mut loss)?));
+        }
+        for (k, (seed, e)) in estimates.iter().enumerate() {
+            // θ ← θ − lr·(1/n)·Σ g_k z_k, weight decay once.
+            update(params, *seed, e.projected_grad / n as f64, lr, if k == 0 { weight_decay } else { 0.0 })?;
+        }
+        let mean = |f: fn(&Spsa) -> f64| estimates.iter().map(|(_, e)| f(e)).sum::<f64>() / n as f64;
+        Ok((mean(|e| (e.loss_plus + e.loss_minus) / 2.0), mean(|e| e.projected_grad)))
+    }
+}
+
+/// The optimizer state of a MeZO run: the step count only (no moments).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MezoState {
+    pub step: u64,
+}
+
+impl super::Optimizer for MezoState {
+    fn step(&mut self, _params: &[Var], _grads: &[Vec<f32>], _lr: f64) -> Result<()> {
+        Err(Error::Training("MeZO takes no gradients: the trainer steps it through optim::zo::Mezo".into()))
+    }
+
+    fn state(&self, _params: &[(String, Var)]) -> Result<super::OptimizerState> {
+        Ok(super::OptimizerState { tensors: Vec::new(), step: self.step })
+    }
+
+    fn restore(&mut self, _params: &[(String, Var)], state: &super::LoadedState, _src: &Path) -> Result<()> {
+        self.step = state.step;
+        Ok(())
+    }
 }

@@ -76,6 +76,32 @@ pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: u
     Ok(out)
 }
 
+/// The loss of one optimizer step's micro-batches under `objective`, forward only: no dropout,
+/// no graph (the parameters enter detached). What a zeroth-order step evaluates twice.
+pub fn step_loss(model: &Llama, batches: &[Batch], units: usize, plan: &StepPlan, objective: &dyn Objective) -> Result<f64> {
+    if units == 0 {
+        return Ok(0.0);
+    }
+    let ctx = ForwardCtx::eval();
+    let mut loss = 0.0;
+    for (mi, b) in batches.iter().enumerate() {
+        if objective.units(b) == 0 {
+            continue;
+        }
+        let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
+        let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
+        let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };
+        let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
+        let x0 = match objective.input_embeddings(model, b, &at)? {
+            Some(x) => x,
+            None => model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?,
+        };
+        let x = model.residual_from(x0, &ctx)?;
+        loss += objective.loss_sum(model, &x, &inputs)?.loss.to_scalar::<f32>()? as f64;
+    }
+    Ok(loss / units as f64)
+}
+
 /// The step's loss and gradients for one micro-batch with per-block checkpointing; returns the
 /// (scaled) loss and the objective's metric sums.
 fn checkpointed_backward(model: &Llama, params: &[Var], x0: Tensor, inputs: &HeadInputs, objective: &dyn Objective, scale: f64, grads: &mut [Vec<f32>]) -> Result<LossSum> {

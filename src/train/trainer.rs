@@ -7,7 +7,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
-use super::grads::{step_gradients, StepGradients, StepPlan};
+use super::grads::{step_gradients, step_loss, StepGradients, StepPlan};
 use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
@@ -185,7 +185,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let data = data;
     method.set_total_steps(total_steps);
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
-    let mut opt = method.optimizer(adam);
+    // MeZO keeps no moments: its "optimizer state" is the step count (the directions are
+    // regenerated from the run's seed and the step).
+    let zeroth_order = (cfg.optimizer == "mezo").then(|| crate::optim::zo::Mezo { seed: cfg.seed, eps: cfg.zo_eps.unwrap_or(1e-3), n_spsa: cfg.zo_n_spsa.unwrap_or(1) });
+    let mut opt: Box<dyn crate::optim::Optimizer> = match &zeroth_order {
+        Some(_) => Box::new(crate::optim::zo::MezoState::default()),
+        None => method.optimizer(adam),
+    };
 
     let mut state = TrainerState {
         step: 0,
@@ -314,28 +320,42 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         // Fetched every step: a method may replace its tensors in `on_step` (a sparse mask refresh).
         let params: Vec<Var> = method.params().into_iter().map(|(_, v)| v).collect();
         let n_tokens: usize = batches.iter().map(|b| b.lengths.iter().sum::<usize>()).sum();
-        let StepGradients { loss, mut grads, metrics: mut objective_metrics } =
-            step_gradients(&model, &params, &batches, units, &StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing }, objective.as_ref())?;
-        if let Some(r) = &rollouts {
-            r.record(&mut objective_metrics);
-        }
-        if objective.rollouts().is_some() {
-            objective_metrics.insert("rollout_step".into(), (kind == StepKind::Rollouts) as u8 as f64);
-        }
-        crate::failpoint::hit("step");
-        if !loss.is_finite() {
-            return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
-        }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
-        if !grad_norm.is_finite() {
-            return Err(nan_error(state.step + 1, "gradient norm", grad_norm, &last_ckpt));
-        }
-        objective.after_step(&mut state.mix, &at, kind, grad_norm);
+        let plan = StepPlan { seed: cfg.seed, step: state.step, total_steps, checkpointing: cfg.gradient_checkpointing };
         let lr = sched.lr(state.step);
-        if units > 0 {
-            method.grad_transform(&mut grads)?;
-            opt.step(&params, &grads, lr)?;
-        }
+        let (loss, grad_norm, objective_metrics) = match &zeroth_order {
+            Some(zo) => {
+                // MeZO: two forward passes per direction and the update along each; no gradients.
+                let (loss, projected) = zo.step(&params, state.step, lr, cfg.weight_decay, || step_loss(&model, &batches, units, &plan, objective.as_ref()))?;
+                crate::failpoint::hit("step");
+                if !loss.is_finite() {
+                    return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
+                }
+                (loss, None, [("zo_projected_grad".to_string(), projected)].into())
+            }
+            None => {
+                let StepGradients { loss, mut grads, metrics: mut objective_metrics } = step_gradients(&model, &params, &batches, units, &plan, objective.as_ref())?;
+                if let Some(r) = &rollouts {
+                    r.record(&mut objective_metrics);
+                }
+                if objective.rollouts().is_some() {
+                    objective_metrics.insert("rollout_step".into(), (kind == StepKind::Rollouts) as u8 as f64);
+                }
+                crate::failpoint::hit("step");
+                if !loss.is_finite() {
+                    return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
+                }
+                let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+                if !grad_norm.is_finite() {
+                    return Err(nan_error(state.step + 1, "gradient norm", grad_norm, &last_ckpt));
+                }
+                objective.after_step(&mut state.mix, &at, kind, grad_norm);
+                if units > 0 {
+                    method.grad_transform(&mut grads)?;
+                    opt.step(&params, &grads, lr)?;
+                }
+                (loss, Some(grad_norm), objective_metrics)
+            }
+        };
         state.step += 1;
         method.on_step(state.step, &mut model)?;
         objective.on_step(&model, state.step, total_steps)?;
@@ -351,7 +371,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             step: state.step,
             loss: Some(loss),
             lr: Some(lr),
-            grad_norm: Some(grad_norm),
+            grad_norm,
             tokens_per_s: Some(tps),
             epoch: Some(state.samples_seen as f64 / n_train as f64),
             objective: objective_metrics,

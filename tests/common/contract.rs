@@ -27,6 +27,12 @@ pub struct Promise {
 
 /// A tiny HF model, 12 prompt/completion examples and a plan for `p`, in `dir`.
 pub fn plan(dir: &Path, p: &Promise, steps: usize) -> TrainConfig {
+    plan_text(dir, p, steps);
+    TrainConfig::load(&dir.join("run.toml"), &[]).unwrap()
+}
+
+/// [`plan`]'s files, `run.toml` not yet loaded (for plans that must be refused).
+pub fn plan_text(dir: &Path, p: &Promise, steps: usize) {
     write_tiny_hf(&dir.join("model"), &TinySpec::default());
     let lines: Vec<String> = (0..12)
         .map(|i| serde_json::json!({"prompt": format!("Question {i}: what is {i} plus {}?\n", i * 3), "completion": format!("The answer is {}.", i + i * 3)}).to_string())
@@ -61,7 +67,6 @@ seed = 3
         out = dir.join("out"),
     );
     std::fs::write(dir.join("run.toml"), text).unwrap();
-    TrainConfig::load(&dir.join("run.toml"), &[]).unwrap()
 }
 
 fn bin() -> Command {
