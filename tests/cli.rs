@@ -86,6 +86,12 @@ fn train_eval_merge_generate_inspect() {
         let r = last_json(&out);
         assert_eq!((r["objective"].as_str(), r["rows"].as_u64()), (Some(objective), Some(rows)));
     }
+    // … and MeZO's zeroth-order step; an unknown update is refused by flag.
+    let (ok, out, err) = ferrotune(&["bench", "--model", "model", "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1", "--optimizer", "mezo"], dir);
+    assert!(ok, "bench --optimizer mezo failed: {err}");
+    assert_eq!(last_json(&out)["optimizer"].as_str(), Some("mezo"));
+    let (ok, _, err) = ferrotune(&["bench", "--model", "model", "--steps", "1", "--optimizer", "sgd"], dir);
+    assert!(!ok && err.contains("--optimizer") && err.contains("mezo"), "{err}");
 
     let (ok, out, err) = ferrotune(&["inspect-data", "run.toml", "-n", "1"], dir);
     assert!(ok, "inspect-data failed: {err}");

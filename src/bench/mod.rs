@@ -39,6 +39,8 @@ pub struct BenchOptions {
     /// each with a rejected row of its own (twice the tokens per step), and the step is DPO's
     /// with reference log-probabilities computed before timing (as the trainer caches them).
     pub objective: String,
+    /// `adamw`, or `mezo`: the zeroth-order step (two forward passes, no backward).
+    pub optimizer: String,
     /// Time batched generation of this many new tokens instead of training (see
     /// [`run_decode`]).
     pub decode: Option<usize>,
@@ -68,6 +70,7 @@ pub struct BenchReport {
     pub batch: usize,
     pub seq: usize,
     pub objective: String,
+    pub optimizer: String,
     /// Sequences per step: `batch`, or `2 × batch` for DPO's pairs.
     pub rows: usize,
 }
@@ -267,14 +270,20 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let units = objective.units(&batch);
     let mut params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
     let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
-    // The method's own update rule (LoRA-Pro's differs), as the trainer uses it.
-    let mut opt = method.as_ref().map(|m| m.optimizer(AdamWConfig::default()));
+    // The method's own update rule (LoRA-Pro's differs), as the trainer uses it; MeZO has none.
+    let mut opt = method.as_ref().filter(|_| opts.optimizer != "mezo").map(|m| m.optimizer(AdamWConfig::default()));
     let mut step_s = Vec::new();
     for step in 0..opts.warmup + opts.steps {
         let t0 = Instant::now();
         if opts.forward_only {
             let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), b, t, &ForwardCtx::eval())?;
             let _ = nll.sum_all()?.to_scalar::<f32>()?;
+        } else if opts.optimizer == "mezo" {
+            // The trainer's zeroth-order step: two forward-only passes and the update.
+            let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: opts.checkpointing };
+            let zo = crate::optim::zo::Mezo { seed: 0, eps: 1e-3, n_spsa: 1 };
+            let batches = std::slice::from_ref(&batch);
+            zo.step(&params, step, 2e-4, 0.0, || crate::train::grads::step_loss(&model, batches, units, &plan, objective.as_ref()))?;
         } else {
             // The trainer's own step, so the bench times what `ferrotune train` runs.
             let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: opts.checkpointing };
@@ -294,14 +303,15 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let mean = step_s.iter().sum::<f64>() / step_s.len().max(1) as f64;
     let rows = batch.batch_size;
     let tokens_per_s = (rows * t) as f64 / mean;
-    let mut flops = flops_per_token(&model.config, t, adapter_params, !opts.forward_only);
-    if WHOLE_MATRIX_METHODS.contains(&opts.method.as_str()) && !opts.forward_only {
+    let mezo = opts.optimizer == "mezo" && !opts.forward_only;
+    let mut flops = if mezo { 2.0 * flops_per_token(&model.config, t, adapter_params, false) } else { flops_per_token(&model.config, t, adapter_params, !opts.forward_only) };
+    if WHOLE_MATRIX_METHODS.contains(&opts.method.as_str()) && !opts.forward_only && !mezo {
         // Full fine-tuning's trainable matrices are the projections themselves, not additions
         // beside frozen ones: their forward and input-gradient products are in the 6 per
         // trainable weight already, so the frozen count's 4 per weight must not count them too.
         flops -= 4.0 * adapter_params as f64;
     }
-    if SPARSE_METHODS.contains(&opts.method.as_str()) && !opts.forward_only {
+    if SPARSE_METHODS.contains(&opts.method.as_str()) && !opts.forward_only && !mezo {
         // A trained entry costs its gradient only (2 per token); its forward and input-gradient
         // share are in the frozen products, which run on W0 + Δ.
         flops -= 4.0 * adapter_params as f64;
@@ -325,6 +335,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         batch: b,
         seq: t,
         objective: opts.objective.clone(),
+        optimizer: opts.optimizer.clone(),
         rows,
     })
 }

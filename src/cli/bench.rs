@@ -11,6 +11,9 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         "gguf" => LoadOptions { keep_quantized: true, bf16: false },
         other => anyhow::bail!("--dtype `{other}`: expected f32, bf16 or gguf"),
     };
+    if !["adamw", "mezo"].contains(&opts.optimizer.as_str()) {
+        anyhow::bail!("--optimizer `{}`: expected adamw or mezo", opts.optimizer);
+    }
     let env_model = std::env::var_os("PEERS_GGUF").map(std::path::PathBuf::from);
     // What the process holds before the model exists, as `ferrotune train` measures it.
     let process = memory::process_bytes();
@@ -56,19 +59,25 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         memory::method_plan(create_method(&opts.method)?.as_ref(), &footprint.config, &TargetModules::AllLinear, 16)?
     };
     let tokens = report.rows * opts.seq;
-    let (train, eval) = if opts.forward_only { (0, tokens) } else { (tokens, 0) };
+    // A MeZO step is two forward passes: inference's activations, plus the parameters' saved copy.
+    let mezo = opts.optimizer == "mezo" && !opts.forward_only;
+    let forward_like = opts.forward_only || mezo;
+    let (train, eval) = if forward_like { (0, tokens) } else { (tokens, 0) };
     let step = StepShape {
         train_tokens: train,
         train_seq: opts.seq,
         eval_tokens: eval,
         eval_seq: opts.seq,
         checkpointing: opts.checkpointing,
-        adapter_params: if opts.forward_only { 0 } else { planned.trainable_params },
+        adapter_params: if forward_like { 0 } else { planned.trainable_params },
         threads: rayon::current_num_threads(),
-        method_floats_per_token: if opts.forward_only { 0 } else { planned.floats_per_token },
+        method_floats_per_token: if forward_like { 0 } else { planned.floats_per_token },
     };
     let mut estimate = memory::estimate(&footprint, &step, process);
-    if !opts.forward_only {
+    if mezo {
+        estimate.adapter += 2 * 4 * planned.trainable_params;
+        estimate.total += 2 * 4 * planned.trainable_params;
+    } else if !opts.forward_only {
         estimate.add_method(&planned, &footprint.config, opts.checkpointing);
     }
     report.memory_estimate_mib = Some(estimate.total_mib());

@@ -195,6 +195,10 @@ pub enum Command {
         /// computed before timing, as the trainer caches them).
         #[arg(long, default_value = "sft")]
         objective: String,
+        /// The update: adamw, or mezo (zeroth-order: two forward passes per step along a seeded
+        /// direction, ε = 1e-3, one direction; no backward, no moments).
+        #[arg(long, default_value = "adamw")]
+        optimizer: String,
         /// Time batched generation instead: --batch rows, each a random prompt of --seq tokens,
         /// this many new tokens each (greedy, no adapter unless --method).
         #[arg(long, value_name = "NEW_TOKENS")]
@@ -253,9 +257,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method, objective, decode } => {
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method, objective, optimizer, decode } => {
             let method = method.unwrap_or_else(|| if forward_only || decode.is_some() { "none" } else { "lora" }.to_string());
-            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing, objective, decode };
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing, objective, optimizer, decode };
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }
