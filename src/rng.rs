@@ -36,6 +36,19 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// `k` distinct values of `0..n` (`k ≤ n`), uniformly (a partial Fisher–Yates shuffle),
+    /// in increasing order.
+    pub fn choose(&mut self, n: usize, k: usize) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..n).collect();
+        for i in 0..k {
+            let j = i + self.below((n - i) as u64) as usize;
+            idx.swap(i, j);
+        }
+        let mut chosen = idx[..k].to_vec();
+        chosen.sort_unstable();
+        chosen
+    }
+
     /// Uniform in `0..n` (`n > 0`), by rejection so there is no modulo bias.
     pub fn below(&mut self, n: u64) -> u64 {
         debug_assert!(n > 0);

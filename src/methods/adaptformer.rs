@@ -61,14 +61,7 @@ impl Split {
 
     /// The modules a training forward with `seed` uses at `site`.
     pub fn drawn(&self, site: usize, seed: u64) -> Vec<u8> {
-        let mut rng = SplitMix64::derive(seed, &[0x305b, site as u64]);
-        let mut all: Vec<u8> = (0..self.modules as u8).collect();
-        for i in 0..self.active {
-            let j = i + rng.below((self.modules - i) as u64) as usize;
-            all.swap(i, j);
-        }
-        all.truncate(self.active);
-        all
+        SplitMix64::derive(seed, &[0x305b, site as u64]).choose(self.modules, self.active).into_iter().map(|m| m as u8).collect()
     }
 }
 

@@ -53,18 +53,6 @@ fn rule(sites: &[SiteInfo], settings: &serde_json::Value) -> Result<Vec<String>>
     Ok(chosen)
 }
 
-/// `k` of `0..n`, drawn without replacement, increasing.
-fn choose(rng: &mut SplitMix64, n: usize, k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..n).collect();
-    for i in 0..k {
-        let j = i + rng.below((n - i) as u64) as usize;
-        idx.swap(i, j);
-    }
-    let mut chosen = idx[..k].to_vec();
-    chosen.sort_unstable();
-    chosen
-}
-
 /// The projections HFT trains among `sites` (full names), for `seed` and `stage`. Layers are
 /// the sites' `model.layers.<i>.` prefixes; sites of other names are never chosen.
 pub fn select(sites: &[SiteInfo], seed: u64, stage: u64) -> Vec<String> {
@@ -77,12 +65,12 @@ pub fn select(sites: &[SiteInfo], seed: u64, stage: u64) -> Vec<String> {
     }
     let mut rng = SplitMix64::derive(seed, &[0x4af7, stage]);
     let n_layers = layers.len();
-    let one_mlp = choose(&mut rng, n_layers, n_layers / 2);
+    let one_mlp = rng.choose(n_layers, n_layers / 2);
     let mut out = Vec::new();
     for (li, (_, layer_sites)) in layers.iter().enumerate() {
         let pick = |names: &[&str], k: usize, rng: &mut SplitMix64| -> Vec<String> {
             let present: Vec<&&SiteInfo> = names.iter().filter_map(|n| layer_sites.iter().find(|s| s.short_name() == *n)).collect();
-            choose(rng, present.len(), k.min(present.len())).into_iter().map(|i| present[i].name.clone()).collect()
+            rng.choose(present.len(), k.min(present.len())).into_iter().map(|i| present[i].name.clone()).collect()
         };
         out.extend(pick(&ATTENTION, 2, &mut rng));
         let mlp = if one_mlp.contains(&li) { 1 } else { 2 };

@@ -243,26 +243,28 @@ impl Method for LtSft {
             return Ok(());
         }
         // N: the maskable values (every entry of the target matrices).
-        let (params, theta0): (Vec<Vec<f32>>, Vec<Vec<f32>>) = match &self.phase {
-            Phase::Dense(f) => {
-                let params = f.params().iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1()).collect::<candle_core::Result<Vec<Vec<f32>>>>()?;
-                if self.base.is_empty() {
-                    return Err(Error::Training("lt_sft: θ0 was not recorded before the first step".into()));
-                }
-                (params, self.base.clone())
-            }
-            Phase::Sparse(s) => {
-                let p = s.sites.iter().map(|site| site.theta().as_tensor().to_vec1()).collect::<candle_core::Result<_>>()?;
-                (p, s.sites.iter().map(|site| site.theta0()).collect())
-            }
-        };
-        let n: f64 = self.sites_entries() as f64;
-        let step = (self.s.l1 / n.max(1.0)) as f32;
-        for ((g, p), b) in grads.iter_mut().zip(&params).zip(&theta0) {
-            for ((g, p), b) in g.iter_mut().zip(p).zip(b) {
+        let step = (self.s.l1 / (self.sites_entries() as f64).max(1.0)) as f32;
+        // λ·sign(θ − θ0)/N, tensor by tensor (θ0 borrowed: it is as large as the targets).
+        let pull = |g: &mut [f32], theta: &[f32], theta0: &[f32]| {
+            for ((g, p), b) in g.iter_mut().zip(theta).zip(theta0) {
                 let d = p - b;
                 if d != 0.0 {
                     *g += step * d.signum();
+                }
+            }
+        };
+        match &self.phase {
+            Phase::Dense(f) => {
+                if self.base.is_empty() {
+                    return Err(Error::Training("lt_sft: θ0 was not recorded before the first step".into()));
+                }
+                for ((g, (_, v)), b) in grads.iter_mut().zip(f.params()).zip(&self.base) {
+                    pull(g, &v.as_tensor().flatten_all()?.to_vec1::<f32>()?, b);
+                }
+            }
+            Phase::Sparse(s) => {
+                for (g, site) in grads.iter_mut().zip(&s.sites) {
+                    pull(g, &site.theta().as_tensor().to_vec1::<f32>()?, &site.theta0());
                 }
             }
         }
@@ -274,7 +276,7 @@ impl Method for LtSft {
             let t0 = std::time::Instant::now();
             self.switch(model)?;
             let k: usize = match &self.phase {
-                Phase::Sparse(s) => s.sites.iter().map(|s| s.mask().len()).sum(),
+                Phase::Sparse(s) => s.trained_entries(),
                 Phase::Dense(_) => 0,
             };
             eprintln!("lt_sft: phase 1 done at step {step}; the {k} entries that moved most are reset to θ0 and train alone from here ({:.1} s)", t0.elapsed().as_secs_f64());

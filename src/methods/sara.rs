@@ -188,7 +188,7 @@ impl Method for Sara {
         let eligible: Vec<usize> = (0..self.sites.sites.len())
             .filter(|&i| {
                 let (r, c) = self.sites.sites[i].dims();
-                r.min(c) > PENALTY_MIN_SIDE && !self.sites.sites[i].mask().is_empty()
+                r.min(c) > PENALTY_MIN_SIDE && self.sites.sites[i].trained_entries() > 0
             })
             .collect();
         if eligible.is_empty() {
@@ -213,10 +213,10 @@ impl Method for Sara {
         if step != self.progressive_step() || step >= self.total_steps {
             return Ok(());
         }
-        let before: usize = self.sites.sites.iter().map(|s| s.mask().len()).sum();
+        let before = self.sites.trained_entries();
         let s = &self.s;
         self.sites.reselect(model, true, |site, w| Ok(s.small(w, Some(&site.mask()))))?;
-        let after: usize = self.sites.sites.iter().map(|s| s.mask().len()).sum();
+        let after = self.sites.trained_entries();
         eprintln!("sara: progressive step {step}: {} of {before} entries grew past τ = {} and are frozen; {after} train on", before - after, s.threshold);
         Ok(())
     }

@@ -162,16 +162,25 @@ impl SparseSite {
 
     /// The current weight `W0 + Δ` in f32, for selections made from it and for merging.
     pub fn current_weight(&self, w0: &FrozenWeight) -> Result<Vec<f32>> {
-        let mut w = w0.to_f32_vec();
+        self.applied_to(w0.to_f32_vec())
+    }
+
+    /// `Δ` added to `w` (the base weight, dequantized).
+    fn applied_to(&self, mut w: Vec<f32>) -> Result<Vec<f32>> {
         self.diff()?.apply(&mut w)?;
         Ok(w)
+    }
+
+    /// Entries that train now.
+    pub fn trained_entries(&self) -> usize {
+        self.lock().mask.len()
     }
 
     /// Trains `mask` from now on: entries that stay keep `θ` exactly, leaving ones keep their
     /// `Δ`, joining ones start from their current value `θ0 + Δ` (`Δ = 0` for new ones). The
     /// optimizer carries the moments of entries that stay, or with `reset_moments` starts all
-    /// of them from zero (a new optimizer for the new set).
-    pub fn set_mask(&self, w0: &FrozenWeight, mask: Vec<u32>, reset_moments: bool) -> Result<()> {
+    /// of them from zero (a new optimizer for the new set). `w0` is the base weight, dequantized.
+    pub fn set_mask(&self, w0: &[f32], mask: Vec<u32>, reset_moments: bool) -> Result<()> {
         if !strictly_increasing(&mask) || mask.last().is_some_and(|&l| l as usize >= self.out * self.inp) {
             return Err(Error::Model(format!("sparse site `{}`: a new mask must be strictly increasing indices below {}", self.site, self.out * self.inp)));
         }
@@ -193,7 +202,6 @@ impl SparseSite {
                 j += 1;
             }
         }
-        let w0 = w0.to_f32_vec();
         let pos = positions(&flat, &mask).expect("the mask is in the union");
         let mut theta: Vec<f32> = pos.iter().zip(&mask).map(|(&p, &m)| w0[m as usize] + delta[p as usize]).collect();
         // Entries that stay: θ carried exactly.
@@ -207,7 +215,7 @@ impl SparseSite {
             }
         }
         let generation = st.generation + 1;
-        let fresh = SparseSite::build(&self.site, self.out, self.inp, &w0, flat, delta, mask, Some(theta))?;
+        let fresh = SparseSite::build(&self.site, self.out, self.inp, w0, flat, delta, mask, Some(theta))?;
         let mut new = fresh.state.into_inner().unwrap_or_else(|p| p.into_inner());
         new.generation = generation;
         new.reset_at = if reset_moments { generation } else { st.reset_at };
@@ -303,6 +311,10 @@ impl SparseSites {
         self.sites.iter().map(|s| s.changed_entries()).sum()
     }
 
+    pub fn trained_entries(&self) -> usize {
+        self.sites.iter().map(|s| s.trained_entries()).sum()
+    }
+
     pub fn diff(&self) -> Result<SparseDiff> {
         let mut d = SparseDiff::default();
         for s in &self.sites {
@@ -354,11 +366,12 @@ impl SparseSites {
         let mut joined = 0;
         for lin in model.linears() {
             let Some(site) = self.sites.iter().find(|s| s.site == lin.name) else { continue };
-            let w = site.current_weight(&lin.weight)?;
-            let mask = select(site, &w)?;
+            // The base dequantized once: for the current weight and for the new θ0.
+            let w0 = lin.weight.to_f32_vec();
+            let mask = select(site, &site.applied_to(w0.clone())?)?;
             let old = site.mask();
             joined += mask.iter().filter(|m| old.binary_search(m).is_err()).count();
-            site.set_mask(&lin.weight, mask, reset_moments)?;
+            site.set_mask(&w0, mask, reset_moments)?;
         }
         Ok(joined)
     }
@@ -370,7 +383,7 @@ impl SparseSites {
     }
 
     pub fn describe(&self) -> serde_json::Value {
-        let trained: usize = self.sites.iter().map(|s| s.mask().len()).sum();
+        let trained = self.trained_entries();
         let total: usize = self.sites.iter().map(|s| s.out * s.inp).sum();
         serde_json::json!({
             "sites": self.sites.len(),

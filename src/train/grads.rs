@@ -18,6 +18,28 @@ use candle_core::{Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// What the forward of micro-batch `mi` of a step starts from, the same for a gradient step
+/// and a zeroth-order one: its seed (dropout, Masked Thought's draws), the reference model's
+/// hidden states where the objective compares with them, and the input embeddings.
+struct MicroBatch {
+    seed: u64,
+    reference: Option<Tensor>,
+    x0: Tensor,
+}
+
+impl MicroBatch {
+    fn prepare(model: &Llama, b: &Batch, mi: usize, plan: &StepPlan, objective: &dyn Objective) -> Result<Self> {
+        let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
+        let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
+        let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };
+        let x0 = match objective.input_embeddings(model, b, &at)? {
+            Some(x) => x,
+            None => model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?,
+        };
+        Ok(Self { seed, reference, x0 })
+    }
+}
+
 /// One optimizer step's loss (the objective's, as a mean over all target tokens of the step),
 /// its gradients (summed over micro-batches, one buffer per parameter) and the step means of
 /// the objective's own quantities.
@@ -50,15 +72,9 @@ pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: u
         if objective.units(b) == 0 {
             continue;
         }
-        let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
+        let MicroBatch { seed, reference, x0 } = MicroBatch::prepare(model, b, mi, plan, objective)?;
         let ctx = ForwardCtx::train(seed);
-        let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
-        let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
-        let x0 = match objective.input_embeddings(model, b, &at)? {
-            Some(x) => x,
-            None => model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?,
-        };
         let part = if plan.checkpointing {
             checkpointed_backward(model, params, x0, &inputs, objective, scale, &mut out.grads)?
         } else {
@@ -88,14 +104,8 @@ pub fn step_loss(model: &Llama, batches: &[Batch], units: usize, plan: &StepPlan
         if objective.units(b) == 0 {
             continue;
         }
-        let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
-        let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
-        let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };
+        let MicroBatch { reference, x0, .. } = MicroBatch::prepare(model, b, mi, plan, objective)?;
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
-        let x0 = match objective.input_embeddings(model, b, &at)? {
-            Some(x) => x,
-            None => model.embed_ids(&b.input_ids, b.batch_size, b.seq_len)?,
-        };
         let x = model.residual_from(x0, &ctx)?;
         loss += objective.loss_sum(model, &x, &inputs)?.loss.to_scalar::<f32>()? as f64;
     }
