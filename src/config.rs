@@ -107,6 +107,14 @@ pub struct TrainConfig {
     /// MeZO's directions per step, their estimates averaged (n-SPSA; default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zo_n_spsa: Option<usize>,
+    /// ZO2-style offloading (`adapter = "full"` with MeZO): the trained matrices live in a file
+    /// in the output folder and stream through memory a window of blocks at a time.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zo_offload: bool,
+    /// With `zo_offload`: blocks in memory at once, the computing one and those read ahead
+    /// (default 2; 1 reads each block when its turn comes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zo_window: Option<usize>,
     /// Evaluate every N steps (and at the end); 0 = only at the end.
     #[serde(default)]
     pub eval_steps: usize,
@@ -171,6 +179,10 @@ fn d_seq() -> usize {
 }
 fn d_optimizer() -> String {
     "adamw".into()
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_adamw(s: &str) -> bool {
@@ -309,6 +321,26 @@ impl TrainConfig {
         if self.optimizer != "mezo" && (self.zo_eps.is_some() || self.zo_n_spsa.is_some()) {
             let key = if self.zo_eps.is_some() { "zo_eps" } else { "zo_n_spsa" };
             return Err(Error::config(key, "is a setting of optimizer = \"mezo\", and this plan uses adamw"));
+        }
+        if self.zo_offload {
+            if self.optimizer != "mezo" {
+                return Err(Error::config("zo_offload", "streams the weights of a zeroth-order run: set optimizer = \"mezo\""));
+            }
+            if self.adapter != "full" {
+                return Err(Error::config(
+                    "zo_offload",
+                    format!("offloads full fine-tuning's weights: set adapter = \"full\" (this plan has \"{}\", whose parameters are small enough to stay in memory)", self.adapter),
+                ));
+            }
+            if self.zo_n_spsa.unwrap_or(1) > 1 {
+                return Err(Error::config("zo_n_spsa", "is above 1, and zo_offload runs one direction per step (as ZO2 does)"));
+            }
+        }
+        if self.zo_window == Some(0) {
+            return Err(Error::config("zo_window", "must be at least 1 block"));
+        }
+        if self.zo_window.is_some() && !self.zo_offload {
+            return Err(Error::config("zo_window", "is a setting of zo_offload = true"));
         }
         if let Some(e) = self.num_epochs {
             in_range("num_epochs", e, e > 0.0, "a positive number of epochs")?;

@@ -105,3 +105,152 @@ fn mezo_trains_a_lora_through_the_trainer_and_resumes_exactly() {
     let err = ferrotune::config::TrainConfig::load(&d.path().join("run.toml"), &[]).unwrap_err().to_string();
     assert!(err.contains("zo_eps") && err.contains("mezo"), "{err}");
 }
+
+/// ZO2-style offloading (METHODS.md §4.2): full-weight MeZO whose matrices live in a file and
+/// stream through memory a window of blocks at a time keeps the method contract as `full`
+/// (trains, reloads, merges, exports, resumes bit for bit) and leaves no scratch file behind.
+#[test]
+fn offloaded_full_weight_mezo_keeps_the_method_contract() {
+    use common::contract::{check_method, Promise};
+    let d = tempfile::tempdir().unwrap();
+    let p = Promise {
+        adapter: "full",
+        extra: "optimizer = \"mezo\"\nzo_offload = true\nzo_window = 3",
+        mergeable: true,
+        peft: false,
+        gguf_lora: false,
+        identity_at_init: true,
+    };
+    let out = check_method(d.path(), &p);
+    assert!(
+        !out.join(ferrotune::methods::offloaded::STORE_FILE).exists(),
+        "the scratch store is removed when the run finishes"
+    );
+}
+
+/// The trained matrices of a run, by name.
+fn adapter_values(out: &std::path::Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    ferrotune::formats::safetensors::load_f32(&out.join("adapter/adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+fn step_losses(out: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| l.split("\"tokens_per_s\"").next().unwrap().to_string())
+        .collect()
+}
+
+/// ZO2's small-scale check: with the same seeds, the offloaded run (deferred updates, fused
+/// dual forward, any window) and in-memory MeZO give identical parameters and losses after N
+/// steps, on a GGUF base whose projections stay in their quantized blocks.
+#[test]
+fn offloaded_mezo_follows_in_memory_mezo_bit_for_bit() {
+    use ferrotune::formats::gguf::GgmlType;
+    let d = tempfile::tempdir().unwrap();
+    common::write_tiny_gguf(
+        &d.path().join("m.gguf"),
+        &common::TinySpec::default(),
+        GgmlType::Q8_0,
+    );
+    let lines: Vec<String> = (0..10).map(|i| serde_json::json!({"text": format!("Item {i} costs {} coins and weighs {} grams.", i * 7, i + 2)}).to_string()).collect();
+    common::write_lines(&d.path().join("train.jsonl"), &lines);
+    let run = |name: &str, extra: &str| -> std::path::PathBuf {
+        let text = format!(
+            "base_model = \"m.gguf\"\ndatasets = [{{ path = \"train.jsonl\" }}]\nadapter = \"full\"\nlora_target_modules = [\"q_proj\", \"down_proj\", \"up_proj\"]\n\
+             sequence_len = 32\nmicro_batch_size = 2\ngradient_accumulation_steps = 2\nmax_steps = 5\neval_steps = 2\nsave_steps = 3\nval_size = 2\n\
+             learning_rate = 1e-3\nweight_decay = 0.1\nwarmup_steps = 1\noptimizer = \"mezo\"\nzo_eps = 1e-2\nseed = 11\noutput_dir = {:?}\n{extra}\n",
+            d.path().join(name)
+        );
+        std::fs::write(d.path().join(format!("{name}.toml")), text).unwrap();
+        let cfg = ferrotune::config::TrainConfig::load(&d.path().join(format!("{name}.toml")), &[])
+            .unwrap();
+        ferrotune::train::train(&cfg, &Default::default()).unwrap();
+        d.path().join(name)
+    };
+    let memory = run("memory", "");
+    let want = adapter_values(&memory);
+    let base: Vec<f32> = {
+        let m = ferrotune::models::load::load_model(&d.path().join("m.gguf")).unwrap();
+        let q = m
+            .linears()
+            .find(|l| l.name == "model.layers.0.self_attn.q_proj")
+            .unwrap()
+            .weight
+            .to_tensor()
+            .unwrap();
+        q.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    assert_ne!(
+        want["model.layers.0.self_attn.q_proj.weight"], base,
+        "the in-memory run trained"
+    );
+    for window in ["zo_window = 1", "zo_window = 2", "zo_window = 4"] {
+        let name = format!("offload-{}", window.rsplit(' ').next().unwrap());
+        let out = run(&name, &format!("zo_offload = true\n{window}"));
+        let got = adapter_values(&out);
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (k, v) in &want {
+            assert!(
+                got[k] == *v,
+                "{window}: {k} differs from the in-memory run's"
+            );
+        }
+        assert_eq!(
+            step_losses(&out),
+            step_losses(&memory),
+            "{window}: the losses differ"
+        );
+        // The checkpoint written mid-run (step 3, its update flushed) is the in-memory one's too.
+        let ck = |o: &std::path::Path| {
+            ferrotune::formats::safetensors::load_f32(
+                &o.join("checkpoints/step-3/adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        let (a, b) = (ck(&memory), ck(&out));
+        for (k, v) in &a {
+            assert!(
+                b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{window}: checkpoint tensor {k} differs"
+            );
+        }
+    }
+}
+
+/// Offloading belongs to full-weight MeZO with one direction per step; the plan says so.
+#[test]
+fn offloading_settings_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let load = |extra: &str| -> String {
+        let text = format!("base_model = \"m\"\ndatasets = [{{ path = \"t.jsonl\" }}]\noutput_dir = \"o\"\nmax_steps = 1\n{extra}\n");
+        std::fs::write(d.path().join("p.toml"), text).unwrap();
+        match ferrotune::config::TrainConfig::load(&d.path().join("p.toml"), &[]) {
+            Ok(_) => "accepted".into(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let full_mezo = "adapter = \"full\"\noptimizer = \"mezo\"";
+    assert_eq!(
+        load(&format!("{full_mezo}\nzo_offload = true\nzo_window = 3")),
+        "accepted"
+    );
+    let e = load("adapter = \"full\"\nzo_offload = true");
+    assert!(e.contains("zo_offload") && e.contains("mezo"), "{e}");
+    let e = load("adapter = \"lora\"\noptimizer = \"mezo\"\nzo_offload = true");
+    assert!(e.contains("zo_offload") && e.contains("full"), "{e}");
+    let e = load(&format!("{full_mezo}\nzo_offload = true\nzo_n_spsa = 2"));
+    assert!(e.contains("zo_n_spsa"), "{e}");
+    let e = load(&format!("{full_mezo}\nzo_window = 2"));
+    assert!(e.contains("zo_window") && e.contains("zo_offload"), "{e}");
+    let e = load(&format!("{full_mezo}\nzo_offload = true\nzo_window = 0"));
+    assert!(e.contains("zo_window"), "{e}");
+}

@@ -94,3 +94,174 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], dtype: SaveDType, metadat
     let bytes = safetensors::tensor::serialize(views, metadata).map_err(|e| Error::format(path, format!("cannot encode tensors: {e}")))?;
     crate::io_util::write_atomic(path, &bytes)
 }
+
+/// One tensor's entry in a safetensors header: where its bytes lie in the data section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderEntry {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Byte range within the file (the data section's offsets plus the header's length).
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Reads only the header of a safetensors file (not its data): for files too large to map
+/// into memory at once, whose tensors are then read one at a time ([`read_tensor_f32`]).
+pub fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
+    use std::io::Read;
+    let bad = |m: String| Error::format(path, format!("not a valid safetensors file: {m}"));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("shorter than its 8-byte header length".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > file_len.saturating_sub(8) || n > 100 << 20 {
+        return Err(bad(format!(
+            "its header length {n} does not fit in the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("its header is not JSON: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, v) in json.iter().filter(|(k, _)| *k != "__metadata__") {
+        let entry = (|| {
+            let dtype = v.get("dtype")?.as_str()?.to_string();
+            let shape = v
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()?;
+            let o = v.get("data_offsets")?.as_array()?;
+            let (a, b) = (o.first()?.as_u64()?, o.get(1)?.as_u64()?);
+            Some(HeaderEntry {
+                dtype,
+                shape,
+                start: 8 + n + a,
+                end: 8 + n + b,
+            })
+        })()
+        .ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}` has no dtype, shape and data_offsets"
+            ))
+        })?;
+        if entry.end < entry.start || entry.end > file_len {
+            return Err(bad(format!("tensor `{name}` needs bytes {}..{} of a file of {file_len} (the file is truncated)", entry.start, entry.end)));
+        }
+        out.insert(name.clone(), entry);
+    }
+    Ok(out)
+}
+
+/// Reads tensor `name` (F32, F16 or BF16) of a file whose header [`read_header`] gave, as f32.
+pub fn read_tensor_f32(path: &Path, name: &str, e: &HeaderEntry) -> Result<Vec<f32>> {
+    use std::os::unix::fs::FileExt;
+    let width =
+        match e.dtype.as_str() {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            other => return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}`: dtype {other} is not supported (expected F32, F16 or BF16)"
+                ),
+            )),
+        };
+    let count: usize = e.shape.iter().product();
+    if (e.end - e.start) as usize != count * width {
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}`: {} bytes for shape {:?} of {}",
+                e.end - e.start,
+                e.shape,
+                e.dtype
+            ),
+        ));
+    }
+    let f = std::fs::File::open(path).map_err(|err| Error::io(path, err))?;
+    let mut bytes = vec![0u8; count * width];
+    f.read_exact_at(&mut bytes, e.start)
+        .map_err(|err| Error::io(path, err))?;
+    Ok(match width {
+        4 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        _ if e.dtype == "F16" => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    })
+}
+
+/// Writes f32 tensors of known shapes atomically, asking `values(i)` for tensor `i`'s values
+/// only when its turn comes, so that a file larger than memory can be written from storage
+/// that streams. Tensors are laid out by name (as [`save`] lays them out).
+pub fn save_streamed(
+    path: &Path,
+    tensors: &[(String, Vec<usize>)],
+    mut values: impl FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for &i in &order {
+        let (name, shape) = &tensors[i];
+        let len = 4 * shape.iter().product::<usize>() as u64;
+        header.insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len] }));
+        offset += len;
+    }
+    let mut text = serde_json::to_vec(&header).expect("JSON values always serialise");
+    // The data section starts 8-byte aligned, as the safetensors crate writes it.
+    while !(8 + text.len()).is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut failure = None;
+    let written = crate::io_util::write_atomic_with(path, |w| {
+        w.write_all(&(text.len() as u64).to_le_bytes())?;
+        w.write_all(&text)?;
+        for &i in &order {
+            let v = match values(i) {
+                Ok(v) => v,
+                Err(e) => {
+                    failure = Some(e);
+                    return Err(std::io::Error::other(
+                        "the tensor's values could not be read",
+                    ));
+                }
+            };
+            if v.len() != tensors[i].1.iter().product::<usize>() {
+                failure = Some(Error::format(
+                    path,
+                    format!(
+                        "tensor `{}`: {} values for shape {:?}",
+                        tensors[i].0,
+                        v.len(),
+                        tensors[i].1
+                    ),
+                ));
+                return Err(std::io::Error::other("wrong number of values"));
+            }
+            for chunk in v.chunks(1 << 16) {
+                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.write_all(&bytes)?;
+            }
+        }
+        Ok(())
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => written,
+    }
+}

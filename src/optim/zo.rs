@@ -14,31 +14,75 @@ use crate::rng::SplitMix64;
 use candle_core::{Tensor, Var};
 use std::path::Path;
 
+/// Values of `z` drawn from one random stream; chunks are independent streams so that a large
+/// tensor's direction is generated on every core, and a prefix never depends on the length.
+const DIRECTION_CHUNK: usize = 8192;
+
 /// The direction `z` for parameter tensor `index` of draw `seed`: standard normal values,
 /// the same every time they are asked for.
 pub fn direction(seed: u64, index: usize, len: usize) -> Vec<f32> {
-    let mut rng = SplitMix64::derive(seed, &[0x2e50, index as u64]);
-    let mut out = Vec::with_capacity(len + 1);
-    while out.len() < len {
-        // Box–Muller: two uniforms give two independent normals.
-        let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = std::f64::consts::TAU * u2;
-        out.push((r * t.cos()) as f32);
-        out.push((r * t.sin()) as f32);
-    }
-    out.truncate(len);
+    let mut out = vec![0f32; len];
+    direction_into(seed, index, &mut out);
     out
+}
+
+/// [`direction`] written into `out` (its length is the tensor's).
+pub fn direction_into(seed: u64, index: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(DIRECTION_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = SplitMix64::derive(seed, &[0x2e50, index as u64, c as u64]);
+            for pair in chunk.chunks_mut(2) {
+                // Box–Muller: two uniforms give two independent normals.
+                let u1 = ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+                let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+                pair[0] = (r * c) as f32;
+                if let Some(second) = pair.get_mut(1) {
+                    *second = (r * s) as f32;
+                }
+            }
+        });
+}
+
+/// `θ + scale·z`, elementwise: the perturbed weights, computed as the in-place form computes them.
+pub fn shifted(theta: &[f32], z: &[f32], scale: f32, out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(DIRECTION_CHUNK)
+        .zip(theta.par_chunks(DIRECTION_CHUNK))
+        .zip(z.par_chunks(DIRECTION_CHUNK))
+        .for_each(|((o, t), z)| {
+            o.iter_mut()
+                .zip(t)
+                .zip(z)
+                .for_each(|((o, &w), &z)| *o = w + scale * z);
+        });
+}
+
+/// MeZO-SGD's update of one tensor's values, `θ ← θ − (step·z + decay·θ)`, where `step` is
+/// `lr·g` and `decay` is `lr·wd`.
+pub fn descend(theta: &mut [f32], z: &[f32], step: f32, decay: f32) {
+    use rayon::prelude::*;
+    theta
+        .par_chunks_mut(DIRECTION_CHUNK)
+        .zip(z.par_chunks(DIRECTION_CHUNK))
+        .for_each(|(t, z)| {
+            t.iter_mut()
+                .zip(z)
+                .for_each(|(w, &z)| *w -= step * z + decay * *w);
+        });
 }
 
 /// `θ ← θ + scale·z` for every parameter, `z` from `seed`.
 pub fn perturb(params: &[Var], seed: u64, scale: f32) -> Result<()> {
     for (i, p) in params.iter().enumerate() {
-        let mut v: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
         let z = direction(seed, i, v.len());
-        v.iter_mut().zip(&z).for_each(|(w, z)| *w += scale * z);
-        p.set(&Tensor::from_vec(v, p.shape(), p.device())?)?;
+        let mut out = vec![0f32; v.len()];
+        shifted(&v, &z, scale, &mut out);
+        p.set(&Tensor::from_vec(out, p.shape(), p.device())?)?;
     }
     Ok(())
 }
@@ -79,11 +123,11 @@ pub fn update(params: &[Var], seed: u64, projected_grad: f64, lr: f64, weight_de
     if lr == 0.0 {
         return Ok(());
     }
+    let (step, decay) = ((lr * projected_grad) as f32, (lr * weight_decay) as f32);
     for (i, p) in params.iter().enumerate() {
         let mut v: Vec<f32> = p.as_tensor().flatten_all()?.to_vec1()?;
         let z = direction(seed, i, v.len());
-        let (step, decay) = ((lr * projected_grad) as f32, (lr * weight_decay) as f32);
-        v.iter_mut().zip(&z).for_each(|(w, z)| *w -= step * z + decay * *w);
+        descend(&mut v, &z, step, decay);
         p.set(&Tensor::from_vec(v, p.shape(), p.device())?)?;
     }
     Ok(())

@@ -21,14 +21,14 @@ use std::sync::Arc;
 /// What the forward of micro-batch `mi` of a step starts from, the same for a gradient step
 /// and a zeroth-order one: its seed (dropout, Masked Thought's draws), the reference model's
 /// hidden states where the objective compares with them, and the input embeddings.
-struct MicroBatch {
-    seed: u64,
-    reference: Option<Tensor>,
-    x0: Tensor,
+pub(super) struct MicroBatch {
+    pub seed: u64,
+    pub reference: Option<Tensor>,
+    pub x0: Tensor,
 }
 
 impl MicroBatch {
-    fn prepare(model: &Llama, b: &Batch, mi: usize, plan: &StepPlan, objective: &dyn Objective) -> Result<Self> {
+    pub(super) fn prepare(model: &Llama, b: &Batch, mi: usize, plan: &StepPlan, objective: &dyn Objective) -> Result<Self> {
         let seed = SplitMix64::derive(plan.seed, &[0xd20, plan.step as u64, mi as u64]).next_u64();
         let at = StepInfo { step: plan.step, total_steps: plan.total_steps, seed };
         let reference = if objective.needs_reference(b) { Some(reference_hidden(model, b)?) } else { None };

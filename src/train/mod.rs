@@ -12,6 +12,7 @@ pub mod progress;
 pub mod rollout;
 pub mod run_dir;
 pub mod trainer;
+pub mod zo_offload;
 
 pub use eval::{evaluate, EvalResult};
 pub use trainer::{train, TrainOptions, TrainSummary};

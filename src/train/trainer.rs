@@ -8,6 +8,8 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::evaluate;
 use super::grads::{step_gradients, step_loss, StepGradients, StepPlan};
+use super::zo_offload::ZoOffload;
+use crate::methods::offloaded::{self, OffloadedFull};
 use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
 use super::progress::Progress;
@@ -166,7 +168,18 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let fingerprint = checkpoint::data_fingerprint(&data.train, &data.val);
     let resume_dir = if opts.resume { resume_point(cfg, &identity, &fingerprint)? } else { None };
 
-    let mut method = attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?;
+    // MeZO keeps no moments: its "optimizer state" is the step count (the directions are
+    // regenerated from the run's seed and the step).
+    let zeroth_order = (cfg.optimizer == "mezo").then(|| crate::optim::zo::Mezo { seed: cfg.seed, eps: cfg.zo_eps.unwrap_or(1e-3), n_spsa: cfg.zo_n_spsa.unwrap_or(1) });
+    let (mut method, mut offload) = match (cfg.zo_offload, zeroth_order) {
+        (true, Some(mezo)) => {
+            let from = resume_dir.as_deref().or(cfg.init_adapter.as_deref());
+            let full = OffloadedFull::attach(&mut model, cfg.target_modules(), &out.join(offloaded::STORE_FILE), from)?;
+            let engine = ZoOffload::new(full.weights(), mezo, cfg.zo_window.unwrap_or(2))?;
+            (Box::new(full) as Box<dyn Method>, Some(engine))
+        }
+        _ => (attach_method(cfg, &mut model, resume_dir.as_deref(), &data, pad_id)?, None),
+    };
     let n = objective.init_batches();
     if n > 0 {
         objective.prepare_model(&mut model, &first_batches(cfg, &data.train, n, pad_id), resume_dir.as_deref())?;
@@ -185,9 +198,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let data = data;
     method.set_total_steps(total_steps);
     let adam = AdamWConfig { beta1: cfg.adam_beta1, beta2: cfg.adam_beta2, eps: cfg.adam_epsilon, weight_decay: cfg.weight_decay };
-    // MeZO keeps no moments: its "optimizer state" is the step count (the directions are
-    // regenerated from the run's seed and the step).
-    let zeroth_order = (cfg.optimizer == "mezo").then(|| crate::optim::zo::Mezo { seed: cfg.seed, eps: cfg.zo_eps.unwrap_or(1e-3), n_spsa: cfg.zo_n_spsa.unwrap_or(1) });
     let mut opt: Box<dyn crate::optim::Optimizer> = match &zeroth_order {
         Some(_) => Box::new(crate::optim::zo::MezoState::default()),
         None => method.optimizer(adam),
@@ -325,7 +335,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let (loss, grad_norm, objective_metrics) = match &zeroth_order {
             Some(zo) => {
                 // MeZO: two forward passes per direction and the update along each; no gradients.
-                let (loss, projected) = zo.step(&params, state.step, lr, cfg.weight_decay, || step_loss(&model, &batches, units, &plan, objective.as_ref()))?;
+                let (loss, projected) = match offload.as_mut() {
+                    Some(engine) => {
+                        let s = engine.step(&model, &batches, units, &plan, objective.as_ref(), lr, cfg.weight_decay)?;
+                        (s.loss, s.projected_grad)
+                    }
+                    None => zo.step(&params, state.step, lr, cfg.weight_decay, || step_loss(&model, &batches, units, &plan, objective.as_ref()))?,
+                };
                 crate::failpoint::hit("step");
                 if !loss.is_finite() {
                     return Err(nan_error(state.step + 1, "loss", loss, &last_ckpt));
@@ -378,7 +394,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             ..Default::default()
         };
         let last = state.step == total_steps;
+        // An offloaded run's last update is deferred to the next sweep: applied now where the
+        // weights are read whole.
+        let mut settle = |model: &Llama| offload.as_mut().map_or(Ok(()), |e| e.flush(model));
         if (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps)) || last {
+            settle(&model)?;
             m.eval_loss = eval_now(&model)?;
             if let Some(l) = m.eval_loss {
                 progress.println(&format!("step {}: eval loss {l:.4}", state.step));
@@ -387,6 +407,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         metrics.append(&m)?;
         let signal = interrupt::requested();
         if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last || signal.is_some() {
+            settle(&model)?;
             let dir = checkpoint::step_dir(out, state.step);
             checkpoint::save(&dir, method.as_ref(), opt.as_ref(), &state, &base_name, &|tmp| objective.save_extras(tmp))?;
             last_ckpt = Some(dir);
@@ -397,7 +418,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             return Err(interrupted(sig, &format!("stopped after step {} of {total_steps}; {saved}", state.step)));
         }
         if last {
-            return finish(cfg, method.as_ref(), objective.as_ref(), &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory);
+            let summary = finish(cfg, method.as_ref(), objective.as_ref(), &base_name, &progress, m.eval_loss, eval_before, last_loss, tok_total, time_total, state.step);
+            if offload.is_some() && summary.is_ok() {
+                // Scratch: the adapter and the checkpoints hold what it held.
+                let _ = std::fs::remove_file(out.join(offloaded::STORE_FILE));
+            }
+            return summary.map(with_memory);
         }
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
