@@ -90,6 +90,13 @@ fn train_eval_merge_generate_inspect() {
     let (ok, out, err) = ferrotune(&["bench", "--model", "model", "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "1", "--optimizer", "mezo"], dir);
     assert!(ok, "bench --optimizer mezo failed: {err}");
     assert_eq!(last_json(&out)["optimizer"].as_str(), Some("mezo"));
+    // … offloaded full-weight MeZO, which leaves no scratch file behind; offloading is for it alone.
+    let (ok, out, err) = ferrotune(&["bench", "--model", "model", "--batch", "2", "--seq", "8", "--warmup", "0", "--steps", "2", "--method", "full", "--optimizer", "mezo", "--zo-offload"], dir);
+    assert!(ok, "bench --zo-offload failed: {err}");
+    let r = last_json(&out);
+    assert_eq!((r["method"].as_str(), r["zo_offload"].as_bool()), (Some("full"), Some(true)));
+    let (ok, _, err) = ferrotune(&["bench", "--model", "model", "--steps", "1", "--method", "lora", "--optimizer", "mezo", "--zo-offload"], dir);
+    assert!(!ok && err.contains("--zo-offload") && err.contains("full"), "{err}");
     let (ok, _, err) = ferrotune(&["bench", "--model", "model", "--steps", "1", "--optimizer", "sgd"], dir);
     assert!(!ok && err.contains("--optimizer") && err.contains("mezo"), "{err}");
 

@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub objective: String,
     /// `adamw`, or `mezo`: the zeroth-order step (two forward passes, no backward).
     pub optimizer: String,
+    /// With `mezo` and `full`: the trained matrices offloaded to a file (`zo_offload`).
+    pub zo_offload: bool,
     /// Time batched generation of this many new tokens instead of training (see
     /// [`run_decode`]).
     pub decode: Option<usize>,
@@ -71,6 +73,8 @@ pub struct BenchReport {
     pub seq: usize,
     pub objective: String,
     pub optimizer: String,
+    /// Whether the trained matrices were offloaded (`--zo-offload`).
+    pub zo_offload: bool,
     /// Sequences per step: `batch`, or `2 × batch` for DPO's pairs.
     pub rows: usize,
 }
@@ -251,7 +255,29 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         other => return Err(Error::flag("--objective", format!("`{other}`: expected sft or dpo"))),
     };
 
+    // An offloaded run's matrices live in a scratch file, removed when the bench ends.
+    let store = std::env::temp_dir().join(format!("ferrotune-bench-{}.f32", std::process::id()));
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _store_guard = RemoveOnDrop(store.clone());
+    let mut offload = None;
+    if opts.zo_offload {
+        if opts.method != "full" || opts.optimizer != "mezo" || opts.forward_only {
+            return Err(Error::flag("--zo-offload", "offloads full-weight MeZO: give it with --method full --optimizer mezo"));
+        }
+    }
     let mut method: Option<Box<dyn Method>> = match opts.method.as_str() {
+        "full" if opts.zo_offload => {
+            let targets = TargetModules::Names(targets_of_bench().map(String::from).to_vec());
+            let full = crate::methods::offloaded::OffloadedFull::attach(&mut model, targets, &store, None)?;
+            let zo = crate::optim::zo::Mezo { seed: 0, eps: 1e-3, n_spsa: 1 };
+            offload = Some(crate::train::zo_offload::ZoOffload::new(full.weights(), zo, 2)?);
+            Some(Box::new(full))
+        }
         "none" if opts.forward_only => None,
         "none" => return Err(Error::flag("--method", "`none` trains nothing: use it with --forward-only")),
         name => {
@@ -269,7 +295,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     }
     let units = objective.units(&batch);
     let mut params: Vec<Var> = method.as_ref().map_or(Vec::new(), |m| m.params().into_iter().map(|(_, v)| v).collect());
-    let adapter_params: usize = params.iter().map(|p| p.elem_count()).sum();
+    let adapter_params: usize = method.as_ref().map_or(0, |m| m.num_params());
     // The method's own update rule (LoRA-Pro's differs), as the trainer uses it; MeZO has none.
     let mut opt = method.as_ref().filter(|_| opts.optimizer != "mezo").map(|m| m.optimizer(AdamWConfig::default()));
     let mut step_s = Vec::new();
@@ -278,6 +304,10 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         if opts.forward_only {
             let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), b, t, &ForwardCtx::eval())?;
             let _ = nll.sum_all()?.to_scalar::<f32>()?;
+        } else if let Some(engine) = offload.as_mut() {
+            // The trainer's offloaded step: one sweep, both perturbed streams, the deferred update.
+            let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: false };
+            engine.step(&model, std::slice::from_ref(&batch), units, &plan, objective.as_ref(), 2e-4, 0.0)?;
         } else if opts.optimizer == "mezo" {
             // The trainer's zeroth-order step: two forward-only passes and the update.
             let plan = crate::train::grads::StepPlan { seed: 0, step, total_steps: usize::MAX, checkpointing: opts.checkpointing };
@@ -304,8 +334,14 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     let rows = batch.batch_size;
     let tokens_per_s = (rows * t) as f64 / mean;
     let mezo = opts.optimizer == "mezo" && !opts.forward_only;
-    let mut flops = if mezo { 2.0 * flops_per_token(&model.config, t, adapter_params, false) } else { flops_per_token(&model.config, t, adapter_params, !opts.forward_only) };
-    if WHOLE_MATRIX_METHODS.contains(&opts.method.as_str()) && !opts.forward_only && !mezo {
+    let whole_matrix = WHOLE_MATRIX_METHODS.contains(&opts.method.as_str());
+    let mut flops = match (mezo, whole_matrix) {
+        // Two forwards; whole-matrix methods' trained matrices are the base's own products.
+        (true, true) => 2.0 * flops_per_token(&model.config, t, 0, false),
+        (true, false) => 2.0 * flops_per_token(&model.config, t, adapter_params, false),
+        (false, _) => flops_per_token(&model.config, t, adapter_params, !opts.forward_only),
+    };
+    if whole_matrix && !opts.forward_only && !mezo {
         // Full fine-tuning's trainable matrices are the projections themselves, not additions
         // beside frozen ones: their forward and input-gradient products are in the 6 per
         // trainable weight already, so the frozen count's 4 per weight must not count them too.
@@ -336,6 +372,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         seq: t,
         objective: opts.objective.clone(),
         optimizer: opts.optimizer.clone(),
+        zo_offload: opts.zo_offload,
         rows,
     })
 }

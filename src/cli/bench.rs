@@ -59,27 +59,26 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         memory::method_plan(create_method(&opts.method)?.as_ref(), &footprint.config, &TargetModules::AllLinear, 16)?
     };
     let tokens = report.rows * opts.seq;
-    // A MeZO step is two forward passes: inference's activations, plus the parameters' saved copy.
-    let mezo = opts.optimizer == "mezo" && !opts.forward_only;
-    let forward_like = opts.forward_only || mezo;
-    let (train, eval) = if forward_like { (0, tokens) } else { (tokens, 0) };
     let step = StepShape {
-        train_tokens: train,
+        train_tokens: if opts.forward_only { 0 } else { tokens },
         train_seq: opts.seq,
-        eval_tokens: eval,
+        eval_tokens: if opts.forward_only { tokens } else { 0 },
         eval_seq: opts.seq,
         checkpointing: opts.checkpointing,
-        adapter_params: if forward_like { 0 } else { planned.trainable_params },
+        adapter_params: if opts.forward_only { 0 } else { planned.trainable_params },
         threads: rayon::current_num_threads(),
-        method_floats_per_token: if forward_like { 0 } else { planned.floats_per_token },
+        method_floats_per_token: if opts.forward_only { 0 } else { planned.floats_per_token },
     };
-    let mut estimate = memory::estimate(&footprint, &step, process);
-    if mezo {
-        estimate.adapter += 2 * 4 * planned.trainable_params;
-        estimate.total += 2 * 4 * planned.trainable_params;
-    } else if !opts.forward_only {
-        estimate.add_method(&planned, &footprint.config, opts.checkpointing);
-    }
+    let estimate = if opts.optimizer == "mezo" && !opts.forward_only {
+        // Two forward passes, and the parameters' saved copy or a window of offloaded blocks.
+        memory::zeroth_order_estimate(&footprint, &step, process, planned.trainable_params, opts.zo_offload.then_some(2))
+    } else {
+        let mut e = memory::estimate(&footprint, &step, process);
+        if !opts.forward_only {
+            e.add_method(&planned, &footprint.config, opts.checkpointing);
+        }
+        e
+    };
     report.memory_estimate_mib = Some(estimate.total_mib());
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

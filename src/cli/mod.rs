@@ -199,6 +199,10 @@ pub enum Command {
         /// direction, ε = 1e-3, one direction; no backward, no moments).
         #[arg(long, default_value = "adamw")]
         optimizer: String,
+        /// With --optimizer mezo --method full: ZO2-style offloading, the trained matrices in a
+        /// scratch file (in the temp folder) streamed through memory two blocks at a time.
+        #[arg(long)]
+        zo_offload: bool,
         /// Time batched generation instead: --batch rows, each a random prompt of --seq tokens,
         /// this many new tokens each (greedy, no adapter unless --method).
         #[arg(long, value_name = "NEW_TOKENS")]
@@ -257,9 +261,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method, objective, optimizer, decode } => {
+        Command::Bench { model, shape, batch, seq, warmup, steps, forward_only, checkpointing, dtype, method, objective, optimizer, zo_offload, decode } => {
             let method = method.unwrap_or_else(|| if forward_only || decode.is_some() { "none" } else { "lora" }.to_string());
-            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing, objective, optimizer, decode };
+            let opts = crate::bench::BenchOptions { batch, seq, warmup, steps, forward_only, method, dtype, checkpointing, objective, optimizer, zo_offload, decode };
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }

@@ -479,12 +479,35 @@ pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedE
     let planned = method_plan(method.as_ref(), &fp.config, &cfg.target_modules(), cfg.lora_r)?;
     let (objective_bytes, objective_floats) = crate::objectives::create(&cfg.objective_spec())?.planned_memory(&fp.config);
     let mut shape = step_shape(cfg, train, val, total_steps, planned.trainable_params);
+    if cfg.optimizer == "mezo" {
+        return Ok(zeroth_order_estimate(&fp, &shape, process, planned.trainable_params, cfg.zo_offload.then_some(cfg.zo_window.unwrap_or(2))));
+    }
     shape.method_floats_per_token = planned.floats_per_token + objective_floats;
     let mut e = estimate(&fp, &shape, process);
     e.adapter += objective_bytes;
     e.total += objective_bytes;
     e.add_method(&planned, &fp.config, cfg.gradient_checkpointing);
     Ok(e)
+}
+
+/// What a zeroth-order step holds: two forward passes over the step's tokens (inference's
+/// activations; with `offload_window`, the `+` and `−` residual streams of every micro-batch
+/// too) and, beside `trainable` values, in memory their saved copy, or offloaded only a window
+/// of blocks with the direction and the perturbed matrices being built (the blocks taken as
+/// equal shares of the trainable values).
+pub fn zeroth_order_estimate(fp: &Footprint, s: &StepShape, process: u64, trainable: u64, offload_window: Option<usize>) -> MemoryEstimate {
+    let c = &fp.config;
+    let tokens = s.train_tokens.max(s.eval_tokens);
+    let forward = StepShape { train_tokens: 0, train_seq: 0, eval_tokens: tokens, eval_seq: s.train_seq.max(s.eval_seq), adapter_params: 0, method_floats_per_token: 0, ..*s };
+    let mut e = estimate(fp, &forward, process);
+    let (held, streams) = match offload_window {
+        Some(w) => ((w as u64 + 2) * F32 * trainable / c.num_hidden_layers.max(1) as u64, 2 * (tokens * c.hidden_size) as u64 * F32),
+        None => (2 * F32 * trainable, 0),
+    };
+    e.adapter += held;
+    e.activations += streams;
+    e.total += held + streams;
+    e
 }
 
 /// Memory the run may still allocate, and where that figure comes from.
