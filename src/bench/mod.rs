@@ -265,10 +265,8 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
     }
     let _store_guard = RemoveOnDrop(store.clone());
     let mut offload = None;
-    if opts.zo_offload {
-        if opts.method != "full" || opts.optimizer != "mezo" || opts.forward_only {
-            return Err(Error::flag("--zo-offload", "offloads full-weight MeZO: give it with --method full --optimizer mezo"));
-        }
+    if opts.zo_offload && (opts.method != "full" || opts.optimizer != "mezo" || opts.forward_only) {
+        return Err(Error::flag("--zo-offload", "offloads full-weight MeZO: give it with --method full --optimizer mezo"));
     }
     let mut method: Option<Box<dyn Method>> = match opts.method.as_str() {
         "full" if opts.zo_offload => {

@@ -54,41 +54,10 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
             load()?;
             export_peft(a.adapter, a.out)
         }
-        ExportFormat::MergedSafetensors => {
-            let d = a.dtype.unwrap_or("f32");
-            let dtype = SaveDType::parse(d).ok_or_else(|| anyhow!("--dtype `{d}`: expected f32, bf16 or f16"))?;
+        ExportFormat::MergedSafetensors | ExportFormat::MergedGguf => {
             let mut session = load()?;
             session.merge_adapter()?;
-            crate::export::merged::write_hf_dir(&session, a.out, dtype)?;
-            eprintln!("merged model (safetensors, {d}) written to {}", a.out.display());
-            Ok(())
-        }
-        ExportFormat::MergedGguf => {
-            let quant = parse_merged_type(a.quant.unwrap_or("q8_0"))?;
-            let mut session = load()?;
-            session.merge_adapter()?;
-            let r = gx::write_merged_gguf(&session, a.out, quant)?;
-            // One line per (row length, type used): which tensors fell back, as llama-quantize would.
-            let mut groups: Vec<((usize, crate::formats::gguf::GgmlType), Vec<&str>)> = Vec::new();
-            for f in &r.fallbacks {
-                match groups.iter_mut().find(|(k, _)| *k == (f.row, f.used)) {
-                    Some((_, names)) => names.push(&f.tensor),
-                    None => groups.push(((f.row, f.used), vec![&f.tensor])),
-                }
-            }
-            for ((row, used), names) in &groups {
-                let shown = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
-                let more = if names.len() > 3 { format!(", … ({} in all)", names.len()) } else { String::new() };
-                eprintln!("note: rows of {row} are not whole {quant} blocks; stored as {used} (llama.cpp's fallback): {shown}{more}");
-            }
-            let meta = if r.metadata_from_source { "metadata copied from the source GGUF" } else { "llama metadata and tokenizer written from the HF directory" };
-            eprintln!(
-                "merged GGUF ({quant}, {} tensors, {:.1} MiB; {meta}) written to {}",
-                r.tensors,
-                r.bytes as f64 / (1 << 20) as f64,
-                a.out.display()
-            );
-            Ok(())
+            write_merged(&session, format, a.out, a.dtype, a.quant)
         }
         ExportFormat::GgufLora => {
             let dtype = parse_lora_type(a.dtype.unwrap_or("f32"))?;
@@ -122,6 +91,41 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Writes the model of `session` (its weights already final) as a merged Hugging Face folder
+/// (`dtype`: f32, bf16, f16) or GGUF (`quant`); shared by `export` and `combine`.
+pub(super) fn write_merged(session: &Session, format: ExportFormat, out: &Path, dtype: Option<&str>, quant: Option<&str>) -> anyhow::Result<()> {
+    if format == ExportFormat::MergedSafetensors {
+        let d = dtype.unwrap_or("f32");
+        let dtype = SaveDType::parse(d).ok_or_else(|| anyhow!("--dtype `{d}`: expected f32, bf16 or f16"))?;
+        crate::export::merged::write_hf_dir(session, out, dtype)?;
+        eprintln!("merged model (safetensors, {d}) written to {}", out.display());
+        return Ok(());
+    }
+    let quant = parse_merged_type(quant.unwrap_or("q8_0"))?;
+    let r = gx::write_merged_gguf(session, out, quant)?;
+    // One line per (row length, type used): which tensors fell back, as llama-quantize would.
+    let mut groups: Vec<((usize, crate::formats::gguf::GgmlType), Vec<&str>)> = Vec::new();
+    for f in &r.fallbacks {
+        match groups.iter_mut().find(|(k, _)| *k == (f.row, f.used)) {
+            Some((_, names)) => names.push(&f.tensor),
+            None => groups.push(((f.row, f.used), vec![&f.tensor])),
+        }
+    }
+    for ((row, used), names) in &groups {
+        let shown = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+        let more = if names.len() > 3 { format!(", … ({} in all)", names.len()) } else { String::new() };
+        eprintln!("note: rows of {row} are not whole {quant} blocks; stored as {used} (llama.cpp's fallback): {shown}{more}");
+    }
+    let meta = if r.metadata_from_source { "metadata copied from the source GGUF" } else { "llama metadata and tokenizer written from the HF directory" };
+    eprintln!(
+        "merged GGUF ({quant}, {} tensors, {:.1} MiB; {meta}) written to {}",
+        r.tensors,
+        r.bytes as f64 / (1 << 20) as f64,
+        out.display()
+    );
+    Ok(())
 }
 
 /// Copies the adapter's two files (checked to load onto the model) to `out`.

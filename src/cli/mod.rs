@@ -1,6 +1,7 @@
 //! The command line: `ferrotune train|eval|generate|merge|export|inspect-data|methods|bench`.
 
 mod bench;
+mod combine;
 mod eval;
 mod export;
 mod generate;
@@ -146,6 +147,52 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Merge several fine-tunes of one base by their task vectors (task arithmetic, TIES,
+    /// LiNeS) into one model: merged-safetensors or merged-gguf.
+    Combine {
+        /// The base model the fine-tunes share (HF folder or GGUF).
+        #[arg(long)]
+        model: PathBuf,
+        /// The fine-tunes, comma-separated: adapter folders (any method that merges) or whole
+        /// models with the base's tensors.
+        #[arg(long, value_delimiter = ',', required = true)]
+        inputs: Vec<PathBuf>,
+        /// One weight per input, comma-separated (default 1 each).
+        #[arg(long, value_delimiter = ',')]
+        weights: Option<Vec<f64>>,
+        /// task_arithmetic (Σ w·τ), ties (trim, elect sign, disjoint mean), or lines (LiNeS).
+        #[arg(long)]
+        method: String,
+        /// TIES: the share of each task vector's entries kept, by magnitude, tensor by tensor
+        /// (default 0.2).
+        #[arg(long)]
+        density: Option<f64>,
+        /// LiNeS on one fine-tune: λ (α = λ, β = 1 − λ).
+        #[arg(long)]
+        lambda: Option<f64>,
+        /// LiNeS on several fine-tunes: β (α comes from the task vectors' norms).
+        #[arg(long)]
+        beta: Option<f64>,
+        /// LiNeS on several fine-tunes: how they are merged before scaling: task_arithmetic
+        /// (default) or ties.
+        #[arg(long)]
+        lines_merge: Option<String>,
+        /// merged-safetensors or merged-gguf.
+        #[arg(long)]
+        format: String,
+        /// Output directory (merged-safetensors) or .gguf file.
+        #[arg(long)]
+        out: PathBuf,
+        /// merged-safetensors: f32, bf16, f16 (default f32).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// merged-gguf: f32, f16, bf16, q8_0, q4_0, … (default q8_0).
+        #[arg(long)]
+        quant: Option<String>,
+        /// Replace an existing --out file, or write into an existing --out folder.
+        #[arg(long)]
+        overwrite: bool,
+    },
     /// Logits of every position of given token ids, as JSON (for checks against other runtimes).
     #[command(hide = true)]
     Logits {
@@ -239,6 +286,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
         }
         Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
+        Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, format, out, dtype, quant, overwrite } => combine::run(&combine::CombineArgs {
+            model: &model,
+            inputs: &inputs,
+            weights: weights.as_deref(),
+            method: &method,
+            density,
+            lambda,
+            beta,
+            lines_merge: lines_merge.as_deref(),
+            format: &format,
+            out: &out,
+            dtype: dtype.as_deref(),
+            quant: quant.as_deref(),
+            overwrite,
+        }),
         Command::Export { model, adapter, format, out, dtype, quant, overwrite } => export::run(&export::ExportArgs {
             model: &model,
             adapter: &adapter,

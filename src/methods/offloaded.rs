@@ -138,11 +138,6 @@ pub struct OffloadedFull {
     weights: Arc<OffloadedWeights>,
 }
 
-/// The block a site belongs to, from its Hugging Face name (`model.layers.<i>.…`).
-fn layer_of(site: &str) -> Option<usize> {
-    site.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
-}
-
 impl OffloadedFull {
     /// Attaches to the sites `targets` selects, with the store at `store` (created afresh).
     /// The matrices start from `from`'s `full` adapter (a checkpoint or `init_adapter`), or
@@ -192,7 +187,9 @@ impl OffloadedFull {
         }
         let mut blocks = vec![Vec::new(); model.layers.len()];
         for (i, s) in sites.iter().enumerate() {
-            let layer = layer_of(&s.site).filter(|&l| l < blocks.len()).ok_or_else(|| Error::Model(format!("module `{}` is not inside a block", s.site)))?;
+            let layer = crate::models::block_index(&s.site)
+                .filter(|&l| l < blocks.len())
+                .ok_or_else(|| Error::Model(format!("module `{}` is not inside a block", s.site)))?;
             blocks[layer].push(i);
         }
         Ok(OffloadedFull { targets, weights: Arc::new(OffloadedWeights { file, sites, blocks }) })

@@ -17,6 +17,12 @@ use std::sync::Arc;
 /// are not trained on a CPU).
 const MAX_ROPE_TABLE: usize = 65536;
 
+/// The block a tensor or site belongs to, from its Hugging Face name (`model.layers.<i>.…`);
+/// `None` outside the blocks (embedding, final norm, head).
+pub fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
 pub struct Block {
     pub input_layernorm: Tensor,
     pub post_attention_layernorm: Tensor,
@@ -212,6 +218,53 @@ impl Llama {
             out.push(("lm_head.weight".to_string(), h.to_tensor()?));
         }
         Ok(out)
+    }
+
+    /// Replaces base tensor `name` (one of [`Llama::named_weights`]' names) with `t` (f32,
+    /// the same shape): how a combination of fine-tunes (`ferrotune combine`) lands in a model
+    /// that the merged exports then write.
+    pub fn set_named_weight(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let shape_error = |want: Vec<usize>| Error::Model(format!("tensor `{name}` has shape {:?}, expected {want:?}", t.dims()));
+        let frozen = |old: &FrozenWeight| -> Result<FrozenWeight> {
+            let (r, c) = old.dims();
+            if t.dims() != [r, c] {
+                return Err(shape_error(vec![r, c]));
+            }
+            Ok(FrozenWeight::from_tensor(t)?)
+        };
+        let dense = |old: &Tensor| -> Result<Tensor> {
+            if t.dims() != old.dims() {
+                return Err(shape_error(old.dims().to_vec()));
+            }
+            Ok(t.clone())
+        };
+        match name {
+            "model.embed_tokens.weight" => self.embed_tokens = frozen(&self.embed_tokens)?,
+            "model.norm.weight" => self.norm = dense(&self.norm)?,
+            "lm_head.weight" if self.lm_head.is_some() => self.lm_head = Some(frozen(self.lm_head.as_ref().expect("checked"))?),
+            _ => {
+                for (i, b) in self.layers.iter_mut().enumerate() {
+                    if name == format!("model.layers.{i}.input_layernorm.weight") {
+                        b.input_layernorm = dense(&b.input_layernorm)?;
+                        return Ok(());
+                    }
+                    if name == format!("model.layers.{i}.post_attention_layernorm.weight") {
+                        b.post_attention_layernorm = dense(&b.post_attention_layernorm)?;
+                        return Ok(());
+                    }
+                }
+                let lin = self.linears_mut().find(|l| name.strip_prefix(l.name.as_str()).is_some_and(|rest| rest == ".weight" || rest == ".bias"));
+                match lin {
+                    Some(l) if name.ends_with(".weight") => l.weight = frozen(&l.weight)?,
+                    Some(l) => match &l.bias {
+                        Some(b) => l.bias = Some(dense(b)?),
+                        None => return Err(Error::Model(format!("tensor `{name}`: the module has no bias"))),
+                    },
+                    None => return Err(Error::Model(format!("tensor `{name}` is not a tensor of this model"))),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Rounds every f32 frozen matrix (linear layers, embedding, head) to bf16; matrices kept

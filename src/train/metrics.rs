@@ -16,6 +16,9 @@ pub struct StepMetrics {
     pub grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_s: Option<f64>,
+    /// Seconds the step took (its forward, backward or perturbed passes, and the update).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]

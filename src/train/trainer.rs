@@ -320,6 +320,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let examples: Vec<&EncodedExample> = (0..consumed as u64).map(|k| &data.train[sampler.index(state.samples_seen + k)]).collect();
         let (batches, rollouts) = match plan {
             Some(plan) => {
+                // Rollouts sample from the current policy: an offloaded run's deferred update first.
+                if let Some(e) = offload.as_mut() {
+                    e.flush(&model)?;
+                }
                 let seed = SplitMix64::derive(cfg.seed, &[0x6011, state.step as u64]).next_u64();
                 let mut r = super::rollout::sample(&model, &tok, &examples, plan, cfg.micro_batch_size, pad_id, seed)?;
                 (std::mem::take(&mut r.batches), Some(r))
@@ -389,6 +393,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             lr: Some(lr),
             grad_norm,
             tokens_per_s: Some(tps),
+            step_s: Some(dt),
             epoch: Some(state.samples_seen as f64 / n_train as f64),
             objective: objective_metrics,
             ..Default::default()

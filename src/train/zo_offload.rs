@@ -97,17 +97,23 @@ impl ZoOffload {
                 }
             }
             let z: Vec<Vec<f32>> = idx.iter().map(|&i| direction(seed, i, weights.len(i))).collect();
-            for (scale, streams) in [(eps, &mut plus), (-eps, &mut minus)] {
-                for ((t, z), &i) in theta.iter().zip(&z).zip(idx) {
-                    let mut w = vec![0f32; t.len()];
-                    shifted(t, z, scale, &mut w);
-                    weights.set(i, w)?;
+            let mut passes = || -> Result<()> {
+                for (scale, streams) in [(eps, &mut plus), (-eps, &mut minus)] {
+                    for ((t, z), &i) in theta.iter().zip(&z).zip(idx) {
+                        let mut w = vec![0f32; t.len()];
+                        shifted(t, z, scale, &mut w);
+                        weights.set(i, w)?;
+                    }
+                    for x in streams.iter_mut() {
+                        *x = model.block_forward(li, x, 0, None, &ctx)?;
+                    }
                 }
-                for x in streams.iter_mut() {
-                    *x = model.block_forward(li, x, 0, None, &ctx)?;
-                }
-            }
+                Ok(())
+            };
+            let done = passes();
+            // Whatever happened, later forwards read the stored weights, never perturbed ones.
             idx.iter().for_each(|&i| weights.clear(i));
+            done?;
             Ok(pending.is_some())
         })?;
         let loss_at = |streams: &[Tensor]| -> Result<f64> {

@@ -1,0 +1,149 @@
+//! Post-hoc tools on fine-tuned checkpoints, no training (METHODS.md §6): `ferrotune combine`
+//! merges several fine-tunes of one base into one model by their task vectors
+//! `τ_t = θ_t − θ0` ([`merge`]: task arithmetic, TIES, LiNeS).
+//!
+//! A fine-tune is an adapter folder of any method that merges (folded into the base first) or
+//! a whole model (Hugging Face folder or GGUF) with the base's tensors. Every tensor of the base
+//! is combined, embeddings and norms included, in f32; the result replaces the base's tensors
+//! in the loaded model, which the merged exports then write.
+
+pub mod merge;
+
+use crate::error::{Error, Result};
+use crate::methods::ADAPTER_CONFIG;
+use crate::session::Session;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How the task vectors become one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rule {
+    /// `Σ w_t τ_t`.
+    TaskArithmetic,
+    /// TIES with each vector trimmed to `density` of its entries.
+    Ties { density: f64 },
+    /// LiNeS over the merge of `base` (task arithmetic or TIES): one input, `α = λ`,
+    /// `β = 1 − λ`; several, `α = ‖Σ τ_t‖₁ / (T·‖τ_MTL‖₁)` and the given `β`.
+    Lines { base: Box<Rule>, lambda: Option<f64>, beta: Option<f64> },
+}
+
+/// What a combination did, for the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CombineReport {
+    /// `‖τ_t‖₁` of every input.
+    pub input_l1: Vec<f64>,
+    /// `‖θ − θ0‖₁` of the result.
+    pub merged_l1: f64,
+    /// LiNeS's α and β where used.
+    pub lines: Option<(f64, f64)>,
+    pub tensors: usize,
+}
+
+/// Every tensor of a fine-tune of `base`, by Hugging Face name, in f32.
+fn fine_tuned_weights(base: &Path, input: &Path) -> Result<HashMap<String, Tensor>> {
+    let weights = if input.join(ADAPTER_CONFIG).is_file() {
+        let mut s = Session::load(base, Some(input))?;
+        let method = s.method.as_ref().expect("loaded with an adapter");
+        if !method.mergeable() {
+            return Err(Error::config(
+                "--inputs",
+                format!("{} is a `{}` adapter, which cannot be folded into the base weights", input.display(), method.name()),
+            ));
+        }
+        s.merge_adapter()?;
+        s.model.named_weights()?
+    } else {
+        crate::models::load::load_model(input)?.named_weights()?
+    };
+    Ok(weights.into_iter().collect())
+}
+
+/// Combines the fine-tunes `inputs` of the model at `base` under `rule` with per-input
+/// `weights`; returns the base's session with the combined tensors in place of its own.
+pub fn combine(base: &Path, inputs: &[PathBuf], weights: &[f32], rule: &Rule) -> Result<(Session, CombineReport)> {
+    if inputs.is_empty() {
+        return Err(Error::config("--inputs", "give at least one fine-tune"));
+    }
+    if weights.len() != inputs.len() {
+        return Err(Error::config("--weights", format!("has {} values for {} inputs", weights.len(), inputs.len())));
+    }
+    let mut session = Session::load(base, None)?;
+    let theta0 = session.model.named_weights()?;
+    // Task vectors, input by input, tensor by tensor in the base's order.
+    let mut taus: Vec<Vec<Vec<f32>>> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let mut ft = fine_tuned_weights(base, input)?;
+        let mut tau = Vec::with_capacity(theta0.len());
+        for (name, t0) in &theta0 {
+            let t = ft.remove(name).ok_or_else(|| Error::format(input, format!("tensor `{name}` of the base is missing")))?;
+            if t.dims() != t0.dims() {
+                return Err(Error::format(
+                    input,
+                    format!("tensor `{name}` has shape {:?}, the base's is {:?}: not a fine-tune of this base", t.dims(), t0.dims()),
+                ));
+            }
+            let (a, b): (Vec<f32>, Vec<f32>) = (t.flatten_all()?.to_vec1()?, t0.flatten_all()?.to_vec1()?);
+            tau.push(a.iter().zip(&b).map(|(x, y)| x - y).collect());
+        }
+        if let Some(extra) = ft.keys().min() {
+            return Err(Error::format(input, format!("tensor `{extra}` is not in the base model")));
+        }
+        taus.push(tau);
+    }
+    let merged_by = |rule: &Rule, i: usize| -> Result<Vec<f32>> {
+        let per_input: Vec<&[f32]> = taus.iter().map(|t| t[i].as_slice()).collect();
+        match rule {
+            Rule::TaskArithmetic => Ok(merge::task_arithmetic(&per_input, weights)),
+            Rule::Ties { density } => Ok(merge::ties(&per_input, weights, *density)),
+            Rule::Lines { .. } => Err(Error::config("--lines-merge", "expected task_arithmetic or ties")),
+        }
+    };
+    let (merged, lines): (Vec<Vec<f32>>, Option<(f64, f64)>) = match rule {
+        Rule::Lines { base: inner, lambda, beta } => {
+            let tau_mtl: Vec<Vec<f32>> = (0..theta0.len()).map(|i| merged_by(inner, i)).collect::<Result<_>>()?;
+            let (alpha, beta) = match (inputs.len(), lambda, beta) {
+                (1, Some(l), None) => (*l, 1.0 - l),
+                (1, _, _) => {
+                    return Err(Error::config(
+                        "--lambda",
+                        "LiNeS on one fine-tune takes --lambda λ (α = λ, β = 1 − λ; tune it on a grid such as 0, 0.1, …, 1), and no --beta",
+                    ))
+                }
+                (t, None, Some(b)) => {
+                    // α = ‖Σ_t τ_t‖₁ / (T·‖τ_MTL‖₁): 1/T for plain task arithmetic.
+                    let sum_l1: f64 = (0..theta0.len())
+                        .map(|i| merge::l1(&merge::task_arithmetic(&taus.iter().map(|t| t[i].as_slice()).collect::<Vec<_>>(), &vec![1.0; t])))
+                        .sum();
+                    let mtl_l1: f64 = tau_mtl.iter().map(|v| merge::l1(v)).sum();
+                    (if mtl_l1 > 0.0 { sum_l1 / (t as f64 * mtl_l1) } else { 1.0 / t as f64 }, *b)
+                }
+                _ => return Err(Error::config("--beta", "LiNeS on several fine-tunes takes --beta β (tune it on validation, in (0, 1]), and no --lambda")),
+            };
+            let layers = session.model.layers.len();
+            let scaled = theta0
+                .iter()
+                .zip(tau_mtl)
+                .map(|((name, _), v)| {
+                    let f = merge::lines_factor(crate::models::block_index(name), layers, alpha, beta) as f32;
+                    v.into_iter().map(|x| f * x).collect()
+                })
+                .collect();
+            (scaled, Some((alpha, beta)))
+        }
+        other => ((0..theta0.len()).map(|i| merged_by(other, i)).collect::<Result<_>>()?, None),
+    };
+    let report = CombineReport {
+        input_l1: taus.iter().map(|t| t.iter().map(|v| merge::l1(v)).sum()).collect(),
+        merged_l1: merged.iter().map(|v| merge::l1(v)).sum(),
+        lines,
+        tensors: theta0.len(),
+    };
+    drop(taus);
+    for ((name, t0), tau) in theta0.iter().zip(merged) {
+        let base: Vec<f32> = t0.flatten_all()?.to_vec1()?;
+        let theta: Vec<f32> = base.iter().zip(&tau).map(|(b, t)| b + t).collect();
+        session.model.set_named_weight(name, &Tensor::from_vec(theta, t0.shape(), t0.device())?)?;
+    }
+    Ok((session, report))
+}

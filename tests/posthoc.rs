@@ -1,0 +1,180 @@
+//! `ferrotune combine` (METHODS.md §6): task arithmetic, TIES and LiNeS give exactly the
+//! formulas computed here independently, on hand-made vectors and on whole tiny models.
+
+mod common;
+
+use common::*;
+use ferrotune::posthoc::merge;
+use ferrotune::session::Session;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn ties_on_hand_made_vectors_is_trim_elect_and_disjoint_mean() {
+    let t1 = [1.0f32, -2.0, 0.5, 3.0];
+    let t2 = [-1.5f32, 1.0, 0.2, 2.0];
+    let t3 = [0.5f32, -0.5, -4.0, -1.0];
+    // Keeping half of each: t1 → [0, −2, 0, 3], t2 → [−1.5, 0, 0, 2], t3 → [0, 0, −4, −1].
+    assert_eq!(merge::trim(&t1, 0.5), vec![0.0, -2.0, 0.0, 3.0]);
+    assert_eq!(merge::trim(&t3, 0.5), vec![0.0, 0.0, -4.0, -1.0]);
+    // Sums −1.5, −2, −4, 4 elect −, −, −, +; each entry is the weighted mean of the inputs
+    // that agree (zeros never do): with weights 1, 0.5, 2 →
+    //   0.5·(−1.5) / 1, 1·(−2) / 1, 2·(−4) / 1, (1·3 + 0.5·2) / 2.
+    let got = merge::ties(&[&t1, &t2, &t3], &[1.0, 0.5, 2.0], 0.5);
+    assert_eq!(got, vec![-0.75, -2.0, -8.0, 2.0]);
+    // Density 1 trims nothing; ties in magnitude keep the first ones.
+    assert_eq!(merge::trim(&t2, 1.0), t2.to_vec());
+    assert_eq!(merge::trim(&[1.0, -1.0, 1.0, 0.5], 0.5), vec![1.0, -1.0, 0.0, 0.0]);
+    assert_eq!(merge::task_arithmetic(&[&t1, &t2], &[0.5, 2.0]), vec![-2.5, 1.0, 0.65, 5.5]);
+}
+
+type Weights = BTreeMap<String, Vec<f32>>;
+/// The merged task vector of one tensor from its name and the two inputs' task vectors.
+type PerTensor<'a> = &'a dyn Fn(&str, &[f32], &[f32]) -> Vec<f32>;
+
+fn weights_of(path: &Path) -> Weights {
+    let m = ferrotune::models::load::load_model(path).unwrap();
+    m.named_weights().unwrap().into_iter().map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+/// A fine-tune of the base at `base`: every tensor moved by seeded noise of scale `scale`.
+fn write_fine_tune(base: &Path, out: &Path, seed: u64, scale: f32) {
+    let mut s = Session::load(base, None).unwrap();
+    let mut rng = ferrotune::rng::SplitMix64::new(seed);
+    for (name, t) in s.model.named_weights().unwrap() {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let moved: Vec<f32> = v.iter().map(|x| x + scale * ((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)).collect();
+        s.model.set_named_weight(&name, &candle_core::Tensor::from_vec(moved, t.shape(), t.device()).unwrap()).unwrap();
+    }
+    ferrotune::export::merged::write_hf_dir(&s, out, ferrotune::formats::safetensors::SaveDType::F32).unwrap();
+}
+
+fn combine(dir: &Path, args: &[&str]) -> (bool, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrotune")).arg("combine").args(args).current_dir(dir).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn assert_close(got: &Weights, want: &Weights, what: &str) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (k, w) in want {
+        let d = got[k].iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-6, "{what}: {k} differs by {d}");
+    }
+}
+
+#[test]
+fn combine_applies_the_formulas_to_whole_models() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_tiny_hf(&dir.join("base"), &TinySpec { layers: 3, ..TinySpec::default() });
+    write_fine_tune(&dir.join("base"), &dir.join("ft1"), 1, 0.02);
+    write_fine_tune(&dir.join("base"), &dir.join("ft2"), 2, 0.03);
+    let (b, f1, f2) = (weights_of(&dir.join("base")), weights_of(&dir.join("ft1")), weights_of(&dir.join("ft2")));
+    let tau = |f: &Weights, k: &str| -> Vec<f32> { f[k].iter().zip(&b[k]).map(|(x, y)| x - y).collect() };
+    let expect = |per_tensor: PerTensor| -> Weights {
+        b.keys().map(|k| (k.clone(), b[k].iter().zip(per_tensor(k, &tau(&f1, k), &tau(&f2, k))).map(|(x, t)| x + t).collect())).collect()
+    };
+
+    // Task arithmetic: θ0 + 0.7·τ1 + 0.4·τ2.
+    let (ok, err) = combine(
+        dir,
+        &["--model", "base", "--inputs", "ft1,ft2", "--weights", "0.7,0.4", "--method", "task_arithmetic", "--format", "merged-safetensors", "--out", "ta"],
+    );
+    assert!(ok, "{err}");
+    let want = expect(&|_, a, c| a.iter().zip(c).map(|(x, y)| 0.7 * x + 0.4 * y).collect());
+    assert_close(&weights_of(&dir.join("ta")), &want, "task arithmetic");
+
+    // TIES with density 0.3: the plain loop, tensor by tensor.
+    let (ok, err) =
+        combine(dir, &["--model", "base", "--inputs", "ft1,ft2", "--method", "ties", "--density", "0.3", "--format", "merged-safetensors", "--out", "ties"]);
+    assert!(ok, "{err}");
+    let want = expect(&|_, a, c| {
+        let keep = |v: &[f32]| -> Vec<f32> {
+            let k = (0.3 * v.len() as f64) as usize;
+            let mut m: Vec<f32> = v.iter().map(|x| x.abs()).collect();
+            m.sort_by(|x, y| y.total_cmp(x));
+            let th = if k == 0 { f32::INFINITY } else { m[k - 1] };
+            v.iter().map(|&x| if x.abs() >= th { x } else { 0.0 }).collect()
+        };
+        let (a, c) = (keep(a), keep(c));
+        a.iter()
+            .zip(&c)
+            .map(|(&x, &y)| {
+                let s = if x + y >= 0.0 { 1.0 } else { -1.0 };
+                let agree: Vec<f32> = [x, y].into_iter().filter(|v| *v != 0.0 && v.signum() == s).collect();
+                agree.iter().sum::<f32>() / (agree.len().max(1) as f32)
+            })
+            .collect()
+    });
+    assert_close(&weights_of(&dir.join("ties")), &want, "TIES");
+
+    // LiNeS, one fine-tune: block l of L = 3 scaled by λ + (1 − λ)·l/2, the rest by λ.
+    let (ok, err) =
+        combine(dir, &["--model", "base", "--inputs", "ft1", "--method", "lines", "--lambda", "0.2", "--format", "merged-safetensors", "--out", "lines1"]);
+    assert!(ok, "{err}");
+    let got = weights_of(&dir.join("lines1"));
+    for (k, g) in &got {
+        let f = match ferrotune::models::block_index(k) {
+            Some(l) => 0.2 + 0.8 * l as f32 / 2.0,
+            None => 0.2,
+        };
+        let want: Vec<f32> = b[k].iter().zip(tau(&f1, k)).map(|(x, t)| x + f * t).collect();
+        let dmax = g.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(dmax <= 1e-6, "LiNeS λ: {k} differs by {dmax}");
+    }
+    // … several: α = ‖τ1 + τ2‖₁ / (2·‖τ_MTL‖₁) = 1/2 over task arithmetic (weights 1), β given.
+    let (ok, err) =
+        combine(dir, &["--model", "base", "--inputs", "ft1,ft2", "--method", "lines", "--beta", "0.6", "--format", "merged-safetensors", "--out", "lines2"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("α = 0.500000") && err.contains("β = 0.600000"), "{err}");
+    let want = expect(&|k, a, c| {
+        let f = 0.5 + ferrotune::models::block_index(k).map_or(0.0, |l| 0.6 * l as f32 / 2.0);
+        a.iter().zip(c).map(|(x, y)| f * (x + y)).collect()
+    });
+    assert_close(&weights_of(&dir.join("lines2")), &want, "LiNeS multi-task");
+
+    // Wrong settings are refused by flag, before anything is written.
+    for (args, flag) in [
+        (vec!["--inputs", "ft1,ft2", "--method", "lines", "--lambda", "0.5"], "--beta"),
+        (vec!["--inputs", "ft1", "--method", "ties", "--lambda", "0.5"], "--lambda"),
+        (vec!["--inputs", "ft1,ft2", "--weights", "1", "--method", "task_arithmetic"], "--weights"),
+        (vec!["--inputs", "ft1", "--method", "ties", "--density", "1.5"], "--density"),
+        (vec!["--inputs", "ft1", "--method", "average"], "--method"),
+    ] {
+        let mut a = vec!["--model", "base"];
+        a.extend(args);
+        a.extend(["--format", "merged-safetensors", "--out", "refused"]);
+        let (ok, err) = combine(dir, &a);
+        assert!(!ok && err.contains(flag) && !err.contains("panicked"), "{a:?}: {err}");
+        assert!(!dir.join("refused").exists());
+    }
+    // A model of another shape is not a fine-tune of this base.
+    write_tiny_hf(&dir.join("other"), &TinySpec { hidden: 48, layers: 3, ..TinySpec::default() });
+    let (ok, err) = combine(dir, &["--model", "base", "--inputs", "ft1,other", "--method", "task_arithmetic", "--format", "merged-safetensors", "--out", "x"]);
+    assert!(!ok && err.contains("other") && err.contains("shape"), "{err}");
+}
+
+/// An adapter is a fine-tune too: combined alone with weight 1 it is its own merged export.
+#[test]
+fn an_adapter_input_is_folded_into_the_base_first() {
+    use common::contract::{plan, Promise};
+    let d = tempfile::tempdir().unwrap();
+    let cfg = plan(d.path(), &Promise { adapter: "lora", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true }, 2);
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["export", "--model", "model", "--adapter", "out/adapter", "--format", "merged-safetensors", "--out", "merged"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, err) = combine(
+        d.path(),
+        &["--model", "model", "--inputs", "out/adapter", "--method", "task_arithmetic", "--format", "merged-gguf", "--quant", "f32", "--out", "c.gguf"],
+    );
+    assert!(ok, "{err}");
+    let (merged, combined) = (weights_of(&d.path().join("merged")), weights_of(&d.path().join("c.gguf")));
+    assert_close(&combined, &merged, "one adapter, weight 1");
+    let base = weights_of(&d.path().join("model"));
+    assert!(combined.iter().any(|(k, v)| v != &base[k]), "the adapter changed something");
+}
