@@ -177,4 +177,97 @@ fn an_adapter_input_is_folded_into_the_base_first() {
     assert_close(&combined, &merged, "one adapter, weight 1");
     let base = weights_of(&d.path().join("model"));
     assert!(combined.iter().any(|(k, v)| v != &base[k]), "the adapter changed something");
+
+    // Intruder mitigation with λ = 1 scales nothing: every module's B·A comes back (refactored
+    // by SVD), even with every examined vector counted as an intruder.
+    let (ok, err) = combine(d.path(), &["--model", "model", "--inputs", "out/adapter", "--method", "intruders", "--threshold-epsilon", "1", "--mitigation-lambda", "1", "--format", "peft", "--out", "same"]);
+    assert!(ok, "{err}");
+    let load = |dir: &str| ferrotune::methods::lora::read_peft_tensors(&d.path().join(dir)).unwrap().0;
+    let (before, after) = (load("out/adapter"), load("same"));
+    let products = |t: &std::collections::HashMap<String, candle_core::Tensor>| -> Vec<Vec<f32>> {
+        let mut keys: Vec<&String> = t.keys().filter(|k| k.ends_with("lora_A.weight")).collect();
+        keys.sort();
+        keys.iter().map(|k| t[&k.replace("lora_A", "lora_B")].matmul(&t[*k]).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    };
+    let (p0, p1) = (products(&before), products(&after));
+    assert_eq!(p0.len(), p1.len());
+    let worst = p0.iter().zip(&p1).flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "λ = 1 changed B·A by {worst}");
+    assert!(Session::load(&d.path().join("model"), Some(&d.path().join("same"))).is_ok(), "the rewritten adapter loads");
+    // … and is refused for several inputs, for what is not a LoRA adapter, and with others' settings.
+    for (args, needle) in [
+        (vec!["--inputs", "out/adapter,out/adapter"], "one"),
+        (vec!["--inputs", "merged"], "adapter"),
+        (vec!["--inputs", "out/adapter", "--weights", "1"], "--weights"),
+    ] {
+        let mut a = vec!["--model", "model", "--method", "intruders", "--format", "peft", "--out", "refused"];
+        a.extend(args);
+        let (ok, err) = combine(d.path(), &a);
+        assert!(!ok && err.contains(needle) && !err.contains("panicked"), "{a:?}: {err}");
+    }
+    let (ok, err) = combine(d.path(), &["--model", "model", "--inputs", "out/adapter", "--method", "ties", "--top-k", "3", "--format", "merged-safetensors", "--out", "refused"]);
+    assert!(!ok && err.contains("--top-k"), "{err}");
+}
+
+/// Intruder mitigation against PEFT 0.21's `reduce_intruder_dimension` on the real SmolLM2
+/// (`tests/fixtures/peft-reference/methods/intruders*`): the same dimensions are detected in
+/// every module, and every module's new `B·A` is PEFT's within 1e-4. Runs when the GGUF is
+/// present (`.ci/run` fetches it).
+#[test]
+fn intruder_mitigation_matches_peft() {
+    let Some(gguf) = smollm2_gguf() else {
+        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        return;
+    };
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-reference/methods");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("intruders.json")).unwrap()).unwrap();
+    let per_module = reference["results"]["per_module"].as_object().unwrap();
+    let input = fixtures.join("intruders/input");
+    let r = ferrotune::posthoc::reduce_intruders(&gguf, &input, &Default::default()).unwrap();
+    assert_eq!(r.modules.len(), per_module.len());
+    let (mut with, mut worst_cos) = (0, 0f64);
+    for (site, _, m) in &r.modules {
+        let want = &per_module[site.as_str()];
+        let idx: Vec<usize> = want["intruder_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        assert_eq!(m.intruders, idx, "{site}: intruders");
+        with += !idx.is_empty() as usize;
+        for (got, want) in m.max_abs_cos.iter().zip(want["top_k_max_abs_cos"].as_array().unwrap()) {
+            // PEFT's SVDs are f32 and these are f64: close singular values make the vectors, and
+            // so the cosines, move by ~1e-4 between the two.
+            worst_cos = worst_cos.max((got - want.as_f64().unwrap()).abs());
+        }
+    }
+    assert_eq!(
+        with,
+        reference["results"]["intruders_total"].as_u64().map(|_| reference["results"]["modules_with_intruders"].as_array().unwrap().len()).unwrap()
+    );
+    assert!(with > 0, "the reference adapter has intruders to find");
+    assert!(worst_cos < 1e-3, "max |cos| differs from PEFT's by {worst_cos}");
+    // The rewritten adapter, through the CLI, against PEFT's: products B·A (the factors are
+    // defined up to the signs of singular vectors).
+    let d = tempfile::tempdir().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["combine", "--model"])
+        .arg(&gguf)
+        .arg("--inputs")
+        .arg(&input)
+        .args(["--method", "intruders", "--format", "peft", "--out"])
+        .arg(d.path().join("mitigated"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let load = |dir: &Path| ferrotune::methods::lora::read_peft_tensors(dir).unwrap().0;
+    let (got, want) = (load(&d.path().join("mitigated")), load(&fixtures.join("intruders/mitigated")));
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for site in per_module.keys() {
+        let product = |t: &std::collections::HashMap<String, candle_core::Tensor>| {
+            let (a, b) = (&t[&ferrotune::methods::lora::peft_key(site, 'A')], &t[&ferrotune::methods::lora::peft_key(site, 'B')]);
+            b.matmul(a).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let d = product(&got).iter().zip(product(&want)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        worst = worst.max(d);
+    }
+    eprintln!("intruders: {with} modules; largest |max cos − PEFT's| = {worst_cos:.2e}, |B·A − PEFT's B·A| = {worst:.2e}");
+    assert!(worst < 1e-4, "B·A differs from PEFT's by {worst}");
 }

@@ -1,9 +1,11 @@
 //! `ferrotune combine`: several fine-tunes of one base merged into one model by their task
-//! vectors (task arithmetic, TIES, LiNeS; `crate::posthoc`), written as a merged model.
+//! vectors (task arithmetic, TIES, LiNeS; `crate::posthoc`), written as a merged model; or one
+//! LoRA adapter without its intruder dimensions, written as an adapter or merged.
 
 use crate::export::ExportFormat;
 use crate::io_util::{check_output_path, OutputKind};
-use crate::posthoc::{combine, Rule};
+use crate::posthoc::intruders::IntruderSettings;
+use crate::posthoc::{combine, reduce_intruders, Rule};
 use anyhow::bail;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,9 @@ pub struct CombineArgs<'a> {
     pub lambda: Option<f64>,
     pub beta: Option<f64>,
     pub lines_merge: Option<&'a str>,
+    pub top_k: Option<usize>,
+    pub threshold_epsilon: Option<f64>,
+    pub mitigation_lambda: Option<f64>,
     pub format: &'a str,
     pub out: &'a Path,
     pub dtype: Option<&'a str>,
@@ -61,11 +66,19 @@ fn rule(a: &CombineArgs) -> anyhow::Result<Rule> {
             };
             Ok(Rule::Lines { base: Box::new(base), lambda: a.lambda, beta: a.beta })
         }
-        other => bail!("--method `{other}`: expected task_arithmetic, ties or lines"),
+        other => bail!("--method `{other}`: expected task_arithmetic, ties, lines or intruders"),
     }
 }
 
 pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
+    let intruder_flag =
+        [("--top-k", a.top_k.is_some()), ("--threshold-epsilon", a.threshold_epsilon.is_some()), ("--mitigation-lambda", a.mitigation_lambda.is_some())];
+    if a.method == "intruders" {
+        return run_intruders(a);
+    }
+    if let Some((flag, _)) = intruder_flag.iter().find(|(_, set)| *set) {
+        bail!("{flag} is a setting of --method intruders");
+    }
     let rule = rule(a)?;
     let format = ExportFormat::parse(a.format)?;
     let kind = match format {
@@ -97,4 +110,56 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     }
     eprintln!("{} of {} inputs over {} tensors: ‖θ − θ0‖₁ = {:.6e}", a.method, a.inputs.len(), report.tensors, report.merged_l1);
     super::export::write_merged(&session, format, a.out, a.dtype, a.quant)
+}
+
+/// `--method intruders`: one LoRA adapter rewritten without its intruder dimensions.
+fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
+    for (flag, set) in [
+        ("--weights", a.weights.is_some()),
+        ("--density", a.density.is_some()),
+        ("--lambda", a.lambda.is_some()),
+        ("--beta", a.beta.is_some()),
+        ("--lines-merge", a.lines_merge.is_some()),
+    ] {
+        if set {
+            bail!("{flag} does not apply to --method intruders (its settings: --top-k, --threshold-epsilon, --mitigation-lambda)");
+        }
+    }
+    let [input] = a.inputs else { bail!("--method intruders rewrites one LoRA adapter: give one --inputs (got {})", a.inputs.len()) };
+    let d = IntruderSettings::default();
+    let settings = IntruderSettings {
+        top_k: a.top_k.unwrap_or(d.top_k),
+        threshold: a.threshold_epsilon.unwrap_or(d.threshold),
+        lambda: a.mitigation_lambda.unwrap_or(d.lambda),
+    };
+    if settings.top_k == 0 || !(settings.threshold > 0.0 && settings.threshold <= 1.0) || !settings.lambda.is_finite() {
+        bail!("--top-k must be at least 1 and --threshold-epsilon in (0, 1] (a cosine); --mitigation-lambda a number (PEFT's defaults: 10, 0.5, 0.75)");
+    }
+    let format = ExportFormat::parse(a.format)?;
+    let kind = match format {
+        ExportFormat::Peft | ExportFormat::MergedSafetensors => OutputKind::Dir,
+        ExportFormat::MergedGguf => OutputKind::File,
+        ExportFormat::GgufLora => bail!("--format gguf-lora: write peft, then `ferrotune export --format gguf-lora` from it"),
+    };
+    check_output_path(a.out, kind, a.overwrite)?;
+    let mut r = reduce_intruders(a.model, input, &settings)?;
+    let hit = r.with_intruders();
+    eprintln!(
+        "intruder dimensions (top {}, |cos| < {}, scaled by {}): {} of {} modules",
+        settings.top_k,
+        settings.threshold,
+        settings.lambda,
+        hit.len(),
+        r.modules.len()
+    );
+    for (site, idx) in &hit {
+        eprintln!("  {site}: {idx:?}");
+    }
+    if format == ExportFormat::Peft {
+        r.write_adapter(input, a.out)?;
+        eprintln!("PEFT adapter written to {}", a.out.display());
+        return Ok(());
+    }
+    r.merge_into_base()?;
+    super::export::write_merged(&r.session, format, a.out, a.dtype, a.quant)
 }

@@ -160,7 +160,8 @@ pub enum Command {
         /// One weight per input, comma-separated (default 1 each).
         #[arg(long, value_delimiter = ',')]
         weights: Option<Vec<f64>>,
-        /// task_arithmetic (Σ w·τ), ties (trim, elect sign, disjoint mean), or lines (LiNeS).
+        /// task_arithmetic (Σ w·τ), ties (trim, elect sign, disjoint mean), lines (LiNeS), or
+        /// intruders (one LoRA adapter without its intruder dimensions).
         #[arg(long)]
         method: String,
         /// TIES: the share of each task vector's entries kept, by magnitude, tensor by tensor
@@ -177,7 +178,17 @@ pub enum Command {
         /// (default) or ties.
         #[arg(long)]
         lines_merge: Option<String>,
-        /// merged-safetensors or merged-gguf.
+        /// intruders: how many leading singular vectors of W0 + ΔW are examined (10).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// intruders: a vector whose best |cosine| with the base's is below this is an
+        /// intruder (0.5).
+        #[arg(long)]
+        threshold_epsilon: Option<f64>,
+        /// intruders: the factor intruder components are scaled by (0.75).
+        #[arg(long)]
+        mitigation_lambda: Option<f64>,
+        /// merged-safetensors or merged-gguf (and peft for intruders).
         #[arg(long)]
         format: String,
         /// Output directory (merged-safetensors) or .gguf file.
@@ -286,7 +297,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
         }
         Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
-        Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, format, out, dtype, quant, overwrite } => combine::run(&combine::CombineArgs {
+        Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, top_k, threshold_epsilon, mitigation_lambda, format, out, dtype, quant, overwrite } => combine::run(&combine::CombineArgs {
             model: &model,
             inputs: &inputs,
             weights: weights.as_deref(),
@@ -295,6 +306,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             lambda,
             beta,
             lines_merge: lines_merge.as_deref(),
+            top_k,
+            threshold_epsilon,
+            mitigation_lambda,
             format: &format,
             out: &out,
             dtype: dtype.as_deref(),

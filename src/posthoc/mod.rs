@@ -1,12 +1,14 @@
 //! Post-hoc tools on fine-tuned checkpoints, no training (METHODS.md §6): `ferrotune combine`
 //! merges several fine-tunes of one base into one model by their task vectors
-//! `τ_t = θ_t − θ0` ([`merge`]: task arithmetic, TIES, LiNeS).
+//! `τ_t = θ_t − θ0` ([`merge`]: task arithmetic, TIES, LiNeS), or rewrites one LoRA adapter
+//! without its intruder dimensions ([`intruders`]).
 //!
 //! A fine-tune is an adapter folder of any method that merges (folded into the base first) or
 //! a whole model (Hugging Face folder or GGUF) with the base's tensors. Every tensor of the base
 //! is combined, embeddings and norms included, in f32; the result replaces the base's tensors
 //! in the loaded model, which the merged exports then write.
 
+pub mod intruders;
 pub mod merge;
 
 use crate::error::{Error, Result};
@@ -146,4 +148,77 @@ pub fn combine(base: &Path, inputs: &[PathBuf], weights: &[f32], rule: &Rule) ->
         session.model.set_named_weight(name, &Tensor::from_vec(theta, t0.shape(), t0.device())?)?;
     }
     Ok((session, report))
+}
+
+/// A LoRA adapter with its intruder dimensions reduced ([`intruders`]), module by module.
+pub struct IntruderReduction {
+    /// The base model, its weights as loaded (no adapter attached).
+    pub session: Session,
+    /// Per adapted module (site order): its scaling and result.
+    pub modules: Vec<(String, f64, intruders::Mitigated)>,
+}
+
+impl IntruderReduction {
+    /// The modules that had intruders, with their indices.
+    pub fn with_intruders(&self) -> Vec<(&str, &[usize])> {
+        self.modules.iter().filter(|(_, _, m)| !m.intruders.is_empty()).map(|(s, _, m)| (s.as_str(), m.intruders.as_slice())).collect()
+    }
+
+    /// Writes the new adapter: the input's config and tensors, with every module's factors
+    /// replaced (PEFT's layout, as PEFT's `reduce_intruder_dimension` leaves it).
+    pub fn write_adapter(&self, input: &Path, out: &Path) -> Result<()> {
+        let (mut tensors, _) = crate::methods::lora::read_peft_tensors(input)?;
+        for (site, _, m) in &self.modules {
+            tensors.insert(crate::methods::lora::peft_key(site, 'A'), crate::linalg::to_tensor(&m.a)?);
+            tensors.insert(crate::methods::lora::peft_key(site, 'B'), crate::linalg::to_tensor(&m.b)?);
+        }
+        let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let cfg = crate::io_util::read(&input.join(ADAPTER_CONFIG))?;
+        crate::io_util::write_files_into(out, |tmp| {
+            let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+            crate::formats::safetensors::save(&tmp.join(crate::methods::ADAPTER_WEIGHTS), &tensors, crate::formats::safetensors::SaveDType::F32, Some(meta))?;
+            crate::io_util::write_atomic(&tmp.join(ADAPTER_CONFIG), &cfg)
+        })
+    }
+
+    /// Puts `W0 + s·B'·A'` into the base model's adapted modules (for a merged export).
+    pub fn merge_into_base(&mut self) -> Result<()> {
+        for (site, scaling, m) in &self.modules {
+            let lin = self.session.model.linears().find(|l| &l.name == site).expect("the module came from this model");
+            let w = crate::linalg::from_tensor(&lin.weight.to_tensor()?)? + crate::linalg::matmul(&m.b, &m.a) * *scaling;
+            self.session.model.set_named_weight(&format!("{site}.weight"), &crate::linalg::to_tensor(&w)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Intruder-dimension mitigation of the LoRA adapter `adapter` trained on `base`.
+pub fn reduce_intruders(base: &Path, adapter: &Path, settings: &intruders::IntruderSettings) -> Result<IntruderReduction> {
+    if !adapter.join(ADAPTER_CONFIG).is_file() {
+        return Err(Error::config("--inputs", format!("{} is not an adapter folder (it has no {ADAPTER_CONFIG}); intruder mitigation rewrites a LoRA adapter", adapter.display())));
+    }
+    let mut session = Session::load(base, Some(adapter))?;
+    let method = session.method.take().expect("loaded with an adapter");
+    let pairs = match (method.name(), method.as_lora()) {
+        ("lora", Some(p)) => p,
+        (name, _) => {
+            return Err(Error::config(
+                "--inputs",
+                format!("{} is a `{name}` adapter; intruder mitigation rewrites plain LoRA adapters (as PEFT's reduce_intruder_dimension)", adapter.display()),
+            ))
+        }
+    };
+    // The adapter is detached: the session's model is the base as loaded.
+    for lin in session.model.linears_mut() {
+        lin.hook = None;
+    }
+    let mut modules = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let lin = session.model.linears().find(|l| l.name == p.site).expect("the adapter was attached to this model");
+        let w0 = crate::linalg::from_tensor(&lin.weight.to_tensor()?)?;
+        let m = intruders::mitigate(&w0, &crate::linalg::from_tensor(&p.a)?, &crate::linalg::from_tensor(&p.b)?, p.scaling, settings)?;
+        modules.push((p.site, p.scaling, m));
+    }
+    Ok(IntruderReduction { session, modules })
 }
