@@ -20,6 +20,7 @@ pub mod models;
 pub mod objectives;
 pub mod optim;
 pub mod plan_keys;
+pub mod plot;
 pub mod posthoc;
 pub mod rng;
 pub mod runtime;

@@ -28,6 +28,9 @@ pub struct StepMetrics {
     pub objective: std::collections::BTreeMap<String, f64>,
 }
 
+/// `loss.png`'s width and height in pixels.
+pub const LOSS_PLOT_SIZE: (u32, u32) = (900, 520);
+
 pub struct MetricsLog {
     path: PathBuf,
 }
@@ -55,6 +58,27 @@ impl MetricsLog {
             Some(_) => crate::io_util::write_atomic(path, b"")?,
         }
         Ok(Self { path: path.to_path_buf() })
+    }
+
+    /// Draws the log's training loss (every step) and evaluation loss (where evaluated)
+    /// against the step as a PNG at `png`.
+    pub fn plot(&self, png: &Path, title: &str) -> Result<()> {
+        let text = crate::io_util::read_to_string(&self.path)?;
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
+            if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
+                train.push((step, l));
+            }
+            if let Some(l) = v.get("eval_loss").and_then(|l| l.as_f64()) {
+                eval.push((step, l));
+            }
+        }
+        let mut series = vec![crate::plot::Series { label: "training loss", points: &train }];
+        if !eval.is_empty() {
+            series.push(crate::plot::Series { label: "evaluation loss", points: &eval });
+        }
+        crate::plot::line_chart(png, &crate::plot::Chart { title, x_label: "step", y_label: "loss", size: LOSS_PLOT_SIZE, integer_x: true }, &series)
     }
 
     pub fn append(&self, m: &StepMetrics) -> Result<()> {

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const LOCK_FILE: &str = ".ferrotune.lock";
 pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The training and evaluation losses against the step, drawn from the metrics.
+pub const LOSS_PLOT: &str = "loss.png";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const ADAPTER_DIR: &str = "adapter";
 /// DPO's reference log-probabilities, computed once per run (see `objectives::dpo`).
@@ -114,7 +116,7 @@ pub fn remove_leftovers(output_dir: &Path) -> Result<Vec<PathBuf>> {
 /// The artefacts of an earlier run found in `output_dir`, as paths relative to it.
 pub fn previous_run(output_dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for f in [RUN_FILE, METRICS_FILE, REFERENCE_LOGPS_FILE] {
+    for f in [RUN_FILE, METRICS_FILE, LOSS_PLOT, REFERENCE_LOGPS_FILE] {
         if output_dir.join(f).exists() {
             found.push(f.to_string());
         }
@@ -170,7 +172,7 @@ pub fn remove_previous_run(output_dir: &Path) -> Result<()> {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     let adapter = output_dir.join(ADAPTER_DIR);
-    let files: Vec<PathBuf> = [output_dir.join(RUN_FILE), output_dir.join(METRICS_FILE), output_dir.join(REFERENCE_LOGPS_FILE)]
+    let files: Vec<PathBuf> = [output_dir.join(RUN_FILE), output_dir.join(METRICS_FILE), output_dir.join(LOSS_PLOT), output_dir.join(REFERENCE_LOGPS_FILE)]
         .into_iter()
         .filter(|p| p.exists())
         .chain(own_adapter_files(&adapter))

@@ -410,6 +410,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         metrics.append(&m)?;
+        if m.eval_loss.is_some() || last || (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) {
+            // A picture of the run so far; not worth stopping the run for if it cannot be drawn.
+            let title = format!("{} · {} · {}", base_name, cfg.adapter, cfg.objective);
+            if let Err(e) = metrics.plot(&out.join(run_dir::LOSS_PLOT), &title) {
+                progress.println(&format!("warning: {} not drawn: {e}", run_dir::LOSS_PLOT));
+            }
+        }
         let signal = interrupt::requested();
         if (cfg.save_steps > 0 && state.step.is_multiple_of(cfg.save_steps)) || last || signal.is_some() {
             settle(&model)?;

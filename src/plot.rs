@@ -1,0 +1,108 @@
+//! PNG line charts: a run's `loss.png`, and the analyses' plots. Drawn with plotters' bitmap
+//! backend into memory and encoded here, so the file is written atomically like every other;
+//! the text is set in the bundled DejaVu Sans (`assets/fonts`, Bitstream Vera licence), so no
+//! system font is needed.
+
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font is compiled in and known to parse; a failure would leave plotters' default.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// One line of a chart: its legend label and its points, in order of x.
+pub struct Series<'a> {
+    pub label: &'a str,
+    pub points: &'a [(f64, f64)],
+}
+
+/// What a chart shows.
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    /// Width and height in pixels.
+    pub size: (u32, u32),
+    /// x is a count (steps, layers): its ticks are written without decimals.
+    pub integer_x: bool,
+}
+
+fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Model(format!("drawing {}: {e}", path.display()))
+}
+
+/// The range that holds every value of `v`, padded by 5 % (a flat line gets ±1 % of itself).
+fn padded(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = v.filter(|x| x.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.01 * lo.abs().max(1.0) };
+    (lo - pad, hi + pad)
+}
+
+/// Draws `series` as lines with a legend and writes the PNG (8-bit RGB) to `path` atomically.
+pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
+    register_font();
+    let (w, h) = chart.size;
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
+        let (x0, x1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
+        let (y0, y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+        let mut c = ChartBuilder::on(&root)
+            .caption(chart.title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| plot_error(path, e))?;
+        let x_ticks = |x: &f64| if chart.integer_x { format!("{x:.0}") } else { format!("{x}") };
+        c.configure_mesh()
+            .x_label_formatter(&x_ticks)
+            .x_desc(chart.x_label)
+            .y_desc(chart.y_label)
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| plot_error(path, e))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points = s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite());
+            c.draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| plot_error(path, e))?
+                .label(s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2)));
+            // Sparse series (evaluations) get a mark at every point.
+            if s.points.len() <= 60 {
+                c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| plot_error(path, e))?;
+            }
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_error(path, e))?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().map_err(|e| plot_error(path, e))?;
+        writer.write_image_data(&rgb).map_err(|e| plot_error(path, e))?;
+    }
+    crate::io_util::write_atomic(path, &png_bytes)
+}
