@@ -5,6 +5,7 @@ pub mod error;
 pub mod fuzz;
 pub mod io_util;
 pub mod formats;
+pub mod analysis;
 pub mod bench;
 pub mod cli;
 pub mod config;

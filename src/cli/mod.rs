@@ -1,5 +1,6 @@
 //! The command line: `ferrotune train|eval|generate|merge|export|inspect-data|methods|bench`.
 
+mod analyze;
 mod bench;
 mod combine;
 mod eval;
@@ -20,6 +21,37 @@ pub struct Cli {
     pub threads: usize,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Analysis {
+    /// TuCo: the share of each prompt's last-token representation that fine-tuning contributes,
+    /// per layer, with optional steering κ; writes tuco.json and tuco.png into --out.
+    Tuco {
+        /// The pre-trained model.
+        #[arg(long)]
+        model: PathBuf,
+        /// The fine-tune as an adapter of --model …
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// … or as a whole fine-tuned model (HF folder or GGUF).
+        #[arg(long)]
+        finetuned: Option<PathBuf>,
+        /// A prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Prompts from a JSONL file (each line's `prompt`, `question`, `instruction` or `text`).
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Wrap each prompt in the model's chat template as a user turn.
+        #[arg(long)]
+        chat: bool,
+        /// Steering: the fine-tuning's contribution is multiplied by κ in the forward pass.
+        #[arg(long, default_value_t = 1.0)]
+        kappa: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +236,11 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// What fine-tuning changed: `tuco` (the tuning contribution per prompt and layer).
+    Analyze {
+        #[command(subcommand)]
+        what: Analysis,
+    },
     /// Logits of every position of given token ids, as JSON (for checks against other runtimes).
     #[command(hide = true)]
     Logits {
@@ -314,6 +351,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dtype: dtype.as_deref(),
             quant: quant.as_deref(),
             overwrite,
+        }),
+        Command::Analyze { what: Analysis::Tuco { model, adapter, finetuned, prompt, prompts, chat, kappa, out } } => analyze::run_tuco(&analyze::TucoArgs {
+            model: &model,
+            adapter: adapter.as_deref(),
+            finetuned: finetuned.as_deref(),
+            prompts: &prompt,
+            prompts_file: prompts.as_deref(),
+            chat,
+            kappa,
+            out: &out,
         }),
         Command::Export { model, adapter, format, out, dtype, quant, overwrite } => export::run(&export::ExportArgs {
             model: &model,

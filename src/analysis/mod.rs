@@ -1,0 +1,3 @@
+//! Analyses of what fine-tuning changed (METHODS.md §8), behind `ferrotune analyze`.
+
+pub mod tuco;

@@ -1,0 +1,119 @@
+//! `ferrotune analyze`: what fine-tuning changed. `tuco`: the tuning contribution of each
+//! prompt (`crate::analysis::tuco`), as JSON and a per-layer plot.
+
+use crate::analysis::tuco::{tuco, TucoLayer};
+use crate::models::{ForwardCtx, Llama};
+use crate::session::Session;
+use anyhow::{bail, Context};
+use std::path::Path;
+
+pub struct TucoArgs<'a> {
+    pub model: &'a Path,
+    pub adapter: Option<&'a Path>,
+    pub finetuned: Option<&'a Path>,
+    pub prompts: &'a [String],
+    pub prompts_file: Option<&'a Path>,
+    pub chat: bool,
+    pub kappa: f64,
+    pub out: &'a Path,
+}
+
+/// The fields a prompt is read from, first found first.
+const PROMPT_FIELDS: [&str; 4] = ["prompt", "question", "instruction", "text"];
+
+/// Prompts from a JSONL file: each line's first field of [`PROMPT_FIELDS`].
+fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = crate::io_util::read_to_string(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        match PROMPT_FIELDS.iter().find_map(|f| v.get(*f)).and_then(|p| p.as_str()) {
+            Some(p) => out.push(p.to_string()),
+            None => bail!("{}:{}: expected a string field {}", path.display(), i + 1, PROMPT_FIELDS.map(|f| format!("`{f}`")).join(", ")),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(serde::Serialize)]
+struct PromptTuco {
+    prompt: String,
+    tokens: usize,
+    tuco: f64,
+    /// The steered model's most likely next token.
+    next_token: String,
+    layers: Vec<TucoLayer>,
+}
+
+pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
+    if a.adapter.is_some() == a.finetuned.is_some() {
+        bail!("give the fine-tune as --adapter DIR (the pre-trained model is --model with the adapter switched off) or as --finetuned MODEL, one of them");
+    }
+    if !a.kappa.is_finite() {
+        bail!("--kappa {}: expected a number (1 = the fine-tuned model, 0 = fine-tuning switched off, > 1 amplifies it)", a.kappa);
+    }
+    let mut prompts = a.prompts.to_vec();
+    if let Some(f) = a.prompts_file {
+        prompts.extend(read_prompts(f)?);
+    }
+    if prompts.is_empty() {
+        bail!("give at least one --prompt TEXT or --prompts FILE.jsonl");
+    }
+    let session = Session::load(a.model, a.adapter)?;
+    let finetuned = a.finetuned.map(crate::models::load::load_model).transpose()?;
+    if let Some(f) = &finetuned {
+        let (b, c) = (&session.model.config, &f.config);
+        if (b.hidden_size, b.num_hidden_layers, b.vocab_size) != (c.hidden_size, c.num_hidden_layers, c.vocab_size) {
+            bail!(
+                "--finetuned {} has another shape than --model (hidden, layers, vocabulary differ): not a fine-tune of it",
+                a.finetuned.expect("set").display()
+            );
+        }
+    }
+    // The fine-tuned model: the session's with its adapter, or the other model.
+    let ft_model: &Llama = finetuned.as_ref().unwrap_or(&session.model);
+    let base = &session.model;
+    let pre_ctx = if finetuned.is_some() { ForwardCtx::eval() } else { ForwardCtx::reference() };
+    let mut results = Vec::new();
+    for p in &prompts {
+        let ids = crate::decode::prompt_ids(&session.tokenizer, p, a.chat)?;
+        if ids.is_empty() {
+            bail!("prompt {p:?} encodes to no tokens");
+        }
+        let x0 = ft_model.embed_ids(&ids, 1, ids.len())?;
+        let r = tuco(
+            x0,
+            ft_model.layers.len(),
+            a.kappa,
+            |l, x| Ok(base.block_forward(l, x, 0, None, &pre_ctx)?),
+            |l, x| Ok(ft_model.block_forward(l, x, 0, None, &ForwardCtx::eval())?),
+        )?;
+        let logits = crate::kernels::lm_head_logits(&ft_model.final_norm(&r.residual)?, ft_model.head_weight())?;
+        let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
+        let next = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i) as u32;
+        eprintln!("TuCo {:.4}  {p:?}", r.tuco);
+        results.push(PromptTuco {
+            prompt: p.clone(),
+            tokens: ids.len(),
+            tuco: r.tuco,
+            next_token: session.tokenizer.decode(&[next], false)?,
+            layers: r.layers,
+        });
+    }
+    std::fs::create_dir_all(a.out).map_err(|e| crate::Error::io(a.out, e))?;
+    let mean = results.iter().map(|r| r.tuco).sum::<f64>() / results.len() as f64;
+    let json = serde_json::json!({ "kappa": a.kappa, "mean_tuco": mean, "prompts": results });
+    crate::io_util::write_atomic(&a.out.join("tuco.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    // Per layer: TuCo of the sums so far, one line per prompt (the first 8) and the mean.
+    let per_prompt: Vec<Vec<(f64, f64)>> = results.iter().map(|r| r.layers.iter().enumerate().map(|(l, x)| (l as f64, x.tuco_so_far)).collect()).collect();
+    let layers = per_prompt[0].len();
+    let mean_curve: Vec<(f64, f64)> = (0..layers).map(|l| (l as f64, per_prompt.iter().map(|c| c[l].1).sum::<f64>() / per_prompt.len() as f64)).collect();
+    let labels: Vec<String> = (0..per_prompt.len().min(8)).map(|i| format!("prompt {}", i + 1)).collect();
+    let mut series: Vec<crate::plot::Series> = vec![crate::plot::Series { label: "mean", points: &mean_curve }];
+    series.extend(per_prompt.iter().zip(&labels).map(|(c, l)| crate::plot::Series { label: l, points: c }));
+    let title = format!("TuCo through the layers (κ = {})", a.kappa);
+    let chart = crate::plot::Chart { title: &title, x_label: "layer", y_label: "TuCo of the sums so far", size: (900, 520), integer_x: true };
+    crate::plot::line_chart(&a.out.join("tuco.png"), &chart, &series)?;
+    eprintln!("mean TuCo {mean:.4} over {} prompts; tuco.json and tuco.png written to {}", results.len(), a.out.display());
+    Ok(())
+}

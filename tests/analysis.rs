@@ -1,0 +1,108 @@
+//! `ferrotune analyze` (METHODS.md §8). TuCo is 0 when the fine-tune equals the base, lies in
+//! (0, 1) when it does not, and its steering gives the fine-tuned forward exactly at κ = 1 and
+//! the pre-trained one at κ = 0.
+
+mod common;
+
+use common::*;
+use ferrotune::analysis::tuco::tuco;
+use ferrotune::methods::TargetModules;
+use ferrotune::models::{ForwardCtx, Llama};
+
+fn run(m: &Llama, ids: &[u32], kappa: f64) -> ferrotune::analysis::tuco::Tuco {
+    let x0 = m.embed_ids(ids, 1, ids.len()).unwrap();
+    tuco(
+        x0,
+        m.layers.len(),
+        kappa,
+        |l, x| Ok(m.block_forward(l, x, 0, None, &ForwardCtx::reference())?),
+        |l, x| Ok(m.block_forward(l, x, 0, None, &ForwardCtx::eval())?),
+    )
+    .unwrap()
+}
+
+fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn tuco_measures_the_fine_tuning_and_steers_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (m, params) = tiny_with_lora(d.path(), TargetModules::AllLinear);
+    let probe = ids(64, 10, 5);
+    // A LoRA as attached (B = 0) is the base: no contribution at all.
+    let r = run(&m, &probe, 1.0);
+    assert_eq!(r.tuco, 0.0);
+    assert!(r.layers.iter().all(|l| l.ftc_norm == 0.0 && l.ptc_norm > 0.0));
+    perturb(&params, 9);
+    let r = run(&m, &probe, 1.0);
+    assert!(r.tuco > 0.0 && r.tuco < 1.0, "TuCo {}", r.tuco);
+    assert_eq!(r.layers.last().unwrap().tuco_so_far, r.tuco);
+    // κ = 1 is the fine-tuned forward bit for bit; κ = 0 the pre-trained one.
+    let plain = m.residual(&probe, 1, probe.len(), None, &ForwardCtx::eval()).unwrap();
+    assert_eq!(values(&r.residual), values(&plain));
+    let base = m.residual(&probe, 1, probe.len(), None, &ForwardCtx::reference()).unwrap();
+    let off = run(&m, &probe, 0.0);
+    assert!(
+        max_abs_diff(&values(&off.residual), &values(&base)) < 1e-4,
+        "κ = 0 differs from the base by {}",
+        max_abs_diff(&values(&off.residual), &values(&base))
+    );
+    assert!(max_abs_diff(&values(&off.residual), &values(&plain)) > 1e-3, "the adapter changes the stream");
+    // Amplifying moves the stream further from the base than the fine-tune does.
+    let amp = run(&m, &probe, 2.0);
+    let dist = |a: &candle_core::Tensor| values(a).iter().zip(values(&base)).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+    assert!(dist(&amp.residual) > dist(&plain));
+}
+
+#[test]
+fn analyze_tuco_writes_json_and_plot() {
+    use common::contract::{plan, Promise};
+    let d = tempfile::tempdir().unwrap();
+    let cfg = plan(d.path(), &Promise { adapter: "lora", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true }, 2);
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    let o = bin()
+        .args([
+            "analyze",
+            "tuco",
+            "--model",
+            "model",
+            "--adapter",
+            "out/adapter",
+            "--prompt",
+            "Question 1: what is 1 plus 3?",
+            "--prompt",
+            "Hello",
+            "--out",
+            "tuco",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("tuco/tuco.json")).unwrap()).unwrap();
+    let prompts = j["prompts"].as_array().unwrap();
+    assert_eq!(prompts.len(), 2);
+    for p in prompts {
+        let t = p["tuco"].as_f64().unwrap();
+        assert!(t > 0.0 && t < 1.0, "{p}");
+        assert_eq!(p["layers"].as_array().unwrap().len(), TinySpec::default().layers);
+    }
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.path().join("tuco/tuco.png")).unwrap()));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), (900, 520));
+    // The same model as its own fine-tune contributes nothing.
+    let o = bin()
+        .args(["analyze", "tuco", "--model", "model", "--finetuned", "model", "--prompt", "Hello", "--out", "same"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("same/tuco.json")).unwrap()).unwrap();
+    assert_eq!(j["mean_tuco"].as_f64(), Some(0.0));
+    // One fine-tune, given one way.
+    let o = bin().args(["analyze", "tuco", "--model", "model", "--prompt", "Hello", "--out", "none"]).current_dir(d.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--adapter") && err.contains("--finetuned"), "{err}");
+}
