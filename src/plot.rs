@@ -32,6 +32,8 @@ pub struct Chart<'a> {
     pub size: (u32, u32),
     /// x is a count (steps, layers): its ticks are written without decimals.
     pub integer_x: bool,
+    /// y is a count: the axis starts at 0 and its ticks have no decimals.
+    pub count_y: bool,
 }
 
 fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -57,7 +59,10 @@ pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
         let (x0, x1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
-        let (y0, y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+        let (mut y0, mut y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+        if chart.count_y {
+            (y0, y1) = (0.0, y1.max(1.0));
+        }
         let mut c = ChartBuilder::on(&root)
             .caption(chart.title, ("sans-serif", 22))
             .margin(14)
@@ -66,8 +71,10 @@ pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(|e| plot_error(path, e))?;
         let x_ticks = |x: &f64| if chart.integer_x { format!("{x:.0}") } else { format!("{x}") };
+        let y_ticks = |y: &f64| if chart.count_y { format!("{y:.0}") } else { format!("{y}") };
         c.configure_mesh()
             .x_label_formatter(&x_ticks)
+            .y_label_formatter(&y_ticks)
             .x_desc(chart.x_label)
             .y_desc(chart.y_label)
             .label_style(("sans-serif", 14))

@@ -101,6 +101,24 @@ fn analyze_tuco_writes_json_and_plot() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("same/tuco.json")).unwrap()).unwrap();
     assert_eq!(j["mean_tuco"].as_f64(), Some(0.0));
+    // Intruders: only the adapter's modules changed; counts grow with ε; both plots drawn.
+    let o = bin()
+        .args(["analyze", "intruders", "--model", "model", "--adapter", "out/adapter", "--top-k", "4", "--out", "intr"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("intr/intruders.json")).unwrap()).unwrap();
+    let spec = TinySpec::default();
+    assert_eq!(j["modules_changed"].as_u64(), Some(7 * spec.layers as u64), "all-linear LoRA");
+    let totals: Vec<u64> = ["0.1", "0.5", "0.9"].iter().map(|e| j["intruders_total"][e].as_u64().unwrap()).collect();
+    assert!(totals.windows(2).all(|w| w[0] <= w[1]), "{totals:?}");
+    for f in ["intruders_by_epsilon.png", "intruders_by_layer.png"] {
+        assert!(png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.path().join("intr").join(f)).unwrap())).read_info().is_ok(), "{f}");
+    }
+    let o = bin().args(["analyze", "intruders", "--model", "model", "--finetuned", "model", "--out", "nothing"]).current_dir(d.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("changes no linear module"), "{err}");
     // One fine-tune, given one way.
     let o = bin().args(["analyze", "tuco", "--model", "model", "--prompt", "Hello", "--out", "none"]).current_dir(d.path()).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -180,7 +180,25 @@ fn an_adapter_input_is_folded_into_the_base_first() {
 
     // Intruder mitigation with λ = 1 scales nothing: every module's B·A comes back (refactored
     // by SVD), even with every examined vector counted as an intruder.
-    let (ok, err) = combine(d.path(), &["--model", "model", "--inputs", "out/adapter", "--method", "intruders", "--threshold-epsilon", "1", "--mitigation-lambda", "1", "--format", "peft", "--out", "same"]);
+    let (ok, err) = combine(
+        d.path(),
+        &[
+            "--model",
+            "model",
+            "--inputs",
+            "out/adapter",
+            "--method",
+            "intruders",
+            "--threshold-epsilon",
+            "1",
+            "--mitigation-lambda",
+            "1",
+            "--format",
+            "peft",
+            "--out",
+            "same",
+        ],
+    );
     assert!(ok, "{err}");
     let load = |dir: &str| ferrotune::methods::lora::read_peft_tensors(&d.path().join(dir)).unwrap().0;
     let (before, after) = (load("out/adapter"), load("same"));
@@ -205,7 +223,10 @@ fn an_adapter_input_is_folded_into_the_base_first() {
         let (ok, err) = combine(d.path(), &a);
         assert!(!ok && err.contains(needle) && !err.contains("panicked"), "{a:?}: {err}");
     }
-    let (ok, err) = combine(d.path(), &["--model", "model", "--inputs", "out/adapter", "--method", "ties", "--top-k", "3", "--format", "merged-safetensors", "--out", "refused"]);
+    let (ok, err) = combine(
+        d.path(),
+        &["--model", "model", "--inputs", "out/adapter", "--method", "ties", "--top-k", "3", "--format", "merged-safetensors", "--out", "refused"],
+    );
     assert!(!ok && err.contains("--top-k"), "{err}");
 }
 
@@ -267,6 +288,22 @@ fn intruder_mitigation_matches_peft() {
         };
         let d = product(&got).iter().zip(product(&want)).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         worst = worst.max(d);
+    }
+    // `analyze intruders` measures the same: PEFT's intruder count of every module at ε = 0.5.
+    let o = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["analyze", "intruders", "--model"])
+        .arg(&gguf)
+        .arg("--adapter")
+        .arg(&input)
+        .arg("--out")
+        .arg(d.path().join("analysis"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("analysis/intruders.json")).unwrap()).unwrap();
+    assert_eq!(report["modules_changed"].as_u64(), Some(per_module.len() as u64));
+    for (site, want) in per_module {
+        assert_eq!(report["modules"][site]["intruders"]["0.5"].as_u64(), Some(want["intruder_indices"].as_array().unwrap().len() as u64), "{site}");
     }
     eprintln!("intruders: {with} modules; largest |max cos − PEFT's| = {worst_cos:.2e}, |B·A − PEFT's B·A| = {worst:.2e}");
     assert!(worst < 1e-4, "B·A differs from PEFT's by {worst}");

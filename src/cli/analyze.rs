@@ -112,8 +112,102 @@ pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
     let mut series: Vec<crate::plot::Series> = vec![crate::plot::Series { label: "mean", points: &mean_curve }];
     series.extend(per_prompt.iter().zip(&labels).map(|(c, l)| crate::plot::Series { label: l, points: c }));
     let title = format!("TuCo through the layers (κ = {})", a.kappa);
-    let chart = crate::plot::Chart { title: &title, x_label: "layer", y_label: "TuCo of the sums so far", size: (900, 520), integer_x: true };
+    let chart = crate::plot::Chart { title: &title, x_label: "layer", y_label: "TuCo of the sums so far", size: (900, 520), integer_x: true, count_y: false };
     crate::plot::line_chart(&a.out.join("tuco.png"), &chart, &series)?;
     eprintln!("mean TuCo {mean:.4} over {} prompts; tuco.json and tuco.png written to {}", results.len(), a.out.display());
+    Ok(())
+}
+
+pub struct IntruderArgs<'a> {
+    pub model: &'a Path,
+    pub adapter: Option<&'a Path>,
+    pub finetuned: Option<&'a Path>,
+    pub top_k: usize,
+    pub out: &'a Path,
+}
+
+/// The thresholds ε the counts are reported for.
+const EPSILONS: [f64; 9] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+
+/// `analyze intruders` (METHODS.md §8.2): per changed matrix, the top-k left singular vectors of
+/// the fine-tuned weight and their best |cosine| with the base's; intruder counts for every ε.
+pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
+    if a.adapter.is_some() == a.finetuned.is_some() {
+        bail!("give the fine-tune as --adapter DIR (merged into --model) or as --finetuned MODEL, one of them");
+    }
+    if a.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let base = crate::models::load::load_model(a.model)?;
+    let ft = match (a.adapter, a.finetuned) {
+        (Some(dir), _) => {
+            let mut s = Session::load(a.model, Some(dir))?;
+            let method = s.method.as_ref().expect("loaded with an adapter");
+            if !method.mergeable() {
+                bail!("{} is a `{}` adapter, which has no weight form to compare (it cannot be merged)", dir.display(), method.name());
+            }
+            s.merge_adapter()?;
+            s.model
+        }
+        (None, Some(path)) => crate::models::load::load_model(path)?,
+        (None, None) => unreachable!("checked above"),
+    };
+    if base.sites() != ft.sites() {
+        bail!("the fine-tuned model's linear modules differ from --model's (names or shapes): not a fine-tune of it");
+    }
+    let mut modules = serde_json::Map::new();
+    let mut by_layer = vec![[0usize; EPSILONS.len()]; base.layers.len()];
+    let mut totals = [0usize; EPSILONS.len()];
+    let mut unchanged = 0;
+    for (lb, lf) in base.linears().zip(ft.linears()) {
+        let (w0, w) = (lb.weight.to_tensor()?, lf.weight.to_tensor()?);
+        if w0.flatten_all()?.to_vec1::<f32>()? == w.flatten_all()?.to_vec1::<f32>()? {
+            unchanged += 1;
+            continue;
+        }
+        let cos = crate::posthoc::intruders::measure(&crate::linalg::from_tensor(&w0)?, &crate::linalg::from_tensor(&w)?, a.top_k)?;
+        let counts: Vec<usize> = EPSILONS.iter().map(|e| cos.iter().filter(|c| **c < *e).count()).collect();
+        for (i, n) in counts.iter().enumerate() {
+            totals[i] += n;
+            if let Some(l) = crate::models::block_index(&lb.name) {
+                by_layer[l][i] += n;
+            }
+        }
+        let at: serde_json::Map<String, serde_json::Value> = EPSILONS.iter().zip(&counts).map(|(e, n)| (format!("{e}"), (*n).into())).collect();
+        modules.insert(lb.name.clone(), serde_json::json!({ "top_k_max_abs_cos": cos, "intruders": at }));
+    }
+    if modules.is_empty() {
+        bail!("the fine-tune changes no linear module of --model: nothing to measure");
+    }
+    let total_at: serde_json::Map<String, serde_json::Value> = EPSILONS.iter().zip(&totals).map(|(e, n)| (format!("{e}"), (*n).into())).collect();
+    let changed = modules.len();
+    let json =
+        serde_json::json!({ "top_k": a.top_k, "modules_changed": changed, "modules_unchanged": unchanged, "intruders_total": total_at, "modules": modules });
+    std::fs::create_dir_all(a.out).map_err(|e| crate::Error::io(a.out, e))?;
+    crate::io_util::write_atomic(&a.out.join("intruders.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let by_eps: Vec<(f64, f64)> = EPSILONS.iter().zip(&totals).map(|(e, n)| (*e, *n as f64)).collect();
+    let chart = crate::plot::Chart {
+        title: "Intruder dimensions against ε",
+        x_label: "ε (largest |cos| with the base below it)",
+        y_label: "intruders, all modules",
+        size: (900, 520),
+        integer_x: false,
+        count_y: true,
+    };
+    crate::plot::line_chart(&a.out.join("intruders_by_epsilon.png"), &chart, &[crate::plot::Series { label: &format!("top {}", a.top_k), points: &by_eps }])?;
+    let shown = [(2usize, "ε = 0.3"), (4, "ε = 0.5"), (6, "ε = 0.7")];
+    let curves: Vec<Vec<(f64, f64)>> = shown.iter().map(|(i, _)| by_layer.iter().enumerate().map(|(l, c)| (l as f64, c[*i] as f64)).collect()).collect();
+    let series: Vec<crate::plot::Series> = shown.iter().zip(&curves).map(|((_, label), c)| crate::plot::Series { label, points: c }).collect();
+    let chart = crate::plot::Chart {
+        title: "Intruder dimensions per layer",
+        x_label: "layer",
+        y_label: "intruders in the layer's modules",
+        size: (900, 520),
+        integer_x: true,
+        count_y: true,
+    };
+    crate::plot::line_chart(&a.out.join("intruders_by_layer.png"), &chart, &series)?;
+    eprintln!("{changed} changed modules ({unchanged} unchanged), top {}: intruders at ε = 0.5: {}", a.top_k, totals[4]);
+    eprintln!("intruders.json, intruders_by_epsilon.png and intruders_by_layer.png written to {}", a.out.display());
     Ok(())
 }

@@ -52,6 +52,23 @@ pub enum Analysis {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Intruder dimensions: per changed module, the top-k singular vectors of the fine-tuned
+    /// weight that resemble none of the base's, counted for ε = 0.1 … 0.9; writes
+    /// intruders.json and two PNGs into --out.
+    Intruders {
+        #[arg(long)]
+        model: PathBuf,
+        /// The fine-tune as an adapter of --model (any method that merges) …
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// … or as a whole fine-tuned model.
+        #[arg(long)]
+        finetuned: Option<PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        top_k: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -236,7 +253,8 @@ pub enum Command {
         #[arg(long)]
         overwrite: bool,
     },
-    /// What fine-tuning changed: `tuco` (the tuning contribution per prompt and layer).
+    /// What fine-tuning changed: `tuco` (the tuning contribution per prompt and layer),
+    /// `intruders` (new singular directions per module).
     Analyze {
         #[command(subcommand)]
         what: Analysis,
@@ -352,6 +370,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             quant: quant.as_deref(),
             overwrite,
         }),
+        Command::Analyze { what: Analysis::Intruders { model, adapter, finetuned, top_k, out } } => {
+            analyze::run_intruders(&analyze::IntruderArgs { model: &model, adapter: adapter.as_deref(), finetuned: finetuned.as_deref(), top_k, out: &out })
+        }
         Command::Analyze { what: Analysis::Tuco { model, adapter, finetuned, prompt, prompts, chat, kappa, out } } => analyze::run_tuco(&analyze::TucoArgs {
             model: &model,
             adapter: adapter.as_deref(),

@@ -26,6 +26,20 @@ impl Default for IntruderSettings {
     }
 }
 
+/// For each of the first `k` columns of `u` (a fine-tuned matrix's left singular vectors),
+/// its largest |cosine| with any column of `base_u` (the base matrix's).
+pub fn max_abs_cosines(base_u: &Mat, u: &Mat, k: usize) -> Vec<f64> {
+    let k = k.min(u.ncols());
+    let cos = linalg::matmul(&u.columns(0, k).transpose(), base_u);
+    (0..k).map(|i| cos.row(i).iter().fold(0f64, |acc, c| acc.max(c.abs()))).collect()
+}
+
+/// Intruder measurement (METHODS.md §8.2) of one matrix: the top-`k` |cosines| of the
+/// fine-tuned `w` against the base `w0`.
+pub fn measure(w0: &Mat, w: &Mat, k: usize) -> Result<Vec<f64>> {
+    Ok(max_abs_cosines(&linalg::svd(w0)?.u, &linalg::svd(w)?.u, k))
+}
+
 /// One module's result.
 pub struct Mitigated {
     /// Indices (into `W_m`'s singular vectors, descending) of the intruders.
@@ -43,9 +57,8 @@ pub fn mitigate(w0: &Mat, a: &Mat, b: &Mat, scaling: f64, settings: &IntruderSet
     let merged = w0 + linalg::matmul(b, a) * scaling;
     let base = linalg::svd(w0)?;
     let m = linalg::svd(&merged)?;
-    let k = settings.top_k.min(m.s.len());
-    let cos = linalg::matmul(&m.u.columns(0, k).transpose(), &base.u);
-    let max_abs_cos: Vec<f64> = (0..k).map(|i| cos.row(i).iter().fold(0f64, |acc, c| acc.max(c.abs()))).collect();
+    let max_abs_cos = max_abs_cosines(&base.u, &m.u, settings.top_k);
+    let k = max_abs_cos.len();
     let intruders: Vec<usize> = (0..k).filter(|&i| max_abs_cos[i] < settings.threshold).collect();
     if intruders.is_empty() {
         return Ok(Mitigated { intruders, max_abs_cos, a: a.clone(), b: b.clone() });

@@ -78,7 +78,7 @@ impl MetricsLog {
         if !eval.is_empty() {
             series.push(crate::plot::Series { label: "evaluation loss", points: &eval });
         }
-        crate::plot::line_chart(png, &crate::plot::Chart { title, x_label: "step", y_label: "loss", size: LOSS_PLOT_SIZE, integer_x: true }, &series)
+        crate::plot::line_chart(png, &crate::plot::Chart { title, x_label: "step", y_label: "loss", size: LOSS_PLOT_SIZE, integer_x: true, count_y: false }, &series)
     }
 
     pub fn append(&self, m: &StepMetrics) -> Result<()> {
