@@ -178,6 +178,57 @@ fn an_adapter_input_is_folded_into_the_base_first() {
     let base = weights_of(&d.path().join("model"));
     assert!(combined.iter().any(|(k, v)| v != &base[k]), "the adapter changed something");
 
+    // Task arithmetic of LoRA adapters as one PEFT adapter (ranks stacked) is the merged
+    // combination exactly; other rules cannot be one.
+    let (ok, err) = combine(
+        d.path(),
+        &[
+            "--model",
+            "model",
+            "--inputs",
+            "out/adapter,out/adapter",
+            "--weights",
+            "0.7,-0.4",
+            "--method",
+            "task_arithmetic",
+            "--format",
+            "peft",
+            "--out",
+            "cat",
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = combine(
+        d.path(),
+        &[
+            "--model",
+            "model",
+            "--inputs",
+            "out/adapter,out/adapter",
+            "--weights",
+            "0.7,-0.4",
+            "--method",
+            "task_arithmetic",
+            "--format",
+            "merged-safetensors",
+            "--out",
+            "cat-merged",
+        ],
+    );
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("cat/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_u64()), (Some(8), Some(8)), "two r = 4 adapters stacked, scaling 1");
+    let mut s = Session::load(&d.path().join("model"), Some(&d.path().join("cat"))).unwrap();
+    s.merge_adapter().unwrap();
+    let from_peft: Weights = s.model.named_weights().unwrap().into_iter().map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap())).collect();
+    let want = weights_of(&d.path().join("cat-merged"));
+    for (k, w) in &want {
+        let dmax = from_peft[k].iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(dmax <= 1e-5, "{k}: the stacked adapter differs from the merged combination by {dmax}");
+    }
+    let (ok, err) = combine(d.path(), &["--model", "model", "--inputs", "out/adapter", "--method", "ties", "--format", "peft", "--out", "refused"]);
+    assert!(!ok && err.contains("task_arithmetic"), "{err}");
+
     // Intruder mitigation with λ = 1 scales nothing: every module's B·A comes back (refactored
     // by SVD), even with every examined vector counted as an intruder.
     let (ok, err) = combine(

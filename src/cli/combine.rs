@@ -5,7 +5,7 @@
 use crate::export::ExportFormat;
 use crate::io_util::{check_output_path, OutputKind};
 use crate::posthoc::intruders::IntruderSettings;
-use crate::posthoc::{combine, reduce_intruders, Rule};
+use crate::posthoc::{combine, concatenate_loras, reduce_intruders, Rule};
 use anyhow::bail;
 use std::path::{Path, PathBuf};
 
@@ -82,12 +82,18 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     let rule = rule(a)?;
     let format = ExportFormat::parse(a.format)?;
     let kind = match format {
-        ExportFormat::MergedSafetensors => OutputKind::Dir,
+        ExportFormat::MergedSafetensors | ExportFormat::Peft => OutputKind::Dir,
         ExportFormat::MergedGguf => OutputKind::File,
-        other => bail!("--format {}: a combination is a whole model; write merged-safetensors or merged-gguf", other.name()),
+        other => bail!("--format {}: write peft (task arithmetic of LoRA adapters), merged-safetensors or merged-gguf", other.name()),
     };
+    if format == ExportFormat::Peft && rule != Rule::TaskArithmetic {
+        bail!("--format peft holds a combination exactly only for task_arithmetic of LoRA adapters (their ranks stacked); --method {} changes every entry, so write merged-safetensors or merged-gguf", a.method);
+    }
     if a.quant.is_some() && format != ExportFormat::MergedGguf {
         bail!("--quant applies to --format merged-gguf only (for merged-safetensors use --dtype)");
+    }
+    if a.dtype.is_some() && format == ExportFormat::Peft {
+        bail!("--dtype does not apply to --format peft (the adapter is written in f32)");
     }
     if a.dtype.is_some() && format == ExportFormat::MergedGguf {
         bail!("--dtype does not apply to --format merged-gguf (use --quant f32|f16|bf16|q8_0|…)");
@@ -100,6 +106,11 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     check_output_path(a.out, kind, a.overwrite)?;
     if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
+    }
+    if format == ExportFormat::Peft {
+        concatenate_loras(a.model, a.inputs, &weights, a.out)?;
+        eprintln!("task arithmetic of {} LoRA adapters (ranks stacked) written as a PEFT adapter to {}", a.inputs.len(), a.out.display());
+        return Ok(());
     }
     let (session, report) = combine(a.model, a.inputs, &weights, &rule)?;
     for (input, l1) in a.inputs.iter().zip(&report.input_l1) {

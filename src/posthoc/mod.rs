@@ -196,7 +196,10 @@ impl IntruderReduction {
 /// Intruder-dimension mitigation of the LoRA adapter `adapter` trained on `base`.
 pub fn reduce_intruders(base: &Path, adapter: &Path, settings: &intruders::IntruderSettings) -> Result<IntruderReduction> {
     if !adapter.join(ADAPTER_CONFIG).is_file() {
-        return Err(Error::config("--inputs", format!("{} is not an adapter folder (it has no {ADAPTER_CONFIG}); intruder mitigation rewrites a LoRA adapter", adapter.display())));
+        return Err(Error::config(
+            "--inputs",
+            format!("{} is not an adapter folder (it has no {ADAPTER_CONFIG}); intruder mitigation rewrites a LoRA adapter", adapter.display()),
+        ));
     }
     let mut session = Session::load(base, Some(adapter))?;
     let method = session.method.take().expect("loaded with an adapter");
@@ -221,4 +224,75 @@ pub fn reduce_intruders(base: &Path, adapter: &Path, settings: &intruders::Intru
         modules.push((p.site, p.scaling, m));
     }
     Ok(IntruderReduction { session, modules })
+}
+
+/// Task arithmetic of LoRA adapters as one LoRA adapter, exactly (PEFT's `add_weighted_adapter`
+/// with `combination_type = "cat"`): per module the ranks are stacked, `A = [w_1·s_1·A_1; …]`,
+/// `B = [B_1, …]` (zeros where an input does not adapt the module), and the result has
+/// `r = lora_alpha = Σ r_t` (scaling 1) on the union of the inputs' modules, so that
+/// `B·A = Σ w_t·s_t·B_t·A_t`. Its config is the first input's with those changes.
+pub fn concatenate_loras(base: &Path, inputs: &[PathBuf], weights: &[f32], out: &Path) -> Result<()> {
+    let mut per_input = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let mut s = Session::load(base, Some(input))?;
+        let method = s.method.take().expect("loaded with an adapter");
+        match (method.name(), method.as_lora()) {
+            ("lora", Some(pairs)) => per_input.push(pairs),
+            (name, _) => {
+                return Err(Error::config(
+                    "--format",
+                    format!("peft holds the combination exactly only when every input is a plain LoRA adapter, and {} is `{name}` (write merged-safetensors or merged-gguf)", input.display()),
+                ))
+            }
+        }
+    }
+    // Each input takes as many rows as its largest module rank (per-module ranks are padded).
+    let ranks: Vec<usize> = per_input.iter().map(|pairs| pairs.iter().map(|p| p.a.dims()[0]).max().unwrap_or(0)).collect();
+    let total_rank: usize = ranks.iter().sum();
+    // Every module any input adapts, in the model's order.
+    let model = crate::models::load::load_model(base)?;
+    let sites: Vec<crate::models::SiteInfo> =
+        model.sites().into_iter().filter(|s| per_input.iter().any(|pairs| pairs.iter().any(|p| p.site == s.name))).collect();
+    let mut tensors = Vec::new();
+    for site in &sites {
+        let mut a = vec![0f32; total_rank * site.in_features];
+        let mut b = vec![0f32; site.out_features * total_rank];
+        let mut offset = 0;
+        for ((pairs, &w), &rank) in per_input.iter().zip(weights).zip(&ranks) {
+            if let Some(p) = pairs.iter().find(|p| p.site == site.name) {
+                let r = p.a.dims()[0];
+                let (pa, pb): (Vec<f32>, Vec<f32>) = (p.a.flatten_all()?.to_vec1()?, p.b.flatten_all()?.to_vec1()?);
+                let f = w * p.scaling as f32;
+                for i in 0..r {
+                    for j in 0..site.in_features {
+                        a[(offset + i) * site.in_features + j] = f * pa[i * site.in_features + j];
+                    }
+                }
+                for o in 0..site.out_features {
+                    for i in 0..r {
+                        b[o * total_rank + offset + i] = pb[o * r + i];
+                    }
+                }
+            }
+            offset += rank;
+        }
+        tensors.push((crate::methods::lora::peft_key(&site.name, 'A'), Tensor::from_vec(a, (total_rank, site.in_features), &candle_core::Device::Cpu)?));
+        tensors.push((crate::methods::lora::peft_key(&site.name, 'B'), Tensor::from_vec(b, (site.out_features, total_rank), &candle_core::Device::Cpu)?));
+    }
+    let first = inputs.first().expect("checked: at least one input");
+    let cfg_path = first.join(ADAPTER_CONFIG);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&crate::io_util::read_to_string(&cfg_path)?).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    cfg["r"] = total_rank.into();
+    cfg["lora_alpha"] = total_rank.into();
+    cfg["use_rslora"] = false.into();
+    cfg["rank_pattern"] = serde_json::json!({});
+    cfg["alpha_pattern"] = serde_json::json!({});
+    cfg["target_modules"] = sites.iter().map(|s| s.name.clone()).collect::<Vec<_>>().into();
+    tensors.sort_by(|x, y| x.0.cmp(&y.0));
+    crate::io_util::write_files_into(out, |tmp| {
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        crate::formats::safetensors::save(&tmp.join(crate::methods::ADAPTER_WEIGHTS), &tensors, crate::formats::safetensors::SaveDType::F32, Some(meta))?;
+        crate::io_util::write_atomic(&tmp.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg).expect("JSON values always serialise").as_bytes())
+    })
 }
