@@ -5,9 +5,10 @@
 //!
 //! The perturbation is applied in place, but the parameters are put back from the values they
 //! had, not by subtracting `εz` again: `(θ + εz) − εz` need not round back to `θ`, and a step at
-//! learning rate 0 must leave every weight bit-identical. (This is the building block; the
-//! trainer's `optimizer = "mezo"` runs [`Mezo::step`]; the streamed full-weight form of ZO2 is
-//! still to come.)
+//! learning rate 0 must leave every weight bit-identical. The trainer's `optimizer = "mezo"`
+//! runs [`Mezo::step`] on parameters in memory; with `zo_offload`, `train::zo_offload` runs the
+//! same arithmetic ([`shifted`], [`descend`], the same directions) block by block over weights
+//! kept in a file.
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
