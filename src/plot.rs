@@ -23,6 +23,9 @@ pub struct Series<'a> {
     pub points: &'a [(f64, f64)],
 }
 
+/// The size of the charts ferrotune writes, in pixels.
+pub const CHART_SIZE: (u32, u32) = (900, 520);
+
 /// What a chart shows.
 pub struct Chart<'a> {
     pub title: &'a str,

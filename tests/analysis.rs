@@ -62,25 +62,12 @@ fn analyze_tuco_writes_json_and_plot() {
     let cfg = plan(d.path(), &Promise { adapter: "lora", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true }, 2);
     ferrotune::train::train(&cfg, &Default::default()).unwrap();
     let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"));
-    let o = bin()
-        .args([
-            "analyze",
-            "tuco",
-            "--model",
-            "model",
-            "--adapter",
-            "out/adapter",
-            "--prompt",
-            "Question 1: what is 1 plus 3?",
-            "--prompt",
-            "Hello",
-            "--out",
-            "tuco",
-        ])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Runs `ferrotune analyze ARGS` in the run's folder; it must succeed.
+    let analyze = |args: &[&str]| {
+        let o = bin().arg("analyze").args(args).current_dir(d.path()).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    analyze(&["tuco", "--model", "model", "--adapter", "out/adapter", "--prompt", "Question 1: what is 1 plus 3?", "--prompt", "Hello", "--out", "tuco"]);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("tuco/tuco.json")).unwrap()).unwrap();
     let prompts = j["prompts"].as_array().unwrap();
     assert_eq!(prompts.len(), 2);
@@ -91,23 +78,13 @@ fn analyze_tuco_writes_json_and_plot() {
     }
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.path().join("tuco/tuco.png")).unwrap()));
     let info = decoder.read_info().unwrap().info().clone();
-    assert_eq!((info.width, info.height), (900, 520));
+    assert_eq!((info.width, info.height), ferrotune::plot::CHART_SIZE);
     // The same model as its own fine-tune contributes nothing.
-    let o = bin()
-        .args(["analyze", "tuco", "--model", "model", "--finetuned", "model", "--prompt", "Hello", "--out", "same"])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    analyze(&["tuco", "--model", "model", "--finetuned", "model", "--prompt", "Hello", "--out", "same"]);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("same/tuco.json")).unwrap()).unwrap();
     assert_eq!(j["mean_tuco"].as_f64(), Some(0.0));
     // Intruders: only the adapter's modules changed; counts grow with ε; both plots drawn.
-    let o = bin()
-        .args(["analyze", "intruders", "--model", "model", "--adapter", "out/adapter", "--top-k", "4", "--out", "intr"])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    analyze(&["intruders", "--model", "model", "--adapter", "out/adapter", "--top-k", "4", "--out", "intr"]);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("intr/intruders.json")).unwrap()).unwrap();
     let spec = TinySpec::default();
     assert_eq!(j["modules_changed"].as_u64(), Some(7 * spec.layers as u64), "all-linear LoRA");

@@ -180,9 +180,8 @@ fn an_adapter_input_is_folded_into_the_base_first() {
 
     // Task arithmetic of LoRA adapters as one PEFT adapter (ranks stacked) is the merged
     // combination exactly; other rules cannot be one.
-    let (ok, err) = combine(
-        d.path(),
-        &[
+    for (format, out) in [("peft", "cat"), ("merged-safetensors", "cat-merged")] {
+        let args = [
             "--model",
             "model",
             "--inputs",
@@ -192,30 +191,13 @@ fn an_adapter_input_is_folded_into_the_base_first() {
             "--method",
             "task_arithmetic",
             "--format",
-            "peft",
+            format,
             "--out",
-            "cat",
-        ],
-    );
-    assert!(ok, "{err}");
-    let (ok, err) = combine(
-        d.path(),
-        &[
-            "--model",
-            "model",
-            "--inputs",
-            "out/adapter,out/adapter",
-            "--weights",
-            "0.7,-0.4",
-            "--method",
-            "task_arithmetic",
-            "--format",
-            "merged-safetensors",
-            "--out",
-            "cat-merged",
-        ],
-    );
-    assert!(ok, "{err}");
+            out,
+        ];
+        let (ok, err) = combine(d.path(), &args);
+        assert!(ok, "{format}: {err}");
+    }
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("cat/adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_u64()), (Some(8), Some(8)), "two r = 4 adapters stacked, scaling 1");
     let mut s = Session::load(&d.path().join("model"), Some(&d.path().join("cat"))).unwrap();

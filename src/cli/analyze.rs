@@ -112,7 +112,14 @@ pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
     let mut series: Vec<crate::plot::Series> = vec![crate::plot::Series { label: "mean", points: &mean_curve }];
     series.extend(per_prompt.iter().zip(&labels).map(|(c, l)| crate::plot::Series { label: l, points: c }));
     let title = format!("TuCo through the layers (κ = {})", a.kappa);
-    let chart = crate::plot::Chart { title: &title, x_label: "layer", y_label: "TuCo of the sums so far", size: (900, 520), integer_x: true, count_y: false };
+    let chart = crate::plot::Chart {
+        title: &title,
+        x_label: "layer",
+        y_label: "TuCo of the sums so far",
+        size: crate::plot::CHART_SIZE,
+        integer_x: true,
+        count_y: false,
+    };
     crate::plot::line_chart(&a.out.join("tuco.png"), &chart, &series)?;
     eprintln!("mean TuCo {mean:.4} over {} prompts; tuco.json and tuco.png written to {}", results.len(), a.out.display());
     Ok(())
@@ -190,7 +197,7 @@ pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
         title: "Intruder dimensions against ε",
         x_label: "ε (largest |cos| with the base below it)",
         y_label: "intruders, all modules",
-        size: (900, 520),
+        size: crate::plot::CHART_SIZE,
         integer_x: false,
         count_y: true,
     };
@@ -202,7 +209,7 @@ pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
         title: "Intruder dimensions per layer",
         x_label: "layer",
         y_label: "intruders in the layer's modules",
-        size: (900, 520),
+        size: crate::plot::CHART_SIZE,
         integer_x: true,
         count_y: true,
     };

@@ -2,6 +2,7 @@
 //! vectors (task arithmetic, TIES, LiNeS; `crate::posthoc`), written as a merged model; or one
 //! LoRA adapter without its intruder dimensions, written as an adapter or merged.
 
+use super::export::check_precision_flags;
 use crate::export::ExportFormat;
 use crate::io_util::{check_output_path, OutputKind};
 use crate::posthoc::intruders::IntruderSettings;
@@ -89,15 +90,7 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     if format == ExportFormat::Peft && rule != Rule::TaskArithmetic {
         bail!("--format peft holds a combination exactly only for task_arithmetic of LoRA adapters (their ranks stacked); --method {} changes every entry, so write merged-safetensors or merged-gguf", a.method);
     }
-    if a.quant.is_some() && format != ExportFormat::MergedGguf {
-        bail!("--quant applies to --format merged-gguf only (for merged-safetensors use --dtype)");
-    }
-    if a.dtype.is_some() && format == ExportFormat::Peft {
-        bail!("--dtype does not apply to --format peft (the adapter is written in f32)");
-    }
-    if a.dtype.is_some() && format == ExportFormat::MergedGguf {
-        bail!("--dtype does not apply to --format merged-gguf (use --quant f32|f16|bf16|q8_0|…)");
-    }
+    check_precision_flags(format, a.dtype, a.quant, "the adapter is written in f32")?;
     let weights: Vec<f32> = match a.weights {
         Some(w) if w.len() != a.inputs.len() => bail!("--weights has {} values for {} --inputs", w.len(), a.inputs.len()),
         Some(w) => w.iter().map(|&x| x as f32).collect(),
@@ -152,6 +145,7 @@ fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
         ExportFormat::MergedGguf => OutputKind::File,
         ExportFormat::GgufLora => bail!("--format gguf-lora: write peft, then `ferrotune export --format gguf-lora` from it"),
     };
+    check_precision_flags(format, a.dtype, a.quant, "the adapter is written in f32")?;
     check_output_path(a.out, kind, a.overwrite)?;
     let mut r = reduce_intruders(a.model, input, &settings)?;
     let hit = r.with_intruders();

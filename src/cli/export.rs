@@ -23,17 +23,7 @@ pub struct ExportArgs<'a> {
 
 pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
     let format = ExportFormat::parse(a.format)?;
-    // Reject options that do not apply before the (slow) model load.
-    if a.quant.is_some() && format != ExportFormat::MergedGguf {
-        bail!("--quant applies to --format merged-gguf only (for {} use --dtype)", format.name());
-    }
-    if a.dtype.is_some() && matches!(format, ExportFormat::MergedGguf | ExportFormat::Peft) {
-        bail!(
-            "--dtype does not apply to --format {} ({})",
-            format.name(),
-            if format == ExportFormat::Peft { "the adapter is copied as is" } else { "use --quant f32|f16|bf16|q8_0|…" }
-        );
-    }
+    check_precision_flags(format, a.dtype, a.quant, "the adapter is copied as is")?;
     let kind = match format {
         ExportFormat::Peft | ExportFormat::MergedSafetensors => OutputKind::Dir,
         ExportFormat::MergedGguf | ExportFormat::GgufLora => OutputKind::File,
@@ -91,6 +81,24 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses `--quant` / `--dtype` where `format` does not take them, before any (slow) model
+/// load; `peft_values` says what a peft output's values are instead. Shared by `export` and
+/// `combine`.
+pub(super) fn check_precision_flags(format: ExportFormat, dtype: Option<&str>, quant: Option<&str>, peft_values: &str) -> anyhow::Result<()> {
+    if quant.is_some() && format != ExportFormat::MergedGguf {
+        let instead = if format == ExportFormat::Peft { String::new() } else { format!(" (for {} use --dtype)", format.name()) };
+        bail!("--quant applies to --format merged-gguf only{instead}");
+    }
+    if dtype.is_some() && matches!(format, ExportFormat::MergedGguf | ExportFormat::Peft) {
+        bail!(
+            "--dtype does not apply to --format {} ({})",
+            format.name(),
+            if format == ExportFormat::Peft { peft_values } else { "use --quant f32|f16|bf16|q8_0|…" }
+        );
+    }
+    Ok(())
 }
 
 /// Writes the model of `session` (its weights already final) as a merged Hugging Face folder

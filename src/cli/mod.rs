@@ -197,7 +197,7 @@ pub enum Command {
         overwrite: bool,
     },
     /// Merge several fine-tunes of one base by their task vectors (task arithmetic, TIES,
-    /// LiNeS) into one model: merged-safetensors or merged-gguf.
+    /// LiNeS) into one model, or rewrite one LoRA adapter without its intruder dimensions.
     Combine {
         /// The base model the fine-tunes share (HF folder or GGUF).
         #[arg(long)]
@@ -237,10 +237,11 @@ pub enum Command {
         /// intruders: the factor intruder components are scaled by (0.75).
         #[arg(long)]
         mitigation_lambda: Option<f64>,
-        /// merged-safetensors or merged-gguf (and peft for intruders).
+        /// merged-safetensors or merged-gguf; peft for intruders and for task_arithmetic of
+        /// LoRA adapters.
         #[arg(long)]
         format: String,
-        /// Output directory (merged-safetensors) or .gguf file.
+        /// Output directory (merged-safetensors, peft) or .gguf file.
         #[arg(long)]
         out: PathBuf,
         /// merged-safetensors: f32, bf16, f16 (default f32).

@@ -45,15 +45,23 @@ fn truncated_tensor(bytes: &[u8]) -> Option<String> {
 }
 
 fn view_to_f32(view: &TensorView<'_>) -> std::result::Result<Tensor, String> {
-    let shape = view.shape().to_vec();
-    let bytes = view.data();
-    let vals: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+    let vals = decode_f32(view.dtype(), view.data())?;
+    Tensor::from_vec(vals, view.shape().to_vec(), &Device::Cpu).map_err(|e| e.to_string())
+}
+
+/// Little-endian f32 values.
+pub fn le_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// A tensor's bytes of `dtype` (F32, F16 or BF16) as f32 values.
+fn decode_f32(dtype: Dtype, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    Ok(match dtype {
+        Dtype::F32 => le_f32s(bytes),
         Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         other => return Err(format!("dtype {other:?} is not supported (expected F32, F16 or BF16)")),
-    };
-    Tensor::from_vec(vals, shape, &Device::Cpu).map_err(|e| e.to_string())
+    })
 }
 
 /// Storage dtype for writing.
@@ -160,47 +168,21 @@ pub fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
 /// Reads tensor `name` (F32, F16 or BF16) of a file whose header [`read_header`] gave, as f32.
 pub fn read_tensor_f32(path: &Path, name: &str, e: &HeaderEntry) -> Result<Vec<f32>> {
     use std::os::unix::fs::FileExt;
-    let width =
-        match e.dtype.as_str() {
-            "F32" => 4,
-            "F16" | "BF16" => 2,
-            other => return Err(Error::format(
-                path,
-                format!(
-                    "tensor `{name}`: dtype {other} is not supported (expected F32, F16 or BF16)"
-                ),
-            )),
-        };
+    let unsupported = || Error::format(path, format!("tensor `{name}`: dtype {} is not supported (expected F32, F16 or BF16)", e.dtype));
+    let (dtype, width) = match e.dtype.as_str() {
+        "F32" => (Dtype::F32, 4),
+        "F16" => (Dtype::F16, 2),
+        "BF16" => (Dtype::BF16, 2),
+        _ => return Err(unsupported()),
+    };
     let count: usize = e.shape.iter().product();
     if (e.end - e.start) as usize != count * width {
-        return Err(Error::format(
-            path,
-            format!(
-                "tensor `{name}`: {} bytes for shape {:?} of {}",
-                e.end - e.start,
-                e.shape,
-                e.dtype
-            ),
-        ));
+        return Err(Error::format(path, format!("tensor `{name}`: {} bytes for shape {:?} of {}", e.end - e.start, e.shape, e.dtype)));
     }
     let f = std::fs::File::open(path).map_err(|err| Error::io(path, err))?;
     let mut bytes = vec![0u8; count * width];
-    f.read_exact_at(&mut bytes, e.start)
-        .map_err(|err| Error::io(path, err))?;
-    Ok(match width {
-        4 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        _ if e.dtype == "F16" => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-    })
+    f.read_exact_at(&mut bytes, e.start).map_err(|err| Error::io(path, err))?;
+    decode_f32(dtype, &bytes).map_err(|_| unsupported())
 }
 
 /// Writes f32 tensors of known shapes atomically, asking `values(i)` for tensor `i`'s values

@@ -39,7 +39,7 @@ impl StoreFile {
     fn read(&self, offset: u64, len: usize) -> Result<Vec<f32>> {
         let mut bytes = vec![0u8; 4 * len];
         self.file.read_exact_at(&mut bytes, offset).map_err(|e| Error::io(&self.path, e))?;
-        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(st::le_f32s(&bytes))
     }
 
     fn write(&self, offset: u64, values: &[f32]) -> Result<()> {

@@ -233,9 +233,12 @@ pub fn reduce_intruders(base: &Path, adapter: &Path, settings: &intruders::Intru
 /// `B·A = Σ w_t·s_t·B_t·A_t`. Its config is the first input's with those changes.
 pub fn concatenate_loras(base: &Path, inputs: &[PathBuf], weights: &[f32], out: &Path) -> Result<()> {
     let mut per_input = Vec::with_capacity(inputs.len());
+    // The base's modules (names and shapes), from the last model loaded.
+    let mut all_sites = Vec::new();
     for input in inputs {
         let mut s = Session::load(base, Some(input))?;
         let method = s.method.take().expect("loaded with an adapter");
+        all_sites = s.model.sites();
         match (method.name(), method.as_lora()) {
             ("lora", Some(pairs)) => per_input.push(pairs),
             (name, _) => {
@@ -250,9 +253,7 @@ pub fn concatenate_loras(base: &Path, inputs: &[PathBuf], weights: &[f32], out: 
     let ranks: Vec<usize> = per_input.iter().map(|pairs| pairs.iter().map(|p| p.a.dims()[0]).max().unwrap_or(0)).collect();
     let total_rank: usize = ranks.iter().sum();
     // Every module any input adapts, in the model's order.
-    let model = crate::models::load::load_model(base)?;
-    let sites: Vec<crate::models::SiteInfo> =
-        model.sites().into_iter().filter(|s| per_input.iter().any(|pairs| pairs.iter().any(|p| p.site == s.name))).collect();
+    let sites: Vec<crate::models::SiteInfo> = all_sites.into_iter().filter(|s| per_input.iter().any(|pairs| pairs.iter().any(|p| p.site == s.name))).collect();
     let mut tensors = Vec::new();
     for site in &sites {
         let mut a = vec![0f32; total_rank * site.in_features];

@@ -29,7 +29,7 @@ pub struct StepMetrics {
 }
 
 /// `loss.png`'s width and height in pixels.
-pub const LOSS_PLOT_SIZE: (u32, u32) = (900, 520);
+pub const LOSS_PLOT_SIZE: (u32, u32) = crate::plot::CHART_SIZE;
 
 pub struct MetricsLog {
     path: PathBuf,
