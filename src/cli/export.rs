@@ -151,16 +151,20 @@ fn export_peft(adapter: &Path, out: &Path) -> anyhow::Result<()> {
 
 /// Writes the logits of every position of `ids` (comma-separated token ids) as JSON:
 /// `{"ids": [...], "vocab": V, "logits": [[V floats] per position]}`.
-pub fn run_logits(model: &Path, adapter: Option<&Path>, ids: &str, out: &Path) -> anyhow::Result<()> {
-    let ids: Vec<u32> = ids
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse::<u32>().map_err(|e| anyhow!("--ids: `{s}` is not a token id ({e})")))
-        .collect::<anyhow::Result<_>>()?;
-    if ids.is_empty() {
-        bail!("--ids: give at least one token id");
-    }
+pub fn run_logits(model: &Path, adapter: Option<&Path>, ids: Option<&str>, text: Option<&str>, out: &Path) -> anyhow::Result<()> {
     let session = Session::load(model, adapter)?;
+    let ids: Vec<u32> = match (ids, text) {
+        (_, Some(text)) => session.tokenizer.encode(text, true)?,
+        (Some(ids), None) => ids
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse::<u32>().map_err(|e| anyhow!("--ids: `{s}` is not a token id ({e})")))
+            .collect::<anyhow::Result<_>>()?,
+        (None, None) => bail!("give --ids or --text"),
+    };
+    if ids.is_empty() {
+        bail!("--ids / --text: give at least one token");
+    }
     let logits = session.model.logits(&ids, 1, ids.len(), None, &ForwardCtx::eval())?;
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let v = serde_json::json!({"ids": ids, "vocab": session.model.config.vocab_size, "logits": rows});

@@ -268,8 +268,11 @@ pub enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Comma-separated token ids.
+        #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+        ids: Option<String>,
+        /// Text to tokenize with the model's tokenizer (special tokens added as `encode` adds them).
         #[arg(long)]
-        ids: String,
+        text: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -393,7 +396,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             quant: quant.as_deref(),
             overwrite,
         }),
-        Command::Logits { model, adapter, ids, out } => export::run_logits(&model, adapter.as_deref(), &ids, &out),
+        Command::Logits { model, adapter, ids, text, out } => export::run_logits(&model, adapter.as_deref(), ids.as_deref(), text.as_deref(), &out),
         Command::InspectData { config, set, n } => inspect::run(&config, &set, n),
         Command::Methods { names } => {
             for e in crate::methods::registry::entries() {
