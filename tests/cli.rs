@@ -64,8 +64,31 @@ fn train_eval_merge_generate_inspect() {
     let merged_loss = last_json(&out)["loss"].as_f64().unwrap();
     assert!((merged_loss - loss).abs() < 1e-5, "merged {merged_loss} vs base+adapter {loss}");
 
-    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
+    let (ok, tuned_text, err) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
     assert!(ok, "generate failed: {err}");
+    // EFT with the adapter folder as --tuned and no --small-base (the fine-tuning scale is
+    // --model itself): at β = 1 the score is the tuned model's log-probabilities, at β = 0 the
+    // base's, so greedy decoding repeats the plain runs.
+    let (ok, base_text, _) = ferrotune(&["generate", "--model", "model", "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
+    assert!(ok);
+    for (beta, want) in [("1", &tuned_text), ("0", &base_text)] {
+        let (ok, out, err) = ferrotune(&["generate", "--model", "model", "--tuned", "out/adapter", "--beta", beta, "--chat", "--prompt", "count to 3", "--max-new-tokens", "5"], dir);
+        assert!(ok && err.contains("EFT: 3 models"), "EFT β = {beta} failed: {err}");
+        assert_eq!(&out, want, "EFT at β = {beta}");
+    }
+    // Models whose tokenizers differ are refused, naming the flag.
+    copy_dir(&dir.join("model"), &dir.join("other"));
+    let tj = dir.join("other/tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tj).unwrap()).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["a"].clone(), vocab["b"].clone());
+    vocab.insert("a".into(), b);
+    vocab.insert("b".into(), a);
+    std::fs::write(&tj, t.to_string()).unwrap();
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--tuned", "other", "--prompt", "ab"], dir);
+    assert!(!ok && err.contains("--tuned") && err.contains("different tokenizers"), "{err}");
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--cge", "--tuned", "out/adapter", "--tuned", "other", "--prompt", "ab"], dir);
+    assert!(!ok && err.contains("CGE contrasts one fine-tuned model"), "{err}");
 
     // Task accuracy by generation on chat data: prompts end at the assistant turn.
     let (ok, out, err) = ferrotune(&["eval", "--model", "model", "--adapter", "out/adapter", "--data", "chat.jsonl", "--task", "exact-match", "--limit", "3", "--max-new-tokens", "4", "--predictions", "pred.jsonl"], dir);
@@ -109,4 +132,12 @@ fn train_eval_merge_generate_inspect() {
     assert!(!ok && err.contains("missing-dir") && !err.contains("panicked"), "{err}");
     let (ok, _, err) = ferrotune(&["train", "run.toml", "--set", "lora_rank=3"], dir);
     assert!(!ok && err.contains("lora_rank") && !err.contains("panicked"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }

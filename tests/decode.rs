@@ -143,3 +143,116 @@ fn task_scoring_compares_greedy_generations_with_references() {
     assert!(predictions[0].correct && !predictions[1].correct);
     assert_eq!(predictions[0].completion, tok.decode(&greedy_out[0].ids, true).unwrap());
 }
+
+/// Three different tiny models of one vocabulary: a "large" base (3 layers), and a small base
+/// (2 layers) with a LoRA fine-tune of it.
+fn eft_models(dir: &std::path::Path) -> (Llama, Llama, Llama, usize) {
+    let vocab = write_tiny_hf(&dir.join("large"), &TinySpec { layers: 3, seed: 31, ..Default::default() });
+    write_tiny_hf(&dir.join("small"), &TinySpec { seed: 32, ..Default::default() });
+    let large = load::load_model(&dir.join("large")).unwrap();
+    let small = load::load_model(&dir.join("small")).unwrap();
+    let mut tuned = load::load_model(&dir.join("small")).unwrap();
+    let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, target_modules: TargetModules::AllLinear, use_rslora: false, ..Default::default() };
+    let lora = Lora::attach(&mut tuned, cfg, 5).unwrap();
+    let mut r = ferrotune::rng::SplitMix64::new(33);
+    for s in &lora.sites {
+        let v: Vec<f32> = (0..s.b.elem_count()).map(|_| 0.5 * (2.0 * r.next_f32() - 1.0)).collect();
+        s.b.set(&candle_core::Tensor::from_vec(v, s.b.shape(), s.b.device()).unwrap()).unwrap();
+    }
+    (large, small, tuned, vocab)
+}
+
+fn log_softmax_last(m: &Llama, seq: &[u32], vocab: usize) -> Vec<f64> {
+    let l = logits(m, seq);
+    let last: Vec<f64> = l[(seq.len() - 1) * vocab..].iter().map(|&x| x as f64).collect();
+    let mx = last.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = mx + last.iter().map(|x| (x - mx).exp()).sum::<f64>().ln();
+    last.iter().map(|x| x - lse).collect()
+}
+
+fn argmax(v: &[f64]) -> u32 {
+    v.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32
+}
+
+/// Greedy decoding by the formula, recomputed from full forwards of every model at every step.
+fn greedy_by_formula(prompt: &[u32], n: usize, score: &dyn Fn(&[u32]) -> Vec<f64>) -> Vec<u32> {
+    let mut seq = prompt.to_vec();
+    for _ in 0..n {
+        seq.push(argmax(&score(&seq)));
+    }
+    seq[prompt.len()..].to_vec()
+}
+
+/// METHODS.md §7.1's check: with β = 0, or with the tuned model equal to the small base, EFT
+/// decodes exactly the large base's greedy tokens.
+#[test]
+fn eft_without_a_fine_tuning_change_decodes_as_the_large_base() {
+    use ferrotune::decode::{generate_combined, Combiner};
+    let dir = tempfile::tempdir().unwrap();
+    let (large, small, tuned, vocab) = eft_models(dir.path());
+    let n = 12;
+    for (p, prompt) in [ids(vocab, 3, 41), ids(vocab, 8, 42)].iter().enumerate() {
+        let want = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+        let beta_zero = Combiner::eft(&large, &small, &[(&tuned, 0.0)]).unwrap();
+        let got = generate_combined(&beta_zero, prompt, &greedy(n), &[], &mut |_| {}).unwrap();
+        assert_eq!(got.ids, want, "prompt {p}: β = 0");
+        let same_small = Combiner::eft(&large, &small, &[(&small, 1.0)]).unwrap();
+        let got = generate_combined(&same_small, prompt, &greedy(n), &[], &mut |_| {}).unwrap();
+        assert_eq!(got.ids, want, "prompt {p}: tuned = small base");
+    }
+}
+
+/// EFT and CGE draw from their formulas: greedy decoding equals the argmax of the score
+/// computed here from each model's full forward at every step (no caches), and the
+/// combination does change the tokens.
+#[test]
+fn eft_and_cge_decode_by_their_formulas() {
+    use ferrotune::decode::{generate_combined, Combiner};
+    let dir = tempfile::tempdir().unwrap();
+    let (large, small, tuned, vocab) = eft_models(dir.path());
+    let prompt = ids(vocab, 5, 43);
+    let n = 12;
+    let plain = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+
+    // Up-scaling with two fine-tunes (the LoRA one and, as a second "fine-tune", the large
+    // model itself) at β = 1.5 and −0.7.
+    let eft = Combiner::eft(&large, &small, &[(&tuned, 1.5), (&large, -0.7)]).unwrap();
+    let got = generate_combined(&eft, &prompt, &greedy(n), &[], &mut |_| {}).unwrap();
+    let want = greedy_by_formula(&prompt, n, &|seq| {
+        let (p, t, l, b) = (log_softmax_last(&large, seq, vocab), log_softmax_last(&tuned, seq, vocab), log_softmax_last(&large, seq, vocab), log_softmax_last(&small, seq, vocab));
+        (0..vocab).map(|v| p[v] + 1.5 * (t[v] - b[v]) - 0.7 * (l[v] - b[v])).collect()
+    });
+    assert_eq!(got.ids, want, "EFT");
+    assert_ne!(got.ids, plain, "EFT changed nothing: the test would not see a wrong formula");
+
+    let (gamma, alpha) = (0.8, 0.05);
+    let cge = Combiner::cge(&tuned, &small, gamma, alpha).unwrap();
+    let got = generate_combined(&cge, &prompt, &greedy(n), &[], &mut |_| {}).unwrap();
+    let want = greedy_by_formula(&prompt, n, &|seq| {
+        let (t, b) = (log_softmax_last(&tuned, seq, vocab), log_softmax_last(&small, seq, vocab));
+        let best = t.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (0..vocab).map(|v| if t[v].exp() >= alpha * best.exp() { t[v] - gamma * b[v] } else { f64::NEG_INFINITY }).collect()
+    });
+    assert_eq!(got.ids, want, "CGE");
+    let tuned_alone = generate_batch(&tuned, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+    assert_ne!(got.ids, tuned_alone, "CGE decoded as the fine-tuned model alone");
+}
+
+/// Sampled combined decoding repeats at a fixed seed and ends at a stop token.
+#[test]
+fn eft_sampling_is_reproducible_and_stops_at_a_stop_token() {
+    use ferrotune::decode::{generate_combined, Combiner};
+    let dir = tempfile::tempdir().unwrap();
+    let (large, small, tuned, vocab) = eft_models(dir.path());
+    let prompt = ids(vocab, 4, 44);
+    let opts = SamplingOptions { max_new_tokens: 10, temperature: 0.8, top_p: 0.95, seed: 5 };
+    let eft = Combiner::eft(&large, &small, &[(&tuned, 1.0)]).unwrap();
+    let a = generate_combined(&eft, &prompt, &opts, &[], &mut |_| {}).unwrap();
+    let b = generate_combined(&eft, &prompt, &opts, &[], &mut |_| {}).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.ids.len(), 10);
+    let stop = a.ids[4];
+    let cut = a.ids.iter().position(|&t| t == stop).unwrap();
+    let c = generate_combined(&eft, &prompt, &opts, &[stop], &mut |_| {}).unwrap();
+    assert_eq!((c.ids.as_slice(), c.stop), (&a.ids[..cut], Some(stop)));
+}

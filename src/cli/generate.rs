@@ -1,15 +1,128 @@
-use crate::decode::{generate, SamplingOptions};
+use crate::decode::{self, Combiner, SamplingOptions, TextPieces};
+use crate::error::Error;
+use crate::session::Session;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-pub fn run(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, opts: &SamplingOptions) -> anyhow::Result<()> {
+/// Models combined at decode time (METHODS.md §7); empty `tuned` means plain generation.
+pub struct Combination {
+    pub tuned: Vec<PathBuf>,
+    pub small_base: Option<PathBuf>,
+    pub beta: Vec<f64>,
+    pub cge: bool,
+    /// CGE's weight of the pre-trained log-probabilities (1 when not given).
+    pub cge_gamma: Option<f64>,
+    /// CGE's plausibility ratio (0.1 when not given).
+    pub cge_alpha: Option<f64>,
+}
+
+pub fn run(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, opts: &SamplingOptions, combo: &Combination) -> anyhow::Result<()> {
     opts.validate()?;
-    let session = crate::session::Session::load(model, adapter)?;
+    check_flags(combo)?;
+    let session = Session::load(model, adapter)?;
     let mut stdout = std::io::stdout();
-    generate(&session.model, &session.tokenizer, prompt, chat, opts, &mut |piece| {
+    let mut print = |piece: &str| {
         let _ = write!(stdout, "{piece}");
         let _ = stdout.flush();
-    })?;
+    };
+    if combo.tuned.is_empty() {
+        decode::generate(&session.model, &session.tokenizer, prompt, chat, opts, &mut print)?;
+        println!();
+        return Ok(());
+    }
+
+    // The fine-tuning scale's base: EFT's --small-base (the large model itself when not given),
+    // or for CGE the pre-trained model, --model.
+    let small_base_path = combo.small_base.as_deref().unwrap_or(model);
+    let small_base = if combo.cge || combo.small_base.is_none() { None } else { Some(load_checked(&session, small_base_path, None, "--small-base")?) };
+    let tuned: Vec<Session> = combo
+        .tuned
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let name = if combo.tuned.len() == 1 { "--tuned".to_string() } else { format!("--tuned {}", i + 1) };
+            // An adapter folder is a fine-tune of the small base; anything else is a whole model.
+            if t.join("adapter_config.json").is_file() {
+                load_checked(&session, small_base_path, Some(t), &name)
+            } else {
+                load_checked(&session, t, None, &name)
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let combiner = if combo.cge {
+        Combiner::cge(&tuned[0].model, &session.model, combo.cge_gamma.unwrap_or(1.0), combo.cge_alpha.unwrap_or(0.1))?
+    } else {
+        let betas: Vec<f64> = match combo.beta.as_slice() {
+            [] => vec![1.0; tuned.len()],
+            [b] => vec![*b; tuned.len()],
+            many => many.to_vec(),
+        };
+        let pairs: Vec<_> = tuned.iter().zip(&betas).map(|(t, &b)| (&t.model, b)).collect();
+        Combiner::eft(&session.model, small_base.as_ref().map_or(&session.model, |s| &s.model), &pairs)?
+    };
+
+    let ids = decode::prompt_ids(&session.tokenizer, prompt, chat)?;
+    let context = combiner.parts().iter().map(|p| p.model.config.max_position_embeddings).min().unwrap_or(0);
+    decode::note_room(ids.len(), context, opts.max_new_tokens);
+    let mut stop = decode::stop_tokens(&session.model, &session.tokenizer);
+    for t in &tuned {
+        stop.extend(decode::stop_tokens(&t.model, &t.tokenizer));
+    }
+    let mut text = TextPieces::new(&session.tokenizer);
+    let started = Instant::now();
+    let done = decode::generate_combined(&combiner, &ids, opts, &stop, &mut |id| text.push(id, &mut print))?;
+    text.finish()?;
     println!();
+    let secs = started.elapsed().as_secs_f64();
+    let n = done.ids.len() + usize::from(done.stop.is_some());
+    eprintln!(
+        "{}: {} models, {n} tokens in {secs:.2} s ({:.2} tokens/s, prompt prefill included)",
+        if combo.cge { "CGE" } else { "EFT" },
+        combiner.parts().len(),
+        n as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Loads one of the combined models and checks that it shares the main model's tokenizer.
+fn load_checked(main: &Session, path: &Path, adapter: Option<&Path>, name: &str) -> anyhow::Result<Session> {
+    let s = Session::load(path, adapter).map_err(|e| anyhow::anyhow!("{name} {}: {e}", adapter.unwrap_or(path).display()))?;
+    decode::check_same_tokenizer(("--model", &main.tokenizer), (name, &s.tokenizer))?;
+    Ok(s)
+}
+
+fn check_flags(c: &Combination) -> Result<(), Error> {
+    if !c.cge {
+        for (set, flag) in [(c.cge_gamma.is_some(), "--cge-gamma"), (c.cge_alpha.is_some(), "--cge-alpha")] {
+            if set {
+                return Err(Error::flag(flag, "is a setting of CGE; add --cge (and --tuned)"));
+            }
+        }
+    }
+    if c.tuned.is_empty() {
+        for (set, flag) in [(c.small_base.is_some(), "--small-base"), (c.cge, "--cge"), (!c.beta.is_empty(), "--beta")] {
+            if set {
+                return Err(Error::flag(flag, "combines models at decode time; give the fine-tuned model(s) with --tuned"));
+            }
+        }
+        return Ok(());
+    }
+    if c.cge {
+        if c.tuned.len() != 1 {
+            return Err(Error::flag("--tuned", format!("CGE contrasts one fine-tuned model with --model; {} were given", c.tuned.len())));
+        }
+        for (set, flag) in [(c.small_base.is_some(), "--small-base"), (!c.beta.is_empty(), "--beta")] {
+            if set {
+                return Err(Error::flag(flag, "belongs to EFT; CGE's settings are --cge-gamma and --cge-alpha"));
+            }
+        }
+    } else if !(c.beta.is_empty() || c.beta.len() == 1 || c.beta.len() == c.tuned.len()) {
+        return Err(Error::flag(
+            "--beta",
+            format!("{} values for {} --tuned models; give one β for all, or one per --tuned, in order", c.beta.len(), c.tuned.len()),
+        ));
+    }
     Ok(())
 }

@@ -137,7 +137,7 @@ pub enum Command {
         #[arg(long)]
         fake_quant: bool,
     },
-    /// Continue a prompt (greedy unless --temperature is set).
+    /// Continue a prompt (greedy unless --temperature is set); with --tuned, from several models combined (EFT, CGE).
     Generate {
         #[arg(long)]
         model: PathBuf,
@@ -156,6 +156,29 @@ pub enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Decode-time combination (EFT, METHODS.md §7.1): a fine-tuned model whose change is
+        /// added to --model's log-probabilities. A model (directory or .gguf), or an adapter
+        /// folder of --small-base. Repeat for several (β-weighted) fine-tunes.
+        #[arg(long)]
+        tuned: Vec<PathBuf>,
+        /// EFT's fine-tuning-scale base, the model --tuned was fine-tuned from (default: --model).
+        /// Up-scaling: a small base here and a large base as --model.
+        #[arg(long)]
+        small_base: Option<PathBuf>,
+        /// EFT's weight of each fine-tune's log-probability change: one for all, or one per --tuned
+        /// (default 1).
+        #[arg(long, allow_negative_numbers = true)]
+        beta: Vec<f64>,
+        /// Contrastive generation (CGE, METHODS.md §7.2): draw from log π_tuned − γ·log π_model over
+        /// the tokens the fine-tune finds plausible, to show what fine-tuning taught.
+        #[arg(long)]
+        cge: bool,
+        /// CGE's γ, the weight of --model's log-probabilities (default 1).
+        #[arg(long)]
+        cge_gamma: Option<f64>,
+        /// CGE's plausibility ratio α: tokens with π_tuned < α·max π_tuned are never drawn (default 0.1).
+        #[arg(long)]
+        cge_alpha: Option<f64>,
     },
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge {
@@ -351,9 +374,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = eval::EvalOptions { format: &format, sequence_len, batch_size, objective: &objective, dpo_beta, task: task.as_ref(), limit, fake_quant };
             eval::run(&model, adapter.as_deref(), &data, &opts)
         }
-        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed } => {
+        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, tuned, small_base, beta, cge, cge_gamma, cge_alpha } => {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };
-            generate::run(&model, adapter.as_deref(), &prompt, chat, &opts)
+            let combo = generate::Combination { tuned, small_base, beta, cge, cge_gamma, cge_alpha };
+            generate::run(&model, adapter.as_deref(), &prompt, chat, &opts, &combo)
         }
         Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
         Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, top_k, threshold_epsilon, mitigation_lambda, format, out, dtype, quant, overwrite } => combine::run(&combine::CombineArgs {

@@ -47,16 +47,17 @@ pub fn prompt_ids(tok: &TextTokenizer, prompt: &str, chat: bool) -> Result<Vec<u
     }
 }
 
-/// Draws the next token from `logits`: the argmax at temperature 0, else a sample from the
+/// Draws the next token from `logits` (raw logits or any score whose softmax is the wanted
+/// distribution; `-inf` excludes a token): the argmax at temperature 0, else a sample from the
 /// temperature-scaled softmax restricted to the smallest set of tokens whose probability
 /// reaches `top_p`.
-fn pick(logits: &[f32], opts: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+pub(crate) fn pick<T: Copy + Into<f64>>(logits: &[T], opts: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &v)| if v.into() > b.1 { (i, v.into()) } else { b }).0 as u32;
     if opts.temperature <= 0.0 {
         return argmax();
     }
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weight = |l: f32| ((l as f64 - m) / opts.temperature).exp();
+    let m = logits.iter().map(|&l| l.into()).fold(f64::NEG_INFINITY, f64::max);
+    let weight = |l: T| ((l.into() - m) / opts.temperature).exp();
     if opts.top_p >= 1.0 {
         // Every token stays a candidate: one pass, no sort.
         let total: f64 = logits.iter().map(|&l| weight(l)).sum();
@@ -197,34 +198,53 @@ pub fn generate(
     if ids.is_empty() {
         return Err(Error::Model("the prompt encodes to no tokens".into()));
     }
-    let context = model.config.max_position_embeddings;
-    let room = context.saturating_sub(ids.len());
-    if ids.len() <= context && opts.max_new_tokens > room {
+    note_room(ids.len(), model.config.max_position_embeddings, opts.max_new_tokens);
+    let mut text = TextPieces::new(tok);
+    let done = generate_batch(model, &[ids], 1, opts, &stop_tokens(model, tok), &mut |_, id| text.push(id, on_text))?;
+    text.finish()?;
+    Ok(done.into_iter().next().map(|c| c.ids).unwrap_or_default())
+}
+
+/// Says when the context cuts a generation short of `max_new_tokens`.
+pub fn note_room(prompt_len: usize, context: usize, max_new_tokens: usize) {
+    let room = context.saturating_sub(prompt_len);
+    if prompt_len <= context && max_new_tokens > room {
         eprintln!(
-            "note: the prompt ({} tokens) leaves room for {room} new tokens in the model's context of {context}; generation stops there (asked for {})",
-            ids.len(),
-            opts.max_new_tokens
+            "note: the prompt ({prompt_len} tokens) leaves room for {room} new tokens in the model's context of {context}; generation stops there (asked for {max_new_tokens})"
         );
     }
-    let mut so_far: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    let mut failed = None;
-    let done = generate_batch(model, &[ids], 1, opts, &stop_tokens(model, tok), &mut |_, id| {
-        so_far.push(id);
-        match tok.decode(&so_far, true) {
-            // Print only whole characters: a multi-byte character may span several tokens.
-            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() > printed => {
-                on_text(&text[printed..]);
-                printed = text.len();
+}
+
+/// Turns generated ids into text as they come, handing on only whole characters: a
+/// multi-byte character may span several tokens.
+pub struct TextPieces<'a> {
+    tok: &'a TextTokenizer,
+    so_far: Vec<u32>,
+    printed: usize,
+    failed: Option<Error>,
+}
+
+impl<'a> TextPieces<'a> {
+    pub fn new(tok: &'a TextTokenizer) -> Self {
+        Self { tok, so_far: Vec::new(), printed: 0, failed: None }
+    }
+
+    pub fn push(&mut self, id: u32, on_text: &mut dyn FnMut(&str)) {
+        self.so_far.push(id);
+        match self.tok.decode(&self.so_far, true) {
+            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() > self.printed => {
+                on_text(&text[self.printed..]);
+                self.printed = text.len();
             }
             Ok(_) => {}
-            Err(e) => failed = failed.take().or(Some(e)),
+            Err(e) => self.failed = self.failed.take().or(Some(e)),
         }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
     }
-    Ok(done.into_iter().next().map(|c| c.ids).unwrap_or_default())
+
+    /// The first decoding error, if any.
+    pub fn finish(self) -> Result<()> {
+        self.failed.map_or(Ok(()), Err)
+    }
 }
 
 /// The tokens that end a generation: the model's EOS ids and the tokenizer's.
