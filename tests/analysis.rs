@@ -1,6 +1,7 @@
 //! `ferrotune analyze` (METHODS.md §8). TuCo is 0 when the fine-tune equals the base, lies in
 //! (0, 1) when it does not, and its steering gives the fine-tuned forward exactly at κ = 1 and
-//! the pre-trained one at κ = 0.
+//! the pre-trained one at κ = 0. The forgetting probe's losses are `eval`'s; the report's
+//! ‖ΔW‖ is that of the LoRA product.
 
 mod common;
 
@@ -96,6 +97,58 @@ fn analyze_tuco_writes_json_and_plot() {
     let o = bin().args(["analyze", "intruders", "--model", "model", "--finetuned", "model", "--out", "nothing"]).current_dir(d.path()).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("changes no linear module"), "{err}");
+    // Forgetting: each file's losses are what `eval` gives without and with the adapter, and a
+    // model against itself forgets nothing.
+    write_lines(&d.path().join("general.jsonl"), &["{\"text\": \"The cat sat on the mat and looked out of the window.\"}".into(), "{\"text\": \"Rivers run to the sea.\"}".into()]);
+    write_lines(&d.path().join("other.jsonl"), &["{\"prompt\": \"Name a colour: \", \"completion\": \"blue\"}".into()]);
+    analyze(&["forgetting", "--model", "model", "--adapter", "out/adapter", "--data", "general.jsonl", "--data", "other.jsonl", "--out", "forget"]);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("forget/forgetting.json")).unwrap()).unwrap();
+    let files = j["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    for (f, name) in files.iter().zip(["general.jsonl", "other.jsonl"]) {
+        let eval = |extra: &[&str]| -> f64 {
+            let o = bin().args(["eval", "--model", "model", "--data", name, "--sequence-len", "1024"]).args(extra).current_dir(d.path()).output().unwrap();
+            assert!(o.status.success());
+            let last: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+            last["loss"].as_f64().unwrap()
+        };
+        let (before, after) = (f["loss_before"].as_f64().unwrap(), f["loss_after"].as_f64().unwrap());
+        assert!((before - eval(&[])).abs() < 1e-9 && (after - eval(&["--adapter", "out/adapter"])).abs() < 1e-9, "{f}");
+        assert!(before != after, "the adapter changes the loss");
+    }
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.path().join("forget/forgetting.png")).unwrap()));
+    let info = decoder.read_info().unwrap().info().clone();
+    assert_eq!((info.width, info.height), ferrotune::plot::CHART_SIZE);
+    analyze(&["forgetting", "--model", "model", "--finetuned", "model", "--data", "general.jsonl", "--out", "forget0"]);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("forget0/forgetting.json")).unwrap()).unwrap();
+    assert_eq!(j["files"][0]["change"].as_f64(), Some(0.0));
+    // Report: every adapted module, ‖ΔW‖_F equal to that of s·B·A computed here, rank ≤ r.
+    analyze(&["report", "--model", "model", "--adapter", "out/adapter", "--out", "report"]);
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("report/report.json")).unwrap()).unwrap();
+    assert_eq!(j["modules_changed"].as_u64(), Some(7 * spec.layers as u64));
+    let acfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("out/adapter/adapter_config.json")).unwrap()).unwrap();
+    let (r, alpha) = (acfg["r"].as_u64().unwrap() as usize, acfg["lora_alpha"].as_f64().unwrap());
+    let tensors = candle_core::safetensors::load(d.path().join("out/adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let factor = |n: &str| -> (Vec<f32>, Vec<usize>) {
+        let t = &tensors[&format!("base_model.model.model.layers.1.mlp.down_proj.{n}.weight")];
+        (t.flatten_all().unwrap().to_vec1().unwrap(), t.dims().to_vec())
+    };
+    let ((a, ad), (b, bd)) = (factor("lora_A"), factor("lora_B"));
+    let (rows, cols) = (bd[0], ad[1]);
+    let mut sq = 0.0f64;
+    for i in 0..rows {
+        for j in 0..cols {
+            let v: f64 = (0..r).map(|k| b[i * r + k] as f64 * a[k * cols + j] as f64).sum::<f64>() * alpha / r as f64;
+            sq += v * v;
+        }
+    }
+    let m = &j["modules"]["model.layers.1.mlp.down_proj"];
+    let got = m["frobenius"].as_f64().unwrap();
+    assert!((got - sq.sqrt()).abs() < 1e-4 * sq.sqrt(), "‖ΔW‖_F {got} vs {}", sq.sqrt());
+    assert!(m["numerical_rank"].as_u64().unwrap() as usize <= r && m["effective_rank"].as_f64().unwrap() <= r as f64 + 1e-9, "{m}");
+    for f in ["norms_by_layer.png", "spectra.png"] {
+        assert!(png::Decoder::new(std::io::BufReader::new(std::fs::File::open(d.path().join("report").join(f)).unwrap())).read_info().is_ok(), "{f}");
+    }
     // One fine-tune, given one way.
     let o = bin().args(["analyze", "tuco", "--model", "model", "--prompt", "Hello", "--out", "none"]).current_dir(d.path()).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

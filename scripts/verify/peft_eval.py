@@ -5,9 +5,13 @@ token is a target, the loss is the token-weighted mean NLL over the whole file.
     .peers/venv/bin/python scripts/verify/peft_eval.py --model .peers/smollm2-135m-hf \
         --adapter runs/quickstart/adapter --data FILE.jsonl
 
+--model may also be a .gguf file, which transformers dequantizes to f32 (and builds the
+tokenizer from), as it reads the Qwen2.5 GGUFs of scripts/fetch-qwen.sh.
+
 Prints one JSON line {"loss", "tokens", "perplexity"} like `ferrotune eval`.
 """
 import argparse, json, math
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -20,8 +24,12 @@ ap.add_argument("--data", required=True)
 args = ap.parse_args()
 
 torch.set_num_threads(2)
-tok = AutoTokenizer.from_pretrained(args.model)
-model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+if args.model.endswith(".gguf"):
+    where = {"pretrained_model_name_or_path": str(Path(args.model).resolve().parent), "gguf_file": Path(args.model).name}
+else:
+    where = {"pretrained_model_name_or_path": args.model}
+tok = AutoTokenizer.from_pretrained(**where)
+model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
 if args.adapter:
     model = PeftModel.from_pretrained(model, args.adapter)
 model.eval()

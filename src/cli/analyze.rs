@@ -1,5 +1,6 @@
-//! `ferrotune analyze`: what fine-tuning changed. `tuco`: the tuning contribution of each
-//! prompt (`crate::analysis::tuco`), as JSON and a per-layer plot.
+//! `ferrotune analyze`: what fine-tuning changed, as JSON and PNG plots. `tuco`: the tuning
+//! contribution of each prompt; `intruders`: new singular directions per module; `forgetting`:
+//! the loss on other texts before and after; `report`: each module's weight change.
 
 use crate::analysis::tuco::{tuco, TucoLayer};
 use crate::models::{ForwardCtx, Llama};
@@ -139,29 +140,10 @@ const EPSILONS: [f64; 9] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
 /// `analyze intruders` (METHODS.md §8.2): per changed matrix, the top-k left singular vectors of
 /// the fine-tuned weight and their best |cosine| with the base's; intruder counts for every ε.
 pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
-    if a.adapter.is_some() == a.finetuned.is_some() {
-        bail!("give the fine-tune as --adapter DIR (merged into --model) or as --finetuned MODEL, one of them");
-    }
     if a.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
-    let base = crate::models::load::load_model(a.model)?;
-    let ft = match (a.adapter, a.finetuned) {
-        (Some(dir), _) => {
-            let mut s = Session::load(a.model, Some(dir))?;
-            let method = s.method.as_ref().expect("loaded with an adapter");
-            if !method.mergeable() {
-                bail!("{} is a `{}` adapter, which has no weight form to compare (it cannot be merged)", dir.display(), method.name());
-            }
-            s.merge_adapter()?;
-            s.model
-        }
-        (None, Some(path)) => crate::models::load::load_model(path)?,
-        (None, None) => unreachable!("checked above"),
-    };
-    if base.sites() != ft.sites() {
-        bail!("the fine-tuned model's linear modules differ from --model's (names or shapes): not a fine-tune of it");
-    }
+    let (base, ft) = merged_pair(a.model, a.adapter, a.finetuned)?;
     let mut modules = serde_json::Map::new();
     let mut by_layer = vec![[0usize; EPSILONS.len()]; base.layers.len()];
     let mut totals = [0usize; EPSILONS.len()];
@@ -216,5 +198,163 @@ pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
     crate::plot::line_chart(&a.out.join("intruders_by_layer.png"), &chart, &series)?;
     eprintln!("{changed} changed modules ({unchanged} unchanged), top {}: intruders at ε = 0.5: {}", a.top_k, totals[4]);
     eprintln!("intruders.json, intruders_by_epsilon.png and intruders_by_layer.png written to {}", a.out.display());
+    Ok(())
+}
+
+/// The pre-trained model and the fine-tuned one in weight form: `--model` with `--adapter`
+/// merged into it, or `--finetuned`; their linear modules must match.
+fn merged_pair(model: &Path, adapter: Option<&Path>, finetuned: Option<&Path>) -> anyhow::Result<(Llama, Llama)> {
+    let base = crate::models::load::load_model(model)?;
+    let ft = match (adapter, finetuned) {
+        (Some(dir), None) => {
+            let mut s = Session::load(model, Some(dir))?;
+            let method = s.method.as_ref().expect("loaded with an adapter");
+            if !method.mergeable() {
+                bail!("{} is a `{}` adapter, which has no weight form to compare (it cannot be merged)", dir.display(), method.name());
+            }
+            s.merge_adapter()?;
+            s.model
+        }
+        (None, Some(path)) => crate::models::load::load_model(path)?,
+        _ => bail!("give the fine-tune as --adapter DIR (merged into --model) or as --finetuned MODEL, one of them"),
+    };
+    if base.sites() != ft.sites() {
+        bail!("the fine-tuned model's linear modules differ from --model's (names or shapes): not a fine-tune of it");
+    }
+    Ok((base, ft))
+}
+
+pub struct ForgettingArgs<'a> {
+    pub model: &'a Path,
+    pub adapter: Option<&'a Path>,
+    pub finetuned: Option<&'a Path>,
+    pub data: &'a [std::path::PathBuf],
+    pub format: &'a str,
+    pub sequence_len: usize,
+    pub batch_size: usize,
+    pub limit: Option<usize>,
+    pub out: &'a Path,
+}
+
+/// `analyze forgetting` (METHODS.md §8.3): each file's loss under the pre-trained and the
+/// fine-tuned model, with the examples that got most worse.
+pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
+    use crate::analysis::forgetting;
+    use crate::train::eval::nll_per_example;
+    if a.adapter.is_some() == a.finetuned.is_some() {
+        bail!("give the fine-tune as --adapter DIR (of --model) or as --finetuned MODEL, one of them");
+    }
+    if a.sequence_len == 0 || a.batch_size == 0 {
+        bail!("--sequence-len and --batch-size must be at least 1");
+    }
+    let before = Session::load(a.model, None)?;
+    let after = match a.finetuned {
+        Some(path) => Session::load(path, None)?,
+        None => Session::load(a.model, a.adapter)?,
+    };
+    if let Some(path) = a.finetuned {
+        crate::decode::check_same_tokenizer(("--model", &before.tokenizer), ("--finetuned", &after.tokenizer))
+            .with_context(|| format!("--finetuned {}", path.display()))?;
+    }
+    let opts = crate::data::EncodeOptions { train_on_inputs: false, add_eos: false, sequence_len: a.sequence_len };
+    let pad = before.tokenizer.pad_id();
+    let mut files = Vec::new();
+    for path in a.data {
+        let spec = crate::config::DatasetSpec { path: path.clone(), format: a.format.to_string() };
+        let mut data = crate::train::dataset::load_spec(&spec, &before.tokenizer, &opts)?;
+        if let Some(n) = a.limit {
+            data.examples.truncate(n);
+        }
+        if data.examples.iter().any(|e| e.rejected.is_some()) {
+            bail!("{}: holds preference pairs; the probe scores texts (text, completion, chat or alpaca records)", path.display());
+        }
+        if data.examples.is_empty() {
+            bail!("{}: no example has a target token to score ({} records)", path.display(), data.stats.records);
+        }
+        let b = nll_per_example(&before.model, &data.examples, a.batch_size, pad)?;
+        let f = nll_per_example(&after.model, &data.examples, a.batch_size, pad)?;
+        let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
+        let r = forgetting::compare(&name, &b, &f);
+        if !(r.loss_before.is_finite() && r.loss_after.is_finite()) {
+            bail!("{}: the loss is not finite (before {}, after {}): a model produces non-finite logits", path.display(), r.loss_before, r.loss_after);
+        }
+        eprintln!("{name}: loss {:.4} → {:.4} ({:+.4}, perplexity ×{:.3}) over {} tokens", r.loss_before, r.loss_after, r.change, r.perplexity_ratio, r.tokens);
+        files.push(r);
+    }
+    std::fs::create_dir_all(a.out).map_err(|e| crate::Error::io(a.out, e))?;
+    let json = serde_json::json!({ "files": files });
+    crate::io_util::write_atomic(&a.out.join("forgetting.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let names: Vec<String> = files.iter().map(|f| f.file.clone()).collect();
+    let groups = [("pre-trained", files.iter().map(|f| f.loss_before).collect()), ("fine-tuned", files.iter().map(|f| f.loss_after).collect())];
+    let chart = crate::plot::Chart {
+        title: "Loss per file, before and after fine-tuning",
+        x_label: "file",
+        y_label: "mean NLL per token",
+        size: crate::plot::CHART_SIZE,
+        integer_x: true,
+        count_y: false,
+    };
+    crate::plot::bar_chart(&a.out.join("forgetting.png"), &chart, &names, &groups)?;
+    eprintln!("forgetting.json and forgetting.png written to {}", a.out.display());
+    Ok(())
+}
+
+/// `analyze report`: per changed linear module, the norms, ranks and leading singular values of
+/// `ΔW = W_ft − W_0`.
+pub fn run_report(model: &Path, adapter: Option<&Path>, finetuned: Option<&Path>, out: &Path) -> anyhow::Result<()> {
+    use crate::analysis::spectrum::{self, ChangeSpectrum};
+    let (base, ft) = merged_pair(model, adapter, finetuned)?;
+    let mut modules: Vec<(String, ChangeSpectrum)> = Vec::new();
+    for (lb, lf) in base.linears().zip(ft.linears()) {
+        let (w0, w) = (crate::linalg::from_tensor(&lb.weight.to_tensor()?)?, crate::linalg::from_tensor(&lf.weight.to_tensor()?)?);
+        let delta = &w - &w0;
+        if delta.iter().all(|x| *x == 0.0) {
+            continue;
+        }
+        modules.push((lb.name.clone(), spectrum::measure(&w0, &delta)?));
+    }
+    if modules.is_empty() {
+        bail!("the fine-tune changes no linear module of --model: nothing to report");
+    }
+    std::fs::create_dir_all(out).map_err(|e| crate::Error::io(out, e))?;
+    let json = serde_json::json!({
+        "modules_changed": modules.len(),
+        "modules": modules.iter().map(|(n, s)| (n.clone(), serde_json::to_value(s).expect("serialisable"))).collect::<serde_json::Map<_, _>>(),
+    });
+    crate::io_util::write_atomic(&out.join("report.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+
+    // One line per kind of module (q_proj, down_proj, …), across the layers.
+    let kind = |name: &str| name.rsplit('.').next().unwrap_or(name).to_string();
+    let mut kinds: Vec<String> = modules.iter().map(|(n, _)| kind(n)).collect();
+    kinds.sort();
+    kinds.dedup();
+    let norms: Vec<Vec<(f64, f64)>> = kinds
+        .iter()
+        .map(|k| modules.iter().filter(|(n, _)| &kind(n) == k).filter_map(|(n, s)| crate::models::block_index(n).map(|l| (l as f64, s.frobenius))).collect())
+        .collect();
+    let series: Vec<crate::plot::Series> = kinds.iter().zip(&norms).map(|(k, p)| crate::plot::Series { label: k, points: p }).collect();
+    let chart = crate::plot::Chart { title: "‖ΔW‖_F per layer", x_label: "layer", y_label: "‖ΔW‖_F", size: crate::plot::CHART_SIZE, integer_x: true, count_y: false };
+    crate::plot::line_chart(&out.join("norms_by_layer.png"), &chart, &series)?;
+    // Each kind's mean normalised spectrum σ_i/σ_1 over the layers.
+    let spectra: Vec<Vec<(f64, f64)>> = kinds
+        .iter()
+        .map(|k| {
+            let of_kind: Vec<&ChangeSpectrum> = modules.iter().filter(|(n, _)| &kind(n) == k).map(|(_, s)| s).collect();
+            let len = of_kind.iter().map(|s| s.singular_values.len()).min().unwrap_or(0);
+            (0..len).map(|i| (i as f64 + 1.0, of_kind.iter().map(|s| s.singular_values[i] / s.spectral).sum::<f64>() / of_kind.len() as f64)).collect()
+        })
+        .collect();
+    let series: Vec<crate::plot::Series> = kinds.iter().zip(&spectra).map(|(k, p)| crate::plot::Series { label: k, points: p }).collect();
+    let chart = crate::plot::Chart {
+        title: "Singular spectrum of ΔW (mean over layers)",
+        x_label: "i",
+        y_label: "σ_i / σ_1",
+        size: crate::plot::CHART_SIZE,
+        integer_x: true,
+        count_y: false,
+    };
+    crate::plot::line_chart(&out.join("spectra.png"), &chart, &series)?;
+    let mean_eff = modules.iter().map(|(_, s)| s.effective_rank).sum::<f64>() / modules.len() as f64;
+    eprintln!("{} changed modules, mean effective rank {mean_eff:.2}; report.json, norms_by_layer.png and spectra.png written to {}", modules.len(), out.display());
     Ok(())
 }

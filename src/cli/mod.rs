@@ -69,6 +69,49 @@ pub enum Analysis {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Forgetting probe: the loss of --model and of the fine-tune on texts the fine-tune was not
+    /// about (general text; the task in a conjugate form, such as translated), file by file, with
+    /// the examples that got most worse; writes forgetting.json and forgetting.png into --out.
+    Forgetting {
+        #[arg(long)]
+        model: PathBuf,
+        /// The fine-tune as an adapter of --model (any method) …
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// … or as a whole fine-tuned model.
+        #[arg(long)]
+        finetuned: Option<PathBuf>,
+        /// A JSONL file to score (repeatable): any format `eval` reads.
+        #[arg(long, required = true)]
+        data: Vec<PathBuf>,
+        /// Data format: auto, text, completion, chat, alpaca.
+        #[arg(long, default_value = "auto")]
+        format: String,
+        #[arg(long, default_value_t = 1024)]
+        sequence_len: usize,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Score only the first N examples of each file.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// What a fine-tune changed in each linear module: ‖ΔW‖ (absolute and relative), spectral
+    /// norm, stable and effective rank, the leading singular values; writes report.json,
+    /// norms_by_layer.png and spectra.png into --out.
+    Report {
+        #[arg(long)]
+        model: PathBuf,
+        /// The fine-tune as an adapter of --model (any method that merges) …
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// … or as a whole fine-tuned model.
+        #[arg(long)]
+        finetuned: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,7 +321,8 @@ pub enum Command {
         overwrite: bool,
     },
     /// What fine-tuning changed: `tuco` (the tuning contribution per prompt and layer),
-    /// `intruders` (new singular directions per module).
+    /// `intruders` (new singular directions per module), `forgetting` (loss on other texts before
+    /// and after), `report` (norms, ranks and spectra of each module's weight change).
     Analyze {
         #[command(subcommand)]
         what: Analysis,
@@ -400,6 +444,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         Command::Analyze { what: Analysis::Intruders { model, adapter, finetuned, top_k, out } } => {
             analyze::run_intruders(&analyze::IntruderArgs { model: &model, adapter: adapter.as_deref(), finetuned: finetuned.as_deref(), top_k, out: &out })
+        }
+        Command::Analyze { what: Analysis::Forgetting { model, adapter, finetuned, data, format, sequence_len, batch_size, limit, out } } => {
+            analyze::run_forgetting(&analyze::ForgettingArgs {
+                model: &model,
+                adapter: adapter.as_deref(),
+                finetuned: finetuned.as_deref(),
+                data: &data,
+                format: &format,
+                sequence_len,
+                batch_size,
+                limit,
+                out: &out,
+            })
+        }
+        Command::Analyze { what: Analysis::Report { model, adapter, finetuned, out } } => {
+            analyze::run_report(&model, adapter.as_deref(), finetuned.as_deref(), &out)
         }
         Command::Analyze { what: Analysis::Tuco { model, adapter, finetuned, prompt, prompts, chat, kappa, out } } => analyze::run_tuco(&analyze::TucoArgs {
             model: &model,

@@ -92,6 +92,23 @@ pub fn svd(m: &Mat) -> Result<Svd> {
     })
 }
 
+/// The singular values of `m`, descending, without the singular vectors (much cheaper than
+/// [`svd`] for the large matrices of a report).
+pub fn singular_values(m: &Mat) -> Result<Vec<f64>> {
+    let k = m.nrows().min(m.ncols());
+    if k == 0 {
+        return Err(Error::Model("singular values of an empty matrix".into()));
+    }
+    check_finite(m, "singular values")?;
+    let mut s: Vec<f64> = if k >= FAER_FROM {
+        to_faer(m).singular_values().map_err(|e| Error::Model(format!("SVD did not converge: {e:?}")))?
+    } else {
+        nalgebra::SVD::new(m.clone(), false, false).singular_values.iter().copied().collect()
+    };
+    s.sort_by(|a, b| b.total_cmp(a));
+    Ok(s)
+}
+
 /// Thin QR `m = Q·R`, `q: [rows, k]` with orthonormal columns, `r: [k, cols]` upper
 /// triangular, `k = min(rows, cols)`.
 pub fn qr(m: &Mat) -> (Mat, Mat) {

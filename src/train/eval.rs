@@ -18,8 +18,23 @@ pub struct EvalResult {
 /// Mean NLL over all target tokens of `examples` (each token counts once, whatever its
 /// example's length), in batches of `batch_size`.
 pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32) -> Result<EvalResult> {
-    let mut sum = 0f64;
-    let mut tokens = 0usize;
+    let per = nll_per_example(model, examples, batch_size, pad_id)?;
+    let sum: f64 = per.iter().map(|e| e.nll_sum).sum();
+    let tokens: usize = per.iter().map(|e| e.tokens).sum();
+    let loss = if tokens == 0 { f64::NAN } else { sum / tokens as f64 };
+    Ok(EvalResult { loss, tokens, perplexity: loss.exp() })
+}
+
+/// One example's summed NLL over its target tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExampleNll {
+    pub nll_sum: f64,
+    pub tokens: usize,
+}
+
+/// Each example's NLL sum and target count, in order, computed in batches of `batch_size`.
+pub fn nll_per_example(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32) -> Result<Vec<ExampleNll>> {
+    let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         // A long evaluation must not hold up a Ctrl-C'd training run (no-op unless `train`
         // installed its signal handler).
@@ -28,14 +43,24 @@ pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, p
         }
         let refs: Vec<&EncodedExample> = chunk.iter().collect();
         let batch = make_batch(&refs, pad_id);
+        if batch.pairs > 0 {
+            return Err(Error::Model("the NLL of preference pairs is scored by their objective (DPO), not per example".into()));
+        }
         if batch.n_targets == 0 {
+            out.extend(chunk.iter().map(|_| ExampleNll { nll_sum: 0.0, tokens: 0 }));
             continue;
         }
         let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::eval())?;
         let v: Vec<f32> = nll.to_vec1()?;
-        sum += v.iter().map(|&x| x as f64).sum::<f64>();
-        tokens += batch.n_targets;
+        // Row i's positions are v[i·t .. (i+1)·t]; ignored targets contribute 0.
+        let t = batch.seq_len;
+        for i in 0..chunk.len() {
+            let row = i * t..(i + 1) * t;
+            out.push(ExampleNll {
+                nll_sum: v[row.clone()].iter().map(|&x| x as f64).sum(),
+                tokens: batch.targets[row].iter().filter(|&&x| x != -100).count(),
+            });
+        }
     }
-    let loss = if tokens == 0 { f64::NAN } else { sum / tokens as f64 };
-    Ok(EvalResult { loss, tokens, perplexity: loss.exp() })
+    Ok(out)
 }
