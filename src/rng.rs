@@ -36,6 +36,14 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Puts `v` in a uniformly random order (Fisher–Yates).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            v.swap(i, j);
+        }
+    }
+
     /// `k` distinct values of `0..n` (`k ≤ n`), uniformly (a partial Fisher–Yates shuffle),
     /// in increasing order.
     pub fn choose(&mut self, n: usize, k: usize) -> Vec<usize> {

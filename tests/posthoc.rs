@@ -341,3 +341,114 @@ fn intruder_mitigation_matches_peft() {
     eprintln!("intruders: {with} modules; largest |max cos − PEFT's| = {worst_cos:.2e}, |B·A − PEFT's B·A| = {worst:.2e}");
     assert!(worst < 1e-4, "B·A differs from PEFT's by {worst}");
 }
+
+/// Grafting's score gradient (METHODS.md §6.2), `(1 − 2γ0) ⊙ (∇_θL ⊙ τ) ⊙ σ'(S − b)`, is the
+/// derivative of the relaxed model's loss: a central difference along a random direction of
+/// the scores agrees. The scores sit around b, where σ' is large, so every entry counts.
+#[test]
+fn graft_score_gradient_matches_finite_differences() {
+    use ferrotune::posthoc::graft::{Graft, GraftSettings};
+    let d = tempfile::tempdir().unwrap();
+    write_tiny_hf(&d.path().join("base"), &TinySpec::default());
+    write_fine_tune(&d.path().join("base"), &d.path().join("ft"), 3, 0.2);
+    let mut base = ferrotune::models::load::load_model(&d.path().join("base")).unwrap();
+    let ft = ferrotune::models::load::load_model(&d.path().join("ft")).unwrap();
+    let settings = GraftSettings { sparsity: 0.05, ..Default::default() };
+    let mut g = Graft::attach(&mut base, &ft, settings).unwrap();
+    let mut rng = ferrotune::rng::SplitMix64::new(11);
+    for s in &mut g.sites {
+        s.scores.iter_mut().for_each(|x| *x = 10.0 + 4.0 * (rng.next_f32() - 0.5));
+    }
+    let dir: Vec<Vec<f32>> = g.sites.iter().map(|s| s.scores.iter().map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect()).collect();
+    let tok = ferrotune::models::load::load_tokenizer(&d.path().join("base")).unwrap();
+    let ex = |text: &str| {
+        let ids = tok.encode(text, true).unwrap();
+        ferrotune::data::EncodedExample { labels: ids.iter().map(|&t| t as i32).collect(), input_ids: ids, ..Default::default() }
+    };
+    let examples = [ex("the cat sat on the mat"), ex("a graft of a few entries")];
+    let refs: Vec<_> = examples.iter().collect();
+    let (_, grads) = g.score_gradients(&base, &refs, tok.pad_id()).unwrap();
+    let analytic: f64 = grads.iter().zip(&dir).flat_map(|(g, d)| g.iter().zip(d).map(|(a, b)| (*a * *b) as f64)).sum();
+    let h = 0.05f32;
+    let mut loss_at = |sign: f32| {
+        for (s, d) in g.sites.iter_mut().zip(&dir) {
+            s.scores.iter_mut().zip(d).for_each(|(x, d)| *x += sign * h * d);
+        }
+        let l = g.score_gradients(&base, &refs, tok.pad_id()).unwrap().0;
+        for (s, d) in g.sites.iter_mut().zip(&dir) {
+            s.scores.iter_mut().zip(d).for_each(|(x, d)| *x -= sign * h * d);
+        }
+        l
+    };
+    let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h as f64);
+    assert!(analytic.abs() > 1e-3, "the directional derivative is too small to test: {analytic}");
+    assert!((analytic - numeric).abs() < 0.02 * analytic.abs(), "∇S·d = {analytic}, finite difference {numeric}");
+}
+
+/// The base patch is the top s·N entries of |τ|; `combine --method graft` writes a sparse diff
+/// that changes only the mask's entries, each to θ0 + τ; `eval` reads it as an adapter and
+/// gives the merged output's loss; and on the fine-tune's own data the graft recovers part of
+/// the fine-tune's gain.
+#[test]
+fn a_graft_moves_only_its_entries_and_recovers_part_of_the_gain() {
+    use common::contract::{plan, Promise};
+    use ferrotune::posthoc::graft::{Graft, GraftSettings};
+    let d = tempfile::tempdir().unwrap();
+    let cfg = plan(d.path(), &Promise { adapter: "lora", extra: "", mergeable: true, peft: true, gguf_lora: true, identity_at_init: true }, 8);
+    ferrotune::train::train(&cfg, &Default::default()).unwrap();
+    let dir = d.path();
+
+    // The base patch, against a plain sort of |τ|.
+    let mut base = ferrotune::models::load::load_model(&dir.join("model")).unwrap();
+    let ft = ferrotune::posthoc::merged_adapter(&dir.join("model"), &dir.join("out/adapter")).unwrap();
+    let g = Graft::attach(&mut base, &ft, GraftSettings { sparsity: 0.01, ..Default::default() }).unwrap();
+    let mut all: Vec<f32> = g.sites.iter().flat_map(|s| s.tau.iter().map(|t| t.abs())).collect();
+    all.sort_by(|a, b| b.total_cmp(a));
+    let k = (0.01 * all.len() as f64).round() as usize;
+    let chosen: Vec<f32> = g.sites.iter().flat_map(|s| s.tau.iter().zip(&s.gamma0).filter(|(_, &g)| g).map(|(t, _)| t.abs())).collect();
+    assert_eq!(chosen.len(), k);
+    assert!(chosen.iter().all(|&c| c >= all[k - 1]) && all[k] <= all[k - 1]);
+    assert_eq!(g.masks().iter().map(Vec::len).sum::<usize>(), k, "the relaxed mask starts at the base patch");
+
+    let (ok, err) = combine(dir, &["--model", "model", "--inputs", "out/adapter", "--method", "graft", "--data", "train.jsonl", "--sparsity", "0.01", "--graft-epochs", "3", "--graft-lr", "1e9", "--format", "sparse", "--out", "graft"]);
+    assert!(ok, "{err}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("graft/adapter_config.json")).unwrap()).unwrap();
+    let rec = &cfg["graft"];
+    let (l0, lft, lg) = (rec["loss_base"].as_f64().unwrap(), rec["loss_finetuned"].as_f64().unwrap(), rec["loss_grafted"].as_f64().unwrap());
+    assert!(lft < l0 && lg < l0, "base {l0}, fine-tuned {lft}, grafted {lg}: the graft recovers none of the gain");
+    assert_eq!(rec["history"].as_array().unwrap().len(), 4, "epoch 0 (the base patch) and three epochs");
+
+    // Entries outside the mask are θ0 bit for bit; inside, θ0 + τ.
+    let (ok, err) = combine(dir, &["--model", "model", "--inputs", "out/adapter", "--method", "graft", "--data", "train.jsonl", "--sparsity", "0.01", "--graft-epochs", "3", "--graft-lr", "1e9", "--format", "merged-safetensors", "--out", "grafted"]);
+    assert!(ok, "{err}");
+    let (w0, wg, wft) = (weights_of(&dir.join("model")), weights_of(&dir.join("grafted")), {
+        let m = ft;
+        m.named_weights().unwrap().into_iter().map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect::<Weights>()
+    });
+    let diff = ferrotune::formats::sparse_diff::SparseDiff::load(&dir.join("graft/adapter_model.safetensors")).unwrap();
+    let mut moved = 0;
+    for (name, base_v) in &w0 {
+        let mask: std::collections::HashSet<u64> = diff.tensors.get(name).map(|t| t.indices.iter().copied().collect()).unwrap_or_default();
+        for (i, (&b, &g)) in base_v.iter().zip(&wg[name]).enumerate() {
+            if mask.contains(&(i as u64)) {
+                assert!((g - wft[name][i]).abs() <= 1e-6 * wft[name][i].abs().max(1.0), "{name}[{i}]: grafted {g}, fine-tuned {}", wft[name][i]);
+                moved += 1;
+            } else {
+                assert_eq!(g.to_bits(), b.to_bits(), "{name}[{i}] is outside the mask but moved");
+            }
+        }
+    }
+    assert_eq!(moved, rec["entries"].as_u64().unwrap() as usize);
+    // The sparse adapter and the merged model score the same.
+    let eval = |args: &[&str]| -> f64 {
+        let o = Command::new(env!("CARGO_BIN_EXE_ferrotune")).arg("eval").args(args).current_dir(dir).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
+        j["loss"].as_f64().unwrap()
+    };
+    let (a, m) = (eval(&["--model", "model", "--adapter", "graft", "--data", "val.jsonl"]), eval(&["--model", "grafted", "--data", "val.jsonl"]));
+    assert!((a - m).abs() < 1e-5, "sparse graft {a} vs merged {m}");
+    // A graft is found, not trained; its flags belong to it.
+    let (ok, err) = combine(dir, &["--model", "model", "--inputs", "out/adapter", "--method", "ties", "--sparsity", "0.1", "--format", "merged-safetensors", "--out", "x"]);
+    assert!(!ok && err.contains("--sparsity is a setting of --method graft"), "{err}");
+}

@@ -206,15 +206,7 @@ pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
 fn merged_pair(model: &Path, adapter: Option<&Path>, finetuned: Option<&Path>) -> anyhow::Result<(Llama, Llama)> {
     let base = crate::models::load::load_model(model)?;
     let ft = match (adapter, finetuned) {
-        (Some(dir), None) => {
-            let mut s = Session::load(model, Some(dir))?;
-            let method = s.method.as_ref().expect("loaded with an adapter");
-            if !method.mergeable() {
-                bail!("{} is a `{}` adapter, which has no weight form to compare (it cannot be merged)", dir.display(), method.name());
-            }
-            s.merge_adapter()?;
-            s.model
-        }
+        (Some(dir), None) => crate::posthoc::merged_adapter(model, dir)?,
         (None, Some(path)) => crate::models::load::load_model(path)?,
         _ => bail!("give the fine-tune as --adapter DIR (merged into --model) or as --finetuned MODEL, one of them"),
     };

@@ -27,6 +27,59 @@ pub struct CombineArgs<'a> {
     pub dtype: Option<&'a str>,
     pub quant: Option<&'a str>,
     pub overwrite: bool,
+    pub graft: &'a GraftFlags,
+}
+
+/// `--method graft`'s settings.
+#[derive(clap::Args, Debug, Default)]
+pub struct GraftFlags {
+    /// graft: the task's training data (JSONL in any format `train` reads) the mask is found on.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// graft: data the best epoch's mask is chosen on (default: --data).
+    #[arg(long)]
+    pub val: Option<PathBuf>,
+    /// graft: the base patch's share of the changed modules' entries (1e-4).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// graft: step size of the mask scores (1e7, the paper's).
+    #[arg(long)]
+    pub graft_lr: Option<f64>,
+    /// graft: passes over --data (10).
+    #[arg(long)]
+    pub graft_epochs: Option<usize>,
+    /// graft: examples per step (4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// graft: tokens per example, longer ones cut (512).
+    #[arg(long)]
+    pub sequence_len: Option<usize>,
+    /// graft: format of --data and --val: auto, text, completion, chat, alpaca.
+    #[arg(long)]
+    pub data_format: Option<String>,
+    /// graft: seed of the scores' start and the data order (0).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl GraftFlags {
+    /// The first flag given, if any.
+    fn first_set(&self) -> Option<&'static str> {
+        [
+            ("--data", self.data.is_some()),
+            ("--val", self.val.is_some()),
+            ("--sparsity", self.sparsity.is_some()),
+            ("--graft-lr", self.graft_lr.is_some()),
+            ("--graft-epochs", self.graft_epochs.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--sequence-len", self.sequence_len.is_some()),
+            ("--data-format", self.data_format.is_some()),
+            ("--seed", self.seed.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set)
+        .map(|(f, _)| f)
+    }
 }
 
 /// The rule the flags describe; flags that belong to another rule are refused by name.
@@ -67,13 +120,19 @@ fn rule(a: &CombineArgs) -> anyhow::Result<Rule> {
             };
             Ok(Rule::Lines { base: Box::new(base), lambda: a.lambda, beta: a.beta })
         }
-        other => bail!("--method `{other}`: expected task_arithmetic, ties, lines or intruders"),
+        other => bail!("--method `{other}`: expected task_arithmetic, ties, lines, intruders or graft"),
     }
 }
 
 pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     let intruder_flag =
         [("--top-k", a.top_k.is_some()), ("--threshold-epsilon", a.threshold_epsilon.is_some()), ("--mitigation-lambda", a.mitigation_lambda.is_some())];
+    if a.method == "graft" {
+        return run_graft(a);
+    }
+    if let Some(flag) = a.graft.first_set() {
+        bail!("{flag} is a setting of --method graft");
+    }
     if a.method == "intruders" {
         return run_intruders(a);
     }
@@ -167,4 +226,148 @@ fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
     }
     r.merge_into_base()?;
     super::export::write_merged(&r.session, format, a.out, a.dtype, a.quant)
+}
+
+/// `--method graft`: the entries of one fine-tune that carry its skill on `--data`, written as a
+/// sparse diff (`--format sparse`) or merged into the base.
+fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
+    use crate::posthoc::graft::{Graft, GraftSettings};
+    for (flag, set) in [
+        ("--weights", a.weights.is_some()),
+        ("--density", a.density.is_some()),
+        ("--lambda", a.lambda.is_some()),
+        ("--beta", a.beta.is_some()),
+        ("--lines-merge", a.lines_merge.is_some()),
+        ("--top-k", a.top_k.is_some()),
+        ("--threshold-epsilon", a.threshold_epsilon.is_some()),
+        ("--mitigation-lambda", a.mitigation_lambda.is_some()),
+    ] {
+        if set {
+            bail!("{flag} does not apply to --method graft (its settings: --data, --val, --sparsity, --graft-lr, --graft-epochs, --batch-size, --sequence-len, --seed)");
+        }
+    }
+    let g = a.graft;
+    let [input] = a.inputs else { bail!("--method graft localizes the skill of one fine-tune: give one --inputs (got {})", a.inputs.len()) };
+    let Some(data_path) = g.data.as_deref() else { bail!("--method graft needs the task's data to find the mask on: --data FILE.jsonl") };
+    let (format, kind) = match a.format {
+        "sparse" => (None, OutputKind::Dir),
+        other => {
+            let f = ExportFormat::parse(other)?;
+            match f {
+                ExportFormat::MergedSafetensors => (Some(f), OutputKind::Dir),
+                ExportFormat::MergedGguf => (Some(f), OutputKind::File),
+                _ => bail!("--format {other}: a graft is written as sparse (an adapter folder of its sparse diff), merged-safetensors or merged-gguf"),
+            }
+        }
+    };
+    if let Some(f) = format {
+        check_precision_flags(f, a.dtype, a.quant, "the graft is written in f32")?;
+    } else if a.dtype.is_some() || a.quant.is_some() {
+        bail!("--dtype/--quant apply to the merged formats; --format sparse holds the grafted entries in f32");
+    }
+    let d = GraftSettings::default();
+    let settings = GraftSettings {
+        sparsity: g.sparsity.unwrap_or(d.sparsity),
+        lr: g.graft_lr.unwrap_or(d.lr),
+        epochs: g.graft_epochs.unwrap_or(d.epochs),
+        bias: d.bias,
+        batch_size: g.batch_size.unwrap_or(d.batch_size),
+        seed: g.seed.unwrap_or(d.seed),
+    };
+    if !(settings.lr.is_finite() && settings.lr >= 0.0) || settings.batch_size == 0 {
+        bail!("--graft-lr must be a number ≥ 0 and --batch-size at least 1");
+    }
+    let sequence_len = g.sequence_len.unwrap_or(512);
+    if sequence_len == 0 {
+        bail!("--sequence-len must be at least 1");
+    }
+    check_output_path(a.out, kind, a.overwrite)?;
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
+    }
+
+    let mut session = crate::session::Session::load(a.model, None)?;
+    let finetuned = crate::posthoc::fine_tuned_model(a.model, input)?;
+    if session.model.sites() != finetuned.sites() {
+        bail!("{}: its linear modules differ from --model's (names or shapes): not a fine-tune of it", input.display());
+    }
+    let data_format = g.data_format.as_deref().unwrap_or("auto");
+    let opts = crate::data::EncodeOptions { train_on_inputs: false, add_eos: true, sequence_len };
+    let load = |path: &Path| -> anyhow::Result<Vec<crate::data::EncodedExample>> {
+        let spec = crate::config::DatasetSpec { path: path.to_path_buf(), format: data_format.to_string() };
+        let data = crate::train::dataset::load_spec(&spec, &session.tokenizer, &opts)?;
+        if data.examples.iter().any(|e| e.rejected.is_some()) {
+            bail!("{}: holds preference pairs; grafting scores the SFT loss of texts", path.display());
+        }
+        if data.examples.is_empty() {
+            bail!("{}: no example has a target token ({} records)", path.display(), data.stats.records);
+        }
+        Ok(data.examples)
+    };
+    let train = load(data_path)?;
+    let val = g.val.as_deref().map(load).transpose()?;
+    let pad = session.tokenizer.pad_id();
+    let judge = val.as_deref().unwrap_or(&train);
+    // The two ends the graft lies between, on the data it is judged on.
+    let loss_base = crate::train::evaluate(&session.model, judge, settings.batch_size, pad)?.loss;
+    let loss_ft = crate::train::evaluate(&finetuned, judge, settings.batch_size, pad)?.loss;
+    let mut graft = Graft::attach(&mut session.model, &finetuned, settings)?;
+    drop(finetuned);
+    eprintln!(
+        "graft: {} changed modules, {} entries; base patch {} entries (s = {}); loss {loss_base:.4} (base) … {loss_ft:.4} (fine-tuned) on {}",
+        graft.sites.len(),
+        graft.entries(),
+        graft.masks().iter().map(Vec::len).sum::<usize>(),
+        settings.sparsity,
+        if val.is_some() { "--val" } else { "--data" }
+    );
+    let recovered = |loss: f64| if loss_base != loss_ft { (loss_base - loss) / (loss_base - loss_ft) } else { f64::NAN };
+    let (masks, history) = graft.optimise(&session.model, &train, val.as_deref(), pad, &mut |r| {
+        eprintln!(
+            "graft epoch {}: {} entries, loss {:.4} ({:.1} % of the fine-tune's gain){}",
+            r.epoch,
+            r.entries,
+            r.mask_loss,
+            100.0 * recovered(r.mask_loss),
+            r.relaxed_loss.map_or(String::new(), |l| format!(", relaxed mask's training loss {l:.4}"))
+        )
+    })?;
+    let best = history.iter().min_by(|x, y| x.mask_loss.total_cmp(&y.mask_loss)).expect("epoch 0 is always measured");
+    let record = serde_json::json!({
+        "source": input.display().to_string(),
+        "sparsity": settings.sparsity,
+        "lr": settings.lr,
+        "epochs": settings.epochs,
+        "bias": settings.bias,
+        "seed": settings.seed,
+        "entries": best.entries,
+        "share": best.entries as f64 / graft.entries() as f64,
+        "chosen_epoch": best.epoch,
+        "loss_base": loss_base,
+        "loss_finetuned": loss_ft,
+        "loss_grafted": best.mask_loss,
+        "history": history,
+    });
+    eprintln!(
+        "graft: kept epoch {}'s mask, {} entries ({:.2e} of the changed modules'), loss {:.4}, {:.1} % of the fine-tune's gain",
+        best.epoch,
+        best.entries,
+        best.entries as f64 / graft.entries() as f64,
+        best.mask_loss,
+        100.0 * recovered(best.mask_loss)
+    );
+    match format {
+        None => {
+            std::fs::create_dir_all(a.out).map_err(|e| crate::Error::io(a.out, e))?;
+            graft.diff(&masks).save(&a.out.join(crate::methods::ADAPTER_WEIGHTS))?;
+            let cfg = crate::methods::graft::config(&a.model.display().to_string(), record);
+            crate::io_util::write_atomic(&a.out.join(crate::methods::ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+            eprintln!("graft written to {} (a sparse diff; `eval`, `merge` and `export` read it as an adapter)", a.out.display());
+            Ok(())
+        }
+        Some(f) => {
+            graft.merge_into(&mut session.model, &masks)?;
+            super::export::write_merged(&session, f, a.out, a.dtype, a.quant)
+        }
+    }
 }

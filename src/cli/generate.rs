@@ -27,8 +27,10 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, opts:
         let _ = stdout.flush();
     };
     if combo.tuned.is_empty() {
-        decode::generate(&session.model, &session.tokenizer, prompt, chat, opts, &mut print)?;
+        let started = Instant::now();
+        let ids = decode::generate(&session.model, &session.tokenizer, prompt, chat, opts, &mut print)?;
         println!();
+        report_speed("generate", 1, ids.len(), started);
         return Ok(());
     }
 
@@ -75,15 +77,15 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, opts:
     let done = decode::generate_combined(&combiner, &ids, opts, &stop, &mut |id| text.push(id, &mut print))?;
     text.finish()?;
     println!();
-    let secs = started.elapsed().as_secs_f64();
-    let n = done.ids.len() + usize::from(done.stop.is_some());
-    eprintln!(
-        "{}: {} models, {n} tokens in {secs:.2} s ({:.2} tokens/s, prompt prefill included)",
-        if combo.cge { "CGE" } else { "EFT" },
-        combiner.parts().len(),
-        n as f64 / secs.max(1e-9)
-    );
+    report_speed(if combo.cge { "CGE" } else { "EFT" }, combiner.parts().len(), done.ids.len(), started);
     Ok(())
+}
+
+/// Tokens per second since `started` (after loading), prefill included, on stderr.
+fn report_speed(what: &str, models: usize, tokens: usize, started: Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    let models = if models == 1 { "1 model".to_string() } else { format!("{models} models") };
+    eprintln!("{what}: {models}, {tokens} tokens in {secs:.2} s ({:.2} tokens/s, prompt prefill included)", tokens as f64 / secs.max(1e-9));
 }
 
 /// Loads one of the combined models and checks that it shares the main model's tokenizer.

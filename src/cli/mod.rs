@@ -275,8 +275,9 @@ pub enum Command {
         /// One weight per input, comma-separated (default 1 each).
         #[arg(long, value_delimiter = ',')]
         weights: Option<Vec<f64>>,
-        /// task_arithmetic (Σ w·τ), ties (trim, elect sign, disjoint mean), lines (LiNeS), or
-        /// intruders (one LoRA adapter without its intruder dimensions).
+        /// task_arithmetic (Σ w·τ), ties (trim, elect sign, disjoint mean), lines (LiNeS),
+        /// intruders (one LoRA adapter without its intruder dimensions), or graft (the few
+        /// entries of one fine-tune that carry its skill, found on --data).
         #[arg(long)]
         method: String,
         /// TIES: the share of each task vector's entries kept, by magnitude, tensor by tensor
@@ -304,7 +305,7 @@ pub enum Command {
         #[arg(long)]
         mitigation_lambda: Option<f64>,
         /// merged-safetensors or merged-gguf; peft for intruders and for task_arithmetic of
-        /// LoRA adapters.
+        /// LoRA adapters; sparse (an adapter folder holding a sparse diff) for graft.
         #[arg(long)]
         format: String,
         /// Output directory (merged-safetensors, peft) or .gguf file.
@@ -319,6 +320,8 @@ pub enum Command {
         /// Replace an existing --out file, or write into an existing --out folder.
         #[arg(long)]
         overwrite: bool,
+        #[command(flatten)]
+        graft: combine::GraftFlags,
     },
     /// What fine-tuning changed: `tuco` (the tuning contribution per prompt and layer),
     /// `intruders` (new singular directions per module), `forgetting` (loss on other texts before
@@ -424,7 +427,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             generate::run(&model, adapter.as_deref(), &prompt, chat, &opts, &combo)
         }
         Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
-        Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, top_k, threshold_epsilon, mitigation_lambda, format, out, dtype, quant, overwrite } => combine::run(&combine::CombineArgs {
+        Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, top_k, threshold_epsilon, mitigation_lambda, format, out, dtype, quant, overwrite, graft } => combine::run(&combine::CombineArgs {
             model: &model,
             inputs: &inputs,
             weights: weights.as_deref(),
@@ -441,6 +444,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             dtype: dtype.as_deref(),
             quant: quant.as_deref(),
             overwrite,
+            graft: &graft,
         }),
         Command::Analyze { what: Analysis::Intruders { model, adapter, finetuned, top_k, out } } => {
             analyze::run_intruders(&analyze::IntruderArgs { model: &model, adapter: adapter.as_deref(), finetuned: finetuned.as_deref(), top_k, out: &out })

@@ -16,6 +16,7 @@ pub mod eva;
 pub mod files;
 pub mod flora;
 pub mod full;
+pub mod graft;
 pub mod offloaded;
 pub mod greentrainer;
 pub mod hft;

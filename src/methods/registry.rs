@@ -1,7 +1,7 @@
 //! The one place that maps names to methods: the plan's `adapter = "<name>"` to a constructor,
 //! and an adapter folder's `adapter_config.json` to the loader of the method that wrote it.
 
-use super::{adaptformer, dora, eva, flora, full, greentrainer, hft, lift, locft, lora, lt_sft, lora_pro, residual, sara, snella, spt, ssf, triadaptlora, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
+use super::{adaptformer, dora, eva, flora, full, graft, greentrainer, hft, lift, locft, lora, lt_sft, lora_pro, residual, sara, snella, spt, ssf, triadaptlora, Method, MethodSpec, ADAPTER_CONFIG, METHOD_KEY};
 use crate::error::{Error, Result};
 use crate::models::Llama;
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ pub fn not_peft(_: &serde_json::Value) -> bool {
 /// Every method, in the order listings show them. A PEFT folder goes to the first entry that
 /// claims it, so the more specific claims (DoRA's `use_dora`) must not be shadowed: LoRA's
 /// claim excludes them.
-const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &eva::EVA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER, &adaptformer::MOSA, &full::FULL, &hft::HFT, &lift::LIFT, &sara::SARA, &lt_sft::LT_SFT, &greentrainer::GREENTRAINER, &spt::SPT, &locft::LOCFT_BF, &snella::SNELLA];
+const ENTRIES: &[&Entry] = &[&lora::LORA, &dora::DORA, &residual::PISSA, &residual::OLORA, &residual::CORDA, &eva::EVA, &lora_pro::LORA_PRO, &flora::FLORA, &triadaptlora::TRIADAPTLORA, &ssf::SSF, &adaptformer::ADAPTFORMER, &adaptformer::MOSA, &full::FULL, &hft::HFT, &lift::LIFT, &sara::SARA, &lt_sft::LT_SFT, &greentrainer::GREENTRAINER, &spt::SPT, &locft::LOCFT_BF, &snella::SNELLA, &graft::GRAFT];
 
 pub fn entries() -> &'static [&'static Entry] {
     ENTRIES

@@ -8,6 +8,7 @@
 //! is combined, embeddings and norms included, in f32; the result replaces the base's tensors
 //! in the loaded model, which the merged exports then write.
 
+pub mod graft;
 pub mod intruders;
 pub mod merge;
 
@@ -42,23 +43,31 @@ pub struct CombineReport {
     pub tensors: usize,
 }
 
+/// The model at `base` with the adapter folder `dir` folded into its weights; refused for an
+/// adapter whose method cannot merge.
+pub fn merged_adapter(base: &Path, dir: &Path) -> Result<crate::models::Llama> {
+    let mut s = Session::load(base, Some(dir))?;
+    let method = s.method.as_ref().expect("loaded with an adapter");
+    if !method.mergeable() {
+        return Err(Error::Model(format!("{} is a `{}` adapter, which cannot be folded into the base weights", dir.display(), method.name())));
+    }
+    s.merge_adapter()?;
+    Ok(s.model)
+}
+
+/// A fine-tune of the model at `base` in weight form: an adapter folder merged into it, or a
+/// whole model.
+pub fn fine_tuned_model(base: &Path, input: &Path) -> Result<crate::models::Llama> {
+    if input.join(ADAPTER_CONFIG).is_file() {
+        merged_adapter(base, input)
+    } else {
+        crate::models::load::load_model(input)
+    }
+}
+
 /// Every tensor of a fine-tune of `base`, by Hugging Face name, in f32.
 fn fine_tuned_weights(base: &Path, input: &Path) -> Result<HashMap<String, Tensor>> {
-    let weights = if input.join(ADAPTER_CONFIG).is_file() {
-        let mut s = Session::load(base, Some(input))?;
-        let method = s.method.as_ref().expect("loaded with an adapter");
-        if !method.mergeable() {
-            return Err(Error::config(
-                "--inputs",
-                format!("{} is a `{}` adapter, which cannot be folded into the base weights", input.display(), method.name()),
-            ));
-        }
-        s.merge_adapter()?;
-        s.model.named_weights()?
-    } else {
-        crate::models::load::load_model(input)?.named_weights()?
-    };
-    Ok(weights.into_iter().collect())
+    Ok(fine_tuned_model(base, input)?.named_weights()?.into_iter().collect())
 }
 
 /// Combines the fine-tunes `inputs` of the model at `base` under `rule` with per-input
