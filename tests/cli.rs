@@ -56,7 +56,20 @@ fn train_eval_merge_generate_inspect() {
     assert!(e["tokens"].as_u64().unwrap() > 4);
     let loss = e["loss"].as_f64().unwrap();
     assert!((e["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-9 * loss.exp());
+    assert_eq!((e["add_eos"].as_bool(), e["sequence_len"].as_u64(), e["examples"].as_u64()), (Some(false), Some(2048), Some(2)), "plain eval says how it encoded");
 
+    // `eval --run` scores the run's validation set as the run did, with its adapter (or none):
+    // the run's own eval losses come back, which plain `eval` (no EOS, other truncation) need not.
+    for extra in [&[][..], &["--base-only"][..]] {
+        let (ok, out, err) = ferrotune(&[&["eval", "--run", "out"][..], extra].concat(), dir);
+        assert!(ok, "eval --run {extra:?} failed: {err}");
+        let j = last_json(&out);
+        let (got, reported) = (j["loss"].as_f64().unwrap(), j["reported"].as_f64().unwrap());
+        assert!((got - reported).abs() < 1e-6, "eval --run {extra:?}: {got} vs the run's {reported}");
+        assert_eq!((j["examples"].as_u64(), j["add_eos"].as_bool()), (Some(2), Some(true)));
+    }
+    let (ok, _, err) = ferrotune(&["eval", "--run", "out", "--data", "text.jsonl"], dir);
+    assert!(!ok && err.contains("--data"), "{err}");
     let (ok, _, err) = ferrotune(&["merge", "--model", "model", "--adapter", "out/adapter", "--out", "merged"], dir);
     assert!(ok, "merge failed: {err}");
     let (ok, out, _) = ferrotune(&["eval", "--model", "merged", "--data", "text.jsonl"], dir);
@@ -140,4 +153,30 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// Every argument of every command says what it is in `--help` (clap's command tree walked).
+#[test]
+fn every_argument_has_help_text() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(format!("{path} --{id}"));
+            }
+        }
+        if cmd.get_about().is_none() && !path.is_empty() {
+            missing.push(format!("{path} (the command itself)"));
+        }
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(sub, &format!("{path} {}", sub.get_name()).trim().to_string(), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(&ferrotune::cli::Cli::command(), "", &mut missing);
+    assert!(missing.is_empty(), "arguments without help text:\n  {}", missing.join("\n  "));
 }

@@ -118,6 +118,84 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -
             if adapter.is_some() { " with this adapter" } else { "" }
         );
     }
-    println!("{}", serde_json::to_string(&r)?);
+    // What was scored and how, beside the loss: plain `eval` is `tokenizer(text)` semantics, which
+    // a run's own evaluation (EOS appended, its sequence_len) is not; `--run` reproduces that one.
+    println!(
+        "{}",
+        serde_json::json!({
+            "loss": r.loss,
+            "tokens": r.tokens,
+            "perplexity": r.perplexity,
+            "examples": data.examples.len(),
+            "add_eos": opts.add_eos,
+            "sequence_len": sequence_len,
+            "truncated": data.stats.truncated,
+        })
+    );
     Ok(())
+}
+
+/// `eval --run DIR`: the run's validation set, encoded and scored as the run scored it, with the
+/// run's adapter (or `adapter`, or none with `base_only`). The run's own figure is printed beside.
+pub fn run_as_trained(dir: &Path, adapter: Option<&Path>, base_only: bool) -> anyhow::Result<()> {
+    use crate::train::run_dir::RUN_FILE;
+    let run_path = dir.join(RUN_FILE);
+    let text = crate::io_util::read_to_string(&run_path).map_err(|e| anyhow::anyhow!("--run {}: {e} (is it a training run's output_dir?)", dir.display()))?;
+    let run: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::Error::format(&run_path, format!("not valid JSON: {e}")))?;
+    let cfg: crate::config::TrainConfig =
+        serde_json::from_value(run["plan"].clone()).map_err(|e| crate::Error::format(&run_path, format!("field `plan`: {e}")))?;
+    let adapter_dir = match (base_only, adapter) {
+        (true, Some(_)) => anyhow::bail!("--base-only scores the base without an adapter; drop --adapter"),
+        (true, None) => None,
+        (false, Some(a)) => Some(a.to_path_buf()),
+        (false, None) => {
+            let a = dir.join("adapter");
+            if !a.join(crate::methods::ADAPTER_CONFIG).is_file() {
+                anyhow::bail!("--run {}: no finished adapter in {} (a run still going, or stopped early?); pass a checkpoint's folder with --adapter", dir.display(), a.display());
+            }
+            Some(a)
+        }
+    };
+    let session = crate::session::Session::load(&cfg.base_model, adapter_dir.as_deref())
+        .map_err(|e| anyhow::anyhow!("{e} (the run's base_model as its plan gives it; run from the folder it was trained from)"))?;
+    let data = crate::train::dataset::prepare(&cfg, &session.tokenizer)?;
+    if data.val.is_empty() {
+        anyhow::bail!("--run {}: the run has no validation set (neither val_set nor val_size in its plan); score a file with --model and --data", dir.display());
+    }
+    let objective = crate::objectives::create(&cfg.objective_spec())?;
+    let pad = session.tokenizer.pad_id();
+    let loss = match objective.validation_score(&session.model, &data.val, cfg.micro_batch_size, pad) {
+        Some(score) => score?.loss,
+        None => evaluate(&session.model, &data.val, cfg.micro_batch_size, pad)?.loss,
+    };
+    let reported = reported_eval(&dir.join(crate::train::run_dir::METRICS_FILE), base_only);
+    if let Some(r) = reported {
+        eprintln!("eval loss {loss:.6}; the run reported {r:.6} {}", if base_only { "before training" } else { "at its end" });
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "loss": loss,
+            "examples": data.val.len(),
+            "adapter": adapter_dir.map(|a| a.display().to_string()),
+            "add_eos": cfg.add_eos,
+            "sequence_len": cfg.sequence_len,
+            "batch_size": cfg.micro_batch_size,
+            "objective": objective.name(),
+            "reported": reported,
+        })
+    );
+    Ok(())
+}
+
+/// The eval loss the run logged in its metrics file: its first (before training, step 0) or
+/// its last.
+fn reported_eval(metrics: &Path, first: bool) -> Option<f64> {
+    let text = std::fs::read_to_string(metrics).ok()?;
+    let mut evals = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v.get("eval_loss").and_then(|x| x.as_f64()));
+    if first {
+        evals.next()
+    } else {
+        evals.last()
+    }
 }

@@ -49,6 +49,7 @@ pub enum Analysis {
         /// Steering: the fine-tuning's contribution is multiplied by κ in the forward pass.
         #[arg(long, default_value_t = 1.0)]
         kappa: f64,
+        /// Output folder for tuco.json and tuco.png.
         #[arg(long)]
         out: PathBuf,
     },
@@ -56,6 +57,7 @@ pub enum Analysis {
     /// weight that resemble none of the base's, counted for ε = 0.1 … 0.9; writes
     /// intruders.json and two PNGs into --out.
     Intruders {
+        /// The pre-trained model.
         #[arg(long)]
         model: PathBuf,
         /// The fine-tune as an adapter of --model (any method that merges) …
@@ -64,8 +66,10 @@ pub enum Analysis {
         /// … or as a whole fine-tuned model.
         #[arg(long)]
         finetuned: Option<PathBuf>,
+        /// How many leading singular vectors of each fine-tuned weight are examined.
         #[arg(long, default_value_t = 10)]
         top_k: usize,
+        /// Output folder for intruders.json and its two PNGs.
         #[arg(long)]
         out: PathBuf,
     },
@@ -73,6 +77,7 @@ pub enum Analysis {
     /// about (general text; the task in a conjugate form, such as translated), file by file, with
     /// the examples that got most worse; writes forgetting.json and forgetting.png into --out.
     Forgetting {
+        /// The pre-trained model.
         #[arg(long)]
         model: PathBuf,
         /// The fine-tune as an adapter of --model (any method) …
@@ -87,13 +92,16 @@ pub enum Analysis {
         /// Data format: auto, text, completion, chat, alpaca.
         #[arg(long, default_value = "auto")]
         format: String,
+        /// Truncate each example to this many tokens.
         #[arg(long, default_value_t = 1024)]
         sequence_len: usize,
+        /// Examples per forward pass.
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         /// Score only the first N examples of each file.
         #[arg(long)]
         limit: Option<usize>,
+        /// Output folder for forgetting.json and forgetting.png.
         #[arg(long)]
         out: PathBuf,
     },
@@ -101,6 +109,7 @@ pub enum Analysis {
     /// norm, stable and effective rank, the leading singular values; writes report.json,
     /// norms_by_layer.png and spectra.png into --out.
     Report {
+        /// The pre-trained model.
         #[arg(long)]
         model: PathBuf,
         /// The fine-tune as an adapter of --model (any method that merges) …
@@ -109,6 +118,7 @@ pub enum Analysis {
         /// … or as a whole fine-tuned model.
         #[arg(long)]
         finetuned: Option<PathBuf>,
+        /// Output folder for report.json, norms_by_layer.png and spectra.png.
         #[arg(long)]
         out: PathBuf,
     },
@@ -118,6 +128,7 @@ pub enum Analysis {
 pub enum Command {
     /// Fine-tune a model as a TOML run plan describes.
     Train {
+        /// The run plan, a TOML file (see the README's config keys).
         config: PathBuf,
         /// Override a config key, e.g. `--set learning_rate=1e-4` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -136,19 +147,30 @@ pub enum Command {
     /// Mean NLL over the target tokens of a JSONL file; the last stdout line is JSON.
     Eval {
         /// Hugging Face model directory or .gguf file.
-        #[arg(long)]
-        model: PathBuf,
-        /// PEFT adapter directory.
+        #[arg(long, required_unless_present = "run", conflicts_with = "run")]
+        model: Option<PathBuf>,
+        /// Adapter directory (PEFT's or any ferrotune method's); with --run, instead of the run's own.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// JSONL file to score. Plain `eval` encodes it as `tokenizer(text)` does: no EOS added,
+        /// truncated at --sequence-len.
+        #[arg(long, required_unless_present = "run", conflicts_with = "run")]
+        data: Option<PathBuf>,
+        /// A training run's output_dir: score its validation set exactly as the run did (its
+        /// plan's base model, tokenization, add_eos, sequence_len, batch size and objective) with
+        /// its adapter, reproducing the run's reported eval loss.
         #[arg(long)]
-        data: PathBuf,
+        run: Option<PathBuf>,
+        /// With --run: score the base model without the adapter (the run's eval loss before training).
+        #[arg(long, requires = "run")]
+        base_only: bool,
         /// Record format: auto, text, completion, chat, alpaca, preference.
         #[arg(long, default_value = "auto")]
         format: String,
         /// Truncate each example to this many tokens.
         #[arg(long, default_value_t = 2048)]
         sequence_len: usize,
+        /// Examples per forward pass (and prompts decoded together with --task).
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
         /// `sft` (the mean token NLL) or `dpo` (preference pairs scored against the model with
@@ -182,21 +204,28 @@ pub enum Command {
     },
     /// Continue a prompt (greedy unless --temperature is set); with --tuned, from several models combined (EFT, CGE).
     Generate {
+        /// Hugging Face model directory or .gguf file (with --tuned: the large, pre-training-scale base; with --cge: the pre-trained model).
         #[arg(long)]
         model: PathBuf,
+        /// Adapter directory attached to --model.
         #[arg(long)]
         adapter: Option<PathBuf>,
+        /// The text to continue (with --chat: the user's message).
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message with the model's chat template.
         #[arg(long)]
         chat: bool,
+        /// Most tokens to generate (fewer when an end-of-sequence token or the context ends it).
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
+        /// Sampling temperature; 0 decodes greedily.
         #[arg(long, default_value_t = 0.0)]
         temperature: f64,
+        /// Nucleus sampling: draw from the smallest set of tokens holding this probability (1 keeps all; needs --temperature above 0).
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
+        /// Seed of the sampling draws.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Decode-time combination (EFT, METHODS.md §7.1): a fine-tuned model whose change is
@@ -225,10 +254,13 @@ pub enum Command {
     },
     /// Fold an adapter into the base weights and write a Hugging Face model directory.
     Merge {
+        /// The base model: Hugging Face model directory or .gguf file.
         #[arg(long)]
         model: PathBuf,
+        /// The adapter directory to fold into it (any method that merges).
         #[arg(long)]
         adapter: PathBuf,
+        /// Output folder for the merged Hugging Face model (config, tokenizer, safetensors).
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype of the merged weights: f32, bf16, f16.
@@ -241,8 +273,10 @@ pub enum Command {
     },
     /// Write an adapter for other tools: peft, merged-safetensors, merged-gguf, gguf-lora.
     Export {
+        /// The base model the adapter was trained on: Hugging Face model directory or .gguf file.
         #[arg(long)]
         model: PathBuf,
+        /// The adapter directory to export.
         #[arg(long)]
         adapter: PathBuf,
         /// peft, merged-safetensors, merged-gguf or gguf-lora.
@@ -333,8 +367,10 @@ pub enum Command {
     /// Logits of every position of given token ids, as JSON (for checks against other runtimes).
     #[command(hide = true)]
     Logits {
+        /// Hugging Face model directory or .gguf file.
         #[arg(long)]
         model: PathBuf,
+        /// Adapter directory attached to --model.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Comma-separated token ids.
@@ -343,23 +379,28 @@ pub enum Command {
         /// Text to tokenize with the model's tokenizer (special tokens added as `encode` adds them).
         #[arg(long)]
         text: Option<String>,
+        /// Output JSON file: the ids and the logits of every position.
         #[arg(long)]
         out: PathBuf,
     },
-    /// Time LoRA training steps (or forward passes) on a fixed 4×256-token batch; prints JSON.
+    /// Time training steps (or forward passes, or decoding) of a method on a fixed batch (4×256 by default); prints JSON.
     Bench {
-        /// Hugging Face model directory or .gguf file (default: $PEERS_GGUF).
+        /// Hugging Face model directory or .gguf file to time (or give --shape).
         #[arg(long)]
         model: Option<PathBuf>,
         /// A random model of a known architecture instead (smollm2-135m).
         #[arg(long)]
         shape: Option<String>,
+        /// Rows per step.
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// Tokens per row.
         #[arg(long, default_value_t = 256)]
         seq: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Timed steps (the report gives their mean).
         #[arg(long, default_value_t = 5)]
         steps: usize,
         /// Time forward passes only (evaluation throughput).
@@ -403,7 +444,9 @@ pub enum Command {
     },
     /// Show how a run plan's data is tokenized, with non-target tokens marked.
     InspectData {
+        /// The run plan, a TOML file.
         config: PathBuf,
+        /// Override a config key, e.g. `--set sequence_len=512` (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// How many examples to show.
@@ -416,7 +459,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),
-        Command::Eval { model, adapter, data, format, sequence_len, batch_size, objective, dpo_beta, task, pattern, max_new_tokens, limit, predictions, fake_quant } => {
+        Command::Eval { model, adapter, data, run, base_only, format, sequence_len, batch_size, objective, dpo_beta, task, pattern, max_new_tokens, limit, predictions, fake_quant } => {
+            if let Some(dir) = run {
+                return eval::run_as_trained(&dir, adapter.as_deref(), base_only);
+            }
+            let (Some(model), Some(data)) = (model, data) else { anyhow::bail!("eval: give --model and --data, or --run OUTPUT_DIR") };
             let task = task.map(|name| eval::TaskArgs { name, pattern, max_new_tokens, predictions });
             let opts = eval::EvalOptions { format: &format, sequence_len, batch_size, objective: &objective, dpo_beta, task: task.as_ref(), limit, fake_quant };
             eval::run(&model, adapter.as_deref(), &data, &opts)
