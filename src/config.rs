@@ -60,7 +60,7 @@ pub struct TrainConfig {
     #[serde(default = "d_lora_alpha")]
     pub lora_alpha: f64,
     #[serde(default = "d_lora_dropout")]
-    pub lora_dropout: f32,
+    pub lora_dropout: f64,
     #[serde(default = "d_targets")]
     pub lora_target_modules: TargetSpec,
     #[serde(default)]
@@ -168,7 +168,7 @@ fn d_lora_r() -> usize {
 fn d_lora_alpha() -> f64 {
     16.0
 }
-fn d_lora_dropout() -> f32 {
+fn d_lora_dropout() -> f64 {
     0.0
 }
 fn d_targets() -> TargetSpec {
@@ -302,7 +302,7 @@ impl TrainConfig {
         };
         in_range("learning_rate", self.learning_rate, self.learning_rate > 0.0, "a positive number such as 2e-4")?;
         in_range("lora_alpha", self.lora_alpha, self.lora_alpha > 0.0, "a positive number (0 scales the adapter to nothing: training would change nothing)")?;
-        let dropout = self.lora_dropout as f64;
+        let dropout = self.lora_dropout;
         in_range("lora_dropout", dropout, (0.0..1.0).contains(&dropout), "a probability in [0, 1)")?;
         in_range("adam_beta1", self.adam_beta1, (0.0..1.0).contains(&self.adam_beta1), "a number in [0, 1) such as 0.9")?;
         in_range("adam_beta2", self.adam_beta2, (0.0..1.0).contains(&self.adam_beta2), "a number in [0, 1) such as 0.999")?;

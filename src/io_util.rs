@@ -245,8 +245,22 @@ fn visible_entries(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// An f32 setting as JSON with the shortest decimal that reads back as it (0.05, not the
+/// 0.05000000074505806 that widening to f64 writes), so files show what the user wrote.
+pub fn f32_json(x: f32) -> serde_json::Value {
+    let shortest: f64 = format!("{x}").parse().expect("an f32's Display is a decimal");
+    serde_json::json!(shortest)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn f32_settings_are_written_as_their_shortest_decimal() {
+        assert_eq!(super::f32_json(0.05).to_string(), "0.05");
+        assert_eq!(super::f32_json(1e-4).to_string(), "0.0001");
+        assert_eq!(super::f32_json(0.05).as_f64().unwrap() as f32, 0.05f32);
+    }
+
     use super::*;
 
     #[test]

@@ -97,7 +97,7 @@ fn bad_datasets_name_the_file_line_and_field() {
     let big = serde_json::json!({"text": "x".repeat(10 << 20)}).to_string();
     std::fs::write(dir.join("train.jsonl"), format!("{big}\n{{\"text\": \"short\"}}\n")).unwrap();
     let r = train(dir, &[]);
-    assert!(r.ok && r.err.contains("1 of 2 examples were cut at sequence_len = 64"), "{}", r.err);
+    assert!(r.ok && r.err.contains("cut at sequence_len = 64: 1 of 2 training examples (") && r.err.contains("target tokens lost)"), "{}", r.err);
     // Some examples dropped by truncation: a visible warning, not only a count in run.json.
     let mut mixed = long.clone();
     mixed.push(serde_json::json!({"prompt": "short?", "completion": " yes"}).to_string());

@@ -549,10 +549,13 @@ fn truncation_keeps_the_first_tokens_and_flags_empty_targets() {
     assert_eq!(cut.input_ids, full.input_ids[..n_prompt + 2]);
     assert_eq!(cut.labels, full.labels[..n_prompt + 2]);
     assert_eq!(cut.n_targets(), 2);
+    // The targets the cut removed are counted (the run's start-up note reports them).
+    assert_eq!(cut.targets_cut, full.n_targets() - 2);
     let none = encode_example(&tok, &ex, &opts(false, true, n_prompt)).unwrap();
     assert!(none.truncated && !none.has_targets() && none.n_targets() == 0);
+    assert_eq!(none.targets_cut, full.n_targets());
     let exact = encode_example(&tok, &ex, &opts(false, true, full.len())).unwrap();
-    assert!(!exact.truncated);
+    assert!(!exact.truncated && exact.targets_cut == 0);
 
     // encode_records drops (and counts) the examples with no targets, and puts errors on lines.
     let recs = records(
@@ -587,8 +590,8 @@ fn inspection_marks_non_targets() {
 
 #[test]
 fn batch_shifts_and_pads() {
-    let a = EncodedExample { input_ids: vec![10, 11, 12, 13], labels: vec![-100, -100, 12, 13], truncated: false, rejected: None, reference_logp: None };
-    let b = EncodedExample { input_ids: vec![20, 21], labels: vec![20, 21], truncated: false, rejected: None, reference_logp: None };
+    let a = EncodedExample { input_ids: vec![10, 11, 12, 13], labels: vec![-100, -100, 12, 13], truncated: false, targets_cut: 0, rejected: None, reference_logp: None };
+    let b = EncodedExample { input_ids: vec![20, 21], labels: vec![20, 21], truncated: false, targets_cut: 0, rejected: None, reference_logp: None };
     let batch = make_batch(&[&a, &b], 0);
     assert_eq!((batch.batch_size, batch.seq_len), (2, 4));
     assert_eq!(batch.input_ids, vec![10, 11, 12, 13, 20, 21, 0, 0]);

@@ -232,7 +232,7 @@ pub struct ForgettingArgs<'a> {
 /// fine-tuned model, with the examples that got most worse.
 pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
     use crate::analysis::forgetting;
-    use crate::train::eval::nll_per_example;
+    use crate::train::eval::nll_per_example_with;
     if a.adapter.is_some() == a.finetuned.is_some() {
         bail!("give the fine-tune as --adapter DIR (of --model) or as --finetuned MODEL, one of them");
     }
@@ -263,8 +263,11 @@ pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
         if data.examples.is_empty() {
             bail!("{}: no example has a target token to score ({} records)", path.display(), data.stats.records);
         }
-        let b = nll_per_example(&before.model, &data.examples, a.batch_size, pad)?;
-        let f = nll_per_example(&after.model, &data.examples, a.batch_size, pad)?;
+        let name_of = path.display().to_string();
+        let mut pb = crate::train::eval::EvalProgress::new(format!("{name_of}, pre-trained"), data.examples.len());
+        let b = nll_per_example_with(&before.model, &data.examples, a.batch_size, pad, &mut |d, t| pb.update(d, t))?;
+        let mut pf = crate::train::eval::EvalProgress::new(format!("{name_of}, fine-tuned"), data.examples.len());
+        let f = nll_per_example_with(&after.model, &data.examples, a.batch_size, pad, &mut |d, t| pf.update(d, t))?;
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         let r = forgetting::compare(&name, &b, &f);
         if !(r.loss_before.is_finite() && r.loss_after.is_finite()) {

@@ -1,7 +1,7 @@
 use crate::config::DatasetSpec;
 use crate::data::EncodeOptions;
 use crate::train::dataset::load_spec;
-use crate::train::evaluate;
+use crate::train::eval::{evaluate_with, EvalProgress};
 use crate::objectives::reward::{Reward, RewardError};
 use std::path::{Path, PathBuf};
 
@@ -108,7 +108,8 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -
     if pairs > 0 {
         anyhow::bail!("{}: holds preference pairs; score them with --objective dpo", data_path.display());
     }
-    let r = evaluate(&session.model, &data.examples, batch_size, session.tokenizer.pad_id())?;
+    let mut progress = EvalProgress::new("eval", data.examples.len());
+    let r = evaluate_with(&session.model, &data.examples, batch_size, session.tokenizer.pad_id(), &mut |d, t| progress.update(d, t))?;
     if !r.loss.is_finite() {
         anyhow::bail!(
             "the loss over {} is {} ({} target tokens): the model{} produces non-finite logits",
@@ -166,7 +167,10 @@ pub fn run_as_trained(dir: &Path, adapter: Option<&Path>, base_only: bool) -> an
     let pad = session.tokenizer.pad_id();
     let loss = match objective.validation_score(&session.model, &data.val, cfg.micro_batch_size, pad) {
         Some(score) => score?.loss,
-        None => evaluate(&session.model, &data.val, cfg.micro_batch_size, pad)?.loss,
+        None => {
+            let mut progress = EvalProgress::new("eval", data.val.len());
+            evaluate_with(&session.model, &data.val, cfg.micro_batch_size, pad, &mut |d, t| progress.update(d, t))?.loss
+        }
     };
     let reported = reported_eval(&dir.join(crate::train::run_dir::METRICS_FILE), base_only);
     if let Some(r) = reported {

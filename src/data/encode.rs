@@ -47,6 +47,8 @@ pub struct EncodedExample {
     pub labels: Vec<i32>,
     /// Tokens were cut off at `sequence_len`.
     pub truncated: bool,
+    /// Target tokens lost to that cut (of a preference pair: both sides').
+    pub targets_cut: usize,
     /// A preference pair (DPO): this example is prompt + chosen, and this is prompt + rejected.
     pub rejected: Option<Box<EncodedExample>>,
     /// The reference model's log-probability of this sequence's targets, once computed (DPO
@@ -279,7 +281,9 @@ pub fn encode_example(tok: &TextTokenizer, example: &Example, opts: &EncodeOptio
         }
     }
     let truncated = input_ids.len() > opts.sequence_len;
+    let mut targets_cut = 0;
     if truncated {
+        targets_cut = labels[opts.sequence_len..].iter().filter(|&&l| l != IGNORE_INDEX).count();
         input_ids.truncate(opts.sequence_len);
         labels.truncate(opts.sequence_len);
     }
@@ -287,6 +291,7 @@ pub fn encode_example(tok: &TextTokenizer, example: &Example, opts: &EncodeOptio
         input_ids,
         labels,
         truncated,
+        targets_cut,
         rejected: None,
         reference_logp: None,
     })

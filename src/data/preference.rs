@@ -83,13 +83,15 @@ pub fn encode_pair(tok: &TextTokenizer, pair: &PreferencePair, opts: &EncodeOpti
     let split = common_prefix(&prompt, &chosen).min(common_prefix(&prompt, &rejected));
     let sequence = |ids: Vec<u32>| {
         let truncated = ids.len() > opts.sequence_len;
+        let targets_cut = ids.len().saturating_sub(opts.sequence_len.max(split));
         let ids: Vec<u32> = ids.into_iter().take(opts.sequence_len).collect();
         let labels = ids.iter().enumerate().map(|(i, &t)| if i < split { IGNORE_INDEX } else { t as i32 }).collect();
-        EncodedExample { input_ids: ids, labels, truncated, rejected: None, reference_logp: None }
+        EncodedExample { input_ids: ids, labels, truncated, targets_cut, rejected: None, reference_logp: None }
     };
     let rejected = sequence(rejected);
     let mut chosen = sequence(chosen);
     chosen.truncated |= rejected.truncated;
+    chosen.targets_cut += rejected.targets_cut;
     chosen.rejected = Some(Box::new(rejected));
     Ok(chosen)
 }

@@ -399,7 +399,7 @@ fn peft_config_json(c: &LoraConfig, base_model: &str) -> serde_json::Value {
         "layers_to_transform": null,
         "lora_alpha": c.alpha,
         "lora_bias": false,
-        "lora_dropout": c.dropout,
+        "lora_dropout": crate::io_util::f32_json(c.dropout),
         "modules_to_save": null,
         "peft_type": "LORA",
         "r": c.r,

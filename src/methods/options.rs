@@ -30,7 +30,7 @@ impl MethodSpec {
             adapter: cfg.adapter.clone(),
             r: cfg.lora_r,
             alpha: cfg.lora_alpha,
-            dropout: cfg.lora_dropout,
+            dropout: cfg.lora_dropout as f32,
             target_modules: cfg.target_modules(),
             use_rslora: cfg.use_rslora,
             seed: cfg.seed,

@@ -174,7 +174,7 @@ impl Spt {
             "target_modules": self.targets.to_json(),
             "structured": c.target_modules.to_json(),
             "unstructured": self.sparse.names(),
-            "lora_r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout, "use_rslora": c.use_rslora,
+            "lora_r": c.r, "lora_alpha": c.alpha, "lora_dropout": crate::io_util::f32_json(c.dropout), "use_rslora": c.use_rslora,
             "spt_budget": self.budget, "spt_alpha": self.alpha, "spt_batches": self.batches,
             "ferrotune_version": env!("CARGO_PKG_VERSION"),
         })

@@ -18,7 +18,12 @@ pub struct EvalResult {
 /// Mean NLL over all target tokens of `examples` (each token counts once, whatever its
 /// example's length), in batches of `batch_size`.
 pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32) -> Result<EvalResult> {
-    let per = nll_per_example(model, examples, batch_size, pad_id)?;
+    evaluate_with(model, examples, batch_size, pad_id, &mut |_, _| {})
+}
+
+/// [`evaluate`], calling `on_batch(examples done, tokens done)` after every batch.
+pub fn evaluate_with(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32, on_batch: &mut dyn FnMut(usize, usize)) -> Result<EvalResult> {
+    let per = nll_per_example_with(model, examples, batch_size, pad_id, on_batch)?;
     let sum: f64 = per.iter().map(|e| e.nll_sum).sum();
     let tokens: usize = per.iter().map(|e| e.tokens).sum();
     let loss = if tokens == 0 { f64::NAN } else { sum / tokens as f64 };
@@ -34,7 +39,13 @@ pub struct ExampleNll {
 
 /// Each example's NLL sum and target count, in order, computed in batches of `batch_size`.
 pub fn nll_per_example(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32) -> Result<Vec<ExampleNll>> {
+    nll_per_example_with(model, examples, batch_size, pad_id, &mut |_, _| {})
+}
+
+/// [`nll_per_example`], calling `on_batch(examples done, tokens done)` after every batch.
+pub fn nll_per_example_with(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad_id: u32, on_batch: &mut dyn FnMut(usize, usize)) -> Result<Vec<ExampleNll>> {
     let mut out = Vec::with_capacity(examples.len());
+    let mut tokens_done = 0;
     for chunk in examples.chunks(batch_size.max(1)) {
         // A long evaluation must not hold up a Ctrl-C'd training run (no-op unless `train`
         // installed its signal handler).
@@ -46,8 +57,10 @@ pub fn nll_per_example(model: &Llama, examples: &[EncodedExample], batch_size: u
         if batch.pairs > 0 {
             return Err(Error::Model("the NLL of preference pairs is scored by their objective (DPO), not per example".into()));
         }
+        tokens_done += chunk.iter().map(|e| e.input_ids.len()).sum::<usize>();
         if batch.n_targets == 0 {
             out.extend(chunk.iter().map(|_| ExampleNll { nll_sum: 0.0, tokens: 0 }));
+            on_batch(out.len(), tokens_done);
             continue;
         }
         let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::eval())?;
@@ -61,6 +74,44 @@ pub fn nll_per_example(model: &Llama, examples: &[EncodedExample], batch_size: u
                 tokens: batch.targets[row].iter().filter(|&&x| x != -100).count(),
             });
         }
+        on_batch(out.len(), tokens_done);
     }
     Ok(out)
+}
+
+/// Progress of a long evaluation on stderr, at most one line every few seconds: examples done,
+/// tokens/s and the time left. Silent for evaluations that finish quickly.
+pub struct EvalProgress {
+    label: String,
+    total: usize,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl EvalProgress {
+    const EVERY_S: f64 = 5.0;
+
+    pub fn new(label: impl Into<String>, total: usize) -> Self {
+        let now = std::time::Instant::now();
+        Self { label: label.into(), total, started: now, last: now }
+    }
+
+    /// After a batch: `done` of the examples scored, `tokens` read so far. The line to show, when
+    /// one is due.
+    pub fn line(&mut self, done: usize, tokens: usize) -> Option<String> {
+        if self.last.elapsed().as_secs_f64() < Self::EVERY_S || done >= self.total {
+            return None;
+        }
+        self.last = std::time::Instant::now();
+        let secs = self.started.elapsed().as_secs_f64();
+        let left = secs / done.max(1) as f64 * (self.total - done) as f64;
+        Some(format!("{}: {done}/{} examples, {:.0} tokens/s, about {left:.0} s left", self.label, self.total, tokens as f64 / secs.max(1e-9)))
+    }
+
+    /// [`EvalProgress::line`], written to stderr.
+    pub fn update(&mut self, done: usize, tokens: usize) {
+        if let Some(l) = self.line(done, tokens) {
+            eprintln!("{l}");
+        }
+    }
 }

@@ -22,8 +22,12 @@ impl Progress {
         Self { bar, total }
     }
 
-    pub fn step(&self, step: usize, loss: f64, tokens_per_s: f64, log: bool) {
-        let msg = format!("loss {loss:.4}  {tokens_per_s:.0} tok/s");
+    /// Shows step `step` with that step's own loss, learning rate and gradient norm (none for a
+    /// zeroth-order step).
+    pub fn step(&self, step: usize, loss: f64, lr: f64, grad_norm: Option<f64>, tokens_per_s: f64, log: bool) {
+        let norm = grad_norm.map_or(String::new(), |g| format!("  grad norm {g:.3}"));
+        let lr = if lr == 0.0 { "0".to_string() } else { format!("{lr:.2e}") };
+        let msg = format!("loss {loss:.4}  lr {lr}{norm}  {tokens_per_s:.0} tok/s");
         match &self.bar {
             Some(b) => {
                 b.set_position(step as u64);

@@ -6,7 +6,7 @@
 //! so splitting a batch into micro-batches gives the same update.
 
 use super::checkpoint::{self, TrainerState};
-use super::eval::evaluate;
+use super::eval::{evaluate_with, EvalProgress};
 use super::grads::{step_gradients, step_loss, StepGradients, StepPlan};
 use super::zo_offload::ZoOffload;
 use crate::methods::offloaded::{self, OffloadedFull};
@@ -242,8 +242,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     if cfg.warmup_steps >= total_steps {
         eprintln!(
-            "warning: warmup_steps = {} is not below the run's {total_steps} steps: the learning rate never leaves warm-up (the first step trains at 0)",
-            cfg.warmup_steps
+            "warning: warmup_steps = {} is not below the run's {}: the learning rate never leaves warm-up (the first step trains at 0)",
+            cfg.warmup_steps,
+            plural(total_steps, "step")
         );
     }
     let sched = Scheduler {
@@ -280,7 +281,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
                 progress.println(&v.summary);
                 v.loss
             }),
-            None => evaluate(model, &data.val, cfg.micro_batch_size, pad_id).map(|r| r.loss),
+            None => {
+                let mut shown = EvalProgress::new("evaluating", data.val.len());
+                evaluate_with(model, &data.val, cfg.micro_batch_size, pad_id, &mut |d, t| {
+                    if let Some(line) = shown.line(d, t) {
+                        progress.println(&line);
+                    }
+                })
+                .map(|r| r.loss)
+            }
         };
         let loss = match scored {
             // Ctrl-C during an evaluation: skip it; the loop's signal check then saves and stops.
@@ -386,7 +395,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let tps = n_tokens as f64 / dt.max(1e-9);
         last_loss = Some(loss);
         let log = state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == total_steps;
-        progress.step(state.step, loss, tps, log);
+        progress.step(state.step, loss, lr, grad_norm, tps, log);
         let mut m = StepMetrics {
             step: state.step,
             loss: Some(loss),
@@ -508,8 +517,15 @@ fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prep
             data.skipped, cfg.sequence_len
         );
     }
-    if data.truncated > 0 {
-        eprintln!("note: {} of {total} examples were cut at sequence_len = {}", data.truncated, cfg.sequence_len);
+    // Per split, with the target tokens the cut removed (an answer's last line may be among them).
+    let cut = |v: &[crate::data::EncodedExample]| (v.iter().filter(|e| e.truncated).count(), v.iter().map(|e| e.targets_cut).sum::<usize>());
+    let ((train_cut, train_lost), (val_cut, val_lost)) = (cut(&data.train), cut(&data.val));
+    if train_cut + val_cut > 0 {
+        let mut parts = vec![format!("{train_cut} of {} training examples ({train_lost} target tokens lost)", data.train.len())];
+        if !data.val.is_empty() {
+            parts.push(format!("{val_cut} of {} validation examples ({val_lost} lost)", data.val.len()));
+        }
+        eprintln!("note: cut at sequence_len = {}: {}", cfg.sequence_len, parts.join(", "));
     }
     let context = model.config.max_position_embeddings;
     let longest = data.train.iter().chain(&data.val).map(|e| e.longest()).max().unwrap_or(0);
