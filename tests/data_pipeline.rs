@@ -1,6 +1,8 @@
 //! Dataset pipeline: formats, chat templates, tokenizer loading (HF dir and GGUF metadata),
 //! label masks, truncation, batches and data order.
 
+mod common;
+
 use ferrotune::data::batch::{epoch_order, make_batch};
 use ferrotune::data::encode::{alpaca_prompt, encode_example, render_for_inspection, EncodeOptions, EncodedExample};
 use ferrotune::data::formats::{DatasetFormat, Example, Message};
@@ -201,7 +203,7 @@ fn shared_datasets_parse() {
     ] {
         let path = Path::new(file);
         if !path.exists() {
-            println!("skipped {file}: not present");
+            common::skipped("shared datasets", &format!("{file} not present"));
             continue;
         }
         let recs = read_jsonl(path).unwrap();
@@ -672,7 +674,7 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
     let root = root();
     let (gguf, hf_dir) = (root.join(GGUF), root.join(HF_DIR));
     if !gguf.exists() || !hf_dir.join("tokenizer.json").exists() {
-        println!("SKIPPED smollm2_gguf_tokenizer_matches_transformers: {GGUF} or {HF_DIR}/tokenizer.json missing");
+        common::skipped("smollm2_gguf_tokenizer_matches_transformers", &format!("{GGUF} or {HF_DIR}/tokenizer.json missing"));
         return;
     }
     let file = GgufFile::open(&gguf).unwrap();
@@ -734,7 +736,7 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
             assert_eq!(g.encode(r[t].as_str().unwrap(), true).unwrap(), ids, "{t}");
         }
     } else {
-        println!("reference texts skipped: {REFERENCE} missing");
+        common::skipped("smollm2_gguf_tokenizer_matches_transformers (reference texts)", &format!("{REFERENCE} missing"));
     }
     // Chat template from the GGUF = transformers' chat_template.jinja.
     let conv = [msg("user", "What is 2+2?"), msg("assistant", "4")];

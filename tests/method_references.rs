@@ -29,7 +29,7 @@ fn reference(name: &str) -> Value {
 /// eval losses against `results` (a node of it). `extra` adds plan lines.
 fn check_against_reference(name: &str, results: &Value, adapter: &str, init: &Path, extra: &str) {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        common::skipped("method_references", "SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
     let reference = reference(name);
@@ -127,7 +127,7 @@ fn corda_training_matches_peft_reference() {
 #[test]
 fn corda_init_matches_peft_decomposition() {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found");
+        common::skipped("method_references", "SmolLM2 GGUF not found");
         return;
     };
     use ferrotune::methods::{registry, TargetModules};
@@ -185,7 +185,7 @@ fn eva_training_matches_peft_reference() {
 #[test]
 fn eva_ranks_match_the_exact_pca_rule() {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found");
+        common::skipped("method_references", "SmolLM2 GGUF not found");
         return;
     };
     use ferrotune::methods::{registry, TargetModules};
@@ -219,7 +219,7 @@ fn eva_ranks_match_the_exact_pca_rule() {
 #[test]
 fn dpo_training_matches_trl_reference() {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found");
+        common::skipped("method_references", "SmolLM2 GGUF not found");
         return;
     };
     let r = reference("dpo");

@@ -26,7 +26,7 @@ fn floats(v: &Value) -> Vec<f64> {
 #[test]
 fn lora_training_matches_peft_reference() {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        common::skipped("peft_reference", "SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap()).unwrap();
@@ -128,7 +128,7 @@ threads = 2
 fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
     let hf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/smollm2-135m-hf");
     let (Some(gguf), true) = (common::smollm2_gguf(), hf_dir.join("model.safetensors").is_file()) else {
-        eprintln!("skipped: needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (run ../shared/bench/peers/setup.sh)");
+        common::skipped("gguf_loads_to_the_same_weights_as_transformers_dequantized_copy", "needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (transformers' dequantized copy, made by the PyTorch peers' setup)");
         return;
     };
     let a = load::load_model_with(&gguf, &load::LoadOptions::f32()).unwrap();

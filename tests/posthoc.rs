@@ -270,7 +270,7 @@ fn an_adapter_input_is_folded_into_the_base_first() {
 #[test]
 fn intruder_mitigation_matches_peft() {
     let Some(gguf) = smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        common::skipped("intruder_mitigation_matches_peft", "SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft-reference/methods");

@@ -340,7 +340,7 @@ fn spt_keeps_the_contract_with_both_kinds_of_tuning() {
 #[test]
 fn sparse_methods_change_exactly_their_entries_of_the_real_model() {
     let Some(gguf) = common::smollm2_gguf() else {
-        eprintln!("skipped: SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
+        common::skipped("sparse_methods_change_exactly_their_entries_of_the_real_model", "SmolLM2 GGUF not found (set FERROTUNE_SMOLLM2_GGUF or run .ci/run / the quickstart to fetch it)");
         return;
     };
     let flat = |m: &ferrotune::models::Llama| -> Vec<(String, Vec<f32>)> { m.named_weights().unwrap().into_iter().map(|(n, t)| (n, t.flatten_all().unwrap().to_vec1().unwrap())).collect() };

@@ -280,3 +280,16 @@ pub fn perturb(params: &[candle_core::Var], seed: u64) {
         v.set(&candle_core::Tensor::from_vec(vals, v.shape(), v.device()).unwrap()).unwrap();
     }
 }
+
+/// Records that `test` could not run its checks here (a model or an interpreter is missing):
+/// printed, and appended to `skipped-tests.txt` in cargo's test scratch folder, which `.ci/run`
+/// prints after the suite, so a skip is never silent behind a passing count.
+pub fn skipped(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped-tests.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        use std::io::Write;
+        // One write of the whole line: appends from tests running in parallel do not interleave.
+        let _ = f.write_all(format!("{test}: {reason}\n").as_bytes());
+    }
+}
