@@ -141,6 +141,10 @@ pub struct TrainConfig {
     /// Append the EOS token (as a target) to text, completion and alpaca examples.
     #[serde(default = "d_true")]
     pub add_eos: bool,
+    /// What the adapter records as its base (`base_model_name_or_path`): a hub-style name or an
+    /// absolute path for those who load it elsewhere (default: `base_model` as written).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_name: Option<String>,
     #[serde(default = "d_true")]
     pub shuffle: bool,
     pub output_dir: PathBuf,

@@ -38,8 +38,10 @@ fn train_eval_merge_generate_inspect() {
     )
     .unwrap();
 
-    let (ok, out, err) = ferrotune(&["train", "run.toml", "--set", "learning_rate=0.01", "--set", "micro_batch_size=2"], dir);
+    let (ok, out, err) = ferrotune(&["train", "run.toml", "--set", "learning_rate=0.01", "--set", "micro_batch_size=2", "--set", "base_model_name=\"org/tiny-model\""], dir);
     assert!(ok, "train failed: {err}");
+    let acfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out/adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(acfg["base_model_name_or_path"], "org/tiny-model", "the adapter records the base as the plan names it");
     let summary = last_json(&out);
     assert_eq!(summary["steps"], 2);
     assert!(dir.join("out/adapter/adapter_model.safetensors").is_file());

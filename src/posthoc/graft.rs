@@ -4,7 +4,7 @@
 //! re-trained, entries outside the mask stay `θ0` exactly.
 //!
 //! 1. Base patch `γ0`: the `s·N` entries of largest `|τ|` over every changed linear module
-//!    (`N` their entries; embeddings, norms and the head are not grafted).
+//!    (`N` their entries; embeddings, norms, biases and the head are not grafted).
 //! 2. Scores `S ~ U[0, 1)`, bias `b` (10): relaxed mask `m = γ0 + (1 − 2γ0) ⊙ σ(S − b)`, which
 //!    starts at `γ0` within σ(−9) ≈ 1.2e-4.
 //! 3. Loss of `θ0 + m ⊙ τ` on the data; `∇_S = (1 − 2γ0) ⊙ (∇_θ L ⊙ τ) ⊙ σ'(S − b)`; plain

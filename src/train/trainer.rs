@@ -255,7 +255,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     };
     write_run_json(cfg, &model, method.as_ref(), objective.as_ref(), &data, total_steps, &fingerprint, &memory)?;
     let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
-    let base_name = base_model_name(&cfg.base_model);
+    let base_name = cfg.base_model_name.clone().unwrap_or_else(|| base_model_name(&cfg.base_model));
 
     let progress = Progress::new(total_steps, state.step);
     let (trainable, base) = (method.num_params(), model.parameter_count());
