@@ -91,6 +91,30 @@ fn train_eval_merge_generate_inspect() {
         assert!(ok && err.contains("EFT: 3 models"), "EFT β = {beta} failed: {err}");
         assert_eq!(&out, want, "EFT at β = {beta}");
     }
+    // Many prompts from a file, decoded together: each completion is what `generate --prompt`
+    // gives alone (greedy); several samples per prompt when sampling.
+    write_lines(&dir.join("prompts.jsonl"), &["{\"prompt\": \"count to 3\"}".into(), "{\"question\": \"count to 5\"}".into(), "{\"text\": \"one two\"}".into()]);
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--data", "prompts.jsonl", "--out", "gen.jsonl", "--batch-size", "2", "--max-new-tokens", "5"], dir);
+    assert!(ok, "generate --data failed: {err}");
+    let gen: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("gen.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(gen.len(), 3);
+    for (g, p) in gen.iter().zip(["count to 3", "count to 5", "one two"]) {
+        let (ok, alone, _) = ferrotune(&["generate", "--model", "model", "--adapter", "out/adapter", "--chat", "--prompt", p, "--max-new-tokens", "5"], dir);
+        assert!(ok);
+        assert_eq!((g["prompt"].as_str(), g["completion"].as_str()), (Some(p), Some(alone.strip_suffix('\n').unwrap())), "{g}");
+    }
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--data", "prompts.jsonl", "--out", "gen3.jsonl", "--num-return-sequences", "3", "--temperature", "1", "--max-new-tokens", "4"], dir);
+    assert!(ok, "{err}");
+    let samples: Vec<(String, u64)> = std::fs::read_to_string(dir.join("gen3.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| (v["prompt"].as_str().unwrap().to_string(), v["sample"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(samples.len(), 9);
+    assert_eq!(samples[..3].iter().map(|s| s.1).collect::<Vec<_>>(), [0, 1, 2]);
+    let (ok, _, err) = ferrotune(&["generate", "--model", "model", "--prompt", "x", "--num-return-sequences", "2"], dir);
+    assert!(!ok && err.contains("--temperature"), "{err}");
     // Models whose tokenizers differ are refused, naming the flag.
     copy_dir(&dir.join("model"), &dir.join("other"));
     let tj = dir.join("other/tokenizer.json");

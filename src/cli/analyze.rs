@@ -19,23 +19,6 @@ pub struct TucoArgs<'a> {
     pub out: &'a Path,
 }
 
-/// The fields a prompt is read from, first found first.
-const PROMPT_FIELDS: [&str; 4] = ["prompt", "question", "instruction", "text"];
-
-/// Prompts from a JSONL file: each line's first field of [`PROMPT_FIELDS`].
-fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = crate::io_util::read_to_string(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        match PROMPT_FIELDS.iter().find_map(|f| v.get(*f)).and_then(|p| p.as_str()) {
-            Some(p) => out.push(p.to_string()),
-            None => bail!("{}:{}: expected a string field {}", path.display(), i + 1, PROMPT_FIELDS.map(|f| format!("`{f}`")).join(", ")),
-        }
-    }
-    Ok(out)
-}
-
 #[derive(serde::Serialize)]
 struct PromptTuco {
     prompt: String,
@@ -55,7 +38,7 @@ pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
     }
     let mut prompts = a.prompts.to_vec();
     if let Some(f) = a.prompts_file {
-        prompts.extend(read_prompts(f)?);
+        prompts.extend(super::read_prompts(f)?);
     }
     if prompts.is_empty() {
         bail!("give at least one --prompt TEXT or --prompts FILE.jsonl");

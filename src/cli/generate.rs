@@ -3,6 +3,7 @@ use crate::error::Error;
 use crate::session::Session;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use crate::decode::Completion;
 use std::time::Instant;
 
 /// Models combined at decode time (METHODS.md §7); empty `tuned` means plain generation.
@@ -17,9 +18,27 @@ pub struct Combination {
     pub cge_alpha: Option<f64>,
 }
 
-pub fn run(model: &Path, adapter: Option<&Path>, prompt: &str, chat: bool, opts: &SamplingOptions, combo: &Combination) -> anyhow::Result<()> {
+/// What to continue: one prompt, printed as it comes, or a file of them, written to `out`.
+pub enum Prompts {
+    One(String),
+    File { data: PathBuf, out: PathBuf, batch_size: usize },
+}
+
+pub fn run(model: &Path, adapter: Option<&Path>, prompts: &Prompts, chat: bool, n: usize, opts: &SamplingOptions, combo: &Combination) -> anyhow::Result<()> {
     opts.validate()?;
     check_flags(combo)?;
+    if n == 0 {
+        anyhow::bail!("--num-return-sequences must be at least 1");
+    }
+    if n > 1 && opts.temperature == 0.0 {
+        anyhow::bail!("--num-return-sequences {n} with greedy decoding gives {n} copies of one completion; set --temperature above 0");
+    }
+    let prompt = match prompts {
+        Prompts::One(p) if n == 1 => p.as_str(),
+        _ if !combo.tuned.is_empty() => anyhow::bail!("--tuned decodes one sequence from several models; give one --prompt and no --num-return-sequences"),
+        Prompts::One(p) => return run_many(model, adapter, &[p.clone()], None, 1, chat, n, opts),
+        Prompts::File { data, out, batch_size } => return run_many(model, adapter, &crate::cli::read_prompts(data)?, Some(out), *batch_size, chat, n, opts),
+    };
     let session = Session::load(model, adapter)?;
     let mut stdout = std::io::stdout();
     let mut print = |piece: &str| {
@@ -126,5 +145,53 @@ fn check_flags(c: &Combination) -> Result<(), Error> {
             format!("{} values for {} --tuned models; give one β for all, or one per --tuned, in order", c.beta.len(), c.tuned.len()),
         ));
     }
+    Ok(())
+}
+
+/// Completions of many prompts (or several of one), decoded `batch_size` prompts at a time with
+/// `n` samples each: to `out` as JSONL, or printed when there is no file.
+#[allow(clippy::too_many_arguments)]
+fn run_many(model: &Path, adapter: Option<&Path>, prompts: &[String], out: Option<&PathBuf>, batch_size: usize, chat: bool, n: usize, opts: &SamplingOptions) -> anyhow::Result<()> {
+    if prompts.is_empty() {
+        anyhow::bail!("no prompt to continue");
+    }
+    if batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if let Some(out) = out {
+        // A results file is the command's own output, replaced when run again (never a folder).
+        crate::io_util::check_output_path(out, crate::io_util::OutputKind::File, true)?;
+    }
+    let session = Session::load(model, adapter)?;
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| decode::prompt_ids(&session.tokenizer, p, chat)).collect::<crate::error::Result<_>>()?;
+    let stop = decode::stop_tokens(&session.model, &session.tokenizer);
+    let started = Instant::now();
+    let (mut lines, mut printed, mut tokens) = (String::new(), Vec::new(), 0);
+    for (c, chunk) in ids.chunks(batch_size).enumerate() {
+        // Each chunk's rows draw from streams of their own: the seed moves with the chunk.
+        let chunk_opts = SamplingOptions { seed: opts.seed.wrapping_add(c as u64), ..opts.clone() };
+        let done: Vec<Completion> = decode::generate_batch(&session.model, chunk, n, &chunk_opts, &stop, &mut |_, _| {})?;
+        for (r, comp) in done.iter().enumerate() {
+            let p = c * batch_size + r / n;
+            let text = session.tokenizer.decode(&comp.ids, true)?;
+            tokens += comp.ids.len();
+            let record = serde_json::json!({ "prompt": prompts[p], "sample": r % n, "completion": text, "tokens": comp.ids.len(), "stopped": comp.stop.is_some() });
+            lines.push_str(&(record.to_string() + "\n"));
+            printed.push((p, r % n, text));
+        }
+        eprintln!("generate: {}/{} prompts", (c * batch_size + chunk.len()).min(prompts.len()), prompts.len());
+    }
+    match out {
+        Some(out) => {
+            crate::io_util::write_atomic(out, lines.as_bytes())?;
+            eprintln!("{} completions written to {}", printed.len(), out.display());
+        }
+        None => {
+            for (p, s, text) in printed {
+                println!("--- prompt {} sample {}\n{text}", p + 1, s + 1);
+            }
+        }
+    }
+    report_speed("generate", 1, tokens, started);
     Ok(())
 }

@@ -10,8 +10,9 @@ mod inspect;
 mod merge;
 mod train;
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "ferrotune", version, about = "Parameter-efficient fine-tuning of pre-trained models")]
@@ -211,8 +212,21 @@ pub enum Command {
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// The text to continue (with --chat: the user's message).
-        #[arg(long)]
-        prompt: String,
+        #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+        prompt: Option<String>,
+        /// Many prompts: a JSONL file (each line's `prompt`, `question`, `instruction` or `text`),
+        /// decoded --batch-size at a time; the completions go to --out.
+        #[arg(long, requires = "out")]
+        data: Option<PathBuf>,
+        /// With --data: the JSONL file of results (prompt, sample, completion, tokens, stopped).
+        #[arg(long, requires = "data")]
+        out: Option<PathBuf>,
+        /// With --data: prompts decoded together.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Completions per prompt (each with its own random stream; use --temperature above 0).
+        #[arg(long, default_value_t = 1)]
+        num_return_sequences: usize,
         /// Wrap the prompt as a user message with the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -468,10 +482,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = eval::EvalOptions { format: &format, sequence_len, batch_size, objective: &objective, dpo_beta, task: task.as_ref(), limit, fake_quant };
             eval::run(&model, adapter.as_deref(), &data, &opts)
         }
-        Command::Generate { model, adapter, prompt, chat, max_new_tokens, temperature, top_p, seed, tuned, small_base, beta, cge, cge_gamma, cge_alpha } => {
+        Command::Generate { model, adapter, prompt, data, out, batch_size, num_return_sequences, chat, max_new_tokens, temperature, top_p, seed, tuned, small_base, beta, cge, cge_gamma, cge_alpha } => {
             let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };
             let combo = generate::Combination { tuned, small_base, beta, cge, cge_gamma, cge_alpha };
-            generate::run(&model, adapter.as_deref(), &prompt, chat, &opts, &combo)
+            let prompts = match (prompt, data, out) {
+                (Some(p), None, None) => generate::Prompts::One(p),
+                (None, Some(data), Some(out)) => generate::Prompts::File { data, out, batch_size },
+                _ => bail!("generate: give --prompt TEXT, or --data FILE.jsonl with --out FILE.jsonl"),
+            };
+            generate::run(&model, adapter.as_deref(), &prompts, chat, num_return_sequences, &opts, &combo)
         }
         Command::Merge { model, adapter, out, dtype, overwrite } => merge::run(&model, &adapter, &out, &dtype, overwrite),
         Command::Combine { model, inputs, weights, method, density, lambda, beta, lines_merge, top_k, threshold_epsilon, mitigation_lambda, format, out, dtype, quant, overwrite, graft } => combine::run(&combine::CombineArgs {
@@ -550,4 +569,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             bench::run(model.as_deref(), shape.as_deref(), &opts)
         }
     }
+}
+
+/// The fields a prompt is read from, first found first.
+pub(crate) const PROMPT_FIELDS: [&str; 4] = ["prompt", "question", "instruction", "text"];
+
+/// Prompts from a JSONL file: each line's first field of [`PROMPT_FIELDS`].
+pub(crate) fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = crate::io_util::read_to_string(path)?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        match PROMPT_FIELDS.iter().find_map(|f| v.get(*f)).and_then(|p| p.as_str()) {
+            Some(p) => out.push(p.to_string()),
+            None => bail!("{}:{}: expected a string field {}", path.display(), i + 1, PROMPT_FIELDS.map(|f| format!("`{f}`")).join(", ")),
+        }
+    }
+    Ok(out)
 }
