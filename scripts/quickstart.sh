@@ -9,6 +9,6 @@ cargo build --release
 # The quickstart is a demo: running it again starts its run again (--overwrite replaces only the
 # earlier quickstart run's files), unless asked to --resume it.
 case " $* " in
-  *" --resume "*) target/release/ferrotune train examples/quickstart/gsm8k-lora.toml "$@" ;;
-  *) target/release/ferrotune train examples/quickstart/gsm8k-lora.toml --overwrite "$@" ;;
+  *" --resume "*) target/release/ferrotune train examples/quickstart/gsm8k-chat-lora.toml "$@" ;;
+  *) target/release/ferrotune train examples/quickstart/gsm8k-chat-lora.toml --overwrite "$@" ;;
 esac

@@ -764,3 +764,18 @@ const TRANSFORMERS_IDS: &[(&str, &[u32])] = &[
     (" ", &[216]),
     ("", &[]),
 ];
+
+/// `type = "chat"` on prompt/response records makes a user turn and the assistant's reply, the
+/// same example as the explicit messages (what the quickstart trains an instruct model on).
+#[test]
+fn pair_records_read_as_chat_are_one_user_and_one_assistant_turn() {
+    let explicit = one(r#"{"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}"#, DatasetFormat::Chat).unwrap();
+    for rec in [r#"{"question": "What is 2+2?", "answer": "4"}"#, r#"{"prompt": "What is 2+2?", "completion": "4"}"#, r#"{"instruction": "What is 2+2?", "input": "", "output": "4"}"#] {
+        assert_eq!(one(rec, DatasetFormat::Chat).unwrap(), explicit, "{rec}");
+    }
+    let with_input = one(r#"{"instruction": "Add.", "input": "2 and 2", "output": "4"}"#, DatasetFormat::Chat).unwrap();
+    let want = one(r#"{"messages": [{"role": "user", "content": "Add.\n\n2 and 2"}, {"role": "assistant", "content": "4"}]}"#, DatasetFormat::Chat).unwrap();
+    assert_eq!(with_input, want);
+    // Auto still reads question/answer as a completion.
+    assert!(matches!(one(r#"{"question": "q", "answer": "a"}"#, DatasetFormat::Auto).unwrap(), Example::Completion { .. }));
+}

@@ -171,7 +171,22 @@ impl Example {
                 },
                 output: string_field(record, "output")?.to_string(),
             },
-            DatasetFormat::Chat => Example::Chat(messages_field(record)?),
+            DatasetFormat::Chat if map.contains_key("messages") => Example::Chat(messages_field(record)?),
+            // A prompt/response record asked for as chat: one user turn and the assistant's reply,
+            // so an instruct model trains in the format it is prompted in (`generate --chat`).
+            DatasetFormat::Chat => {
+                let pair = [("prompt", "completion"), ("question", "answer"), ("instruction", "output")];
+                let Some((q, a)) = pair.iter().find(|(q, a)| map.contains_key(*q) && map.contains_key(*a)) else {
+                    return messages_field(record).map(Example::Chat);
+                };
+                let mut user = string_field(record, q)?.to_string();
+                if *q == "instruction" {
+                    if let Some(Value::String(input)) = map.get("input").filter(|i| !matches!(i, Value::String(s) if s.is_empty())) {
+                        user = format!("{user}\n\n{input}");
+                    }
+                }
+                Example::Chat(vec![Message::new("user", &user), Message::new("assistant", string_field(record, a)?)])
+            }
             DatasetFormat::Preference => Example::Preference(super::preference::PreferencePair::from_record(record)?),
         })
     }
