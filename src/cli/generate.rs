@@ -1,9 +1,8 @@
-use crate::decode::{self, Combiner, SamplingOptions, TextPieces};
+use crate::decode::{self, Combiner, Completion, SamplingOptions, TextPieces};
 use crate::error::Error;
 use crate::session::Session;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use crate::decode::Completion;
 use std::time::Instant;
 
 /// Models combined at decode time (METHODS.md §7); empty `tuned` means plain generation.
@@ -64,7 +63,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompts: &Prompts, chat: bool, 
         .map(|(i, t)| {
             let name = if combo.tuned.len() == 1 { "--tuned".to_string() } else { format!("--tuned {}", i + 1) };
             // An adapter folder is a fine-tune of the small base; anything else is a whole model.
-            if t.join("adapter_config.json").is_file() {
+            if t.join(crate::methods::ADAPTER_CONFIG).is_file() {
                 load_checked(&session, small_base_path, Some(t), &name)
             } else {
                 load_checked(&session, t, None, &name)
