@@ -4,6 +4,7 @@
 //! system font is needed.
 
 use crate::error::{Error, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -63,26 +64,47 @@ fn tick_label(v: f64, span: f64) -> String {
     if s == "-0" { "0".into() } else { s }
 }
 
-/// Draws `series` as lines with a legend and writes the PNG (8-bit RGB) to `path` atomically.
-pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
+/// A chart's plotting area: f64 on both axes.
+type Plot<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// What every chart shares: the bundled font, a white canvas of `chart.size` with the title, axes
+/// over `x` × `y`, the legend (upper right) after `draw` has drawn the mesh and the series, and the
+/// PNG written atomically.
+fn render(path: &Path, chart: &Chart, x: std::ops::Range<f64>, y: std::ops::Range<f64>, draw: impl FnOnce(&mut Plot) -> Result<()>) -> Result<()> {
     register_font();
     let (w, h) = chart.size;
     let mut rgb = vec![0u8; w as usize * h as usize * 3];
     {
         let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
-        let (x0, x1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
-        let (mut y0, mut y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
-        if chart.count_y {
-            (y0, y1) = (0.0, y1.max(1.0));
-        }
         let mut c = ChartBuilder::on(&root)
             .caption(chart.title, ("sans-serif", 22))
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
+            .build_cartesian_2d(x, y)
             .map_err(|e| plot_error(path, e))?;
+        draw(&mut c)?;
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()
+            .map_err(|e| plot_error(path, e))?;
+        root.present().map_err(|e| plot_error(path, e))?;
+    }
+    write_png(path, w, h, &rgb)
+}
+
+/// Draws `series` as lines with a legend and writes the PNG (8-bit RGB) to `path` atomically.
+pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
+    let (x0, x1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)));
+    let (mut y0, mut y1) = padded(series.iter().flat_map(|s| s.points.iter().map(|p| p.1)));
+    if chart.count_y {
+        (y0, y1) = (0.0, y1.max(1.0));
+    }
+    render(path, chart, x0..x1, y0..y1, |c| {
         let x_ticks = |x: &f64| if chart.integer_x { format!("{x:.0}") } else { tick_label(*x, x1 - x0) };
         let y_ticks = |y: &f64| if chart.count_y { format!("{y:.0}") } else { tick_label(*y, y1 - y0) };
         c.configure_mesh()
@@ -107,36 +129,16 @@ pub fn line_chart(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
                 c.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| plot_error(path, e))?;
             }
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| plot_error(path, e))?;
-        root.present().map_err(|e| plot_error(path, e))?;
-    }
-    write_png(path, w, h, &rgb)
+        Ok(())
+    })
 }
 
 /// Grouped bars: for each category (x), one bar per group, with a legend of the groups. For
 /// values side by side, such as a loss before and after fine-tuning on several files.
 pub fn bar_chart(path: &Path, chart: &Chart, categories: &[String], groups: &[(&str, Vec<f64>)]) -> Result<()> {
-    register_font();
-    let (w, h) = chart.size;
-    let mut rgb = vec![0u8; w as usize * h as usize * 3];
-    {
-        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
-        let top = groups.iter().flat_map(|g| g.1.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
-        let n = categories.len() as f64;
-        let mut c = ChartBuilder::on(&root)
-            .caption(chart.title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5..n - 0.5, 0.0..(top * 1.1).max(1e-9))
-            .map_err(|e| plot_error(path, e))?;
+    let top = groups.iter().flat_map(|g| g.1.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+    let n = categories.len() as f64;
+    render(path, chart, -0.5..n - 0.5, 0.0..(top * 1.1).max(1e-9), |c| {
         // Ticks at whole x values carry the category names; others stay blank.
         let name_at = |x: &f64| {
             let i = x.round();
@@ -165,16 +167,8 @@ pub fn bar_chart(path: &Path, chart: &Chart, categories: &[String], groups: &[(&
                 .label(*label)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(|e| plot_error(path, e))?;
-        root.present().map_err(|e| plot_error(path, e))?;
-    }
-    write_png(path, w, h, &rgb)
+        Ok(())
+    })
 }
 
 /// Encodes 8-bit RGB pixels as a PNG and writes it to `path` atomically.

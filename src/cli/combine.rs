@@ -155,10 +155,7 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
         Some(w) => w.iter().map(|&x| x as f32).collect(),
         None => vec![1.0; a.inputs.len()],
     };
-    check_output_path(a.out, kind, a.overwrite)?;
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
-    }
+    prepare_output(a, kind)?;
     if format == ExportFormat::Peft {
         concatenate_loras(a.model, a.inputs, &weights, a.out)?;
         eprintln!("task arithmetic of {} LoRA adapters (ranks stacked) written as a PEFT adapter to {}", a.inputs.len(), a.out.display());
@@ -175,19 +172,37 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     super::export::write_merged(&session, format, a.out, a.dtype, a.quant)
 }
 
+/// Refuses the first of `flags` that is set: it belongs to another rule than `--method method`,
+/// whose own settings are `own`.
+fn refuse_others(method: &str, own: &str, flags: &[(&str, bool)]) -> anyhow::Result<()> {
+    match flags.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => bail!("{flag} does not apply to --method {method} (its settings: {own})"),
+        None => Ok(()),
+    }
+}
+
+/// Checks `--out` for an output of `kind` and makes the folder it goes into.
+fn prepare_output(a: &CombineArgs, kind: OutputKind) -> anyhow::Result<()> {
+    check_output_path(a.out, kind, a.overwrite)?;
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
+    }
+    Ok(())
+}
+
 /// `--method intruders`: one LoRA adapter rewritten without its intruder dimensions.
 fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
-    for (flag, set) in [
-        ("--weights", a.weights.is_some()),
-        ("--density", a.density.is_some()),
-        ("--lambda", a.lambda.is_some()),
-        ("--beta", a.beta.is_some()),
-        ("--lines-merge", a.lines_merge.is_some()),
-    ] {
-        if set {
-            bail!("{flag} does not apply to --method intruders (its settings: --top-k, --threshold-epsilon, --mitigation-lambda)");
-        }
-    }
+    refuse_others(
+        "intruders",
+        "--top-k, --threshold-epsilon, --mitigation-lambda",
+        &[
+            ("--weights", a.weights.is_some()),
+            ("--density", a.density.is_some()),
+            ("--lambda", a.lambda.is_some()),
+            ("--beta", a.beta.is_some()),
+            ("--lines-merge", a.lines_merge.is_some()),
+        ],
+    )?;
     let [input] = a.inputs else { bail!("--method intruders rewrites one LoRA adapter: give one --inputs (got {})", a.inputs.len()) };
     let d = IntruderSettings::default();
     let settings = IntruderSettings {
@@ -232,20 +247,20 @@ fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
 /// sparse diff (`--format sparse`) or merged into the base.
 fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
     use crate::posthoc::graft::{Graft, GraftSettings};
-    for (flag, set) in [
-        ("--weights", a.weights.is_some()),
-        ("--density", a.density.is_some()),
-        ("--lambda", a.lambda.is_some()),
-        ("--beta", a.beta.is_some()),
-        ("--lines-merge", a.lines_merge.is_some()),
-        ("--top-k", a.top_k.is_some()),
-        ("--threshold-epsilon", a.threshold_epsilon.is_some()),
-        ("--mitigation-lambda", a.mitigation_lambda.is_some()),
-    ] {
-        if set {
-            bail!("{flag} does not apply to --method graft (its settings: --data, --val, --sparsity, --graft-lr, --graft-epochs, --batch-size, --sequence-len, --seed)");
-        }
-    }
+    refuse_others(
+        "graft",
+        "--data, --val, --sparsity, --graft-lr, --graft-epochs, --batch-size, --sequence-len, --seed",
+        &[
+            ("--weights", a.weights.is_some()),
+            ("--density", a.density.is_some()),
+            ("--lambda", a.lambda.is_some()),
+            ("--beta", a.beta.is_some()),
+            ("--lines-merge", a.lines_merge.is_some()),
+            ("--top-k", a.top_k.is_some()),
+            ("--threshold-epsilon", a.threshold_epsilon.is_some()),
+            ("--mitigation-lambda", a.mitigation_lambda.is_some()),
+        ],
+    )?;
     let g = a.graft;
     let [input] = a.inputs else { bail!("--method graft localizes the skill of one fine-tune: give one --inputs (got {})", a.inputs.len()) };
     let Some(data_path) = g.data.as_deref() else { bail!("--method graft needs the task's data to find the mask on: --data FILE.jsonl") };
@@ -281,10 +296,7 @@ fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
     if sequence_len == 0 {
         bail!("--sequence-len must be at least 1");
     }
-    check_output_path(a.out, kind, a.overwrite)?;
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io(parent, e))?;
-    }
+    prepare_output(a, kind)?;
 
     let mut session = crate::session::Session::load(a.model, None)?;
     let finetuned = crate::posthoc::fine_tuned_model(a.model, input)?;

@@ -71,10 +71,16 @@ struct FullSite {
     w: Var,
 }
 
+/// A site computed with a dense weight `w: [out, in]` of its own in place of the frozen one,
+/// differentiable in training, detached otherwise (full fine-tuning, grafting).
+pub(crate) fn dense_forward(w: &Var, x: &Tensor, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    let w = if ctx.train { w.as_tensor().clone() } else { w.as_detached_tensor() };
+    add_bias(x.broadcast_matmul(&w.t()?)?, b0)
+}
+
 impl SiteHook for FullSite {
     fn forward(&self, x: &Tensor, _w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let w = if ctx.train { self.w.as_tensor().clone() } else { self.w.as_detached_tensor() };
-        add_bias(x.broadcast_matmul(&w.t()?)?, b0)
+        dense_forward(&self.w, x, b0, ctx)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::formats::sparse_diff::{SparseDiff, SparseTensor};
 use crate::kernels::FrozenWeight;
-use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
+use crate::models::{ForwardCtx, Llama, SiteHook};
 use crate::objectives::{Objective, Sft};
 use crate::rng::SplitMix64;
 use crate::train::grads::{step_gradients, StepPlan};
@@ -88,8 +88,7 @@ struct GraftHook {
 
 impl SiteHook for GraftHook {
     fn forward(&self, x: &Tensor, _w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let w = if ctx.train { self.w.as_tensor().clone() } else { self.w.as_detached_tensor() };
-        add_bias(x.broadcast_matmul(&w.t()?)?, b0)
+        crate::methods::full::dense_forward(&self.w, x, b0, ctx)
     }
 }
 
