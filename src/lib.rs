@@ -9,6 +9,7 @@ pub mod analysis;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod data;
 pub mod decode;
 pub mod export;

@@ -173,6 +173,56 @@ fn train_eval_merge_generate_inspect() {
     assert!(!ok && err.contains("lora_rank") && !err.contains("panicked"), "{err}");
 }
 
+/// `--json-logs`: every stderr line is one JSON event, the steps and evaluations among them with
+/// the values metrics.jsonl records; `--quiet`: nothing on stderr but warnings; errors in both.
+#[test]
+fn json_logs_and_quiet_modes() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    write_tiny_hf(&dir.join("model"), &TinySpec::default());
+    let texts: Vec<String> = (0..8).map(|i| serde_json::json!({ "text": format!("{i} and {} make {}", i + 1, 2 * i + 1) }).to_string()).collect();
+    write_lines(&dir.join("data.jsonl"), &texts);
+    std::fs::write(
+        dir.join("run.toml"),
+        "base_model = \"model\"\ndatasets = [{ path = \"data.jsonl\", type = \"text\" }]\nval_size = 2\nlora_r = 2\nmax_steps = 3\nlogging_steps = 1\nmicro_batch_size = 2\n",
+    )
+    .unwrap();
+
+    let (ok, out, err) = ferrotune(&["train", "run.toml", "--json-logs", "--set", "output_dir=\"json\""], dir);
+    assert!(ok, "train --json-logs failed: {err}");
+    assert_eq!(last_json(&out)["steps"], 3, "the result stays on stdout");
+    let events: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect();
+    assert!(events.iter().all(|e| e["event"].is_string()), "{err}");
+    let of = |kind: &str| events.iter().filter(|e| e["event"] == kind).collect::<Vec<_>>();
+    assert!(of("note").iter().any(|e| e["message"].as_str().unwrap().starts_with("trainable params")), "{err}");
+    let metrics: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("json/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let steps = of("step");
+    assert_eq!(steps.len(), 3, "{err}");
+    for (i, s) in steps.iter().enumerate() {
+        let m = metrics.iter().find(|m| m["step"] == i + 1 && m.get("loss").is_some()).expect("the step is in metrics.jsonl");
+        assert_eq!((s["step"].as_u64(), &s["loss"], &s["lr"]), (Some(i as u64 + 1), &m["loss"], &m["lr"]));
+    }
+    let evals = of("eval");
+    assert_eq!(evals.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 3], "{err}");
+    let logged: Vec<&serde_json::Value> = metrics.iter().filter(|m| m.get("eval_loss").is_some()).map(|m| &m["eval_loss"]).collect();
+    assert_eq!(evals.iter().map(|e| &e["eval_loss"]).collect::<Vec<_>>(), logged);
+
+    // A run that trains at lr 0 throughout: its warning is shown even under --quiet, and nothing else.
+    let (ok, out, err) = ferrotune(&["-q", "train", "run.toml", "--set", "output_dir=\"quiet\"", "--set", "warmup_steps=5"], dir);
+    assert!(ok, "train --quiet failed: {err}");
+    assert_eq!(last_json(&out)["steps"], 3);
+    assert!(err.starts_with("warning: warmup_steps = 5") && err.lines().count() == 1, "--quiet printed more than the warning:\n{err}");
+
+    let (ok, _, err) = ferrotune(&["eval", "--quiet", "--model", "model", "--data", "data.jsonl"], dir);
+    assert!(ok && err.is_empty(), "eval --quiet printed: {err}");
+    let (ok, _, err) = ferrotune(&["eval", "--json-logs", "--model", "missing-dir", "--data", "data.jsonl"], dir);
+    let last: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).expect("the error is a JSON line");
+    assert!(!ok && last["event"] == "error" && last["message"].as_str().unwrap().contains("missing-dir"), "{err}");
+    let (ok, _, err) = ferrotune(&["eval", "--quiet", "--json-logs", "--model", "model", "--data", "data.jsonl"], dir);
+    assert!(!ok && err.contains("--quiet") && err.contains("--json-logs"), "{err}");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {

@@ -674,7 +674,7 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
     let root = root();
     let (gguf, hf_dir) = (root.join(GGUF), root.join(HF_DIR));
     if !gguf.exists() || !hf_dir.join("tokenizer.json").exists() {
-        common::skipped("smollm2_gguf_tokenizer_matches_transformers", &format!("{GGUF} or {HF_DIR}/tokenizer.json missing"));
+        common::skipped("smollm2_gguf_tokenizer_matches_transformers", &format!("{GGUF} or {HF_DIR}/tokenizer.json missing (scripts/make-hf-copy.sh makes them)"));
         return;
     }
     let file = GgufFile::open(&gguf).unwrap();

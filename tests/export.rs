@@ -182,7 +182,7 @@ fn smollm2_tokenizer_metadata_matches_the_published_gguf() {
         .into_iter()
         .find(|p| p.is_file());
     let (true, Some(gguf)) = (hf.join("tokenizer.json").is_file(), gguf) else {
-        common::skipped("export (HF tokenizer files)", "needs .peers/smollm2-135m-hf and the SmolLM2 GGUF");
+        common::skipped("export (HF tokenizer files)", "needs .peers/smollm2-135m-hf (transformers' copy, made by scripts/make-hf-copy.sh) and the SmolLM2 GGUF");
         return;
     };
     let cfg = ferrotune::models::ModelConfig::from_hf_json(&hf.join("config.json"), &std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();

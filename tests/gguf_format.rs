@@ -1347,26 +1347,23 @@ elif mode == "quant":
         np.ascontiguousarray(q).tofile(f"{out}/{name}.q")
 "#;
 
-/// The colleague-provided interpreter, if it exists and can import gguf.
-/// A Python with gguf-py and numpy: the PyTorch peers' venv, or the small one `.ci/run` makes.
+/// A Python with gguf-py and numpy: the PyTorch peers' venv, or the one `.ci/run` makes; the
+/// first of them that imports both.
 fn gguf_python() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [root.join(".peers/venv/bin/python"), root.join(".ci-venv/bin/python")];
-    let Some(py) = candidates.iter().find(|p| p.exists()).cloned() else {
-        return Err(format!("neither {} nor {} exists (`.ci/run` makes the second)", candidates[0].display(), candidates[1].display()));
-    };
-    let out = Command::new(&py)
-        .args(["-c", "import gguf, numpy"])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", py.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} cannot import gguf: {}",
-            py.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let mut why = Vec::new();
+    for py in [root.join(".peers/venv/bin/python"), root.join(".ci-venv/bin/python")] {
+        if !py.exists() {
+            why.push(format!("{} does not exist", py.display()));
+            continue;
+        }
+        match Command::new(&py).args(["-c", "import gguf, numpy"]).output() {
+            Ok(out) if out.status.success() => return Ok(py),
+            Ok(out) => why.push(format!("{} cannot import gguf: {}", py.display(), String::from_utf8_lossy(&out.stderr).trim())),
+            Err(e) => why.push(format!("cannot run {}: {e}", py.display())),
+        }
     }
-    Ok(py)
+    Err(format!("{} (`.ci/run` makes the second)", why.join("; ")))
 }
 
 /// Runs the parity script; once the interpreter is known to work, any failure is a test

@@ -128,7 +128,7 @@ threads = 2
 fn gguf_loads_to_the_same_weights_as_transformers_dequantized_copy() {
     let hf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/smollm2-135m-hf");
     let (Some(gguf), true) = (common::smollm2_gguf(), hf_dir.join("model.safetensors").is_file()) else {
-        common::skipped("gguf_loads_to_the_same_weights_as_transformers_dequantized_copy", "needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (transformers' dequantized copy, made by the PyTorch peers' setup)");
+        common::skipped("gguf_loads_to_the_same_weights_as_transformers_dequantized_copy", "needs the SmolLM2 GGUF and .peers/smollm2-135m-hf (transformers' dequantized copy, made by scripts/make-hf-copy.sh)");
         return;
     };
     let a = load::load_model_with(&gguf, &load::LoadOptions::f32()).unwrap();

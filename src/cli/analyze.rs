@@ -75,7 +75,7 @@ pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
         let logits = crate::kernels::lm_head_logits(&ft_model.final_norm(&r.residual)?, ft_model.head_weight())?;
         let last: Vec<f32> = logits.get(ids.len() - 1)?.to_vec1()?;
         let next = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i) as u32;
-        eprintln!("TuCo {:.4}  {p:?}", r.tuco);
+        crate::note!("TuCo {:.4}  {p:?}", r.tuco);
         results.push(PromptTuco {
             prompt: p.clone(),
             tokens: ids.len(),
@@ -105,7 +105,7 @@ pub fn run_tuco(a: &TucoArgs) -> anyhow::Result<()> {
         count_y: false,
     };
     crate::plot::line_chart(&a.out.join("tuco.png"), &chart, &series)?;
-    eprintln!("mean TuCo {mean:.4} over {} prompts; tuco.json and tuco.png written to {}", results.len(), a.out.display());
+    crate::note!("mean TuCo {mean:.4} over {} prompts; tuco.json and tuco.png written to {}", results.len(), a.out.display());
     Ok(())
 }
 
@@ -179,8 +179,8 @@ pub fn run_intruders(a: &IntruderArgs) -> anyhow::Result<()> {
         count_y: true,
     };
     crate::plot::line_chart(&a.out.join("intruders_by_layer.png"), &chart, &series)?;
-    eprintln!("{changed} changed modules ({unchanged} unchanged), top {}: intruders at ε = 0.5: {}", a.top_k, totals[4]);
-    eprintln!("intruders.json, intruders_by_epsilon.png and intruders_by_layer.png written to {}", a.out.display());
+    crate::note!("{changed} changed modules ({unchanged} unchanged), top {}: intruders at ε = 0.5: {}", a.top_k, totals[4]);
+    crate::note!("intruders.json, intruders_by_epsilon.png and intruders_by_layer.png written to {}", a.out.display());
     Ok(())
 }
 
@@ -215,7 +215,7 @@ pub struct ForgettingArgs<'a> {
 /// fine-tuned model, with the examples that got most worse.
 pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
     use crate::analysis::forgetting;
-    use crate::train::eval::nll_per_example_with;
+    use crate::train::eval::{nll_per_example_with, show_progress};
     if a.adapter.is_some() == a.finetuned.is_some() {
         bail!("give the fine-tune as --adapter DIR (of --model) or as --finetuned MODEL, one of them");
     }
@@ -247,16 +247,15 @@ pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
             bail!("{}: no example has a target token to score ({} records)", path.display(), data.stats.records);
         }
         let name_of = path.display().to_string();
-        let mut pb = crate::train::eval::EvalProgress::new(format!("{name_of}, pre-trained"), data.examples.len());
-        let b = nll_per_example_with(&before.model, &data.examples, a.batch_size, pad, &mut |d, t| pb.update(d, t))?;
-        let mut pf = crate::train::eval::EvalProgress::new(format!("{name_of}, fine-tuned"), data.examples.len());
-        let f = nll_per_example_with(&after.model, &data.examples, a.batch_size, pad, &mut |d, t| pf.update(d, t))?;
+        let n = data.examples.len();
+        let b = nll_per_example_with(&before.model, &data.examples, a.batch_size, pad, &mut show_progress(format!("{name_of}, pre-trained"), n))?;
+        let f = nll_per_example_with(&after.model, &data.examples, a.batch_size, pad, &mut show_progress(format!("{name_of}, fine-tuned"), n))?;
         let name = path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned());
         let r = forgetting::compare(&name, &b, &f);
         if !(r.loss_before.is_finite() && r.loss_after.is_finite()) {
             bail!("{}: the loss is not finite (before {}, after {}): a model produces non-finite logits", path.display(), r.loss_before, r.loss_after);
         }
-        eprintln!("{name}: loss {:.4} → {:.4} ({:+.4}, perplexity ×{:.3}) over {} tokens", r.loss_before, r.loss_after, r.change, r.perplexity_ratio, r.tokens);
+        crate::note!("{name}: loss {:.4} → {:.4} ({:+.4}, perplexity ×{:.3}) over {} tokens", r.loss_before, r.loss_after, r.change, r.perplexity_ratio, r.tokens);
         files.push(r);
     }
     std::fs::create_dir_all(a.out).map_err(|e| crate::Error::io(a.out, e))?;
@@ -273,7 +272,7 @@ pub fn run_forgetting(a: &ForgettingArgs) -> anyhow::Result<()> {
         count_y: false,
     };
     crate::plot::bar_chart(&a.out.join("forgetting.png"), &chart, &names, &groups)?;
-    eprintln!("forgetting.json and forgetting.png written to {}", a.out.display());
+    crate::note!("forgetting.json and forgetting.png written to {}", a.out.display());
     Ok(())
 }
 
@@ -333,6 +332,6 @@ pub fn run_report(model: &Path, adapter: Option<&Path>, finetuned: Option<&Path>
     };
     crate::plot::line_chart(&out.join("spectra.png"), &chart, &series)?;
     let mean_eff = modules.iter().map(|(_, s)| s.effective_rank).sum::<f64>() / modules.len() as f64;
-    eprintln!("{} changed modules, mean effective rank {mean_eff:.2}; report.json, norms_by_layer.png and spectra.png written to {}", modules.len(), out.display());
+    crate::note!("{} changed modules, mean effective rank {mean_eff:.2}; report.json, norms_by_layer.png and spectra.png written to {}", modules.len(), out.display());
     Ok(())
 }

@@ -158,17 +158,17 @@ pub fn run(a: &CombineArgs) -> anyhow::Result<()> {
     prepare_output(a, kind)?;
     if format == ExportFormat::Peft {
         concatenate_loras(a.model, a.inputs, &weights, a.out)?;
-        eprintln!("task arithmetic of {} LoRA adapters (ranks stacked) written as a PEFT adapter to {}", a.inputs.len(), a.out.display());
+        crate::note!("task arithmetic of {} LoRA adapters (ranks stacked) written as a PEFT adapter to {}", a.inputs.len(), a.out.display());
         return Ok(());
     }
     let (session, report) = combine(a.model, a.inputs, &weights, &rule)?;
     for (input, l1) in a.inputs.iter().zip(&report.input_l1) {
-        eprintln!("{}: ‖τ‖₁ = {l1:.6e}", input.display());
+        crate::note!("{}: ‖τ‖₁ = {l1:.6e}", input.display());
     }
     if let Some((alpha, beta)) = report.lines {
-        eprintln!("LiNeS: α = {alpha:.6}, β = {beta:.6} (block l of L scaled by α + β·l/(L−1))");
+        crate::note!("LiNeS: α = {alpha:.6}, β = {beta:.6} (block l of L scaled by α + β·l/(L−1))");
     }
-    eprintln!("{} of {} inputs over {} tensors: ‖θ − θ0‖₁ = {:.6e}", a.method, a.inputs.len(), report.tensors, report.merged_l1);
+    crate::note!("{} of {} inputs over {} tensors: ‖θ − θ0‖₁ = {:.6e}", a.method, a.inputs.len(), report.tensors, report.merged_l1);
     super::export::write_merged(&session, format, a.out, a.dtype, a.quant)
 }
 
@@ -223,7 +223,7 @@ fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
     check_output_path(a.out, kind, a.overwrite)?;
     let mut r = reduce_intruders(a.model, input, &settings)?;
     let hit = r.with_intruders();
-    eprintln!(
+    crate::note!(
         "intruder dimensions (top {}, |cos| < {}, scaled by {}): {} of {} modules",
         settings.top_k,
         settings.threshold,
@@ -232,11 +232,11 @@ fn run_intruders(a: &CombineArgs) -> anyhow::Result<()> {
         r.modules.len()
     );
     for (site, idx) in &hit {
-        eprintln!("  {site}: {idx:?}");
+        crate::note!("  {site}: {idx:?}");
     }
     if format == ExportFormat::Peft {
         r.write_adapter(input, a.out)?;
-        eprintln!("PEFT adapter written to {}", a.out.display());
+        crate::note!("PEFT adapter written to {}", a.out.display());
         return Ok(());
     }
     r.merge_into_base()?;
@@ -325,7 +325,7 @@ fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
     let loss_ft = crate::train::evaluate(&finetuned, judge, settings.batch_size, pad)?.loss;
     let mut graft = Graft::attach(&mut session.model, &finetuned, settings)?;
     drop(finetuned);
-    eprintln!(
+    crate::note!(
         "graft: {} changed modules, {} entries; base patch {} entries (s = {}); loss {loss_base:.4} (base) … {loss_ft:.4} (fine-tuned) on {}",
         graft.sites.len(),
         graft.entries(),
@@ -335,7 +335,7 @@ fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
     );
     let recovered = |loss: f64| if loss_base != loss_ft { (loss_base - loss) / (loss_base - loss_ft) } else { f64::NAN };
     let (masks, history) = graft.optimise(&session.model, &train, val.as_deref(), pad, &mut |r| {
-        eprintln!(
+        crate::note!(
             "graft epoch {}: {} entries, loss {:.4} ({:.1} % of the fine-tune's gain){}",
             r.epoch,
             r.entries,
@@ -360,7 +360,7 @@ fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
         "loss_grafted": best.mask_loss,
         "history": history,
     });
-    eprintln!(
+    crate::note!(
         "graft: kept epoch {}'s mask, {} entries ({:.2e} of the changed modules'), loss {:.4}, {:.1} % of the fine-tune's gain",
         best.epoch,
         best.entries,
@@ -374,7 +374,7 @@ fn run_graft(a: &CombineArgs) -> anyhow::Result<()> {
             graft.diff(&masks).save(&a.out.join(crate::methods::ADAPTER_WEIGHTS))?;
             let cfg = crate::methods::graft::config(&a.model.display().to_string(), record);
             crate::io_util::write_atomic(&a.out.join(crate::methods::ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
-            eprintln!("graft written to {} (a sparse diff; `eval`, `merge` and `export` read it as an adapter)", a.out.display());
+            crate::note!("graft written to {} (a sparse diff; `eval`, `merge` and `export` read it as an adapter)", a.out.display());
             Ok(())
         }
         Some(f) => {

@@ -1,7 +1,7 @@
 use crate::config::DatasetSpec;
 use crate::data::EncodeOptions;
 use crate::train::dataset::load_spec;
-use crate::train::eval::{evaluate_with, EvalProgress};
+use crate::train::eval::{evaluate_with, show_progress};
 use crate::objectives::reward::{Reward, RewardError};
 use std::path::{Path, PathBuf};
 
@@ -69,7 +69,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -
         data.examples.truncate(n);
     }
     if data.stats.without_targets > 0 {
-        eprintln!("note: {} examples have no target token and were skipped", data.stats.without_targets);
+        crate::note!("note: {} examples have no target token and were skipped", data.stats.without_targets);
     }
     if data.examples.is_empty() {
         anyhow::bail!(
@@ -85,7 +85,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -
             anyhow::bail!("{}: holds preference pairs; --task scores prompts with one reference completion each", data_path.display());
         }
         let (score, predictions) = crate::decode::task::score(&session.model, &session.tokenizer, &data.examples, reward, task.max_new_tokens, batch_size, &mut |done, total| {
-            eprintln!("{}: {done}/{total} examples generated", task.name);
+            crate::note!("{}: {done}/{total} examples generated", task.name);
         })?;
         if let Some(path) = &task.predictions {
             let lines: String = predictions.iter().map(|p| serde_json::to_string(p).expect("serialisable") + "\n").collect();
@@ -108,8 +108,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, data: &Path, o: &EvalOptions) -
     if pairs > 0 {
         anyhow::bail!("{}: holds preference pairs; score them with --objective dpo", data_path.display());
     }
-    let mut progress = EvalProgress::new("eval", data.examples.len());
-    let r = evaluate_with(&session.model, &data.examples, batch_size, session.tokenizer.pad_id(), &mut |d, t| progress.update(d, t))?;
+    let r = evaluate_with(&session.model, &data.examples, batch_size, session.tokenizer.pad_id(), &mut show_progress("eval", data.examples.len()))?;
     if !r.loss.is_finite() {
         anyhow::bail!(
             "the loss over {} is {} ({} target tokens): the model{} produces non-finite logits",
@@ -167,14 +166,11 @@ pub fn run_as_trained(dir: &Path, adapter: Option<&Path>, base_only: bool) -> an
     let pad = session.tokenizer.pad_id();
     let loss = match objective.validation_score(&session.model, &data.val, cfg.micro_batch_size, pad) {
         Some(score) => score?.loss,
-        None => {
-            let mut progress = EvalProgress::new("eval", data.val.len());
-            evaluate_with(&session.model, &data.val, cfg.micro_batch_size, pad, &mut |d, t| progress.update(d, t))?.loss
-        }
+        None => evaluate_with(&session.model, &data.val, cfg.micro_batch_size, pad, &mut show_progress("eval", data.val.len()))?.loss,
     };
     let reported = reported_eval(&dir.join(crate::train::run_dir::METRICS_FILE), base_only);
     if let Some(r) = reported {
-        eprintln!("eval loss {loss:.6}; the run reported {r:.6} {}", if base_only { "before training" } else { "at its end" });
+        crate::note!("eval loss {loss:.6}; the run reported {r:.6} {}", if base_only { "before training" } else { "at its end" });
     }
     println!(
         "{}",

@@ -52,25 +52,25 @@ pub fn run(a: &ExportArgs) -> anyhow::Result<()> {
         ExportFormat::GgufLora => {
             let dtype = parse_lora_type(a.dtype.unwrap_or("f32"))?;
             for note in gx::check_lora_representable(a.adapter)? {
-                eprintln!("note: {note}");
+                crate::note!("note: {note}");
             }
             let session = load()?;
             let details = session.method.as_ref().expect("loaded with an adapter").describe();
             if details["use_rslora"].as_bool() == Some(true) {
                 let (r, s) = (details["rank"].as_f64().unwrap_or(0.0), details["scaling"].as_f64().unwrap_or(0.0));
-                eprintln!(
+                crate::note!(
                     "note: rsLoRA adapter (scaling α/√r = {s:.6} at r = {r}); llama.cpp scales by adapter.lora.alpha / r and has no rsLoRA flag, so adapter.lora.alpha = α·√r = {:.6} is written",
                     s * r
                 );
             }
             let r = gx::write_gguf_lora(&session, a.out, dtype)?;
             if r.rescaled > 0 {
-                eprintln!(
+                crate::note!(
                     "note: {} modules have a scaling other than adapter.lora.alpha / r (per-module ranks or alphas); their lora_b is scaled to give the same product",
                     r.rescaled
                 );
             }
-            eprintln!(
+            crate::note!(
                 "LoRA GGUF ({} pairs, r = {}, adapter.lora.alpha = {}, arch {}, {dtype}) written to {}",
                 r.pairs,
                 r.rank,
@@ -108,7 +108,7 @@ pub(super) fn write_merged(session: &Session, format: ExportFormat, out: &Path, 
         let d = dtype.unwrap_or("f32");
         let dtype = SaveDType::parse(d).ok_or_else(|| anyhow!("--dtype `{d}`: expected f32, bf16 or f16"))?;
         crate::export::merged::write_hf_dir(session, out, dtype)?;
-        eprintln!("merged model (safetensors, {d}) written to {}", out.display());
+        crate::note!("merged model (safetensors, {d}) written to {}", out.display());
         return Ok(());
     }
     let quant = parse_merged_type(quant.unwrap_or("q8_0"))?;
@@ -124,10 +124,10 @@ pub(super) fn write_merged(session: &Session, format: ExportFormat, out: &Path, 
     for ((row, used), names) in &groups {
         let shown = names.iter().take(3).copied().collect::<Vec<_>>().join(", ");
         let more = if names.len() > 3 { format!(", … ({} in all)", names.len()) } else { String::new() };
-        eprintln!("note: rows of {row} are not whole {quant} blocks; stored as {used} (llama.cpp's fallback): {shown}{more}");
+        crate::note!("note: rows of {row} are not whole {quant} blocks; stored as {used} (llama.cpp's fallback): {shown}{more}");
     }
     let meta = if r.metadata_from_source { "metadata copied from the source GGUF" } else { "llama metadata and tokenizer written from the HF directory" };
-    eprintln!(
+    crate::note!(
         "merged GGUF ({quant}, {} tensors, {:.1} MiB; {meta}) written to {}",
         r.tensors,
         r.bytes as f64 / (1 << 20) as f64,
@@ -145,7 +145,7 @@ fn export_peft(adapter: &Path, out: &Path) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    eprintln!("PEFT adapter written to {}", out.display());
+    crate::note!("PEFT adapter written to {}", out.display());
     Ok(())
 }
 
@@ -169,6 +169,6 @@ pub fn run_logits(model: &Path, adapter: Option<&Path>, ids: Option<&str>, text:
     let rows: Vec<Vec<f32>> = logits.to_vec2()?;
     let v = serde_json::json!({"ids": ids, "vocab": session.model.config.vocab_size, "logits": rows});
     crate::io_util::write_atomic(out, serde_json::to_string(&v)?.as_bytes())?;
-    eprintln!("logits of {} positions written to {}", ids.len(), out.display());
+    crate::note!("logits of {} positions written to {}", ids.len(), out.display());
     Ok(())
 }

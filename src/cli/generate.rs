@@ -103,7 +103,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompts: &Prompts, chat: bool, 
 fn report_speed(what: &str, models: usize, tokens: usize, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
     let models = if models == 1 { "1 model".to_string() } else { format!("{models} models") };
-    eprintln!("{what}: {models}, {tokens} tokens in {secs:.2} s ({:.2} tokens/s, prompt prefill included)", tokens as f64 / secs.max(1e-9));
+    crate::note!("{what}: {models}, {tokens} tokens in {secs:.2} s ({:.2} tokens/s, prompt prefill included)", tokens as f64 / secs.max(1e-9));
 }
 
 /// Loads one of the combined models and checks that it shares the main model's tokenizer.
@@ -178,12 +178,12 @@ fn run_many(model: &Path, adapter: Option<&Path>, prompts: &[String], out: Optio
             lines.push_str(&(record.to_string() + "\n"));
             printed.push((p, r % n, text));
         }
-        eprintln!("generate: {}/{} prompts", (c * batch_size + chunk.len()).min(prompts.len()), prompts.len());
+        crate::note!("generate: {}/{} prompts", (c * batch_size + chunk.len()).min(prompts.len()), prompts.len());
     }
     match out {
         Some(out) => {
             crate::io_util::write_atomic(out, lines.as_bytes())?;
-            eprintln!("{} completions written to {}", printed.len(), out.display());
+            crate::note!("{} completions written to {}", printed.len(), out.display());
         }
         None => {
             for (p, s, text) in printed {

@@ -14,8 +14,8 @@ pub fn run(model: &Path, adapter: &Path, out: &Path, dtype: &str, overwrite: boo
     if let Some(plan) = plan {
         let text = serde_json::to_string_pretty(&plan)?;
         crate::io_util::write_atomic(&out.join(crate::models::qat::PLAN_FILE), text.as_bytes())?;
-        eprintln!("the quantisation plan ({}) is in {}", crate::models::qat::PLAN_FILE, out.display());
+        crate::note!("the quantisation plan ({}) is in {}", crate::models::qat::PLAN_FILE, out.display());
     }
-    eprintln!("merged model written to {}", out.display());
+    crate::note!("merged model written to {}", out.display());
     Ok(())
 }

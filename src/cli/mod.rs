@@ -20,6 +20,13 @@ pub struct Cli {
     /// Worker threads (0 = one per core).
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
+    /// Say nothing on stderr but warnings and errors (results still go to stdout).
+    #[arg(long, short, global = true, conflicts_with = "json_logs")]
+    pub quiet: bool,
+    /// Write every note, warning, progress line, training step and evaluation to stderr as one
+    /// JSON object per line (`{"event": "step", …}`), for scripts; results still go to stdout.
+    #[arg(long, global = true)]
+    pub json_logs: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -470,6 +477,11 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    crate::console::set_mode(match (cli.quiet, cli.json_logs) {
+        (true, _) => crate::console::Mode::Quiet,
+        (_, true) => crate::console::Mode::Json,
+        _ => crate::console::Mode::Normal,
+    });
     crate::runtime::init_threads(cli.threads);
     match cli.command {
         Command::Train { config, set, resume, overwrite, force } => train::run(&config, &set, resume, overwrite, force),

@@ -9,9 +9,9 @@ pub fn run(config: &Path, set: &[String], resume: bool, overwrite: bool, force: 
     crate::train::interrupt::install();
     let summary = train(&cfg, &TrainOptions { resume, overwrite, force }).with_context(|| format!("training with {}", config.display()))?;
     if let (Some(b), Some(a)) = (summary.eval_before, summary.eval_after) {
-        eprintln!("eval loss: {b:.4} before, {a:.4} after training");
+        crate::note!("eval loss: {b:.4} before, {a:.4} after training");
     }
-    eprintln!("adapter written to {}", summary.adapter_dir.display());
+    crate::note!("adapter written to {}", summary.adapter_dir.display());
     let out = serde_json::json!({
         "steps": summary.steps,
         "train_loss": summary.last_loss,

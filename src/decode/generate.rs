@@ -209,7 +209,7 @@ pub fn generate(
 pub fn note_room(prompt_len: usize, context: usize, max_new_tokens: usize) {
     let room = context.saturating_sub(prompt_len);
     if prompt_len <= context && max_new_tokens > room {
-        eprintln!(
+        crate::note!(
             "note: the prompt ({prompt_len} tokens) leaves room for {room} new tokens in the model's context of {context}; generation stops there (asked for {max_new_tokens})"
         );
     }

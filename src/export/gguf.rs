@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::quants::{self, GgmlType};
 use crate::formats::gguf::{GgufFile, GgufValue, GgufWriter};
 use crate::models::load::{permute_rows, ModelSource};
-use crate::models::{ModelConfig, RopeScaling};
+use crate::models::{ModelConfig, RopeScaling, WeightRef};
 use crate::session::Session;
 use rayon::prelude::*;
 use serde_json::Value;
@@ -189,9 +189,9 @@ pub fn write_merged_gguf(session: &Session, out: &Path, quant: GgmlType) -> Resu
     }
     let cfg = &session.model.config;
     crate::export::merged::bias_layout(&session.model)?;
-    let named = session.model.named_weights()?;
+    let named = session.model.weight_refs();
     let mut order: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
-    let mut weights: HashMap<String, candle_core::Tensor> = named.into_iter().collect();
+    let mut weights: HashMap<String, WeightRef> = named.into_iter().collect();
     let mut w = GgufWriter::new();
     let mut raw: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)> = Vec::new();
     let metadata_from_source;
@@ -242,11 +242,13 @@ pub fn write_merged_gguf(session: &Session, out: &Path, quant: GgmlType) -> Resu
         w.add_tensor_raw(name, &shape, ty, data).map_err(|e| Error::format(out, e))?;
         n += 1;
     }
-    for hf in order {
+    let mut ticker = crate::console::Ticker::new(format!("quantizing to {quant}"), order.len(), "tensors");
+    for (k, hf) in order.into_iter().enumerate() {
+        ticker.tick(k, None);
         let t = weights.remove(&hf).ok_or_else(|| Error::Model(format!("internal: tensor `{hf}` listed twice")))?;
         let name = gguf_tensor_name(&hf).ok_or_else(|| Error::Model(format!("tensor `{hf}` has no llama.cpp name")))?;
-        let shape = t.dims().to_vec();
-        let mut data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let shape = t.shape();
+        let mut data: Vec<f32> = t.to_f32_vec()?;
         if let Some(h) = permute_heads(cfg, &hf) {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             data = permute_rows(&data, h, cols);
@@ -607,8 +609,8 @@ pub fn pre_tokenizer_name(dir: &Path) -> Result<String> {
     match PRE_HASHES.iter().find(|(h, _)| *h == hash) {
         Some((_, name)) => Ok(name.to_string()),
         None => {
-            eprintln!(
-                "warning: the BPE pre-tokenizer of {} was not recognized (hash {hash}); writing tokenizer.ggml.pre = \"default\"",
+            crate::warning!(
+                "the BPE pre-tokenizer of {} was not recognized (hash {hash}); writing tokenizer.ggml.pre = \"default\"",
                 dir.display()
             );
             Ok("default".into())

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SaveDType};
 use crate::models::load::ModelSource;
-use crate::models::{Llama, RopeScaling};
+use crate::models::{Llama, RopeScaling, WeightRef};
 use crate::session::Session;
 use std::path::Path;
 
@@ -70,17 +70,28 @@ fn write_files(session: &Session, tmp: &Path, dtype: SaveDType) -> Result<()> {
     let text = serde_json::to_string_pretty(&json).expect("serialisable");
     crate::io_util::write_atomic(&tmp.join("config.json"), text.as_bytes())?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let mut named = session.model.named_weights()?;
+    // `None`: a zero bias.
+    let mut named: Vec<(String, Vec<usize>, Option<WeightRef>)> = session.model.weight_refs().into_iter().map(|(n, w)| (n, w.shape(), Some(w))).collect();
     // transformers' flags are per group: a group with any bias needs one on every member.
     let qwen2 = cfg.model_type == "qwen2";
     for l in session.model.linears().filter(|l| l.bias.is_none()) {
         let is_mlp = l.name.contains(".mlp.");
         let flagged = if is_mlp { mlp_bias } else { attn_bias && !(qwen2 && l.name.ends_with("o_proj")) };
         if flagged {
-            named.push((format!("{}.bias", l.name), candle_core::Tensor::zeros(l.info().out_features, candle_core::DType::F32, &candle_core::Device::Cpu)?));
+            named.push((format!("{}.bias", l.name), vec![l.info().out_features], None));
         }
     }
-    st::save(&tmp.join("model.safetensors"), &named, dtype, Some(meta))?;
+    let shapes: Vec<(String, Vec<usize>)> = named.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    let mut ticker = crate::console::Ticker::new("writing model.safetensors", named.len(), "tensors");
+    let mut written = 0;
+    st::save_streamed(&tmp.join("model.safetensors"), &shapes, dtype, Some(meta), |i| {
+        ticker.tick(written, None);
+        written += 1;
+        match &named[i].2 {
+            Some(w) => w.to_f32_vec(),
+            None => Ok(vec![0.0; named[i].1.iter().product()]),
+        }
+    })?;
 
     match &session.source {
         ModelSource::HfDir(dir) => {

@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Loads every tensor of a `.safetensors` file as f32 (F32, F16 and BF16 are accepted).
@@ -85,22 +85,8 @@ impl SaveDType {
 
 /// Writes tensors (sorted by name, as PEFT and transformers do) atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], dtype: SaveDType, metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let mut encoded: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for (name, t) in tensors {
-        let (dt, bytes) = match dtype {
-            SaveDType::F32 => (Dtype::F32, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            SaveDType::F16 => (Dtype::F16, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()),
-            SaveDType::BF16 => (Dtype::BF16, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()),
-        };
-        encoded.insert(name.clone(), (dt, t.dims().to_vec(), bytes));
-    }
-    let views: Vec<(String, TensorView<'_>)> = encoded
-        .iter()
-        .map(|(n, (dt, shape, bytes))| TensorView::new(*dt, shape.clone(), bytes).map(|v| (n.clone(), v)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| Error::format(path, format!("cannot encode tensors: {e}")))?;
-    let bytes = safetensors::tensor::serialize(views, metadata).map_err(|e| Error::format(path, format!("cannot encode tensors: {e}")))?;
-    crate::io_util::write_atomic(path, &bytes)
+    let shapes: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    save_streamed(path, &shapes, dtype, metadata, |i| Ok(tensors[i].1.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// One tensor's entry in a safetensors header: where its bytes lie in the data section.
@@ -185,23 +171,33 @@ pub fn read_tensor_f32(path: &Path, name: &str, e: &HeaderEntry) -> Result<Vec<f
     decode_f32(dtype, &bytes).map_err(|_| unsupported())
 }
 
-/// Writes f32 tensors of known shapes atomically, asking `values(i)` for tensor `i`'s values
-/// only when its turn comes, so that a file larger than memory can be written from storage
-/// that streams. Tensors are laid out by name (as [`save`] lays them out).
+/// Writes tensors of known shapes atomically, stored as `dtype`, asking `values(i)` for tensor
+/// `i`'s f32 values only when its turn comes: a model is written with one tensor in memory
+/// beside it, not a second copy of itself. Tensors are laid out by name.
 pub fn save_streamed(
     path: &Path,
     tensors: &[(String, Vec<usize>)],
+    dtype: SaveDType,
+    metadata: Option<HashMap<String, String>>,
     mut values: impl FnMut(usize) -> Result<Vec<f32>>,
 ) -> Result<()> {
     use std::io::Write;
+    let (name, width) = match dtype {
+        SaveDType::F32 => ("F32", 4),
+        SaveDType::F16 => ("F16", 2),
+        SaveDType::BF16 => ("BF16", 2),
+    };
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| tensors[a].0.cmp(&tensors[b].0));
     let mut header = serde_json::Map::new();
+    if let Some(m) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(m));
+    }
     let mut offset = 0u64;
     for &i in &order {
-        let (name, shape) = &tensors[i];
-        let len = 4 * shape.iter().product::<usize>() as u64;
-        header.insert(name.clone(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len] }));
+        let (tensor, shape) = &tensors[i];
+        let len = width * shape.iter().product::<usize>() as u64;
+        header.insert(tensor.clone(), serde_json::json!({ "dtype": name, "shape": shape, "data_offsets": [offset, offset + len] }));
         offset += len;
     }
     let mut text = serde_json::to_vec(&header).expect("JSON values always serialise");
@@ -236,7 +232,11 @@ pub fn save_streamed(
                 return Err(std::io::Error::other("wrong number of values"));
             }
             for chunk in v.chunks(1 << 16) {
-                let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let bytes: Vec<u8> = match dtype {
+                    SaveDType::F32 => chunk.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    SaveDType::F16 => chunk.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                    SaveDType::BF16 => chunk.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+                };
                 w.write_all(&bytes)?;
             }
         }

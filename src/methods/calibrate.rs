@@ -9,7 +9,6 @@ use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
 use candle_core::Tensor;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
 
 /// What a method accumulates from one site's inputs.
 pub trait InputSink: Send {
@@ -163,7 +162,7 @@ pub fn cycle_inputs<S: InputSink + 'static>(
         .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Model(format!("{what}: cannot start a worker thread: {e}")))?;
-    let t0 = Instant::now();
+    let mut ticker = crate::console::Ticker::new(what, max_batches, "batches");
     let run = (|| -> Result<()> {
         for i in 0..max_batches {
             let b = &batches[i % batches.len()];
@@ -206,14 +205,13 @@ pub fn cycle_inputs<S: InputSink + 'static>(
             if let Some(e) = recorders.iter().find_map(|r| r.error.lock().expect("error lock").take()) {
                 return Err(e);
             }
-            eprint!("\r{what}: batch {}/{} ({:.0} s)\x1b[K", i + 1, max_batches, t0.elapsed().as_secs_f64());
+            ticker.tick(i + 1, None);
             let mut guards: Vec<_> = recorders.iter().map(|r| r.sink.lock().expect("sink lock")).collect();
             let mut sinks: Vec<&mut S> = guards.iter_mut().map(|g| &mut **g).collect();
             if after_batch(&mut sinks, i + 1)? {
                 break;
             }
         }
-        eprintln!();
         Ok(())
     })();
     // The hooks come off whatever happened.

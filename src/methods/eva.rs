@@ -317,6 +317,7 @@ impl Method for Eva {
         let budget = r * sites.len();
         let mut leader: Vec<usize> = (0..sites.len()).collect();
         let seed = self.seed;
+        let mut converged_sites = 0;
         let mut step = |pcas: &mut [&mut Pca], count: usize| -> Result<bool> {
             if count == 1 {
                 // Sites whose first inputs hash alike share the first such site's PCA.
@@ -368,14 +369,14 @@ impl Method for Eva {
             let ratios: Vec<Vec<f64>> = (0..pcas.len()).map(|i| pcas[leader[i]].ratios.clone()).collect();
             let ranks = distribute_ranks(&ratios, budget);
             let done = (0..pcas.len()).all(|i| pcas[leader[i]].converged.iter().take(ranks[i]).all(|&c| c));
-            let n_conv = (0..pcas.len()).filter(|&i| pcas[leader[i]].converged.iter().take(ranks[i]).all(|&c| c)).count();
-            eprint!(" — {n_conv}/{} sites converged", pcas.len());
+            converged_sites = (0..pcas.len()).filter(|&i| pcas[leader[i]].converged.iter().take(ranks[i]).all(|&c| c)).count();
             Ok(done)
         };
         let max = self.s.max_passes * batches.len();
         let mut pcas = cycle_inputs(model, &sites, batches, max, "EVA: principal directions of site inputs", |_, n| Pca::new(n, k, self.s.label_mask), &mut step)?;
+        crate::note!("EVA: {converged_sites} of {} sites converged", sites.len());
         if !pcas.iter().all(|p| p.alias || p.converged.iter().all(|&c| c)) {
-            eprintln!("note: EVA: not every site's components converged (τ = {tau}) within {max} batches; using them as they are");
+            crate::note!("note: EVA: not every site's components converged (τ = {tau}) within {max} batches; using them as they are");
         }
         // Exact PCA of what was collected.
         let exact: Vec<Option<(Mat, Vec<f64>, Vec<f64>)>> = pcas
@@ -424,7 +425,7 @@ impl Method for Eva {
             self.init.insert(site.clone(), linalg::to_tensor(&a)?);
         }
         let total: usize = ranks.iter().sum();
-        eprintln!("EVA: ranks {}..{} over {} sites (budget {budget}, used {total})", ranks.iter().min().unwrap_or(&0), ranks.iter().max().unwrap_or(&0), sites.len());
+        crate::note!("EVA: ranks {}..{} over {} sites (budget {budget}, used {total})", ranks.iter().min().unwrap_or(&0), ranks.iter().max().unwrap_or(&0), sites.len());
         Ok(())
     }
 

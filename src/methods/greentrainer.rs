@@ -237,7 +237,7 @@ impl Method for GreenTrainer {
             return Err(Error::config("greentrainer_rho", format!("is {}: no target module's weight gradient fits that FLOPs budget with positive importance; raise it", self.rho)));
         }
         let fraction = cost.backward(&chosen) / cost.full_backward();
-        eprintln!("greentrainer: {} of {} modules train; their backward is {:.0}% of full fine-tuning's (rho = {})", names.len(), cost.names.len(), 100.0 * fraction, self.rho);
+        crate::note!("greentrainer: {} of {} modules train; their backward is {:.0}% of full fine-tuning's (rho = {})", names.len(), cost.names.len(), 100.0 * fraction, self.rho);
         self.report = serde_json::json!({
             "backward_fraction": fraction,
             "importance": cost.names.iter().zip(&importance).map(|(n, i)| (n.clone(), serde_json::json!(i))).collect::<serde_json::Map<_, _>>(),

@@ -149,7 +149,7 @@ impl Method for Lift {
             let (rows, cols) = site.dims();
             s.select(w, rows, cols)
         })?;
-        eprintln!("lift: mask refreshed at step {step} in {:.1} s, {joined} entries joined", t0.elapsed().as_secs_f64());
+        crate::note!("lift: mask refreshed at step {step} in {:.1} s, {joined} entries joined", t0.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -279,7 +279,7 @@ impl Method for LtSft {
                 Phase::Sparse(s) => s.trained_entries(),
                 Phase::Dense(_) => 0,
             };
-            eprintln!("lt_sft: phase 1 done at step {step}; the {k} entries that moved most are reset to θ0 and train alone from here ({:.1} s)", t0.elapsed().as_secs_f64());
+            crate::note!("lt_sft: phase 1 done at step {step}; the {k} entries that moved most are reset to θ0 and train alone from here ({:.1} s)", t0.elapsed().as_secs_f64());
         }
         Ok(())
     }

@@ -226,7 +226,7 @@ impl Method for OffloadedFull {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let w = &self.weights;
         let tensors: Vec<(String, Vec<usize>)> = w.sites.iter().map(|s| (format!("{}.weight", s.site), vec![s.shape.0, s.shape.1])).collect();
-        st::save_streamed(&dir.join(ADAPTER_WEIGHTS), &tensors, |i| w.read(i))?;
+        st::save_streamed(&dir.join(ADAPTER_WEIGHTS), &tensors, st::SaveDType::F32, None, |i| w.read(i))?;
         let cfg = method_config("full", base_model, serde_json::json!({ "target_modules": self.targets.to_json() }));
         let text = serde_json::to_string_pretty(&cfg).expect("JSON values always serialise");
         crate::io_util::write_atomic(&dir.join(ADAPTER_CONFIG), text.as_bytes())

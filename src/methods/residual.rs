@@ -303,7 +303,7 @@ impl Method for ResidualLora {
         }
         let kpm = matches!(self.kind, Kind::Corda { kpm: true, .. });
         let kind = &self.kind;
-        eprintln!("{}: decomposing {} matrices", self.name, groups.iter().map(|g| g.1.len()).sum::<usize>());
+        crate::note!("{}: decomposing {} matrices", self.name, groups.iter().map(|g| g.1.len()).sum::<usize>());
         let done: Vec<(String, Tensor, Tensor, FrozenWeight)> = groups
             .into_par_iter()
             .map(|(cov, sites)| {

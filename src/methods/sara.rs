@@ -217,7 +217,7 @@ impl Method for Sara {
         let s = &self.s;
         self.sites.reselect(model, true, |site, w| Ok(s.small(w, Some(&site.mask()))))?;
         let after = self.sites.trained_entries();
-        eprintln!("sara: progressive step {step}: {} of {before} entries grew past τ = {} and are frozen; {after} train on", before - after, s.threshold);
+        crate::note!("sara: progressive step {step}: {} of {before} entries grew past τ = {} and are frozen; {after} train on", before - after, s.threshold);
         Ok(())
     }
 

@@ -206,7 +206,7 @@ impl Method for Spt {
         };
         let plan: Vec<(String, Allocation)> = names.into_iter().zip(allocate(&s, &shapes, tau, r, self.alpha)).collect();
         let count = |f: fn(&Allocation) -> bool| plan.iter().filter(|(_, a)| f(a)).count();
-        eprintln!(
+        crate::note!(
             "spt: of {} matrices, {} get a LoRA, {} train their sensitive entries, {} stay frozen (τ = {tau})",
             plan.len(),
             count(|a| matches!(a, Allocation::Structured)),

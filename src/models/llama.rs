@@ -202,22 +202,28 @@ impl Llama {
     /// Every base tensor under its Hugging Face name, in f32 (dequantized where stored in
     /// blocks): the layout a merged export writes.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.to_tensor()?)];
+        self.weight_refs().into_iter().map(|(name, w)| Ok((name, w.to_tensor()?))).collect()
+    }
+
+    /// [`Llama::named_weights`] unread: each tensor is dequantized (or copied) only when asked,
+    /// so that an export holds one f32 tensor at a time beside the model.
+    pub fn weight_refs(&self) -> Vec<(String, WeightRef<'_>)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), WeightRef::Frozen(&self.embed_tokens))];
         for (i, b) in self.layers.iter().enumerate() {
             for l in b.linears() {
-                out.push((format!("{}.weight", l.name), l.weight.to_tensor()?));
+                out.push((format!("{}.weight", l.name), WeightRef::Frozen(&l.weight)));
                 if let Some(bias) = &l.bias {
-                    out.push((format!("{}.bias", l.name), bias.clone()));
+                    out.push((format!("{}.bias", l.name), WeightRef::Dense(bias)));
                 }
             }
-            out.push((format!("model.layers.{i}.input_layernorm.weight"), b.input_layernorm.clone()));
-            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), b.post_attention_layernorm.clone()));
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), WeightRef::Dense(&b.input_layernorm)));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), WeightRef::Dense(&b.post_attention_layernorm)));
         }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        out.push(("model.norm.weight".to_string(), WeightRef::Dense(&self.norm)));
         if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.to_tensor()?));
+            out.push(("lm_head.weight".to_string(), WeightRef::Frozen(h)));
         }
-        Ok(out)
+        out
     }
 
     /// Replaces base tensor `name` (one of [`Llama::named_weights`]' names) with `t` (f32,
@@ -447,5 +453,36 @@ impl Llama {
     pub fn logits(&self, ids: &[u32], b: usize, t: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let h = self.hidden(ids, b, t, cache, ctx)?;
         kernels::lm_head_logits(&h, self.head_weight())
+    }
+}
+
+/// One base tensor of [`Llama::weight_refs`], read when asked.
+#[derive(Clone, Copy)]
+pub enum WeightRef<'a> {
+    Frozen(&'a FrozenWeight),
+    Dense(&'a Tensor),
+}
+
+impl WeightRef<'_> {
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            WeightRef::Frozen(w) => vec![w.dims().0, w.dims().1],
+            WeightRef::Dense(t) => t.dims().to_vec(),
+        }
+    }
+
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        Ok(match self {
+            WeightRef::Frozen(w) => w.to_tensor()?,
+            WeightRef::Dense(t) => (*t).clone(),
+        })
+    }
+
+    /// The values in f32, row-major.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(match self {
+            WeightRef::Frozen(w) => w.to_f32_vec(),
+            WeightRef::Dense(t) => t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?,
+        })
     }
 }

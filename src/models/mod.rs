@@ -12,4 +12,4 @@ pub use block_site::{BlockHook, BlockSite, BlockSiteInfo};
 pub use config::{ModelConfig, RopeScaling};
 pub use linear::{add_bias, ForwardCtx, Linear, SiteHook, SiteInfo};
 pub use kv_cache::{KvCache, RowCache};
-pub use llama::{block_index, Llama};
+pub use llama::{block_index, Llama, WeightRef};

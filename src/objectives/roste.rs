@@ -100,7 +100,7 @@ impl Objective for Roste {
         let plan = sites.plan();
         let rotated = plan.rotations.values().filter(|&&r| r).count();
         let how = if resumed.is_some() { "as the checkpoint had them".to_string() } else { format!("chosen on {} micro-batches", batches.len()) };
-        eprintln!("roste: {rotated} of {} sites rotated (block Hadamard), {how}", plan.rotations.len());
+        crate::note!("roste: {rotated} of {} sites rotated (block Hadamard), {how}", plan.rotations.len());
         *self.state.lock().expect("not poisoned") = Some((sites, batches.to_vec()));
         Ok(())
     }

@@ -79,39 +79,9 @@ pub fn nll_per_example_with(model: &Llama, examples: &[EncodedExample], batch_si
     Ok(out)
 }
 
-/// Progress of a long evaluation on stderr, at most one line every few seconds: examples done,
-/// tokens/s and the time left. Silent for evaluations that finish quickly.
-pub struct EvalProgress {
-    label: String,
-    total: usize,
-    started: std::time::Instant,
-    last: std::time::Instant,
-}
-
-impl EvalProgress {
-    const EVERY_S: f64 = 5.0;
-
-    pub fn new(label: impl Into<String>, total: usize) -> Self {
-        let now = std::time::Instant::now();
-        Self { label: label.into(), total, started: now, last: now }
-    }
-
-    /// After a batch: `done` of the examples scored, `tokens` read so far. The line to show, when
-    /// one is due.
-    pub fn line(&mut self, done: usize, tokens: usize) -> Option<String> {
-        if self.last.elapsed().as_secs_f64() < Self::EVERY_S || done >= self.total {
-            return None;
-        }
-        self.last = std::time::Instant::now();
-        let secs = self.started.elapsed().as_secs_f64();
-        let left = secs / done.max(1) as f64 * (self.total - done) as f64;
-        Some(format!("{}: {done}/{} examples, {:.0} tokens/s, about {left:.0} s left", self.label, self.total, tokens as f64 / secs.max(1e-9)))
-    }
-
-    /// [`EvalProgress::line`], written to stderr.
-    pub fn update(&mut self, done: usize, tokens: usize) {
-        if let Some(l) = self.line(done, tokens) {
-            eprintln!("{l}");
-        }
-    }
+/// An `on_batch` callback for the functions above that shows the evaluation's progress (examples
+/// done, tokens/s, time left) through [`crate::console::Ticker`].
+pub fn show_progress(label: impl Into<String>, total: usize) -> impl FnMut(usize, usize) {
+    let mut ticker = crate::console::Ticker::new(label, total, "examples");
+    move |done, tokens| ticker.tick(done, Some((tokens as f64, "tokens")))
 }

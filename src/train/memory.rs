@@ -610,10 +610,10 @@ pub fn check_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExam
     let avail = available_memory()?;
     let line = format!("memory estimate: {}", est.summary());
     let Some(avail) = avail else {
-        eprintln!("{line}; available memory unknown (no /proc/meminfo or cgroup limit readable), not checked");
+        crate::note!("{line}; available memory unknown (no /proc/meminfo or cgroup limit readable), not checked");
         return Ok((est, Verdict::Unknown));
     };
-    eprintln!("{line}; available {:.2} GiB ({})", gib(avail.bytes), avail.source);
+    crate::note!("{line}; available {:.2} GiB ({})", gib(avail.bytes), avail.source);
     if est.additional() <= avail.bytes {
         return Ok((est, Verdict::Fits));
     }
@@ -627,7 +627,8 @@ pub fn check_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExam
         advice
     );
     if force {
-        eprintln!("warning: {msg}\nwarning: --force given: training anyway");
+        crate::warning!("{msg}");
+        crate::warning!("--force given: training anyway");
         return Ok((est, Verdict::Forced));
     }
     Err(Error::Training(format!("{msg}\nOr pass --force to train anyway (the estimate may be pessimistic; the run may be killed).")))

@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::models::Llama;
 use crate::objectives::{dpo, Objective};
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 /// Pairs for DPO, plain examples for every other objective.
 pub fn check_objective_data(cfg: &TrainConfig, objective: &dyn Objective, data: &Prepared) -> Result<()> {
@@ -67,21 +66,18 @@ pub fn reference_logps(cfg: &TrainConfig, model: &Llama, data: &mut Prepared, fi
             Ok(c) => {
                 restore(&mut data.train, &c.train);
                 restore(&mut data.val, &c.val);
-                eprintln!("reference log-probabilities: read from {}", path.display());
+                crate::note!("reference log-probabilities: read from {}", path.display());
                 return Ok(());
             }
         };
-        eprintln!("note: {} {why}; computing the reference log-probabilities again", path.display());
+        crate::note!("note: {} {why}; computing the reference log-probabilities again", path.display());
     }
-    let t0 = Instant::now();
-    let total = data.train.len() + data.val.len();
-    let report = |base: usize| {
-        move |done: usize, _: usize| eprint!("\rreference log-probabilities: {}/{total} pairs ({:.0} s)", base + done, t0.elapsed().as_secs_f64())
-    };
+    let ticker = std::cell::RefCell::new(crate::console::Ticker::new("reference log-probabilities", data.train.len() + data.val.len(), "pairs"));
+    let ticker = &ticker;
+    let report = |base: usize| move |done: usize, _: usize| ticker.borrow_mut().tick(base + done, None);
     dpo::compute_reference_logps(model, &mut data.train, cfg.micro_batch_size, pad_id, report(0))?;
     let n = data.train.len();
     dpo::compute_reference_logps(model, &mut data.val, cfg.micro_batch_size, pad_id, report(n))?;
-    eprintln!();
     let cached = Cached { data_fingerprint: fingerprint.to_string(), train: stored(&data.train), val: stored(&data.val) };
     crate::io_util::write_atomic(&path, serde_json::to_string(&cached).expect("serialisable").as_bytes())
 }

@@ -6,13 +6,13 @@
 //! so splitting a batch into micro-batches gives the same update.
 
 use super::checkpoint::{self, TrainerState};
-use super::eval::{evaluate_with, EvalProgress};
+use super::eval::{evaluate_with, show_progress};
 use super::grads::{step_gradients, step_loss, StepGradients, StepPlan};
 use super::zo_offload::ZoOffload;
 use crate::methods::offloaded::{self, OffloadedFull};
 use super::memory::{check_run, MemoryEstimate};
 use super::metrics::{MetricsLog, StepMetrics};
-use super::progress::Progress;
+use super::progress::{Progress, StepShown};
 use super::run_dir::{self, RunLock};
 use super::interrupt;
 use crate::config::TrainConfig;
@@ -115,7 +115,7 @@ fn attach_method(cfg: &TrainConfig, model: &mut Llama, resume_dir: Option<&Path>
     // Data-driven and decomposition inits take long enough to be worth reporting.
     let took = t0.elapsed().as_secs_f64();
     if n > 0 || took >= 1.0 {
-        eprintln!("{}: initialised{from} in {took:.1} s", method.name());
+        crate::note!("{}: initialised{from} in {took:.1} s", method.name());
     }
     Ok(method)
 }
@@ -131,15 +131,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let (_lock, takeover) = RunLock::acquire(out)?;
     if let Some(note) = takeover {
-        eprintln!("{note}");
+        crate::note!("{note}");
     }
     for p in run_dir::remove_leftovers(out)? {
-        eprintln!("note: removed {}, left by an interrupted write", p.display());
+        crate::note!("note: removed {}, left by an interrupted write", p.display());
     }
     let previous = run_dir::previous_run(out);
     if opts.overwrite && !previous.is_empty() {
         run_dir::remove_previous_run(out)?;
-        eprintln!("--overwrite: removed the earlier run's {} from {}", previous.join(", "), out.display());
+        crate::note!("--overwrite: removed the earlier run's {} from {}", previous.join(", "), out.display());
     } else if !opts.resume {
         run_dir::check_fresh_start(out, &previous)?;
     }
@@ -185,7 +185,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         objective.prepare_model(&mut model, &first_batches(cfg, &data.train, n, pad_id), resume_dir.as_deref())?;
     }
     if let (Some(init), true) = (&cfg.init_adapter, objective.uses_reference()) {
-        eprintln!(
+        crate::note!(
             "note: objective = \"{}\" compares with a reference model, the base with the method switched off, not the policy of init_adapter {} \
              (as TRL with a PEFT model and no ref_adapter_name). To anchor to that policy, merge it into the base first (`ferrotune merge`) and train a new adapter on the merged model",
             cfg.objective,
@@ -226,23 +226,23 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             ));
         }
         if saved.total_steps != total_steps {
-            eprintln!(
+            crate::note!(
                 "note: this plan has {total_steps} steps where the run was started with {}; the learning-rate schedule is recomputed for {total_steps}",
                 saved.total_steps
             );
         }
         if saved.step == total_steps {
-            eprintln!("the run already finished at step {total_steps}; its final adapter is written again from {}", dir.display());
+            crate::note!("the run already finished at step {total_steps}; its final adapter is written again from {}", dir.display());
         } else {
-            eprintln!("resuming from {} (step {} of {total_steps})", dir.display(), saved.step);
+            crate::note!("resuming from {} (step {} of {total_steps})", dir.display(), saved.step);
         }
         state.step = saved.step;
         state.samples_seen = saved.samples_seen;
         state.mix = saved.mix;
     }
     if cfg.warmup_steps >= total_steps {
-        eprintln!(
-            "warning: warmup_steps = {} is not below the run's {}: the learning rate never leaves warm-up (the first step trains at 0)",
+        crate::warning!(
+            "warmup_steps = {} is not below the run's {}: the learning rate never leaves warm-up (the first step trains at 0)",
             cfg.warmup_steps,
             plural(total_steps, "step")
         );
@@ -257,39 +257,31 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let metrics = MetricsLog::open(&out.join(run_dir::METRICS_FILE), resume_dir.as_ref().map(|_| state.step))?;
     let base_name = cfg.base_model_name.clone().unwrap_or_else(|| base_model_name(&cfg.base_model));
 
-    let progress = Progress::new(total_steps, state.step);
+    let mut progress = Progress::new(total_steps, state.step);
     let (trainable, base) = (method.num_params(), model.parameter_count());
-    progress.println(&format!(
+    crate::note!(
         "trainable params: {} || base params: {} || trainable%: {:.4}",
         thousands(trainable),
         thousands(base),
         100.0 * trainable as f64 / base.max(1) as f64
-    ));
-    progress.println(&format!(
+    );
+    crate::note!(
         "training on {} ({} validation), {} of {}",
         plural(n_train, "example"),
         data.val.len(),
         plural(total_steps, "step"),
         plural(per_step, "example")
-    ));
+    );
     let eval_now = |model: &Llama| -> Result<Option<f64>> {
         if data.val.is_empty() {
             return Ok(None);
         }
         let scored = match objective.validation_score(model, &data.val, cfg.micro_batch_size, pad_id) {
             Some(r) => r.map(|v| {
-                progress.println(&v.summary);
+                crate::console::note(&v.summary);
                 v.loss
             }),
-            None => {
-                let mut shown = EvalProgress::new("evaluating", data.val.len());
-                evaluate_with(model, &data.val, cfg.micro_batch_size, pad_id, &mut |d, t| {
-                    if let Some(line) = shown.line(d, t) {
-                        progress.println(&line);
-                    }
-                })
-                .map(|r| r.loss)
-            }
+            None => evaluate_with(model, &data.val, cfg.micro_batch_size, pad_id, &mut show_progress("evaluating", data.val.len())).map(|r| r.loss),
         };
         let loss = match scored {
             // Ctrl-C during an evaluation: skip it; the loop's signal check then saves and stops.
@@ -305,7 +297,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if resume_dir.is_none() {
         eval_before = eval_now(&model)?;
         if let Some(l) = eval_before {
-            progress.println(&format!("eval loss before training: {l:.4}"));
+            show_eval(0, l, &format!("eval loss before training: {l:.4}"));
             metrics.append(&StepMetrics { step: 0, eval_loss: Some(l), ..Default::default() })?;
         }
     }
@@ -395,7 +387,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         let tps = n_tokens as f64 / dt.max(1e-9);
         last_loss = Some(loss);
         let log = state.step.is_multiple_of(cfg.logging_steps.max(1)) || state.step == total_steps;
-        progress.step(state.step, loss, lr, grad_norm, tps, log);
+        progress.step(&StepShown { step: state.step, loss, lr, grad_norm, tokens_per_s: tps, step_s: dt }, log);
         let mut m = StepMetrics {
             step: state.step,
             loss: Some(loss),
@@ -415,7 +407,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             settle(&model)?;
             m.eval_loss = eval_now(&model)?;
             if let Some(l) = m.eval_loss {
-                progress.println(&format!("step {}: eval loss {l:.4}", state.step));
+                show_eval(state.step, l, &format!("step {}: eval loss {l:.4}", state.step));
             }
         }
         metrics.append(&m)?;
@@ -423,7 +415,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
             // A picture of the run so far; not worth stopping the run for if it cannot be drawn.
             let title = format!("{} · {} · {}", base_name, cfg.adapter, cfg.objective);
             if let Err(e) = metrics.plot(&out.join(run_dir::LOSS_PLOT), &title) {
-                progress.println(&format!("warning: {} not drawn: {e}", run_dir::LOSS_PLOT));
+                crate::warning!("{} not drawn: {e}", run_dir::LOSS_PLOT);
             }
         }
         let signal = interrupt::requested();
@@ -449,6 +441,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     // Resumed a run that had already finished: just (re)write the final adapter.
     finish(cfg, method.as_ref(), objective.as_ref(), &base_name, &progress, None, eval_before, last_loss, tok_total, time_total, state.step).map(with_memory)
+}
+
+/// An evaluation's loss: `line` for a person, an `eval` record under `--json-logs`.
+fn show_eval(step: usize, loss: f64, line: &str) {
+    crate::console::record("eval", serde_json::json!({ "step": step, "eval_loss": loss }), Some(line));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -498,8 +495,8 @@ fn check_rollout_plan(cfg: &TrainConfig, plan: &RolloutPlan, per_step: usize, tr
     }
     let unreadable = super::rollout::check_examples(train, plan, tok, cfg.train_on_inputs)?;
     if unreadable > 0 {
-        eprintln!(
-            "warning: {unreadable} of {} training examples have a reference completion the `{}` reward cannot read; their completions always score 0",
+        crate::warning!(
+            "{unreadable} of {} training examples have a reference completion the `{}` reward cannot read; their completions always score 0",
             train.len(),
             plan.reward.name()
         );
@@ -512,8 +509,8 @@ fn check_rollout_plan(cfg: &TrainConfig, plan: &RolloutPlan, per_step: usize, tr
 fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prepared) -> Result<()> {
     let total = data.train.len() + data.val.len() + data.skipped;
     if data.skipped > 0 {
-        eprintln!(
-            "warning: {} of {total} examples were dropped: no target token left after truncation to sequence_len = {} (or none to begin with)",
+        crate::warning!(
+            "{} of {total} examples were dropped: no target token left after truncation to sequence_len = {} (or none to begin with)",
             data.skipped, cfg.sequence_len
         );
     }
@@ -525,7 +522,7 @@ fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prep
         if !data.val.is_empty() {
             parts.push(format!("{val_cut} of {} validation examples ({val_lost} lost)", data.val.len()));
         }
-        eprintln!("note: cut at sequence_len = {}: {}", cfg.sequence_len, parts.join(", "));
+        crate::note!("note: cut at sequence_len = {}: {}", cfg.sequence_len, parts.join(", "));
     }
     let context = model.config.max_position_embeddings;
     let longest = data.train.iter().chain(&data.val).map(|e| e.longest()).max().unwrap_or(0);
@@ -560,7 +557,7 @@ fn resume_point(cfg: &TrainConfig, identity: &serde_json::Value, fingerprint: &s
         let state = checkpoint::load_state(&dir)?;
         match &state.plan {
             Some(plan) => checkpoint::check_same_plan(plan, identity, &dir)?,
-            None => eprintln!("note: {} predates recorded plans; only its seed is checked against this plan", dir.display()),
+            None => crate::note!("note: {} predates recorded plans; only its seed is checked against this plan", dir.display()),
         }
         check_data(state.data_fingerprint.as_deref(), &dir)?;
         return Ok(Some(dir));
@@ -573,9 +570,9 @@ fn resume_point(cfg: &TrainConfig, identity: &serde_json::Value, fingerprint: &s
             .map_err(|e| Error::format(&run_json, format!("field `plan`: {e}")))?;
         checkpoint::check_same_plan(&checkpoint::plan_identity(&plan), identity, &run_json)?;
         check_data(run["resolved"]["data_fingerprint"].as_str(), &run_json)?;
-        eprintln!("--resume: the run in {} wrote no checkpoint yet; starting it from step 0", out.display());
+        crate::note!("--resume: the run in {} wrote no checkpoint yet; starting it from step 0", out.display());
     } else {
-        eprintln!("--resume: nothing to resume in {}; starting a new run", out.display());
+        crate::note!("--resume: nothing to resume in {}; starting a new run", out.display());
     }
     Ok(None)
 }
