@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=.peers/smollm2-135m-hf
 GGUF=.models/SmolLM2-135M-Instruct.Q4_1.gguf
-PKGS=(torch==2.15.0 transformers==5.24.0 gguf==0.19.0 safetensors==0.8.0 numpy)
+PKGS=(torch==2.15.0 transformers==5.24.0 accelerate==1.15.0 gguf==0.19.0 safetensors==0.8.0 numpy)
 if [ -f "$OUT/model.safetensors" ] && [ -f "$OUT/tokenizer.json" ]; then echo "transformers copy: ok ($OUT)"; exit 0; fi
 [ -f "$GGUF" ] || bash scripts/fetch-model.sh
-has_transformers() { [ -x "$1" ] && "$1" -c 'import torch, transformers, gguf' 2>/dev/null; }
+has_transformers() { [ -x "$1" ] && "$1" -c 'import torch, transformers, accelerate, gguf' 2>/dev/null; }
 PY=.peers/venv/bin/python
 if ! has_transformers "$PY"; then
   PY=.ci-venv/bin/python

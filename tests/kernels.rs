@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use ferrotune::formats::gguf::quants::{self, GgmlType};
-use ferrotune::kernels::{self, FrozenWeight, RopeTables};
+use ferrotune::kernels::{self, bf16_gemm, FrozenWeight, RopeTables};
 use std::sync::Arc;
 
 const DEV: Device = Device::Cpu;
@@ -130,11 +130,16 @@ fn frozen_blocks_case(batch: usize, seq: usize) {
         let deq = Tensor::from_vec(quants::dequantize(ty, &bytes, out_f * in_f).unwrap(), (out_f, in_f), &DEV).unwrap();
         let xv = Var::from_tensor(&x).unwrap();
         let y = kernels::frozen_linear(xv.as_tensor(), &fw).unwrap();
-        let y_ref = x.broadcast_matmul(&deq.t().unwrap()).unwrap();
+        // A bf16 weight on a CPU with bf16 products (training rows, not decoding's few) rounds
+        // the other operand to bf16 too, as PyTorch's bf16 autocast does: the reference then
+        // multiplies the rounded operand.
+        let bf16_products = ty == GgmlType::BF16 && bf16_gemm::kernel() != bf16_gemm::Kernel::None && batch * seq > 32;
+        let operand = |t: &Tensor| if bf16_products { t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap() } else { t.clone() };
+        let y_ref = operand(&x).broadcast_matmul(&deq.t().unwrap()).unwrap();
         let err = max_rel(&y, &y_ref);
         assert!(err < 1e-5, "{ty}: forward differs from dequantize-then-matmul by {err}");
         let g = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let dx_ref = dy.broadcast_matmul(&deq).unwrap();
+        let dx_ref = operand(&dy).broadcast_matmul(&deq).unwrap();
         let err = max_rel(g.get(xv.as_tensor()).unwrap(), &dx_ref);
         assert!(err < 1e-5, "{ty}: input gradient differs by {err}");
         // The fused LoRA op reads the same blocks.

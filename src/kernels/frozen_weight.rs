@@ -7,6 +7,7 @@
 //! Every GGUF type stores a matrix row as whole blocks, so a row is a contiguous byte range
 //! and a tile of rows is a slice of the tensor's bytes.
 
+use super::bf16_gemm;
 use super::gemm::{matmul_strided, View};
 use super::skinny::dot_block;
 use crate::formats::gguf::quants::{dequantize_into, f32_to_bf16, GgmlType};
@@ -79,6 +80,22 @@ impl FrozenWeight {
         let v = self.to_f32_vec();
         let bytes = v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect();
         Self::from_blocks(GgmlType::BF16, bytes, self.out, self.inp)
+    }
+
+    /// A weight stored in bf16, as bf16 values, where the CPU has a bf16 kernel: the products
+    /// then round their other operand to bf16 too (as PyTorch's bf16 autocast does) and run on
+    /// that kernel, accumulating in f32.
+    fn bf16_weight(&self) -> Option<(bf16_gemm::Kernel, &[u16])> {
+        let kernel = bf16_gemm::kernel();
+        match (&*self.data, kernel) {
+            (_, bf16_gemm::Kernel::None) => None,
+            (Data::Blocks { ty: GgmlType::BF16, bytes, .. }, _) => {
+                // SAFETY: any two bytes are a valid u16; a misaligned buffer takes the f32 path.
+                let (head, values, tail) = unsafe { bytes.align_to::<u16>() };
+                (head.is_empty() && tail.is_empty()).then_some((kernel, values))
+            }
+            _ => None,
+        }
     }
 
     /// `(out, in)`.
@@ -171,6 +188,11 @@ impl FrozenWeight {
         if m <= SKINNY_ROWS {
             return self.matmul_t_skinny(x, m, y, accumulate, patch);
         }
+        if let (None, Some((kernel, w))) = (patch, self.bf16_weight()) {
+            let (b, k_pad, n_pad) = bf16_gemm::pack_transposed(w, out, inp);
+            let a = bf16_gemm::round_rows(x, m, inp, inp, k_pad);
+            return bf16_gemm::gemm(kernel, &bf16_gemm::Operands { a: &a, b: &b, m, n: out, k_pad, n_pad }, y, out, accumulate);
+        }
         self.for_each_tile(patch, |r0, n, w| {
             // y[:, r0..r0+n] (+)= x · w_tileᵀ
             matmul_strided(y, View::rows(r0, out), x, View::rows(0, inp), w, View::rows(0, inp).t(), m, inp, n, accumulate, 1.0);
@@ -232,6 +254,11 @@ impl FrozenWeight {
         assert!(g.len() == m * out && dx.len() == m * inp, "frozen weight: g·W operand sizes");
         if let Some(p) = patch {
             p.check(out, inp);
+        }
+        if let (true, None, Some((kernel, w))) = (m > SKINNY_ROWS, patch, self.bf16_weight()) {
+            let (b, k_pad, n_pad) = bf16_gemm::pack_rows(w, out, inp);
+            let a = bf16_gemm::round_rows(g, m, out, out, k_pad);
+            return bf16_gemm::gemm(kernel, &bf16_gemm::Operands { a: &a, b: &b, m, n: inp, k_pad, n_pad }, dx, inp, accumulate);
         }
         self.for_each_tile(patch, |r0, n, w| {
             // dx (+)= g[:, r0..r0+n] · w_tile; every tile after the first adds to the previous ones.

@@ -7,6 +7,7 @@
 //! of candle ops (`tests/kernels.rs`).
 
 mod attention;
+pub mod bf16_gemm;
 mod columns;
 mod cross_entropy;
 mod decode_attention;
