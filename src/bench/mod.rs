@@ -69,6 +69,8 @@ pub struct BenchReport {
     pub threads: usize,
     /// The SIMD/matrix features of this CPU that matter for the kernels (from /proc/cpuinfo).
     pub cpu_features: Vec<String>,
+    /// The kernel of a bf16 base's products (`amx`, `avx512_bf16` or `none`: f32 products).
+    pub bf16_kernel: &'static str,
     pub batch: usize,
     pub seq: usize,
     pub objective: String,
@@ -366,6 +368,7 @@ pub fn run(mut model: Llama, opts: &BenchOptions) -> Result<BenchReport> {
         frozen_weights_mib: model.frozen_bytes() as f64 / (1024.0 * 1024.0),
         threads: rayon::current_num_threads(),
         cpu_features: cpu_features(),
+        bf16_kernel: crate::kernels::bf16_gemm::kernel().name(),
         batch: b,
         seq: t,
         objective: opts.objective.clone(),
