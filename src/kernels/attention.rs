@@ -3,9 +3,11 @@
 //!
 //! Queries may be fewer than keys (decoding with a KV cache): query `i` sits at position
 //! `i + (t_k − t_q)` and sees keys `0..=` that position. Each (batch, head) is one task made of
-//! GEMMs on strided views: `S = Q·Kᵀ`, masked softmax, `O = P·V`. The forward keeps only its
-//! output; the backward recomputes `P` from q and k (as flash attention does). A task holds its
-//! head's `t_q × t_k` scores while it runs, one head per thread at a time, never all heads.
+//! GEMMs on strided views, one block of [`ROW_BLOCK`] query rows at a time: `S = Q·Kᵀ` over the
+//! keys the block sees, masked softmax, `O = P·V`. The forward keeps only its output; the
+//! backward recomputes each block's `P` from q and k (as flash attention does). A task holds
+//! one block's `ROW_BLOCK × t_k` scores (and, in the backward, their gradients), never a
+//! `t × t` square: attention's memory grows linearly with the sequence.
 
 use super::vexp::exp_sub;
 use super::gemm::{matmul_view, View};
@@ -16,7 +18,7 @@ use rayon::prelude::*;
 struct CausalAttention;
 
 /// Query rows per causal block (a 256-token sequence then computes 5/8 of the full square).
-const ROW_BLOCK: usize = 64;
+pub const ROW_BLOCK: usize = 64;
 
 #[derive(Clone, Copy)]
 struct Dims {
@@ -65,26 +67,23 @@ impl Dims {
     }
 }
 
-/// `P = softmax(scale · Q_h K_gᵀ)` with the causal mask, `[t_q, t_k]`.
-fn probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize) -> Vec<f32> {
-    let (tq, tk) = (dm.tq, dm.tk);
-    let mut p = vec![0f32; tq * tk];
-    let g = h / dm.group();
-    let (qv, kv) = (dm.q_view(b, h), dm.k_view(b, g));
-    for (i0, i1, keys) in dm.row_blocks() {
-        let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
-        matmul_view(&mut p, View::rows(i0 * tk, tk), q, qb, k, kv.t(), i1 - i0, dm.d, keys, false, dm.scale);
-    }
-    for (i, row) in p.chunks_mut(tk).enumerate() {
-        let n = dm.visible(i);
-        let (live, masked) = row.split_at_mut(n);
+/// Rows `i0..i1` of `P = softmax(scale · Q_h K_gᵀ)` with the causal mask, over their first
+/// `keys` keys (the ones the block's last row sees), into `p` (`(i1 − i0) × keys`, row-major).
+/// Attention is computed one such block at a time, so no task ever holds more than
+/// [`ROW_BLOCK`] rows of scores: memory linear in the sequence length.
+#[allow(clippy::too_many_arguments)]
+fn block_probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize, (i0, i1, keys): (usize, usize, usize), p: &mut [f32]) {
+    let (qv, kv) = (dm.q_view(b, h), dm.k_view(b, h / dm.group()));
+    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
+    matmul_view(p, View::rows(0, keys), q, qb, k, kv.t(), i1 - i0, dm.d, keys, false, dm.scale);
+    for (r, row) in p.chunks_mut(keys).take(i1 - i0).enumerate() {
+        let (live, masked) = row.split_at_mut(dm.visible(i0 + r));
         let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         exp_sub(live, m);
         let inv = 1.0 / live.iter().sum::<f32>();
         live.iter_mut().for_each(|v| *v *= inv);
         masked.fill(0.0);
     }
-    p
 }
 
 impl CustomOp3 for CausalAttention {
@@ -107,12 +106,13 @@ impl CustomOp3 for CausalAttention {
             .into_par_iter()
             .map(|task| {
                 let (b, h) = (task / dm.hq, task % dm.hq);
-                let p = probabilities(&dm, q, k, b, h);
-                let (tk, d) = (dm.tk, dm.d);
+                let d = dm.d;
+                let mut p = vec![0f32; ROW_BLOCK.min(dm.tq) * dm.tk];
                 let mut o = vec![0f32; dm.tq * d];
                 let vv = dm.k_view(b, h / dm.group());
-                for (i0, i1, keys) in dm.row_blocks() {
-                    matmul_view(&mut o, View::rows(i0 * d, d), &p, View::rows(i0 * tk, tk), v, vv, i1 - i0, keys, d, false, 1.0);
+                for blk @ (i0, i1, keys) in dm.row_blocks() {
+                    block_probabilities(&dm, q, k, b, h, blk, &mut p);
+                    matmul_view(&mut o, View::rows(i0 * d, d), &p, View::rows(0, keys), v, vv, i1 - i0, keys, d, false, 1.0);
                 }
                 o
             })
@@ -176,32 +176,31 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
             let mut dk = vec![0f32; tk * d];
             let mut dv = vec![0f32; tk * d];
             let mut dqs = Vec::with_capacity(dm.group());
+            // One row block's probabilities and score gradients, reused block after block.
+            let mut p = vec![0f32; ROW_BLOCK.min(tq) * tk];
+            let mut ds = vec![0f32; ROW_BLOCK.min(tq) * tk];
             for h in g * dm.group()..(g + 1) * dm.group() {
                 let qv = dm.q_view(b, h);
-                let p = probabilities(dm, q, k, b, h);
-                let mut ds = vec![0f32; tq * tk];
-                for (i0, i1, keys) in dm.row_blocks() {
-                    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
-                    // dV[..keys] += P[blk, ..keys]ᵀ·dO[blk]
-                    matmul_view(&mut dv, View::rows(0, d), &p, View::rows(i0 * tk, tk).t(), dout, qb, keys, i1 - i0, d, true, 1.0);
-                    // dP[blk, ..keys] = dO[blk]·V[..keys]ᵀ
-                    matmul_view(&mut ds, View::rows(i0 * tk, tk), dout, qb, v, kv.t(), i1 - i0, d, keys, false, 1.0);
-                }
-                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
-                for i in 0..tq {
-                    let r = qv.offset + i * qv.row_stride;
-                    let delta: f32 = dout[r..r + d].iter().zip(&o[r..r + d]).map(|(a, b)| a * b).sum();
-                    let row = &mut ds[i * tk..(i + 1) * tk];
-                    for (s, &pv) in row.iter_mut().zip(&p[i * tk..(i + 1) * tk]) {
-                        *s = pv * (*s - delta) * dm.scale;
-                    }
-                }
-                // dQ[blk] = dS[blk, ..keys]·K[..keys], dK[..keys] += dS[blk, ..keys]ᵀ·Q[blk]
                 let mut dq = vec![0f32; tq * d];
-                for (i0, i1, keys) in dm.row_blocks() {
+                for blk @ (i0, i1, keys) in dm.row_blocks() {
+                    let rows = i1 - i0;
+                    block_probabilities(dm, q, k, b, h, blk, &mut p);
                     let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
-                    matmul_view(&mut dq, View::rows(i0 * d, d), &ds, View::rows(i0 * tk, tk), k, kv, i1 - i0, keys, d, false, 1.0);
-                    matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(i0 * tk, tk).t(), q, qb, keys, i1 - i0, d, true, 1.0);
+                    // dV[..keys] += P[blk]ᵀ·dO[blk]
+                    matmul_view(&mut dv, View::rows(0, d), &p, View::rows(0, keys).t(), dout, qb, keys, rows, d, true, 1.0);
+                    // dP[blk] = dO[blk]·V[..keys]ᵀ
+                    matmul_view(&mut ds, View::rows(0, keys), dout, qb, v, kv.t(), rows, d, keys, false, 1.0);
+                    // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
+                    for r in 0..rows {
+                        let at = qv.offset + (i0 + r) * qv.row_stride;
+                        let delta: f32 = dout[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
+                        for (s, &pv) in ds[r * keys..(r + 1) * keys].iter_mut().zip(&p[r * keys..(r + 1) * keys]) {
+                            *s = pv * (*s - delta) * dm.scale;
+                        }
+                    }
+                    // dQ[blk] = dS·K[..keys], dK[..keys] += dSᵀ·Q[blk]
+                    matmul_view(&mut dq, View::rows(i0 * d, d), &ds, View::rows(0, keys), k, kv, rows, keys, d, false, 1.0);
+                    matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(0, keys).t(), q, qb, keys, rows, d, true, 1.0);
                 }
                 dqs.push(dq);
             }

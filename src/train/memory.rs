@@ -327,15 +327,15 @@ fn transient_bytes(c: &ModelConfig, tokens: u64, training: bool) -> u64 {
 }
 
 /// Bytes attention's worker threads hold, in their own allocator arenas (so on top of the
-/// main thread's peak, not sharing its freed memory): per thread, a head's `seq × seq`
-/// probabilities (and in the backward its score gradient), plus the per-head outputs or
-/// gradients before they are gathered. The arenas do not always fit a new tile into the
-/// previous one's hole: one more tile per thread covers that (measured at 1 × 2048 tokens,
-/// where the tiles are 16 MiB each).
+/// main thread's peak, not sharing its freed memory): per thread, one block of query rows'
+/// probabilities over the keys (and in the backward its score gradient), plus the per-head
+/// outputs or gradients before they are gathered. The arenas do not always fit a new tile into
+/// the previous one's hole: one more tile per thread covers that.
 fn attention_worker_bytes(c: &ModelConfig, tokens: u64, seq: u64, threads: u64, training: bool) -> u64 {
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let tiles_per_thread = if training { 3 } else { 2 };
-    (threads.max(1) * tiles_per_thread * seq * seq + tokens * (q + 2 * kv)) * F32
+    let rows = seq.min(crate::kernels::ATTENTION_ROW_BLOCK as u64);
+    (threads.max(1) * tiles_per_thread * rows * seq + tokens * (q + 2 * kv)) * F32
 }
 
 /// Activation bytes at the peak of a training step (or of an evaluation forward).
