@@ -453,8 +453,9 @@ pub enum Command {
         #[arg(long)]
         zo_offload: bool,
         /// Time batched generation instead: --batch rows, each a random prompt of --seq tokens,
-        /// this many new tokens each (greedy, no adapter unless --method).
-        #[arg(long, value_name = "NEW_TOKENS")]
+        /// this many new tokens each (greedy, no adapter unless --method). `--generate` is the
+        /// same flag.
+        #[arg(long, value_name = "NEW_TOKENS", alias = "generate")]
         decode: Option<usize>,
     },
     /// List the fine-tuning methods (`adapter = "<name>"`), with their own config keys.

@@ -59,14 +59,24 @@ pub fn encode_records(
     tok: &TextTokenizer,
     opts: &EncodeOptions,
 ) -> Result<EncodedDataset> {
+    // Large files take a while to tokenize: progress every few seconds, checked every 1024 records.
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let ticker = std::sync::Mutex::new(crate::console::Ticker::new("encoding", records.len(), "records"));
     let encoded: Vec<EncodedExample> = records
         .par_iter()
         .map(|r| {
             let ex = Example::from_record(r, format)?;
-            encode_example(tok, &ex, opts).map_err(|e| match e {
+            let encoded = encode_example(tok, &ex, opts).map_err(|e| match e {
                 e @ Error::Data { .. } => e,
                 other => r.error(other.to_string()),
-            })
+            });
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n.is_multiple_of(1024) {
+                if let Ok(mut t) = ticker.try_lock() {
+                    t.tick(n, None);
+                }
+            }
+            encoded
         })
         .collect::<Result<_>>()?;
     let mut stats = DatasetStats {
