@@ -72,20 +72,9 @@ fn detect() -> Kernel {
     Kernel::None
 }
 
-/// f32 → bf16, rounding to nearest even; NaNs stay NaN (quiet).
-#[inline]
-pub fn to_bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-#[inline]
-pub fn bf16_to_f32(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
+/// The rounding and widening of bf16 values, as the GGUF code (and ggml) does them: rounding to
+/// nearest even, NaNs kept NaN (quiet).
+pub use crate::formats::gguf::quants::{bf16_to_f32, f32_to_bf16 as to_bf16};
 
 /// Where `A[i][kk]` lies in a tiled `A` with `k_pad` columns: tiles of 16 rows × 32 values,
 /// row-tile major.
@@ -226,21 +215,9 @@ pub fn gemm(kernel: Kernel, o: &Operands, c: &mut [f32], ldc: usize, accumulate:
     // Rows per task: enough to amortise the tile set-up, few enough to spread over threads.
     let rows_per_task = 64;
     let m_pad = o.m.next_multiple_of(16);
-    let tasks: Vec<(usize, &mut [f32])> = {
-        let mut v = Vec::new();
-        let mut rest = &mut c[..];
-        let mut r0 = 0;
-        while r0 < o.m {
-            let rows = rows_per_task.min(o.m - r0);
-            let take = if r0 + rows < o.m { rows * ldc } else { rest.len() };
-            let (head, tail) = rest.split_at_mut(take);
-            v.push((r0, head));
-            rest = tail;
-            r0 += rows;
-        }
-        v
-    };
-    tasks.into_par_iter().for_each(|(r0, c_rows)| {
+    // Task t owns output rows t·64.. (the last one fewer, its slice possibly short of a full row).
+    c.par_chunks_mut(rows_per_task * ldc).take(o.m.div_ceil(rows_per_task)).enumerate().for_each(|(t, c_rows)| {
+        let r0 = t * rows_per_task;
         let rows = rows_per_task.min(o.m - r0);
         let a = &o.a[r0 * o.k_pad..(r0 + rows.next_multiple_of(16)).min(m_pad) * o.k_pad];
         match kernel {
@@ -287,13 +264,17 @@ fn reference_block(a: &[u16], rows: usize, o: &Operands, c: &mut [f32], ldc: usi
 fn store_tile(tile: &[f32; 256], c: &mut [f32], ldc: usize, i0: usize, j0: usize, rows: usize, n: usize, accumulate: bool) {
     for r in 0..16.min(rows.saturating_sub(i0)) {
         let cols = 16.min(n - j0);
-        let dst = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols];
-        let src = &tile[r * 16..r * 16 + cols];
-        if accumulate {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-        } else {
-            dst.copy_from_slice(src);
-        }
+        store_row(&tile[r * 16..r * 16 + cols], &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], accumulate);
+    }
+}
+
+/// `dst (+)= src`.
+#[inline]
+fn store_row(src: &[f32], dst: &mut [f32], accumulate: bool) {
+    if accumulate {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
@@ -413,7 +394,7 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Operands;
+    use super::{store_row, Operands};
     use std::arch::x86_64::*;
 
     /// Rows `0..rows` of the product, 4 rows by up to 4 column tiles (64 columns) at a time in
@@ -446,12 +427,7 @@ mod avx512 {
                         let mut strip = [0f32; 16];
                         _mm512_storeu_ps(strip.as_mut_ptr(), *v);
                         let cols = 16.min(o.n - j0);
-                        let dst = &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols];
-                        if accumulate {
-                            dst.iter_mut().zip(&strip).for_each(|(d, s)| *d += s);
-                        } else {
-                            dst.copy_from_slice(&strip[..cols]);
-                        }
+                        store_row(&strip[..cols], &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], accumulate);
                     }
                 }
             }
