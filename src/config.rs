@@ -70,6 +70,11 @@ pub struct TrainConfig {
     pub init_adapter: Option<PathBuf>,
     #[serde(default = "d_seq")]
     pub sequence_len: usize,
+    /// Pack several short training examples into each row of up to `sequence_len` tokens
+    /// (best-fit decreasing; each example keeps its own positions and attention). Micro-batches
+    /// then count packed rows. Validation examples stay one per row.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub sample_packing: bool,
     #[serde(default = "one")]
     pub micro_batch_size: usize,
     #[serde(default = "one")]
@@ -367,7 +372,14 @@ impl TrainConfig {
             crate::data::DatasetFormat::from_config("datasets.type", &d.format)?;
         }
         crate::methods::registry::validate(&crate::methods::MethodSpec::from_config(self))?;
-        crate::objectives::create(&self.objective_spec()).map(drop)
+        let objective = crate::objectives::create(&self.objective_spec())?;
+        if self.sample_packing && !objective.packs() {
+            return Err(Error::config(
+                "sample_packing",
+                format!("packs examples into shared rows, and objective \"{}\" needs one example per row; use it with sft, dft, asft, masked_thought or roste", objective.name()),
+            ));
+        }
+        Ok(())
     }
 
     pub fn objective_spec(&self) -> crate::objectives::ObjectiveSpec {

@@ -592,8 +592,8 @@ fn inspection_marks_non_targets() {
 
 #[test]
 fn batch_shifts_and_pads() {
-    let a = EncodedExample { input_ids: vec![10, 11, 12, 13], labels: vec![-100, -100, 12, 13], truncated: false, targets_cut: 0, rejected: None, reference_logp: None };
-    let b = EncodedExample { input_ids: vec![20, 21], labels: vec![20, 21], truncated: false, targets_cut: 0, rejected: None, reference_logp: None };
+    let a = EncodedExample { input_ids: vec![10, 11, 12, 13], labels: vec![-100, -100, 12, 13], truncated: false, targets_cut: 0, rejected: None, reference_logp: None, packed: Vec::new() };
+    let b = EncodedExample { input_ids: vec![20, 21], labels: vec![20, 21], truncated: false, targets_cut: 0, rejected: None, reference_logp: None, packed: Vec::new() };
     let batch = make_batch(&[&a, &b], 0);
     assert_eq!((batch.batch_size, batch.seq_len), (2, 4));
     assert_eq!(batch.input_ids, vec![10, 11, 12, 13, 20, 21, 0, 0]);

@@ -255,6 +255,62 @@ fn causal_attention_gqa_gradients() {
     }
 }
 
+/// Per token of rows made of examples of the given lengths, its position inside its example.
+fn packed_positions(rows: &[&[usize]]) -> Arc<[u32]> {
+    rows.iter().flat_map(|r| r.iter().flat_map(|&n| 0..n as u32)).collect()
+}
+
+/// `f` applied to each example of each row on its own, the results put back in place.
+fn per_example(a: &[Tensor], rows: &[&[usize]], f: &dyn Fn(&[Tensor]) -> Tensor) -> Tensor {
+    let out: Vec<Tensor> = rows
+        .iter()
+        .enumerate()
+        .map(|(b, lens)| {
+            let mut start = 0;
+            let parts: Vec<Tensor> = lens
+                .iter()
+                .map(|&n| {
+                    let args: Vec<Tensor> = a.iter().map(|t| t.narrow(0, b, 1).unwrap().narrow(1, start, n).unwrap()).collect();
+                    start += n;
+                    f(&args)
+                })
+                .collect();
+            Tensor::cat(&parts, 1).unwrap()
+        })
+        .collect();
+    Tensor::cat(&out, 0).unwrap()
+}
+
+#[test]
+fn packed_attention_and_rope_equal_each_example_alone() {
+    // Row 0 holds four examples (the 64-row causal blocks straddle their boundaries), row 1 one.
+    let rows: [&[usize]; 2] = [&[70, 50, 100, 36], &[256]];
+    let positions = packed_positions(&rows);
+    let q = randn(&[2, 256, 4, 8], 40);
+    let k = randn(&[2, 256, 2, 8], 41);
+    let v = randn(&[2, 256, 2, 8], 42);
+    let p = positions.clone();
+    check(
+        &[q.clone(), k.clone(), v.clone()],
+        &move |a| kernels::packed_causal_attention(&a[0], &a[1], &a[2], &p).unwrap(),
+        &|a| per_example(a, &rows, &|s| attention_ref(&s[0], &s[1], &s[2])),
+        1e-4,
+    );
+    // Without the positions the examples would see each other: the outputs differ.
+    let plain = kernels::causal_attention(&q, &k, &v).unwrap();
+    assert!(max_rel(&plain, &kernels::packed_causal_attention(&q, &k, &v, &positions).unwrap()) > 1e-2);
+
+    let inv_freq: Vec<f32> = (0..4).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 8.0)).collect();
+    let tables = RopeTables::new(&inv_freq, 256);
+    let (t, p) = (tables.clone(), positions.clone());
+    check(&[q.clone()], &move |a| kernels::rope_positions(&a[0], &t, &p).unwrap(), &|a| per_example(a, &rows, &|s| rope_ref(&s[0], &inv_freq, 0)), 1e-5);
+
+    // Positions that do not fit the tensor, or run past a token's own index, are refused.
+    assert!(kernels::rope_positions(&q, &tables, &packed_positions(&[&[256]])).is_err());
+    let ahead: Arc<[u32]> = (0..512u32).map(|i| (i % 256) + 1).collect();
+    assert!(kernels::packed_causal_attention(&q, &k, &v, &ahead).is_err());
+}
+
 #[test]
 fn causal_attention_with_fewer_queries_than_keys() {
     // Decoding with a cache: 2 new queries over 7 keys must equal the last 2 rows of the full run.

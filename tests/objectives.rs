@@ -18,7 +18,7 @@ fn batch(seqs: &[(Vec<u32>, usize)]) -> Batch {
     // (ids, prompt length): labels on the completion only.
     let ex: Vec<EncodedExample> = seqs
         .iter()
-        .map(|(ids, p)| EncodedExample { input_ids: ids.clone(), labels: ids.iter().enumerate().map(|(i, &t)| if i < *p { -100 } else { t as i32 }).collect(), truncated: false, targets_cut: 0, rejected: None, reference_logp: None })
+        .map(|(ids, p)| EncodedExample { input_ids: ids.clone(), labels: ids.iter().enumerate().map(|(i, &t)| if i < *p { -100 } else { t as i32 }).collect(), truncated: false, targets_cut: 0, rejected: None, reference_logp: None, packed: Vec::new() })
         .collect();
     make_batch(&ex.iter().collect::<Vec<_>>(), 0)
 }
@@ -139,7 +139,7 @@ fn pair_batch(m: &Llama, pairs: &[(Vec<u32>, Vec<u32>, Vec<u32>)]) -> Batch {
             let seq = |resp: &[u32]| {
                 let ids: Vec<u32> = p.iter().chain(resp).copied().collect();
                 let labels = ids.iter().enumerate().map(|(i, &t)| if i < p.len() { -100 } else { t as i32 }).collect();
-                EncodedExample { input_ids: ids, labels, truncated: false, targets_cut: 0, rejected: None, reference_logp: None }
+                EncodedExample { input_ids: ids, labels, truncated: false, targets_cut: 0, rejected: None, reference_logp: None, packed: Vec::new() }
             };
             EncodedExample { rejected: Some(Box::new(seq(r))), ..seq(c) }
         })

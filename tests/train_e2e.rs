@@ -160,6 +160,43 @@ fn quantized_gguf_base_follows_the_dequantized_run() {
     }
 }
 
+/// Packing changes the rows, not the training: steps over all twelve examples packed into
+/// shared rows give the losses and the update of the same steps one example per row (with
+/// positions and attention restarting per example; without that they would differ).
+#[test]
+fn sample_packing_gives_the_unpacked_update() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = "lora_dropout = 0.0\nmax_steps = 3\nshuffle = false";
+    plan(a.path(), extra);
+    plan(b.path(), &format!("{extra}\nsample_packing = true"));
+    let load = |dir: &Path, sets: &[String]| TrainConfig::load(&dir.join("run.toml"), sets).unwrap();
+    let seq = "sequence_len=128".to_string();
+    let packed = load(b.path(), std::slice::from_ref(&seq));
+    let tok = ferrotune::data::TextTokenizer::from_hf_dir(&b.path().join("model")).unwrap();
+    let stats = ferrotune::train::dataset::prepare(&packed, &tok).unwrap().packing.expect("packing stats");
+    assert_eq!(stats.examples, 12);
+    assert!(stats.rows > 1 && stats.rows <= 6, "twelve short examples should share rows of 128: {stats:?}");
+    // One step = every example: all twelve in one micro-batch, or all the packed rows.
+    let pa = load(a.path(), &[seq.clone(), "micro_batch_size=12".into()]);
+    let pb = load(b.path(), &[seq, format!("micro_batch_size={}", stats.rows)]);
+    let (la, lb) = two_runs(&pa, &pb, 3);
+    assert!(max_rel_diff(&la, &lb) < 1e-5, "packed losses differ from unpacked: {la:?} vs {lb:?}");
+    assert!(la[2] < la[0], "training should lower the loss (the first step warms up at learning rate 0): {la:?}");
+    let (ta, tb) = (load_adapter(&pa.output_dir.join("adapter")), load_adapter(&pb.output_dir.join("adapter")));
+    for (k, t) in &ta {
+        let d = (t - &tb[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let s = t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-4 * s.max(1e-3), "{k}: adapters differ by {d}");
+    }
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pb.output_dir.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["resolved"]["packed_rows"], stats.rows);
+    assert_eq!(run["resolved"]["train_examples"], 12);
+
+    // Objectives that need one example per row refuse packing, naming the key.
+    let err = TrainConfig::load(&b.path().join("run.toml"), &["objective=\"ift\"".into()]).err().expect("ift with packing is refused").to_string();
+    assert!(err.contains("sample_packing") && err.contains("ift"), "{err}");
+}
+
 #[test]
 fn resume_continues_bit_for_bit() {
     let a = tempfile::tempdir().unwrap();

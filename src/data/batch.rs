@@ -2,6 +2,7 @@
 
 use super::encode::{EncodedExample, IGNORE_INDEX};
 use crate::rng::SplitMix64;
+use std::sync::Arc;
 
 /// A padded batch, row-major `[batch_size, seq_len]`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -26,6 +27,9 @@ pub struct Batch {
     pub reference_logps: Option<Vec<f32>>,
     /// Sampled completions (GRPO): per row, its reward and its group-normalised advantage.
     pub rollout: Option<RolloutRows>,
+    /// Where rows hold several packed examples: per token, its position inside its own
+    /// example (row-major `[batch_size, seq_len]`); the forward restarts RoPE and attention there.
+    pub positions: Option<Arc<[u32]>>,
 }
 
 /// Per row of a batch of sampled completions, what the online objectives need.
@@ -40,6 +44,26 @@ impl Batch {
     /// response token: the target of the position before it in its row.
     pub fn is_response_input(&self, i: usize) -> bool {
         !i.is_multiple_of(self.seq_len) && self.targets[i - 1] != IGNORE_INDEX
+    }
+
+    /// Each example's tokens, as a range of flat positions: a row's real tokens, or, in packed
+    /// rows, each of the examples it holds (padding left out).
+    pub fn example_spans(&self) -> Vec<std::ops::Range<usize>> {
+        let mut spans = Vec::new();
+        for (j, &len) in self.lengths.iter().enumerate() {
+            let row = j * self.seq_len..j * self.seq_len + len.min(self.seq_len);
+            let mut start = row.start;
+            for i in row.clone().skip(1) {
+                if self.positions.as_ref().is_some_and(|p| p[i] == 0) {
+                    spans.push(start..i);
+                    start = i;
+                }
+            }
+            if start < row.end {
+                spans.push(start..row.end);
+            }
+        }
+        spans
     }
 
     /// Target tokens per row (its response tokens).
@@ -75,6 +99,7 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
         }
     }
     let reference_logps = rows.iter().map(|e| e.reference_logp).collect::<Option<Vec<f32>>>();
+    let positions = rows.iter().any(|e| !e.packed.is_empty()).then(|| rows.iter().flat_map(|e| super::pack::positions(e, t)).collect());
     Batch {
         input_ids,
         targets,
@@ -85,6 +110,7 @@ pub fn make_batch(examples: &[&EncodedExample], pad_id: u32) -> Batch {
         pairs,
         reference_logps,
         rollout: None,
+        positions,
     }
 }
 

@@ -54,6 +54,9 @@ pub struct EncodedExample {
     /// The reference model's log-probability of this sequence's targets, once computed (DPO
     /// computes it before training; see `objectives::dpo`).
     pub reference_logp: Option<f32>,
+    /// A packed row (`sample_packing`): the lengths of the examples it holds, in order; empty
+    /// for a single example (see `data::pack`).
+    pub packed: Vec<usize>,
 }
 
 impl EncodedExample {
@@ -292,8 +295,7 @@ pub fn encode_example(tok: &TextTokenizer, example: &Example, opts: &EncodeOptio
         labels,
         truncated,
         targets_cut,
-        rejected: None,
-        reference_logp: None,
+        ..Default::default()
     })
 }
 

@@ -6,11 +6,13 @@
 //! - [`template`]: Hugging Face chat templates rendered with minijinja;
 //! - [`tokenize`]: [`TextTokenizer`] from a HF directory or a GGUF's metadata;
 //! - [`encode`]: example → [`EncodedExample`] (ids + labels), inspection rendering;
+//! - [`pack`]: several short examples in one row (`sample_packing`);
 //! - [`batch`]: [`Batch`], [`make_batch`], [`epoch_order`].
 
 pub mod batch;
 pub mod encode;
 pub mod formats;
+pub mod pack;
 pub mod preference;
 pub mod source;
 pub mod template;

@@ -86,7 +86,7 @@ pub fn encode_pair(tok: &TextTokenizer, pair: &PreferencePair, opts: &EncodeOpti
         let targets_cut = ids.len().saturating_sub(opts.sequence_len.max(split));
         let ids: Vec<u32> = ids.into_iter().take(opts.sequence_len).collect();
         let labels = ids.iter().enumerate().map(|(i, &t)| if i < split { IGNORE_INDEX } else { t as i32 }).collect();
-        EncodedExample { input_ids: ids, labels, truncated, targets_cut, rejected: None, reference_logp: None }
+        EncodedExample { input_ids: ids, labels, truncated, targets_cut, rejected: None, reference_logp: None, packed: Vec::new() }
     };
     let rejected = sequence(rejected);
     let mut chosen = sequence(chosen);

@@ -8,20 +8,30 @@
 //! backward recomputes each block's `P` from q and k (as flash attention does). A task holds
 //! one block's `ROW_BLOCK × t_k` scores (and, in the backward, their gradients), never a
 //! `t × t` square: attention's memory grows linearly with the sequence.
+//!
+//! Packed rows (several examples in one sequence, `sample_packing`) give each token its
+//! position inside its own example; a query then sees only the keys of its example, from
+//! `i − position(i)` to `i`. A block's products start at its first row's example, so short
+//! packed examples also cost less than one long sequence.
 
 use super::vexp::exp_sub;
 use super::gemm::{matmul_view, View};
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
-struct CausalAttention;
+struct CausalAttention {
+    /// Per token of `[b, t]`, its position inside its packed example (`None`: one example a row).
+    positions: Option<Arc<[u32]>>,
+}
 
 /// Query rows per causal block (a 256-token sequence then computes 5/8 of the full square).
 pub const ROW_BLOCK: usize = 64;
 
 #[derive(Clone, Copy)]
-struct Dims {
+struct Dims<'a> {
+    positions: Option<&'a [u32]>,
     b: usize,
     tq: usize,
     tk: usize,
@@ -31,15 +41,41 @@ struct Dims {
     scale: f32,
 }
 
-impl Dims {
-    fn new(q: &[usize], k: &[usize], v: &[usize]) -> Result<Self> {
+/// Rows `i0..i1` of a causal block, and the keys `k0..keys` its rows see between them.
+#[derive(Clone, Copy)]
+struct Block {
+    i0: usize,
+    i1: usize,
+    k0: usize,
+    keys: usize,
+}
+
+impl Block {
+    fn rows(&self) -> usize {
+        self.i1 - self.i0
+    }
+    fn width(&self) -> usize {
+        self.keys - self.k0
+    }
+}
+
+impl<'a> Dims<'a> {
+    fn new(q: &[usize], k: &[usize], v: &[usize], positions: Option<&'a [u32]>) -> Result<Self> {
         let (&[b, tq, hq, d], &[bk, tk, hkv, dk]) = (q, k) else {
             bail!("attention: expected 4-d q/k, got {q:?} {k:?}");
         };
         if k != v || b != bk || d != dk || hkv == 0 || hq % hkv != 0 || tq > tk {
             bail!("attention: incompatible shapes q {q:?} k {k:?} v {v:?}");
         }
-        Ok(Self { b, tq, tk, hq, hkv, d, scale: 1.0 / (d as f32).sqrt() })
+        if let Some(p) = positions {
+            if tq != tk || p.len() != b * tq {
+                bail!("attention: {} packed positions for q {q:?} and k {k:?} (expected one per token, and no cache)", p.len());
+            }
+            if let Some((at, _)) = p.iter().enumerate().find(|&(at, &pos)| pos as usize > at % tq) {
+                bail!("attention: token {} of row {} has position {}, past its own index", at % tq, at / tq, p[at]);
+            }
+        }
+        Ok(Self { positions, b, tq, tk, hq, hkv, d, scale: 1.0 / (d as f32).sqrt() })
     }
     /// Rows of head `h` of batch `b` in a `[b, t_q, h_q, d]` tensor.
     fn q_view(&self, b: usize, h: usize) -> View {
@@ -52,37 +88,56 @@ impl Dims {
     fn group(&self) -> usize {
         self.hq / self.hkv
     }
-    /// Query rows in blocks of [`ROW_BLOCK`], each with the number of keys its last row sees:
-    /// `(first row, end row, keys)`. Products over a block stop at its keys, so the masked
-    /// upper triangle is (mostly) never computed.
-    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    /// Query rows of batch row `b` in blocks of [`ROW_BLOCK`], each with the keys its rows see:
+    /// from its first row's first key to its last row's last. Products over a block stay
+    /// inside those, so the masked upper triangle (and, packed, the earlier examples) is
+    /// (mostly) never computed.
+    fn row_blocks(&self, b: usize) -> impl Iterator<Item = Block> + '_ {
         (0..self.tq).step_by(ROW_BLOCK).map(move |i0| {
             let i1 = (i0 + ROW_BLOCK).min(self.tq);
-            (i0, i1, self.visible(i1 - 1))
+            Block { i0, i1, k0: self.first_key(b, i0), keys: self.visible(i1 - 1) }
         })
     }
-    /// Number of keys query `i` may attend to.
+    /// Number of keys query `i` may attend to: the end of its visible range.
     fn visible(&self, i: usize) -> usize {
         i + (self.tk - self.tq) + 1
     }
+    /// The first key query `i` of batch row `b` may attend to: its packed example's start.
+    fn first_key(&self, b: usize, i: usize) -> usize {
+        self.positions.map_or(0, |p| i - p[b * self.tq + i] as usize)
+    }
 }
 
-/// Rows `i0..i1` of `P = softmax(scale · Q_h K_gᵀ)` with the causal mask, over their first
-/// `keys` keys (the ones the block's last row sees), into `p` (`(i1 − i0) × keys`, row-major).
+/// The rows of a `[b, t_q, h_q, d]` tensor's head `h` in block `blk`.
+fn block_rows(dm: &Dims, b: usize, h: usize, blk: Block) -> View {
+    let qv = dm.q_view(b, h);
+    View::rows(qv.offset + blk.i0 * qv.row_stride, qv.row_stride)
+}
+
+/// The keys (or values) of kv head `g` that block `blk` sees, from its first.
+fn block_keys(dm: &Dims, b: usize, g: usize, blk: Block) -> View {
+    let kv = dm.k_view(b, g);
+    View::rows(kv.offset + blk.k0 * kv.row_stride, kv.row_stride)
+}
+
+/// Block `blk`'s rows of `P = softmax(scale · Q_h K_gᵀ)` with the causal (and packed-example)
+/// mask, over the keys it sees, into `p` (`rows × width`, row-major, zero where masked).
 /// Attention is computed one such block at a time, so no task ever holds more than
 /// [`ROW_BLOCK`] rows of scores: memory linear in the sequence length.
-#[allow(clippy::too_many_arguments)]
-fn block_probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize, (i0, i1, keys): (usize, usize, usize), p: &mut [f32]) {
-    let (qv, kv) = (dm.q_view(b, h), dm.k_view(b, h / dm.group()));
-    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
-    matmul_view(p, View::rows(0, keys), q, qb, k, kv.t(), i1 - i0, dm.d, keys, false, dm.scale);
-    for (r, row) in p.chunks_mut(keys).take(i1 - i0).enumerate() {
-        let (live, masked) = row.split_at_mut(dm.visible(i0 + r));
+fn block_probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize, blk: Block, p: &mut [f32]) {
+    let w = blk.width();
+    let (qb, kb) = (block_rows(dm, b, h, blk), block_keys(dm, b, h / dm.group(), blk));
+    matmul_view(p, View::rows(0, w), q, qb, k, kb.t(), blk.rows(), dm.d, w, false, dm.scale);
+    for (r, row) in p.chunks_mut(w).take(blk.rows()).enumerate() {
+        let i = blk.i0 + r;
+        let (lo, hi) = (dm.first_key(b, i) - blk.k0, dm.visible(i) - blk.k0);
+        row[..lo].fill(0.0);
+        let live = &mut row[lo..hi];
         let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         exp_sub(live, m);
         let inv = 1.0 / live.iter().sum::<f32>();
         live.iter_mut().for_each(|v| *v *= inv);
-        masked.fill(0.0);
+        row[hi..].fill(0.0);
     }
 }
 
@@ -101,7 +156,7 @@ impl CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
-        let dm = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
+        let dm = Dims::new(l1.dims(), l2.dims(), l3.dims(), self.positions.as_deref())?;
         let heads: Vec<Vec<f32>> = (0..dm.b * dm.hq)
             .into_par_iter()
             .map(|task| {
@@ -109,10 +164,10 @@ impl CustomOp3 for CausalAttention {
                 let d = dm.d;
                 let mut p = vec![0f32; ROW_BLOCK.min(dm.tq) * dm.tk];
                 let mut o = vec![0f32; dm.tq * d];
-                let vv = dm.k_view(b, h / dm.group());
-                for blk @ (i0, i1, keys) in dm.row_blocks() {
+                for blk in dm.row_blocks(b) {
                     block_probabilities(&dm, q, k, b, h, blk, &mut p);
-                    matmul_view(&mut o, View::rows(i0 * d, d), &p, View::rows(0, keys), v, vv, i1 - i0, keys, d, false, 1.0);
+                    let vb = block_keys(&dm, b, h / dm.group(), blk);
+                    matmul_view(&mut o, View::rows(blk.i0 * d, d), &p, View::rows(0, blk.width()), v, vb, blk.rows(), blk.width(), d, false, 1.0);
                 }
                 o
             })
@@ -130,7 +185,7 @@ impl CustomOp3 for CausalAttention {
         o_t: &Tensor,
         do_t: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dm = Dims::new(q_t.dims(), k_t.dims(), v_t.dims())?;
+        let dm = Dims::new(q_t.dims(), k_t.dims(), v_t.dims(), self.positions.as_deref())?;
         let name = self.name();
         let (dq, dk, dv) = with_f32(q_t, name, |q| {
             with_f32(k_t, name, |k| {
@@ -172,7 +227,6 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
         .into_par_iter()
         .map(|task| {
             let (b, g) = (task / dm.hkv, task % dm.hkv);
-            let kv = dm.k_view(b, g);
             let mut dk = vec![0f32; tk * d];
             let mut dv = vec![0f32; tk * d];
             let mut dqs = Vec::with_capacity(dm.group());
@@ -182,25 +236,26 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
             for h in g * dm.group()..(g + 1) * dm.group() {
                 let qv = dm.q_view(b, h);
                 let mut dq = vec![0f32; tq * d];
-                for blk @ (i0, i1, keys) in dm.row_blocks() {
-                    let rows = i1 - i0;
+                for blk in dm.row_blocks(b) {
+                    let (rows, w) = (blk.rows(), blk.width());
                     block_probabilities(dm, q, k, b, h, blk, &mut p);
-                    let qb = View::rows(qv.offset + i0 * qv.row_stride, qv.row_stride);
-                    // dV[..keys] += P[blk]ᵀ·dO[blk]
-                    matmul_view(&mut dv, View::rows(0, d), &p, View::rows(0, keys).t(), dout, qb, keys, rows, d, true, 1.0);
-                    // dP[blk] = dO[blk]·V[..keys]ᵀ
-                    matmul_view(&mut ds, View::rows(0, keys), dout, qb, v, kv.t(), rows, d, keys, false, 1.0);
+                    let (qb, kb) = (block_rows(dm, b, h, blk), block_keys(dm, b, g, blk));
+                    let seen = View::rows(blk.k0 * d, d);
+                    // dV[seen] += P[blk]ᵀ·dO[blk]
+                    matmul_view(&mut dv, seen, &p, View::rows(0, w).t(), dout, qb, w, rows, d, true, 1.0);
+                    // dP[blk] = dO[blk]·V[seen]ᵀ
+                    matmul_view(&mut ds, View::rows(0, w), dout, qb, v, kb.t(), rows, d, w, false, 1.0);
                     // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
                     for r in 0..rows {
-                        let at = qv.offset + (i0 + r) * qv.row_stride;
+                        let at = qv.offset + (blk.i0 + r) * qv.row_stride;
                         let delta: f32 = dout[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
-                        for (s, &pv) in ds[r * keys..(r + 1) * keys].iter_mut().zip(&p[r * keys..(r + 1) * keys]) {
+                        for (s, &pv) in ds[r * w..(r + 1) * w].iter_mut().zip(&p[r * w..(r + 1) * w]) {
                             *s = pv * (*s - delta) * dm.scale;
                         }
                     }
-                    // dQ[blk] = dS·K[..keys], dK[..keys] += dSᵀ·Q[blk]
-                    matmul_view(&mut dq, View::rows(i0 * d, d), &ds, View::rows(0, keys), k, kv, rows, keys, d, false, 1.0);
-                    matmul_view(&mut dk, View::rows(0, d), &ds, View::rows(0, keys).t(), q, qb, keys, rows, d, true, 1.0);
+                    // dQ[blk] = dS·K[seen], dK[seen] += dSᵀ·Q[blk]
+                    matmul_view(&mut dq, View::rows(blk.i0 * d, d), &ds, View::rows(0, w), k, kb, rows, w, d, false, 1.0);
+                    matmul_view(&mut dk, seen, &ds, View::rows(0, w).t(), q, qb, w, rows, d, true, 1.0);
                 }
                 dqs.push(dq);
             }
@@ -231,5 +286,11 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
 /// Causal attention: `q: [b, t_q, h_q, d]`, `k, v: [b, t_k, h_kv, d]` with `h_q % h_kv == 0`
 /// and `t_q ≤ t_k`; returns `[b, t_q, h_q, d]`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention)
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention { positions: None })
+}
+
+/// Causal attention over packed rows: `positions[b·t + i]` is token `i`'s position inside its
+/// own example of row `b`, and it sees only that example's keys (`t_q = t_k`, no cache).
+pub fn packed_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, positions: &Arc<[u32]>) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, CausalAttention { positions: Some(positions.clone()) })
 }

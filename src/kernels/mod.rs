@@ -26,7 +26,7 @@ mod sparse_linear;
 mod swiglu;
 pub(crate) mod vexp;
 
-pub use attention::{causal_attention, ROW_BLOCK as ATTENTION_ROW_BLOCK};
+pub use attention::{causal_attention, packed_causal_attention, ROW_BLOCK as ATTENTION_ROW_BLOCK};
 pub use columns::{scale_columns, scale_shift_columns};
 pub use cross_entropy::{lm_head_argmax, lm_head_logits, lm_head_nll, lm_head_nll_kl, IGNORE_INDEX};
 pub use decode_attention::{decode_attention, DecodeShape};
@@ -37,7 +37,7 @@ pub use frozen_weight::{FrozenWeight, RowPatch};
 pub use linear::frozen_linear;
 pub use lora_linear::lora_linear;
 pub use rmsnorm::rms_norm;
-pub use rope::{rope, rope_at, RopeTables};
+pub use rope::{rope, rope_at, rope_positions, RopeTables};
 pub use rotate::hadamard_rotate;
 pub use sparse_linear::{sparse_linear, SparseChange};
 pub use swiglu::swiglu;

@@ -40,9 +40,15 @@ impl RopeTables {
 
 struct Rope {
     tables: Arc<RopeTables>,
-    /// Position of each sequence's first token: one entry for all sequences, or one per
-    /// sequence (decoding a batch whose rows sit at different positions).
-    starts: Arc<[usize]>,
+    positions: Positions,
+}
+
+enum Positions {
+    /// Position of each sequence's first token, the rest following on: one entry for all
+    /// sequences, or one per sequence (decoding a batch whose rows sit at different positions).
+    Starts(Arc<[usize]>),
+    /// One position per token (packed rows, where positions restart at each example).
+    PerToken(Arc<[u32]>),
 }
 
 impl Rope {
@@ -57,17 +63,25 @@ impl Rope {
             bail!("rope: head_dim {d} does not match the tables ({})", 2 * half);
         }
         let sequences = x.len() / (t * h * d).max(1);
-        if self.starts.len() != 1 && self.starts.len() != sequences {
-            bail!("rope: {} start positions for {sequences} sequences", self.starts.len());
-        }
-        let last = self.starts.iter().max().copied().unwrap_or(0) + t;
+        let last = match &self.positions {
+            Positions::Starts(starts) if starts.len() != 1 && starts.len() != sequences => {
+                bail!("rope: {} start positions for {sequences} sequences", starts.len())
+            }
+            Positions::Starts(starts) => starts.iter().max().copied().unwrap_or(0) + t,
+            Positions::PerToken(p) if p.len() != sequences * t => bail!("rope: {} positions for {} tokens", p.len(), sequences * t),
+            Positions::PerToken(p) => p.iter().max().map_or(0, |&m| m as usize + 1),
+        };
         if last > self.tables.max_pos {
             bail!("rope: position {last} beyond the precomputed {}", self.tables.max_pos);
         }
-        let start = |seq: usize| if self.starts.len() == 1 { self.starts[0] } else { self.starts[seq] };
+        let position = |row: usize| match &self.positions {
+            Positions::Starts(starts) if starts.len() == 1 => starts[0] + row % t,
+            Positions::Starts(starts) => starts[row / t] + row % t,
+            Positions::PerToken(p) => p[row] as usize,
+        };
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(row, (yr, xr))| {
-            let pos = start(row / t) + row % t;
+            let pos = position(row);
             let cos = &self.tables.cos[pos * half..(pos + 1) * half];
             let sin = &self.tables.sin[pos * half..(pos + 1) * half];
             for (yh, xh) in yr.chunks_mut(d).zip(xr.chunks(d)) {
@@ -103,11 +117,17 @@ impl CustomOp1 for Rope {
 
 /// Applies RoPE to `x: [batch, seq, heads, head_dim]`; token `j` has position `pos0 + j`.
 pub fn rope(x: &Tensor, tables: &Arc<RopeTables>, pos0: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), starts: Arc::new([pos0]) })
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), positions: Positions::Starts(Arc::new([pos0])) })
 }
 
 /// RoPE for a batch whose sequences start at different positions: token `j` of sequence `i`
 /// has position `starts[i] + j`.
 pub fn rope_at(x: &Tensor, tables: &Arc<RopeTables>, starts: &[usize]) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), starts: starts.into() })
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), positions: Positions::Starts(starts.into()) })
+}
+
+/// RoPE with one position per token: token `j` of sequence `i` has `positions[i·seq + j]`
+/// (packed rows, whose positions restart at each example).
+pub fn rope_positions(x: &Tensor, tables: &Arc<RopeTables>, positions: &Arc<[u32]>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), positions: Positions::PerToken(positions.clone()) })
 }

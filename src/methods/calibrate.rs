@@ -166,8 +166,7 @@ pub fn cycle_inputs<S: InputSink + 'static>(
     let run = (|| -> Result<()> {
         for i in 0..max_batches {
             let b = &batches[i % batches.len()];
-            let spans: Vec<std::ops::Range<usize>> =
-                b.lengths.iter().enumerate().filter(|(_, &len)| len > 0).map(|(j, &len)| j * b.seq_len..j * b.seq_len + len.min(b.seq_len)).collect();
+            let spans = b.example_spans();
             *current.lock().expect("batch lock") = Current { targets: spans.iter().map(|s| b.targets[s.clone()].to_vec()).collect(), ..Current::default() };
             {
                 let cur = current.lock().expect("batch lock");

@@ -189,7 +189,7 @@ impl GreenTrainer {
         probe.attach(model)?;
         let params: Vec<Var> = probe.params().into_iter().map(|(_, v)| v).collect();
         let grads = |model: &Llama| -> Result<Vec<Vec<f32>>> {
-            let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::train(0))?;
+            let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::train(0).over(batch))?;
             let loss = nll.sum_all()?.affine(1.0 / batch.n_targets.max(1) as f64, 0.0)?;
             let store = loss.backward()?;
             params.iter().map(|p| Ok(store.get(p.as_tensor()).map_or(Ok(vec![0f32; p.elem_count()]), |g| g.flatten_all()?.to_vec1())?)).collect()

@@ -149,7 +149,7 @@ impl Spt {
         let params: Vec<Var> = probe.params().into_iter().map(|(_, v)| v).collect();
         let mut s: Vec<Vec<f32>> = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
         for b in batches.iter().filter(|b| b.n_targets > 0) {
-            let nll = model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::train(0))?;
+            let nll = model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::train(0).over(b))?;
             let store = nll.sum_all()?.affine(1.0 / b.n_targets as f64, 0.0)?.backward()?;
             for (p, acc) in params.iter().zip(s.iter_mut()) {
                 if let Some(g) = store.get(p.as_tensor()) {

@@ -11,17 +11,26 @@ use std::sync::Arc;
 /// recording pass (data-driven inits) which of the pass's sequences this forward computes, and
 /// whether this is a *reference* pass: the model with the method switched off, which
 /// objectives comparing with the starting model (ASFT, DPO) run instead of a second copy.
-#[derive(Debug, Clone, Copy)]
+/// A forward over packed rows also carries each token's position inside its own example.
+#[derive(Debug, Clone)]
 pub struct ForwardCtx {
     pub train: bool,
     pub seed: u64,
     pub sequence: usize,
     pub reference: bool,
+    /// Per token of the `[b, t]` input, its position inside its packed example, where rows
+    /// hold several (`sample_packing`); RoPE and attention restart at each example.
+    pub positions: Option<Arc<[u32]>>,
 }
 
 impl ForwardCtx {
     pub fn eval() -> Self {
-        Self { train: false, seed: 0, sequence: 0, reference: false }
+        Self { train: false, seed: 0, sequence: 0, reference: false, positions: None }
+    }
+
+    /// This forward over `batch`: its packed positions, if its rows hold several examples.
+    pub fn over(self, batch: &crate::data::Batch) -> Self {
+        Self { positions: batch.positions.clone(), ..self }
     }
 
     /// The reference model: every method switched off, no gradient, no dropout.

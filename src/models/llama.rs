@@ -363,8 +363,19 @@ impl Llama {
         self.embed(ids)?.reshape((b, t, c.hidden_size))
     }
 
-    /// Block `li` applied to the residual stream `x: [b, t, hidden]` at positions from `pos0`.
+    /// Block `li` applied to the residual stream `x: [b, t, hidden]` at positions from `pos0`
+    /// (packed rows: at the positions `ctx` gives, with attention kept inside each example).
     pub fn block_forward(&self, li: usize, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if let Some(positions) = &ctx.positions {
+            if cache.is_some() || pos0 != 0 {
+                candle_core::bail!("packed rows are a training input: they cannot continue a KV cache");
+            }
+            return self.block_with(li, x, ctx, |q, k, v| {
+                let q = kernels::rope_positions(&q, &self.rope, positions)?;
+                let k = kernels::rope_positions(&k, &self.rope, positions)?;
+                kernels::packed_causal_attention(&q, &k, &v, positions)
+            });
+        }
         self.block_with(li, x, ctx, |q, k, v| {
             let q = kernels::rope(&q, &self.rope, pos0)?;
             let mut k = kernels::rope(&k, &self.rope, pos0)?;

@@ -47,6 +47,10 @@ impl Objective for Dft {
         }
     }
 
+    fn packs(&self) -> bool {
+        true
+    }
+
     fn uses_reference(&self) -> bool {
         self.lambda.is_some()
     }

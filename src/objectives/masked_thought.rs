@@ -64,6 +64,10 @@ impl Objective for MaskedThought {
         "masked_thought"
     }
 
+    fn packs(&self) -> bool {
+        true
+    }
+
     fn input_embeddings(&self, model: &Llama, batch: &Batch, at: &StepInfo) -> Result<Option<Tensor>> {
         let p = self.rate(at.step, at.total_steps);
         let masked = mask_positions(batch, p, at.seed);

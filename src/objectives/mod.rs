@@ -70,6 +70,13 @@ pub struct LossSum {
 pub trait Objective: Send + Sync {
     fn name(&self) -> &'static str;
 
+    /// Whether the objective may train on packed rows (`sample_packing`): true for those whose
+    /// loss is a sum over target tokens, false for those that need one example per row (DPO's
+    /// pairs, IFT's and GRPO's per-sequence means).
+    fn packs(&self) -> bool {
+        false
+    }
+
     /// Whether this micro-batch needs a reference pass ([`HeadInputs::reference`]).
     fn needs_reference(&self, _batch: &Batch) -> bool {
         false
@@ -259,5 +266,5 @@ pub(crate) fn target_mask(batch: &Batch, dev: &candle_core::Device) -> candle_co
 /// The reference model's final hidden states for a batch: the model with every method switched
 /// off, no graph.
 pub fn reference_hidden(model: &Llama, batch: &Batch) -> Result<Tensor> {
-    Ok(model.hidden(&batch.input_ids, batch.batch_size, batch.seq_len, None, &ForwardCtx::reference())?.detach())
+    Ok(model.hidden(&batch.input_ids, batch.batch_size, batch.seq_len, None, &ForwardCtx::reference().over(batch))?.detach())
 }

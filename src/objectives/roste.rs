@@ -35,7 +35,7 @@ pub const KEYS: &[&str] = &["roste_weight_bits", "roste_activation_bits", "roste
 /// Runs the model over `batches` (no graph): the inputs the rotation search sees.
 fn calibration_pass(model: &Llama, batches: &[Batch]) -> Result<()> {
     for b in batches {
-        model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::eval())?;
+        model.nll(&b.input_ids, Arc::new(b.targets.clone()), b.batch_size, b.seq_len, &ForwardCtx::eval().over(b))?;
     }
     Ok(())
 }
@@ -70,6 +70,10 @@ impl Roste {
 impl Objective for Roste {
     fn name(&self) -> &'static str {
         "roste"
+    }
+
+    fn packs(&self) -> bool {
+        true
     }
 
     fn loss_sum(&self, model: &Llama, x: &Tensor, inputs: &HeadInputs) -> Result<LossSum> {

@@ -12,6 +12,10 @@ impl Objective for Sft {
         "sft"
     }
 
+    fn packs(&self) -> bool {
+        true
+    }
+
     fn loss_sum(&self, model: &Llama, x: &Tensor, inputs: &HeadInputs) -> Result<LossSum> {
         let loss = model.head_nll(x, inputs.targets.clone(), inputs.ctx)?.sum_all()?;
         Ok(LossSum { loss, metrics: Vec::new() })

@@ -1,6 +1,7 @@
 //! Turning the plan's dataset entries into encoded training and validation examples.
 
 use crate::config::{DatasetSpec, TrainConfig};
+use crate::data::pack::{pack, PackStats};
 use crate::data::{epoch_order, load_jsonl_dataset, DatasetFormat, EncodeOptions, EncodedDataset, EncodedExample, TextTokenizer};
 use crate::error::{Error, Result};
 
@@ -11,6 +12,11 @@ pub struct Prepared {
     pub skipped: usize,
     /// Examples cut at `sequence_len`.
     pub truncated: usize,
+    /// With `sample_packing`, how the training examples were packed (`train` then holds rows).
+    pub packing: Option<PackStats>,
+    /// Training examples cut at `sequence_len`, and the target tokens the cut removed (counted
+    /// before packing, so per example, not per row).
+    pub train_cut: (usize, usize),
 }
 
 /// Reads and encodes one dataset entry of a plan.
@@ -68,5 +74,15 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         }
         (None, None) => Vec::new(),
     };
-    Ok(Prepared { train, val, skipped, truncated })
+    let train_cut = (train.iter().filter(|e| e.truncated).count(), train.iter().map(|e| e.targets_cut).sum());
+    let mut packing = None;
+    if cfg.sample_packing {
+        if train.iter().any(|e| e.rejected.is_some()) {
+            return Err(Error::config("sample_packing", "packs plain examples, and the training data holds preference pairs (chosen/rejected); remove sample_packing"));
+        }
+        let (rows, stats) = pack(train, cfg.sequence_len);
+        train = rows;
+        packing = Some(stats);
+    }
+    Ok(Prepared { train, val, skipped, truncated, packing, train_cut })
 }

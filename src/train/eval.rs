@@ -63,7 +63,7 @@ pub fn nll_per_example_with(model: &Llama, examples: &[EncodedExample], batch_si
             on_batch(out.len(), tokens_done);
             continue;
         }
-        let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::eval())?;
+        let nll = model.nll(&batch.input_ids, Arc::new(batch.targets.clone()), batch.batch_size, batch.seq_len, &ForwardCtx::eval().over(&batch))?;
         let v: Vec<f32> = nll.to_vec1()?;
         // Row i's positions are v[i·t .. (i+1)·t]; ignored targets contribute 0.
         let t = batch.seq_len;

@@ -73,7 +73,7 @@ pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: u
             continue;
         }
         let MicroBatch { seed, reference, x0 } = MicroBatch::prepare(model, b, mi, plan, objective)?;
-        let ctx = ForwardCtx::train(seed);
+        let ctx = ForwardCtx::train(seed).over(b);
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
         let part = if plan.checkpointing {
             checkpointed_backward(model, params, x0, &inputs, objective, scale, &mut out.grads)?
@@ -98,12 +98,12 @@ pub fn step_loss(model: &Llama, batches: &[Batch], units: usize, plan: &StepPlan
     if units == 0 {
         return Ok(0.0);
     }
-    let ctx = ForwardCtx::eval();
     let mut loss = 0.0;
     for (mi, b) in batches.iter().enumerate() {
         if objective.units(b) == 0 {
             continue;
         }
+        let ctx = ForwardCtx::eval().over(b);
         let MicroBatch { reference, x0, .. } = MicroBatch::prepare(model, b, mi, plan, objective)?;
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
         let x = model.residual_from(x0, &ctx)?;

@@ -750,7 +750,7 @@ mod tests {
             ))
             .unwrap()
         };
-        let ex = |n: usize| EncodedExample { input_ids: vec![5; n], labels: vec![5; n], truncated: false, targets_cut: 0, rejected: None, reference_logp: None };
+        let ex = |n: usize| EncodedExample { input_ids: vec![5; n], labels: vec![5; n], truncated: false, targets_cut: 0, rejected: None, reference_logp: None, packed: Vec::new() };
         let train: Vec<EncodedExample> = [10, 20, 50, 30].into_iter().map(ex).collect();
         let val: Vec<EncodedExample> = [7, 3, 9].into_iter().map(ex).collect();
         // In order, the first step pads [10, 20] to 20; the longest example comes in step 2.

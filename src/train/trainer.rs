@@ -507,7 +507,8 @@ fn check_rollout_plan(cfg: &TrainConfig, plan: &RolloutPlan, per_step: usize, tr
 /// Says what truncation did to the data, and refuses examples the model's positions cannot hold
 /// before any work is done (RoPE is tabulated up to the context length).
 fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prepared) -> Result<()> {
-    let total = data.train.len() + data.val.len() + data.skipped;
+    let train_examples = data.packing.map_or(data.train.len(), |p| p.examples);
+    let total = train_examples + data.val.len() + data.skipped;
     if data.skipped > 0 {
         crate::warning!(
             "{} of {total} examples were dropped: no target token left after truncation to sequence_len = {} (or none to begin with)",
@@ -516,13 +517,22 @@ fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prep
     }
     // Per split, with the target tokens the cut removed (an answer's last line may be among them).
     let cut = |v: &[crate::data::EncodedExample]| (v.iter().filter(|e| e.truncated).count(), v.iter().map(|e| e.targets_cut).sum::<usize>());
-    let ((train_cut, train_lost), (val_cut, val_lost)) = (cut(&data.train), cut(&data.val));
+    let ((train_cut, train_lost), (val_cut, val_lost)) = (data.train_cut, cut(&data.val));
     if train_cut + val_cut > 0 {
-        let mut parts = vec![format!("{train_cut} of {} training examples ({train_lost} target tokens lost)", data.train.len())];
+        let mut parts = vec![format!("{train_cut} of {train_examples} training examples ({train_lost} target tokens lost)")];
         if !data.val.is_empty() {
             parts.push(format!("{val_cut} of {} validation examples ({val_lost} lost)", data.val.len()));
         }
         crate::note!("note: cut at sequence_len = {}: {}", cfg.sequence_len, parts.join(", "));
+    }
+    if let Some(p) = data.packing {
+        crate::note!(
+            "sample_packing: {} examples in {} rows of up to {} tokens ({:.0}% filled); micro_batch_size counts rows",
+            p.examples,
+            p.rows,
+            p.capacity,
+            100.0 * p.fill()
+        );
     }
     let context = model.config.max_position_embeddings;
     let longest = data.train.iter().chain(&data.val).map(|e| e.longest()).max().unwrap_or(0);
@@ -615,7 +625,8 @@ fn write_run_json(
         "resolved": {
             "total_steps": total_steps,
             "examples_per_step": cfg.micro_batch_size * cfg.gradient_accumulation_steps,
-            "train_examples": data.train.len(),
+            "train_examples": data.packing.map_or(data.train.len(), |p| p.examples),
+            "packed_rows": data.packing.map(|p| p.rows),
             "val_examples": data.val.len(),
             "skipped_examples": data.skipped,
             "truncated_examples": data.truncated,

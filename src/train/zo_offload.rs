@@ -77,13 +77,13 @@ impl ZoOffload {
         self.check()?;
         let seed = self.mezo.direction_seed(plan.step, 0);
         let eps = self.mezo.eps as f32;
-        let ctx = ForwardCtx::eval();
         let mut started = Vec::new();
         if units > 0 {
             for (mi, b) in batches.iter().enumerate().filter(|(_, b)| objective.units(b) > 0) {
                 started.push((b, MicroBatch::prepare(model, b, mi, plan, objective)?));
             }
         }
+        let ctxs: Vec<ForwardCtx> = started.iter().map(|(b, _)| ForwardCtx::eval().over(b)).collect();
         let mut plus: Vec<Tensor> = started.iter().map(|(_, m)| m.x0.clone()).collect();
         let mut minus = plus.clone();
         let pending = self.pending.take();
@@ -104,8 +104,8 @@ impl ZoOffload {
                         shifted(t, z, scale, &mut w);
                         weights.set(i, w)?;
                     }
-                    for x in streams.iter_mut() {
-                        *x = model.block_forward(li, x, 0, None, &ctx)?;
+                    for (x, ctx) in streams.iter_mut().zip(&ctxs) {
+                        *x = model.block_forward(li, x, 0, None, ctx)?;
                     }
                 }
                 Ok(())
@@ -121,8 +121,8 @@ impl ZoOffload {
                 return Ok(0.0);
             }
             let mut sum = 0.0;
-            for ((b, m), x) in started.iter().zip(streams) {
-                let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: m.reference.as_ref(), ctx: &ctx };
+            for (((b, m), x), ctx) in started.iter().zip(streams).zip(&ctxs) {
+                let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: m.reference.as_ref(), ctx };
                 sum += objective.loss_sum(model, x, &inputs)?.loss.to_scalar::<f32>()? as f64;
             }
             Ok(sum / units as f64)
