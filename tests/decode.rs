@@ -62,6 +62,36 @@ fn a_decode_step_gives_the_full_forward_logits_for_rows_at_different_positions()
     }
 }
 
+/// On weights in Q4_0/Q4_1/Q8_0 blocks a decode step multiplies int8-quantized activations (as
+/// llama.cpp decodes): its logits differ from the f32 forward's, within the activations'
+/// quantization error; on other types it stays the f32 product.
+#[test]
+fn decoding_on_q4_and_q8_blocks_uses_int8_activations_within_their_error() {
+    use ferrotune::formats::gguf::GgmlType;
+    let int8 = std::env::var("FERROTUNE_DECODE_INT8").map_or(true, |v| v != "0");
+    for (ty, quantized) in [(GgmlType::Q4_0, true), (GgmlType::Q4_1, true), (GgmlType::Q8_0, true), (GgmlType::Q6K, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinySpec { hidden: 256, intermediate: 512, heads: 4, kv_heads: 2, ..Default::default() };
+        write_tiny_gguf(&dir.path().join("m.gguf"), &spec, ty);
+        let m = load::load_model(&dir.path().join("m.gguf")).unwrap();
+        let (c, vocab) = (&m.config, m.config.vocab_size);
+        let seq = ids(vocab, 9, 4);
+        let mut kv = KvCache::new(c.num_hidden_layers);
+        m.logits(&seq[..8], 1, 8, Some(&mut kv), &ForwardCtx::eval()).unwrap();
+        let mut cache = RowCache::new(c.num_hidden_layers, 1, 16, c.num_key_value_heads * c.head_dim);
+        cache.fill_row(0, &kv).unwrap();
+        let got: Vec<f32> = m.decode_step(&seq[8..], &mut cache, &ForwardCtx::eval()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = &logits(&m, &seq)[8 * vocab..];
+        let (d, size) = (max_abs_diff(&got, want), want.iter().fold(0f32, |a, v| a.max(v.abs())));
+        eprintln!("{ty}: decode step vs f32 forward: largest difference {d:.2e} (largest logit {size:.2})");
+        if quantized && int8 {
+            assert!(d > 1e-6 && d < 0.03 * size, "{ty}: int8 decoding should differ from f32 a little, not {d} (logits up to {size})");
+        } else {
+            assert!(d < 1e-5, "{ty}: f32 decoding should equal the forward, differs by {d}");
+        }
+    }
+}
+
 #[test]
 fn batched_greedy_generation_equals_one_sequence_at_a_time_from_scratch() {
     let dir = tempfile::tempdir().unwrap();

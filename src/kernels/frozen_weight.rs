@@ -9,6 +9,7 @@
 
 use super::bf16_gemm;
 use super::gemm::{matmul_strided, View};
+use super::q8_dot::{self, Q8Rows};
 use super::skinny::dot_block;
 use crate::formats::gguf::quants::{dequantize_into, f32_to_bf16, GgmlType};
 use candle_core::{bail, Device, Result, Tensor};
@@ -206,10 +207,19 @@ impl FrozenWeight {
 
     /// [`FrozenWeight::matmul_t`] for a few rows of `x` (decoding): one parallel pass over
     /// blocks of weight rows, each dequantized into a small per-task buffer and dotted with
-    /// every row of `x` while it is in cache.
+    /// every row of `x` while it is in cache. Inside [`q8_dot::with_int8_activations`]
+    /// (generation), Q4_0/Q4_1/Q8_0 rows are instead multiplied in their blocks with `x`
+    /// quantized to int8.
     fn matmul_t_skinny(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool, patch: Option<&RowPatch>) {
         let (out, inp) = (self.out, self.inp);
-        let rows = (SKINNY_BLOCK_ELEMS / inp.max(1)).clamp(1, out.max(1));
+        let x8 = match (&*self.data, patch) {
+            (Data::Blocks { ty, .. }, None) if q8_dot::enabled() && q8_dot::supports(*ty, inp) => Some(Q8Rows::quantize(x, m, inp)),
+            _ => None,
+        };
+        // The int8 products read a quarter (Q8_0) to an eighth (Q4) of the bytes per value:
+        // tasks of four times the values keep a task's weight bytes about the same.
+        let per_task = if x8.is_some() { 4 * SKINNY_BLOCK_ELEMS } else { SKINNY_BLOCK_ELEMS };
+        let rows = (per_task / inp.max(1)).clamp(1, out.max(1));
         let blocks: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(rows))
             .into_par_iter()
             .map(|bi| {
@@ -217,6 +227,10 @@ impl FrozenWeight {
                 let mut o = vec![0f32; m * n];
                 match (&*self.data, patch) {
                     (Data::F32(w), None) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
+                    (Data::Blocks { ty, bytes, row_bytes }, None) if x8.is_some() => {
+                        let x8 = x8.as_ref().expect("checked");
+                        q8_dot::dot_rows(*ty, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], *row_bytes, n, x8, &mut o)
+                    }
                     (data, patch) => SCRATCH.with(|scratch| {
                         // Each worker reuses its buffer: a fresh zeroed one per block of rows
                         // cost a decoding step 6% in memset alone. Every value is overwritten.

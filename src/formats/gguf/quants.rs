@@ -329,7 +329,7 @@ fn dequant_kernel(ty: GgmlType) -> Option<DequantFn> {
 
 /// Reads the little-endian f16 at byte `i` and widens it (exact, like numpy's astype).
 #[inline(always)]
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
