@@ -157,23 +157,26 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims(), self.positions.as_deref())?;
-        let heads: Vec<Vec<f32>> = (0..dm.b * dm.hq)
+        let d = dm.d;
+        let outs: Vec<(Task, Vec<f32>)> = tasks(&dm)
             .into_par_iter()
             .map(|task| {
-                let (b, h) = (task / dm.hq, task % dm.hq);
-                let d = dm.d;
+                let (b, h) = (task.b, task.h);
                 let mut p = vec![0f32; ROW_BLOCK.min(dm.tq) * dm.tk];
-                let mut o = vec![0f32; dm.tq * d];
-                for blk in dm.row_blocks(b) {
+                let mut o = vec![0f32; (task.i1() - task.i0()) * d];
+                for &blk in &task.blocks {
                     block_probabilities(&dm, q, k, b, h, blk, &mut p);
                     let vb = block_keys(&dm, b, h / dm.group(), blk);
-                    matmul_view(&mut o, View::rows(blk.i0 * d, d), &p, View::rows(0, blk.width()), v, vb, blk.rows(), blk.width(), d, false, 1.0);
+                    let rows = View::rows((blk.i0 - task.i0()) * d, d);
+                    matmul_view(&mut o, rows, &p, View::rows(0, blk.width()), v, vb, blk.rows(), blk.width(), d, false, 1.0);
                 }
-                o
+                (task, o)
             })
             .collect();
         let mut out = vec![0f32; q.len()];
-        scatter_heads(&mut out, &heads, &dm);
+        for (task, o) in &outs {
+            scatter_rows(&mut out, o, &dm, task);
+        }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -202,82 +205,121 @@ impl CustomOp3 for CausalAttention {
     }
 }
 
-/// Writes per-(batch, head) `[t_q, d]` blocks back into `[b, t_q, h_q, d]` order.
-fn scatter_heads(out: &mut [f32], heads: &[Vec<f32>], dm: &Dims) {
-    let d = dm.d;
-    for (task, o) in heads.iter().enumerate() {
-        let (b, h) = (task / dm.hq, task % dm.hq);
-        for i in 0..dm.tq {
-            let dst = ((b * dm.tq + i) * dm.hq + h) * d;
-            out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
-        }
+/// One task of the attention: head `h` of batch row `b`, over a run of its row blocks.
+struct Task {
+    b: usize,
+    h: usize,
+    blocks: Vec<Block>,
+}
+
+impl Task {
+    fn i0(&self) -> usize {
+        self.blocks[0].i0
+    }
+    fn i1(&self) -> usize {
+        self.blocks[self.blocks.len() - 1].i1
+    }
+    /// The keys its rows see: from its first block's first to its last block's last.
+    fn keys(&self) -> std::ops::Range<usize> {
+        self.blocks[0].k0..self.blocks[self.blocks.len() - 1].keys
     }
 }
 
-/// Gradients of one (batch, kv head) group: dQ of its query heads, dK and dV of the kv head.
-struct GroupGrads {
-    dq: Vec<Vec<f32>>,
+/// The work as tasks: each (batch row, query head), and where those are too few to keep every
+/// thread busy (one sequence of 9 heads on 2 threads leaves one idle a ninth of the time, and
+/// the backward's 3 key-value groups a third), each further cut into runs of row blocks of
+/// about equal cost (a causal block costs its rows times the keys it sees).
+fn tasks(dm: &Dims) -> Vec<Task> {
+    let heads = dm.b * dm.hq;
+    let parts = (4 * super::threads()).div_ceil(heads.max(1)).max(1);
+    let mut out = Vec::new();
+    for b in 0..dm.b {
+        let blocks: Vec<Block> = dm.row_blocks(b).collect();
+        let total: usize = blocks.iter().map(|k| k.rows() * k.width()).sum();
+        for h in 0..dm.hq {
+            let (mut run, mut done, mut part) = (Vec::new(), 0, 1);
+            for &blk in &blocks {
+                run.push(blk);
+                done += blk.rows() * blk.width();
+                if done * parts >= total * part && part < parts {
+                    out.push(Task { b, h, blocks: std::mem::take(&mut run) });
+                    part += 1;
+                }
+            }
+            if !run.is_empty() {
+                out.push(Task { b, h, blocks: run });
+            }
+        }
+    }
+    out
+}
+
+/// Writes a task's `[rows, d]` result back into `[b, t_q, h_q, d]` order.
+fn scatter_rows(out: &mut [f32], o: &[f32], dm: &Dims, task: &Task) {
+    let d = dm.d;
+    for (r, i) in (task.i0()..task.i1()).enumerate() {
+        let dst = ((task.b * dm.tq + i) * dm.hq + task.h) * d;
+        out[dst..dst + d].copy_from_slice(&o[r * d..(r + 1) * d]);
+    }
+}
+
+/// A task's gradients: dQ of its rows, and its share of dK and dV over the keys it saw (the
+/// shares of a key-value head's tasks are summed afterwards).
+struct TaskGrads {
+    dq: Vec<f32>,
     dk: Vec<f32>,
     dv: Vec<f32>,
 }
 
 fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (tq, tk, d) = (dm.tq, dm.tk, dm.d);
-    let groups: Vec<GroupGrads> = (0..dm.b * dm.hkv)
-        .into_par_iter()
+    let work = tasks(dm);
+    let grads: Vec<TaskGrads> = work
+        .par_iter()
         .map(|task| {
-            let (b, g) = (task / dm.hkv, task % dm.hkv);
-            let mut dk = vec![0f32; tk * d];
-            let mut dv = vec![0f32; tk * d];
-            let mut dqs = Vec::with_capacity(dm.group());
+            let (b, h, g) = (task.b, task.h, task.h / dm.group());
+            let (i0, keys) = (task.i0(), task.keys());
+            let mut dk = vec![0f32; keys.len() * d];
+            let mut dv = vec![0f32; keys.len() * d];
+            let mut dq = vec![0f32; (task.i1() - i0) * d];
             // One row block's probabilities and score gradients, reused block after block.
             let mut p = vec![0f32; ROW_BLOCK.min(tq) * tk];
             let mut ds = vec![0f32; ROW_BLOCK.min(tq) * tk];
-            for h in g * dm.group()..(g + 1) * dm.group() {
-                let qv = dm.q_view(b, h);
-                let mut dq = vec![0f32; tq * d];
-                for blk in dm.row_blocks(b) {
-                    let (rows, w) = (blk.rows(), blk.width());
-                    block_probabilities(dm, q, k, b, h, blk, &mut p);
-                    let (qb, kb) = (block_rows(dm, b, h, blk), block_keys(dm, b, g, blk));
-                    let seen = View::rows(blk.k0 * d, d);
-                    // dV[seen] += P[blk]ᵀ·dO[blk]
-                    matmul_view(&mut dv, seen, &p, View::rows(0, w).t(), dout, qb, w, rows, d, true, 1.0);
-                    // dP[blk] = dO[blk]·V[seen]ᵀ
-                    matmul_view(&mut ds, View::rows(0, w), dout, qb, v, kb.t(), rows, d, w, false, 1.0);
-                    // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
-                    for r in 0..rows {
-                        let at = qv.offset + (blk.i0 + r) * qv.row_stride;
-                        let delta: f32 = dout[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
-                        for (s, &pv) in ds[r * w..(r + 1) * w].iter_mut().zip(&p[r * w..(r + 1) * w]) {
-                            *s = pv * (*s - delta) * dm.scale;
-                        }
+            let qv = dm.q_view(b, h);
+            for &blk in &task.blocks {
+                let (rows, w) = (blk.rows(), blk.width());
+                block_probabilities(dm, q, k, b, h, blk, &mut p);
+                let (qb, kb) = (block_rows(dm, b, h, blk), block_keys(dm, b, g, blk));
+                let seen = View::rows((blk.k0 - keys.start) * d, d);
+                // dV[seen] += P[blk]ᵀ·dO[blk]
+                matmul_view(&mut dv, seen, &p, View::rows(0, w).t(), dout, qb, w, rows, d, true, 1.0);
+                // dP[blk] = dO[blk]·V[seen]ᵀ
+                matmul_view(&mut ds, View::rows(0, w), dout, qb, v, kb.t(), rows, d, w, false, 1.0);
+                // dS = P ⊙ (dP − rowsum(dO ⊙ O)), pre-scaled (zero where P is masked).
+                for r in 0..rows {
+                    let at = qv.offset + (blk.i0 + r) * qv.row_stride;
+                    let delta: f32 = dout[at..at + d].iter().zip(&o[at..at + d]).map(|(a, b)| a * b).sum();
+                    for (s, &pv) in ds[r * w..(r + 1) * w].iter_mut().zip(&p[r * w..(r + 1) * w]) {
+                        *s = pv * (*s - delta) * dm.scale;
                     }
-                    // dQ[blk] = dS·K[seen], dK[seen] += dSᵀ·Q[blk]
-                    matmul_view(&mut dq, View::rows(blk.i0 * d, d), &ds, View::rows(0, w), k, kb, rows, w, d, false, 1.0);
-                    matmul_view(&mut dk, seen, &ds, View::rows(0, w).t(), q, qb, w, rows, d, true, 1.0);
                 }
-                dqs.push(dq);
+                // dQ[blk] = dS·K[seen], dK[seen] += dSᵀ·Q[blk]
+                matmul_view(&mut dq, View::rows((blk.i0 - i0) * d, d), &ds, View::rows(0, w), k, kb, rows, w, d, false, 1.0);
+                matmul_view(&mut dk, seen, &ds, View::rows(0, w).t(), q, qb, w, rows, d, true, 1.0);
             }
-            GroupGrads { dq: dqs, dk, dv }
+            TaskGrads { dq, dk, dv }
         })
         .collect();
     let mut dq = vec![0f32; q.len()];
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
-    for (task, gg) in groups.iter().enumerate() {
-        let (b, g) = (task / dm.hkv, task % dm.hkv);
-        for (hi, block) in gg.dq.iter().enumerate() {
-            let h = g * dm.group() + hi;
-            for i in 0..tq {
-                let dst = ((b * tq + i) * dm.hq + h) * d;
-                dq[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
-            }
-        }
-        for j in 0..tk {
-            let dst = ((b * tk + j) * dm.hkv + g) * d;
-            dk[dst..dst + d].copy_from_slice(&gg.dk[j * d..(j + 1) * d]);
-            dv[dst..dst + d].copy_from_slice(&gg.dv[j * d..(j + 1) * d]);
+    for (task, tg) in work.iter().zip(&grads) {
+        scatter_rows(&mut dq, &tg.dq, dm, task);
+        let g = task.h / dm.group();
+        for (r, j) in task.keys().enumerate() {
+            let dst = ((task.b * tk + j) * dm.hkv + g) * d;
+            dk[dst..dst + d].iter_mut().zip(&tg.dk[r * d..(r + 1) * d]).for_each(|(a, b)| *a += b);
+            dv[dst..dst + d].iter_mut().zip(&tg.dv[r * d..(r + 1) * d]).for_each(|(a, b)| *a += b);
         }
     }
     (dq, dk, dv)
