@@ -62,14 +62,14 @@ fn a_decode_step_gives_the_full_forward_logits_for_rows_at_different_positions()
     }
 }
 
-/// On weights in Q4_0/Q4_1/Q8_0 blocks a decode step multiplies int8-quantized activations (as
+/// On weights in Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks a decode step multiplies int8-quantized activations (as
 /// llama.cpp decodes): its logits differ from the f32 forward's, within the activations'
 /// quantization error; on other types it stays the f32 product.
 #[test]
 fn decoding_on_q4_and_q8_blocks_uses_int8_activations_within_their_error() {
     use ferrotune::formats::gguf::GgmlType;
     let int8 = std::env::var("FERROTUNE_DECODE_INT8").map_or(true, |v| v != "0");
-    for (ty, quantized) in [(GgmlType::Q4_0, true), (GgmlType::Q4_1, true), (GgmlType::Q8_0, true), (GgmlType::Q6K, false)] {
+    for (ty, quantized) in [(GgmlType::Q4_0, true), (GgmlType::Q4_1, true), (GgmlType::Q8_0, true), (GgmlType::Q4K, true), (GgmlType::Q6K, true), (GgmlType::Q5K, false)] {
         let dir = tempfile::tempdir().unwrap();
         let spec = TinySpec { hidden: 256, intermediate: 512, heads: 4, kv_heads: 2, ..Default::default() };
         write_tiny_gguf(&dir.path().join("m.gguf"), &spec, ty);

@@ -1,12 +1,19 @@
 //! Decoding products on int8 activations: `x·Wᵀ` for a few rows of `x` and a weight kept in
-//! GGUF blocks (Q4_0, Q4_1, Q8_0), without dequantizing the weight.
+//! GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), without dequantizing the weight.
 //!
 //! Each activation row is quantized once per product in blocks of 32 values, as llama.cpp's
 //! `Q8_0`/`Q8_1` do: `p = round(x / d)` with `d = max|x| / 127`, and the block's sum `Σp` kept
 //! beside it. A weight block then meets an activation block in integer arithmetic:
 //! - Q8_0 (`w = d_w·q`): `d_w·d_x·Σ q·p`;
 //! - Q4_0 (`w = d_w·(q − 8)`, `q` a nibble): `d_w·d_x·(Σ q·p − 8·Σp)`;
-//! - Q4_1 (`w = d_w·q + m_w`): `d_w·d_x·Σ q·p + m_w·d_x·Σp`.
+//! - Q4_1 (`w = d_w·q + m_w`): `d_w·d_x·Σ q·p + m_w·d_x·Σp`;
+//! - Q4_K, per 32-value sub-block `j` of its 256 (`w = d·sc_j·q − dmin·m_j`): the same with
+//!   scale `d·sc_j` and offset `−dmin·m_j`;
+//! - Q6_K (`w = d·sc_g·(q − 32)`, a scale per 16 values): `d·d_x·(sc_a·Σ_a (q − 32)·p +
+//!   sc_b·Σ_b (q − 32)·p)` over the two halves of each 32 values.
+//!
+//! Every type is thus read as units of 32 values, each a scale per half, an offset and 32
+//! quants.
 //!
 //! Decoding reads every weight once per generated token and does little arithmetic with it;
 //! widening it to f32 first (four bytes written and read again per value) cost more than the
@@ -16,7 +23,7 @@
 //! training and evaluation never see it. [`dot_rows_reference`] is the same arithmetic in
 //! scalar code, so the vector kernel is tested against it on every machine that has AVX2.
 
-use crate::formats::gguf::quants::{f16_at, GgmlType};
+use crate::formats::gguf::quants::{f16_at, scale_min_k4, GgmlType};
 use std::cell::Cell;
 
 /// Values per block, of the weight types here and of the quantized activations.
@@ -49,7 +56,7 @@ pub fn enabled() -> bool {
 
 /// Whether rows of `ty` with `k` values each have an int8 product here.
 pub fn supports(ty: GgmlType, k: usize) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) && k.is_multiple_of(QK)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K) && k.is_multiple_of(ty.block_size())
 }
 
 /// Rows of activations quantized in blocks of 32 values.
@@ -95,24 +102,74 @@ impl Q8Rows {
     }
 }
 
-/// The parts of one weight block that enter its products: its scale, its offset (Q4_1's `m`;
-/// Q4_0's `−8·d`, which meets `Σp` the same way), and where its quants start.
+/// How a unit's 32 quants are stored, from the byte [`Unit::at`] gives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quants {
+    /// 16 bytes: low nibbles are values 0..16, high nibbles 16..32 (Q4_0, Q4_1).
+    Split,
+    /// The low (or high) nibbles of 32 bytes (a Q4_K sub-block).
+    Low,
+    High,
+    /// 32 signed bytes (Q8_0).
+    Signed,
+    /// Q6_K's 6-bit values less 32: the low (`upper` false) or high nibbles of 32 bytes from
+    /// `at`, with two more bits each from `qh_at`'s 32 bytes, shifted right by `shift`.
+    Six {
+        upper: bool,
+        qh_at: usize,
+        shift: u32,
+    },
+}
+
+/// The parts of one 32-value unit of a weight row that enter its products: its scale, its
+/// offset (Q4_1's `m`; Q4_0's `−8·d` and Q4_K's `−dmin·m_j`, which meet `Σp` the same way),
+/// where its quants start in the row, and how they are stored.
+struct Unit {
+    /// The scale of values 0..16 and of 16..32 (the same but in Q6_K).
+    scale: [f32; 2],
+    offset: f32,
+    at: usize,
+    quants: Quants,
+}
+
+/// Unit `u` of a weight row `row` of `ty` blocks, with `f16` widening the block's scales.
 #[inline(always)]
-fn block_header(ty: GgmlType, b: &[u8]) -> (f32, f32, usize) {
+fn unit(ty: GgmlType, row: &[u8], u: usize, f16: impl Fn(&[u8], usize) -> f32) -> Unit {
     match ty {
-        GgmlType::Q4_0 => {
-            let d = f16_at(b, 0);
-            (d, -8.0 * d, 2)
+        GgmlType::Q4K => {
+            let (b, j) = (u / 8 * ty.type_size(), u % 8);
+            let (d, dmin) = (f16(row, b), f16(row, b + 2));
+            let (sc, m) = scale_min_k4(j, &row[b + 4..b + 16]);
+            let scale = d * sc as f32;
+            let quants = if j % 2 == 0 { Quants::Low } else { Quants::High };
+            return Unit { scale: [scale; 2], offset: -dmin * m as f32, at: b + 16 + 32 * (j / 2), quants };
         }
-        GgmlType::Q4_1 => (f16_at(b, 0), f16_at(b, 2), 4),
-        _ => (f16_at(b, 0), 0.0, 2),
+        GgmlType::Q6K => {
+            // ql[128], qh[64], scales[16] (i8), d: unit k of half c is values 128c + 32k..
+            let (b, c, k) = (u / 8 * ty.type_size(), u % 8 / 4, u % 4);
+            let d = f16(row, b + 208);
+            let sc = |g: usize| d * row[b + 192 + 8 * c + 2 * k + g] as i8 as f32;
+            let quants = Quants::Six { upper: k >= 2, qh_at: b + 128 + 32 * c, shift: 2 * k as u32 };
+            return Unit { scale: [sc(0), sc(1)], offset: 0.0, at: b + 64 * c + 32 * (k % 2), quants };
+        }
+        _ => {}
+    }
+    let b = u * ty.type_size();
+    let d = f16(row, b);
+    match ty {
+        GgmlType::Q4_0 => Unit { scale: [d; 2], offset: -8.0 * d, at: b + 2, quants: Quants::Split },
+        GgmlType::Q4_1 => Unit { scale: [d; 2], offset: f16(row, b + 2), at: b + 4, quants: Quants::Split },
+        _ => Unit { scale: [d; 2], offset: 0.0, at: b + 2, quants: Quants::Signed },
     }
 }
 
 /// `o[i·n + r] = x_i · w_r` for the `n` weight rows in `w` (each `row_bytes` of `ty` blocks)
 /// and every row of `x`; `o: [rows of x, n]`.
 pub fn dot_rows(ty: GgmlType, w: &[u8], row_bytes: usize, n: usize, x: &Q8Rows, o: &mut [f32]) {
-    assert!(w.len() >= n * row_bytes && row_bytes == x.blocks * ty.type_size() && o.len() >= x.rows() * n, "q8 dot: operand sizes");
+    assert!(
+        supports(ty, x.blocks * QK) && w.len() >= n * row_bytes && row_bytes * ty.block_size() == x.blocks * QK * ty.type_size() && o.len() >= x.rows() * n,
+        "q8 dot: operand sizes"
+    );
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c") {
         // SAFETY: the CPU has the features the function was compiled for; sizes checked above.
@@ -123,21 +180,29 @@ pub fn dot_rows(ty: GgmlType, w: &[u8], row_bytes: usize, n: usize, x: &Q8Rows, 
 
 /// [`dot_rows`] in scalar code: the integer sums exactly, then block by block in f32.
 pub fn dot_rows_reference(ty: GgmlType, w: &[u8], row_bytes: usize, n: usize, x: &Q8Rows, o: &mut [f32]) {
-    let bs = ty.type_size();
     for r in 0..n {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for i in 0..x.rows() {
             let mut acc = 0f32;
-            for (bi, wb) in wr.chunks_exact(bs).enumerate() {
-                let at = i * x.blocks + bi;
-                let (d, m, start) = block_header(ty, wb);
-                let p = &x.q[at * QK..(at + 1) * QK];
-                let qs = &wb[start..];
-                let dot: i32 = match ty {
-                    GgmlType::Q8_0 => (0..QK).map(|j| qs[j] as i8 as i32 * p[j] as i32).sum(),
-                    _ => (0..QK / 2).map(|j| (qs[j] & 0x0F) as i32 * p[j] as i32 + (qs[j] >> 4) as i32 * p[j + QK / 2] as i32).sum(),
+            for u in 0..x.blocks {
+                let at = i * x.blocks + u;
+                let un = unit(ty, wr, u, f16_at);
+                let (p, qs) = (&x.q[at * QK..(at + 1) * QK], &wr[un.at..]);
+                let q = |j: usize| -> i32 {
+                    match un.quants {
+                        Quants::Signed => qs[j] as i8 as i32,
+                        Quants::Split if j < QK / 2 => (qs[j] & 0x0F) as i32,
+                        Quants::Split => (qs[j - QK / 2] >> 4) as i32,
+                        Quants::Low => (qs[j] & 0x0F) as i32,
+                        Quants::High => (qs[j] >> 4) as i32,
+                        Quants::Six { upper, qh_at, shift } => {
+                            let low = if upper { qs[j] >> 4 } else { qs[j] & 0x0F };
+                            (low | ((wr[qh_at + j] >> shift) & 3) << 4) as i32 - 32
+                        }
+                    }
                 };
-                acc += d * x.d[at] * dot as f32 + m * x.scaled_sums[at];
+                let half = |h: usize| (16 * h..16 * h + 16).map(|j| q(j) * p[j] as i32).sum::<i32>() as f32;
+                acc += x.d[at] * (un.scale[0] * half(0) + un.scale[1] * half(1)) + un.offset * x.scaled_sums[at];
             }
             o[i * n + r] = acc;
         }
@@ -146,7 +211,7 @@ pub fn dot_rows_reference(ty: GgmlType, w: &[u8], row_bytes: usize, n: usize, x:
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q8Rows, QK};
+    use super::{unit, Q8Rows, Quants, QK};
     use crate::formats::gguf::quants::GgmlType;
     use std::arch::x86_64::*;
 
@@ -159,41 +224,49 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
-    /// [`super::block_header`] with F16C's conversion.
+    /// A unit's 32 quants as bytes: nibbles and Q6_K's 6-bit values as unsigned values (Q6_K's
+    /// 32 is taken off in [`unit_dot`]), Q8_0's as signed.
     #[inline(always)]
-    unsafe fn block_header(ty: GgmlType, b: &[u8]) -> (f32, f32, usize) {
-        match ty {
-            GgmlType::Q4_0 => {
-                let d = f16_at(b, 0);
-                (d, -8.0 * d, 2)
+    unsafe fn weight_bytes(quants: Quants, row: *const u8, qs: *const u8) -> __m256i {
+        let low = _mm256_set1_epi8(0x0F);
+        match quants {
+            Quants::Six { upper, qh_at, shift } => {
+                let ql = _mm256_loadu_si256(qs as *const __m256i);
+                let nibbles = if upper { _mm256_and_si256(_mm256_srli_epi16(ql, 4), low) } else { _mm256_and_si256(ql, low) };
+                let qh = _mm256_loadu_si256(row.add(qh_at) as *const __m256i);
+                // Shifting 16-bit lanes moves the neighbour byte's bits into each byte's top
+                // bits only; the mask keeps bits 0-1, which are the byte's own.
+                let two = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(3));
+                _mm256_or_si256(nibbles, _mm256_slli_epi16(two, 4))
             }
-            GgmlType::Q4_1 => (f16_at(b, 0), f16_at(b, 2), 4),
-            _ => (f16_at(b, 0), 0.0, 2),
+            Quants::Signed => _mm256_loadu_si256(qs as *const __m256i),
+            Quants::Low => _mm256_and_si256(_mm256_loadu_si256(qs as *const __m256i), low),
+            Quants::High => _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256(qs as *const __m256i), 4), low),
+            Quants::Split => {
+                let packed = _mm_loadu_si128(qs as *const __m128i);
+                let low = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(packed, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                _mm256_set_m128i(hi, lo)
+            }
         }
     }
 
-    /// The 32 quants of a weight block as bytes: nibbles (low ones first) for Q4, as unsigned
-    /// values; Q8_0's as signed.
+    /// Eight i32 partial sums of `w · p` over one unit.
     #[inline(always)]
-    unsafe fn weight_bytes(ty: GgmlType, qs: *const u8) -> __m256i {
-        if ty == GgmlType::Q8_0 {
-            return _mm256_loadu_si256(qs as *const __m256i);
-        }
-        let packed = _mm_loadu_si128(qs as *const __m128i);
-        let low = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(packed, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        _mm256_set_m128i(hi, lo)
-    }
-
-    /// Eight i32 partial sums of `w · p` over one block.
-    #[inline(always)]
-    unsafe fn block_dot(ty: GgmlType, w: __m256i, p: *const i8) -> __m256i {
+    unsafe fn unit_dot(quants: Quants, w: __m256i, p: *const i8) -> __m256i {
         let p = _mm256_loadu_si256(p as *const __m256i);
         // vpmaddubsw multiplies unsigned by signed bytes: Q8_0's signed weights go in as their
         // magnitudes, their signs moved onto the activations.
-        let pairs = if ty == GgmlType::Q8_0 { _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(p, w)) } else { _mm256_maddubs_epi16(w, p) };
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        let ones = _mm256_set1_epi16(1);
+        match quants {
+            Quants::Signed => _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(p, w)), ones),
+            // Σ (q − 32)·p = Σ q·p − Σ 32·p, per lane of 4 values (lanes 0-3 are the first 16).
+            Quants::Six { .. } => {
+                _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, p), ones), _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(32), p), ones))
+            }
+            _ => _mm256_madd_epi16(_mm256_maddubs_epi16(w, p), ones),
+        }
     }
 
     #[inline(always)]
@@ -204,18 +277,20 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Block `bi` of weight row `wr` against rows `i0..i0 + G` of `x`, into `acc` (the block
+    /// Unit `bi` of weight row `wr` against rows `i0..i0 + G` of `x`, into `acc` (the unit
     /// products) and `offset` (the offset terms).
     #[inline(always)]
     unsafe fn add_block<const G: usize>(ty: GgmlType, wr: &[u8], bi: usize, x: &Q8Rows, i0: usize, acc: &mut [__m256; G], offset: &mut [f32; G]) {
-        let wb = wr.get_unchecked(bi * ty.type_size()..);
-        let (d, m, start) = block_header(ty, wb);
-        let w = weight_bytes(ty, wb.as_ptr().add(start));
+        let un = unit(ty, wr, bi, |b, i| f16_at(b, i));
+        let w = weight_bytes(un.quants, wr.as_ptr(), wr.as_ptr().add(un.at));
+        let [sa, sb] = un.scale;
+        let scale = _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb);
         for g in 0..G {
             let at = (i0 + g) * x.blocks + bi;
-            let sums = block_dot(ty, w, x.q.as_ptr().add(at * QK));
-            acc[g] = _mm256_fmadd_ps(_mm256_set1_ps(d * *x.d.get_unchecked(at)), _mm256_cvtepi32_ps(sums), acc[g]);
-            offset[g] = m.mul_add(*x.scaled_sums.get_unchecked(at), offset[g]);
+            let sums = unit_dot(un.quants, w, x.q.as_ptr().add(at * QK));
+            let s = _mm256_mul_ps(scale, _mm256_set1_ps(*x.d.get_unchecked(at)));
+            acc[g] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(sums), acc[g]);
+            offset[g] = un.offset.mul_add(*x.scaled_sums.get_unchecked(at), offset[g]);
         }
     }
 
@@ -290,8 +365,8 @@ mod tests {
     /// activations' quantization error of the exact f32 product.
     #[test]
     fn int8_products_match_the_dequantized_arithmetic() {
-        let (n, k) = (7, 96);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (ty, k) in [(GgmlType::Q4_0, 96), (GgmlType::Q4_1, 96), (GgmlType::Q8_0, 96), (GgmlType::Q4K, 512), (GgmlType::Q6K, 512)] {
+            let n = 7;
             let w = quantize(ty, &values(n * k, 1)).unwrap();
             let wf = dequantize(ty, &w, n * k).unwrap();
             let row_bytes = w.len() / n;
@@ -328,6 +403,7 @@ mod tests {
         let inside = with_int8_activations(enabled);
         assert_eq!(inside, std::env::var("FERROTUNE_DECODE_INT8").map_or(true, |v| v != "0"));
         assert!(!enabled());
-        assert!(supports(GgmlType::Q4_1, 64) && !supports(GgmlType::Q4_1, 48) && !supports(GgmlType::Q6K, 256));
+        assert!(supports(GgmlType::Q4_1, 64) && !supports(GgmlType::Q4_1, 48) && !supports(GgmlType::F16, 256));
+        assert!(supports(GgmlType::Q4K, 512) && !supports(GgmlType::Q4K, 96));
     }
 }
