@@ -184,9 +184,10 @@ impl Method for Dora {
         let chosen = self.config.target_modules.select(sites, "lora_target_modules")?;
         let r = self.config.r as u64;
         let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64 + s.out_features as u64).sum();
-        // Kept for the backward beyond LoRA's: the branch output and its rescaling per site;
-        // with dropout also the dropped input, `x − drop(x)` and the base product of it.
-        let per_site = |s: &&SiteInfo| if self.config.dropout > 0.0 { (2 * s.in_features + 3 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
+        // Kept for the backward: the fused LoRA op's rank-r product, the branch output and its
+        // rescaling per site; with dropout also the dropped input, `x − drop(x)` and the base
+        // product of it.
+        let per_site = |s: &&SiteInfo| r + if self.config.dropout > 0.0 { (2 * s.in_features + 3 * s.out_features) as u64 } else { 2 * s.out_features as u64 };
         let floats_per_token = chosen.iter().map(per_site).sum();
         Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token, ..Default::default() }))
     }

@@ -206,7 +206,8 @@ impl Method for Flora {
         let r = self.r as u64;
         let chosen = self.targets.select(sites, "lora_target_modules")?;
         let trainable_params = chosen.iter().map(|s| r * (s.in_features + s.out_features) as u64 + r * r).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token: 0, ..Default::default() }))
+        // The fused LoRA op keeps its rank-r product per token and site.
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token: r * chosen.len() as u64, ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

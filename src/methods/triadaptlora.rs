@@ -335,7 +335,8 @@ impl Method for TriAdaptLora {
         let rm = self.s.r_max as u64;
         let chosen = self.s.targets.select(sites, "lora_target_modules")?;
         let trainable_params = chosen.iter().map(|s| rm * (s.in_features + s.out_features) as u64 + 2 * rm * rm).sum();
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token: 0, ..Default::default() }))
+        // The fused LoRA op keeps its rank-r product per token and site.
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: 0, floats_per_token: rm * chosen.len() as u64, ..Default::default() }))
     }
 
     fn set_total_steps(&mut self, total_steps: usize) {

@@ -11,9 +11,9 @@
 //! - **activations**: what the autograd graph keeps alive at the peak of a step. Every candle
 //!   op keeps its inputs until the graph is dropped after the backward, so a block keeps
 //!   exactly the tensors that are some op's input (listed in [`block_floats_per_token`]); our
-//!   kernels keep nothing else (attention recomputes its probabilities, the fused LoRA op its
-//!   rank-r product, dropout its mask), except the LM head, which keeps `∂nll/∂h` (`tokens ×
-//!   hidden`) instead of its logits. On top of that comes the largest short-lived buffer set
+//!   kernels keep little else (attention recomputes its probabilities, dropout its mask; the
+//!   fused LoRA op keeps its rank-r product, `r` values a token and site), except the LM head,
+//!   which keeps `∂nll/∂h` (`tokens × hidden`) instead of its logits. On top of that comes the largest short-lived buffer set
 //!   (a logits chunk of the head, the MLP's backward, attention's per-thread score tiles).
 //!   With `gradient_checkpointing` only the block inputs stay, plus one block's graph at a
 //!   time in the backward;
@@ -466,7 +466,11 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
 pub fn method_plan(method: &dyn crate::methods::Method, c: &ModelConfig, targets: &TargetModules, r: usize) -> Result<PlannedMemory> {
     Ok(match method.planned_memory(&site_shapes(c), &block_shapes(c))? {
         Some(p) => p,
-        None => PlannedMemory { trainable_params: lora_params(c, targets, r)?, ..Default::default() },
+        None => {
+            let sites = targets.select(&site_shapes(c), "lora_target_modules")?.len() as u64;
+            // The fused LoRA op keeps its rank-r product for the backward.
+            PlannedMemory { trainable_params: lora_params(c, targets, r)?, floats_per_token: r as u64 * sites, ..Default::default() }
+        }
     })
 }
 
