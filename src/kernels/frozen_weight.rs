@@ -208,8 +208,8 @@ impl FrozenWeight {
     /// [`FrozenWeight::matmul_t`] for a few rows of `x` (decoding): one parallel pass over
     /// blocks of weight rows, each dequantized into a small per-task buffer and dotted with
     /// every row of `x` while it is in cache. Inside [`q8_dot::with_int8_activations`]
-    /// (generation), Q4_0/Q4_1/Q8_0 rows are instead multiplied in their blocks with `x`
-    /// quantized to int8.
+    /// (generation), rows of the types [`q8_dot::supports`] are instead multiplied in their
+    /// blocks with `x` quantized to int8.
     fn matmul_t_skinny(&self, x: &[f32], m: usize, y: &mut [f32], accumulate: bool, patch: Option<&RowPatch>) {
         let (out, inp) = (self.out, self.inp);
         let x8 = match (&*self.data, patch) {
@@ -225,13 +225,12 @@ impl FrozenWeight {
             .map(|bi| {
                 let (r0, n) = (bi * rows, rows.min(out - bi * rows));
                 let mut o = vec![0f32; m * n];
-                match (&*self.data, patch) {
-                    (Data::F32(w), None) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
-                    (Data::Blocks { ty, bytes, row_bytes }, None) if x8.is_some() => {
-                        let x8 = x8.as_ref().expect("checked");
+                match (&*self.data, patch, &x8) {
+                    (Data::F32(w), None, _) => dot_block(x, m, &w[r0 * inp..(r0 + n) * inp], n, inp, &mut o),
+                    (Data::Blocks { ty, bytes, row_bytes }, _, Some(x8)) => {
                         q8_dot::dot_rows(*ty, &bytes[r0 * row_bytes..(r0 + n) * row_bytes], *row_bytes, n, x8, &mut o)
                     }
-                    (data, patch) => SCRATCH.with(|scratch| {
+                    (data, patch, _) => SCRATCH.with(|scratch| {
                         // Each worker reuses its buffer: a fresh zeroed one per block of rows
                         // cost a decoding step 6% in memset alone. Every value is overwritten.
                         let mut scratch = scratch.borrow_mut();

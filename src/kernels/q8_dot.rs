@@ -34,8 +34,10 @@ thread_local! {
 }
 
 /// Runs `f` with the products of blocked weights on int8 activations where they can be
-/// ([`supports`]); the setting is the calling thread's and is restored afterwards.
-/// `FERROTUNE_DECODE_INT8=0` keeps the f32 products (for comparing).
+/// ([`supports`]); the setting is the calling thread's and is restored afterwards. (A product
+/// reads it on the thread that calls it, before its work is split; generation never runs
+/// beside training, so no training product can meet the setting.) `FERROTUNE_DECODE_INT8=0`
+/// keeps the f32 products (for comparing).
 pub fn with_int8_activations<R>(f: impl FnOnce() -> R) -> R {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let allowed = *ALLOWED.get_or_init(|| std::env::var("FERROTUNE_DECODE_INT8").map_or(true, |v| v != "0"));

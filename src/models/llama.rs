@@ -418,8 +418,8 @@ impl Llama {
     /// One decoding step of a batch whose rows sit at different positions: `ids[i]` is row
     /// `i`'s next token, placed at position `cache.lens()[i]`; the cache gains one position
     /// per row. Returns the logits `[rows, vocab]` of the token after it. Weights in Q4_0,
-    /// Q4_1 or Q8_0 blocks multiply int8-quantized activations here, as llama.cpp decodes
-    /// (`kernels::q8_dot`).
+    /// Q4_1, Q8_0, Q4_K or Q6_K blocks multiply int8-quantized activations here, as llama.cpp
+    /// decodes (`kernels::q8_dot`).
     pub fn decode_step(&self, ids: &[u32], cache: &mut RowCache, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         kernels::with_int8_activations(|| self.decode_rows(ids, cache, ctx))
     }
