@@ -10,7 +10,8 @@
 //! is predicted across a boundary), and [`EncodedExample::packed`] records the examples'
 //! lengths, from which batches give each token its position inside its own example. RoPE
 //! restarts there and attention sees only the example's own keys, so a packed row computes
-//! what its examples would alone (`tests/packing.rs` checks the loss and gradients).
+//! what its examples would alone (`tests/train_e2e.rs` checks the update, `tests/kernels.rs` the
+//! attention and RoPE).
 
 use super::encode::{EncodedExample, IGNORE_INDEX};
 use std::collections::BTreeSet;
@@ -42,19 +43,18 @@ pub fn pack(examples: Vec<EncodedExample>, capacity: usize) -> (Vec<EncodedExamp
     let mut rows: Vec<Vec<usize>> = Vec::new();
     for i in order {
         let n = examples[i].len();
-        let row = match free.range((n, 0)..).next().copied() {
+        let (room, row) = match free.range((n, 0)..).next().copied() {
             Some(entry) => {
                 free.remove(&entry);
-                entry.1
+                entry
             }
             None => {
                 rows.push(Vec::new());
-                rows.len() - 1
+                (capacity, rows.len() - 1)
             }
         };
         rows[row].push(i);
-        let used: usize = rows[row].iter().map(|&j| examples[j].len()).sum();
-        free.insert((capacity - used, row));
+        free.insert((room - n, row));
     }
     let stats = PackStats { examples: examples.len(), rows: rows.len(), tokens: examples.iter().map(|e| e.len()).sum(), capacity };
     let mut slots: Vec<Option<EncodedExample>> = examples.into_iter().map(Some).collect();

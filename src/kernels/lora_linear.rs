@@ -76,16 +76,7 @@ impl CustomOp3 for LoraLinear {
                     with_f32(dy_t, name, |dy| {
                         {
                             let xd = self.dropped(x);
-                            let recomputed;
-                            let h = match self.h.get() {
-                                Some(h) => h,
-                                None => {
-                                    let mut h = vec![0f32; rows * r];
-                                    matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
-                                    recomputed = h;
-                                    &recomputed
-                                }
-                            };
+                            let Some(h) = self.h.get() else { bail!("lora-linear: backward before the forward") };
                             // dB = s·dyᵀ·h
                             let mut db = vec![0f32; out_f * r];
                             matmul_tn_scaled(&mut db, dy, h, out_f, rows, r, false, s);

@@ -66,7 +66,6 @@ pub struct Q8Rows {
     blocks: usize,
     q: Vec<i8>,
     d: Vec<f32>,
-    sums: Vec<i32>,
     /// Per block, `d·Σp`: what a weight block's offset multiplies.
     scaled_sums: Vec<f32>,
 }
@@ -76,13 +75,7 @@ impl Q8Rows {
     pub fn quantize(x: &[f32], m: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(QK) && x.len() >= m * k, "q8 rows: {m} rows of {k} values");
         let blocks = m * k / QK;
-        let mut out = Q8Rows {
-            blocks: k / QK,
-            q: vec![0; m * k],
-            d: Vec::with_capacity(blocks),
-            sums: Vec::with_capacity(blocks),
-            scaled_sums: Vec::with_capacity(blocks),
-        };
+        let mut out = Q8Rows { blocks: k / QK, q: vec![0; m * k], d: Vec::with_capacity(blocks), scaled_sums: Vec::with_capacity(blocks) };
         for (xb, qb) in x[..m * k].chunks_exact(QK).zip(out.q.chunks_exact_mut(QK)) {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -93,7 +86,6 @@ impl Q8Rows {
                 sum += *q as i32;
             }
             out.d.push(d);
-            out.sums.push(sum);
             out.scaled_sums.push(d * sum as f32);
         }
         out

@@ -19,6 +19,18 @@ pub struct Prepared {
     pub train_cut: (usize, usize),
 }
 
+impl Prepared {
+    /// Training examples, whether or not they were packed into rows.
+    pub fn train_examples(&self) -> usize {
+        self.packing.map_or(self.train.len(), |p| p.examples)
+    }
+}
+
+/// Of `examples`, those cut at `sequence_len`, and the target tokens the cuts removed.
+pub fn truncation(examples: &[EncodedExample]) -> (usize, usize) {
+    (examples.iter().filter(|e| e.truncated).count(), examples.iter().map(|e| e.targets_cut).sum())
+}
+
 /// Reads and encodes one dataset entry of a plan.
 pub fn load_spec(spec: &DatasetSpec, tok: &TextTokenizer, opts: &EncodeOptions) -> Result<EncodedDataset> {
     let format = DatasetFormat::from_config("datasets.type", &spec.format)?;
@@ -74,7 +86,7 @@ pub fn prepare(cfg: &TrainConfig, tok: &TextTokenizer) -> Result<Prepared> {
         }
         (None, None) => Vec::new(),
     };
-    let train_cut = (train.iter().filter(|e| e.truncated).count(), train.iter().map(|e| e.targets_cut).sum());
+    let train_cut = truncation(&train);
     let mut packing = None;
     if cfg.sample_packing {
         if train.iter().any(|e| e.rejected.is_some()) {

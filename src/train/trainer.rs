@@ -507,7 +507,7 @@ fn check_rollout_plan(cfg: &TrainConfig, plan: &RolloutPlan, per_step: usize, tr
 /// Says what truncation did to the data, and refuses examples the model's positions cannot hold
 /// before any work is done (RoPE is tabulated up to the context length).
 fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prepared) -> Result<()> {
-    let train_examples = data.packing.map_or(data.train.len(), |p| p.examples);
+    let train_examples = data.train_examples();
     let total = train_examples + data.val.len() + data.skipped;
     if data.skipped > 0 {
         crate::warning!(
@@ -516,8 +516,7 @@ fn check_data_fits(cfg: &TrainConfig, model: &Llama, data: &super::dataset::Prep
         );
     }
     // Per split, with the target tokens the cut removed (an answer's last line may be among them).
-    let cut = |v: &[crate::data::EncodedExample]| (v.iter().filter(|e| e.truncated).count(), v.iter().map(|e| e.targets_cut).sum::<usize>());
-    let ((train_cut, train_lost), (val_cut, val_lost)) = (data.train_cut, cut(&data.val));
+    let ((train_cut, train_lost), (val_cut, val_lost)) = (data.train_cut, super::dataset::truncation(&data.val));
     if train_cut + val_cut > 0 {
         let mut parts = vec![format!("{train_cut} of {train_examples} training examples ({train_lost} target tokens lost)")];
         if !data.val.is_empty() {
@@ -625,7 +624,7 @@ fn write_run_json(
         "resolved": {
             "total_steps": total_steps,
             "examples_per_step": cfg.micro_batch_size * cfg.gradient_accumulation_steps,
-            "train_examples": data.packing.map_or(data.train.len(), |p| p.examples),
+            "train_examples": data.train_examples(),
             "packed_rows": data.packing.map(|p| p.rows),
             "val_examples": data.val.len(),
             "skipped_examples": data.skipped,
