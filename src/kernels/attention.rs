@@ -158,7 +158,7 @@ impl CustomOp3 for CausalAttention {
         let (q, k, v) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims(), self.positions.as_deref())?;
         let d = dm.d;
-        let outs: Vec<(Task, Vec<f32>)> = tasks(&dm)
+        let outs: Vec<(Task, Vec<f32>)> = tasks(&dm, super::threads())
             .into_par_iter()
             .map(|task| {
                 let (b, h) = (task.b, task.h);
@@ -229,9 +229,9 @@ impl Task {
 /// thread busy (one sequence of 9 heads on 2 threads leaves one idle a ninth of the time, and
 /// the backward's 3 key-value groups a third), each further cut into runs of row blocks of
 /// about equal cost (a causal block costs its rows times the keys it sees).
-fn tasks(dm: &Dims) -> Vec<Task> {
+fn tasks(dm: &Dims, threads: usize) -> Vec<Task> {
     let heads = dm.b * dm.hq;
-    let parts = (4 * super::threads()).div_ceil(heads.max(1)).max(1);
+    let parts = (4 * threads).div_ceil(heads.max(1)).max(1);
     let mut out = Vec::new();
     for b in 0..dm.b {
         let blocks: Vec<Block> = dm.row_blocks(b).collect();
@@ -271,9 +271,18 @@ struct TaskGrads {
     dv: Vec<f32>,
 }
 
+/// Values the backward's tasks hold in their shares of dK and dV until they are summed, for
+/// `b` sequences of `t` tokens on `threads` threads (the memory estimate counts them).
+pub fn backward_share_floats(b: usize, t: usize, hq: usize, hkv: usize, d: usize, threads: usize) -> usize {
+    match Dims::new(&[b, t, hq, d], &[b, t, hkv, d], &[b, t, hkv, d], None) {
+        Ok(dm) if t > 0 => tasks(&dm, threads).iter().map(|task| 2 * task.keys().len() * d).sum(),
+        _ => 0,
+    }
+}
+
 fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (tq, tk, d) = (dm.tq, dm.tk, dm.d);
-    let work = tasks(dm);
+    let work = tasks(dm, super::threads());
     let grads: Vec<TaskGrads> = work
         .par_iter()
         .map(|task| {

@@ -27,7 +27,7 @@ mod sparse_linear;
 mod swiglu;
 pub(crate) mod vexp;
 
-pub use attention::{causal_attention, packed_causal_attention, ROW_BLOCK as ATTENTION_ROW_BLOCK};
+pub use attention::{backward_share_floats as attention_backward_share_floats, causal_attention, packed_causal_attention, ROW_BLOCK as ATTENTION_ROW_BLOCK};
 pub use columns::{scale_columns, scale_shift_columns};
 pub use cross_entropy::{lm_head_argmax, lm_head_logits, lm_head_nll, lm_head_nll_kl, IGNORE_INDEX};
 pub use decode_attention::{decode_attention, DecodeShape};

@@ -13,8 +13,9 @@
 //!   exactly the tensors that are some op's input (listed in [`block_floats_per_token`]); our
 //!   kernels keep little else (attention recomputes its probabilities, dropout its mask; the
 //!   fused LoRA op keeps its rank-r product, `r` values a token and site), except the LM head,
-//!   which keeps `∂nll/∂h` (`tokens × hidden`) instead of its logits. On top of that comes the largest short-lived buffer set
-//!   (a logits chunk of the head, the MLP's backward, attention's per-thread score tiles).
+//!   which keeps `∂nll/∂h` (`tokens × hidden`) instead of its logits. On top of that comes the
+//!   largest short-lived buffer set (a logits chunk of the head, the MLP's backward,
+//!   attention's per-thread score tiles and its backward's dK/dV shares).
 //!   With `gradient_checkpointing` only the block inputs stay, plus one block's graph at a
 //!   time in the backward;
 //! - **process**: what the process holds when the estimate is made (binary, libraries,
@@ -329,13 +330,21 @@ fn transient_bytes(c: &ModelConfig, tokens: u64, training: bool) -> u64 {
 /// Bytes attention's worker threads hold, in their own allocator arenas (so on top of the
 /// main thread's peak, not sharing its freed memory): per thread, one block of query rows'
 /// probabilities over the keys (and in the backward its score gradient), plus the per-head
-/// outputs or gradients before they are gathered. The arenas do not always fit a new tile into
-/// the previous one's hole: one more tile per thread covers that.
+/// outputs or gradients before they are gathered, and in the backward each task's share of dK
+/// and dV until the shares are summed. The arenas do not always fit a new tile into the
+/// previous one's hole: one more tile per thread covers that.
 fn attention_worker_bytes(c: &ModelConfig, tokens: u64, seq: u64, threads: u64, training: bool) -> u64 {
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let tiles_per_thread = if training { 3 } else { 2 };
     let rows = seq.min(crate::kernels::ATTENTION_ROW_BLOCK as u64);
-    (threads.max(1) * tiles_per_thread * rows * seq + tokens * (q + 2 * kv)) * F32
+    let shares = match (training, seq) {
+        (true, 1..) => {
+            let b = tokens.div_ceil(seq) as usize;
+            crate::kernels::attention_backward_share_floats(b, seq as usize, c.num_attention_heads, c.num_key_value_heads, c.head_dim, threads.max(1) as usize) as u64
+        }
+        _ => 0,
+    };
+    (threads.max(1) * tiles_per_thread * rows * seq + tokens * (q + 2 * kv) + shares) * F32
 }
 
 /// Activation bytes at the peak of a training step (or of an evaluation forward).
