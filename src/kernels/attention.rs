@@ -173,7 +173,7 @@ impl CustomOp3 for CausalAttention {
                 (task, o)
             })
             .collect();
-        let mut out = vec![0f32; q.len()];
+        let mut out = super::output_vec(q.len());
         for (task, o) in &outs {
             scatter_rows(&mut out, o, &dm, task);
         }
@@ -319,7 +319,7 @@ fn backward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32])
             TaskGrads { dq, dk, dv }
         })
         .collect();
-    let mut dq = vec![0f32; q.len()];
+    let mut dq = super::output_vec(q.len());
     let mut dk = vec![0f32; k.len()];
     let mut dv = vec![0f32; v.len()];
     for (task, tg) in work.iter().zip(&grads) {

@@ -93,14 +93,20 @@ pub fn b_index(p: usize, j: usize, t: usize, k_pad: usize) -> usize {
 /// Rows of `src` (`rows × cols`, row-major, leading dimension `ld`) rounded to bf16 into a tiled
 /// `A` of `rows` rounded up to 16 rows and `k_pad` columns, zero-padded.
 pub fn round_rows(src: &[f32], rows: usize, cols: usize, ld: usize, k_pad: usize) -> Vec<u16> {
-    let mut out = vec![0u16; rows.next_multiple_of(16) * k_pad];
+    assert!(cols <= k_pad && (rows == 0 || src.len() >= (rows - 1) * ld + cols), "bf16 gemm: rows to round");
+    // Every value is written below, the padding as zeros.
+    let mut out = super::output_vec(rows.next_multiple_of(16) * k_pad);
     // One row tile per task: 16 rows, each split into its 32-value pieces.
     out.par_chunks_mut(16 * k_pad).enumerate().for_each(|(it, tiles)| {
-        for r in 0..16.min(rows.saturating_sub(it * 16)) {
-            let row = &src[(it * 16 + r) * ld..(it * 16 + r) * ld + cols];
-            for (kt, piece) in row.chunks(32).enumerate() {
-                let at = (kt * 16 + r) * 32;
-                round_slice(piece, &mut tiles[at..at + piece.len()]);
+        for r in 0..16 {
+            let i = it * 16 + r;
+            for kt in 0..k_pad / 32 {
+                let dst = &mut tiles[(kt * 16 + r) * 32..(kt * 16 + r + 1) * 32];
+                let n = if i < rows { 32.min(cols.saturating_sub(kt * 32)) } else { 0 };
+                if n > 0 {
+                    round_slice(&src[i * ld + kt * 32..i * ld + kt * 32 + n], &mut dst[..n]);
+                }
+                dst[n..].fill(0);
             }
         }
     });
@@ -161,6 +167,17 @@ pub fn pack_transposed(w: &[u16], n: usize, k: usize) -> (Vec<u16>, usize, usize
         }
     });
     (packed, k_pad, n_pad)
+}
+
+/// Row `j` of the weight `W[n, k]` that [`pack_transposed`] packed (with `k_pad` from
+/// [`padded`]), widened to f32 into `out` (`k` values).
+pub fn unpack_transposed_row(packed: &[u16], j: usize, k_pad: usize, out: &mut [f32]) {
+    for (p, pair) in out.chunks_mut(2).enumerate() {
+        let at = b_index(p, j, 0, k_pad);
+        for (t, v) in pair.iter_mut().enumerate() {
+            *v = bf16_to_f32(packed[at + t]);
+        }
+    }
 }
 
 /// Packs `B[k, n] = W` for a weight `W[k, n]` stored row-major in bf16 (the input-gradient
@@ -499,6 +516,11 @@ mod tests {
                 let want = if j < n && kk < k { w[j * k + kk] } else { 0 };
                 assert_eq!(p[b_index(kk / 2, j, kk % 2, k_pad)], want, "Wᵀ[{kk}][{j}]");
             }
+        }
+        for j in 0..n {
+            let mut row = vec![0f32; k];
+            unpack_transposed_row(&p, j, k_pad, &mut row);
+            assert_eq!(row, w[j * k..(j + 1) * k].iter().map(|&v| bf16_to_f32(v)).collect::<Vec<_>>(), "row {j} read back");
         }
         let (p, k_pad, n_pad) = pack_rows(&w, n, k);
         for r in 0..k_pad {

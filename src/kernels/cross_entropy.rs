@@ -42,14 +42,14 @@ fn chunk_logits(w: &FrozenWeight, h: &[f32], rows: &[usize], d: usize) -> Vec<f3
     for &r in rows {
         hc.extend_from_slice(&h[r * d..(r + 1) * d]);
     }
-    let mut logits = vec![0f32; rows.len() * w.dims().0];
+    let mut logits = super::output_vec(rows.len() * w.dims().0);
     w.matmul_t(&hc, rows.len(), &mut logits, false);
     logits
 }
 
 /// `∂/∂h` of the given rows from `∂/∂logits` rows (`[rows.len(), vocab]`), scattered into `dh`.
 fn scatter_row_grads(w: &FrozenWeight, dlogits: &[f32], rows: &[usize], d: usize, dh: &mut [f32]) {
-    let mut dhc = vec![0f32; rows.len() * d];
+    let mut dhc = super::output_vec(rows.len() * d);
     w.matmul(dlogits, rows.len(), &mut dhc, false);
     for (i, &r) in rows.iter().enumerate() {
         dh[r * d..(r + 1) * d].copy_from_slice(&dhc[i * d..(i + 1) * d]);

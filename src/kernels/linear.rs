@@ -22,7 +22,7 @@ impl CustomOp1 for FrozenLinear {
             bail!("frozen-linear: input {:?} does not end in {in_f}", dims);
         }
         let rows = x.len() / in_f;
-        let mut y = vec![0f32; rows * out_f];
+        let mut y = super::output_vec(rows * out_f);
         self.w.matmul_t(x, rows, &mut y, false);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = out_f;
@@ -33,7 +33,7 @@ impl CustomOp1 for FrozenLinear {
         let in_f = self.w.dims().1;
         let rows = x.elem_count() / in_f;
         let dx = with_f32(dy, self.name(), |dy| {
-            let mut dx = vec![0f32; rows * in_f];
+            let mut dx = super::output_vec(rows * in_f);
             self.w.matmul(dy, rows, &mut dx, false);
             Ok(dx)
         })?;

@@ -12,7 +12,7 @@
 use super::dropout::apply_mask;
 use super::frozen_weight::FrozenWeight;
 use super::gemm::{matmul_nn, matmul_nn_scaled, matmul_nt, matmul_nt_scaled, matmul_tn_scaled};
-use super::{f32_slice, with_f32};
+use super::{f32_slice, output_vec, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 struct LoraLinear {
@@ -53,9 +53,9 @@ impl CustomOp3 for LoraLinear {
         }
         let rows = x.len() / in_f.max(1);
         let xd = self.dropped(x);
-        let mut h = vec![0f32; rows * r];
+        let mut h = output_vec(rows * r);
         matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
-        let mut y = vec![0f32; rows * out_f];
+        let mut y = output_vec(rows * out_f);
         self.w.matmul_t(x, rows, &mut y, false);
         matmul_nt_scaled(&mut y, &h, b, rows, r, out_f, true, self.scaling);
         let _ = self.h.set(h);
@@ -78,19 +78,19 @@ impl CustomOp3 for LoraLinear {
                             let xd = self.dropped(x);
                             let Some(h) = self.h.get() else { bail!("lora-linear: backward before the forward") };
                             // dB = s·dyᵀ·h
-                            let mut db = vec![0f32; out_f * r];
+                            let mut db = output_vec(out_f * r);
                             matmul_tn_scaled(&mut db, dy, h, out_f, rows, r, false, s);
                             // gh = s·dy·B, the gradient reaching the branch's rank-r activations
-                            let mut gh = vec![0f32; rows * r];
+                            let mut gh = output_vec(rows * r);
                             matmul_nn_scaled(&mut gh, dy, b, rows, out_f, r, false, s);
                             // dA = ghᵀ·drop(x)
-                            let mut da = vec![0f32; r * in_f];
+                            let mut da = output_vec(r * in_f);
                             matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
                             // dx = dy·W0 + drop'(gh·A)
-                            let mut dx = vec![0f32; rows * in_f];
+                            let mut dx = output_vec(rows * in_f);
                             self.w.matmul(dy, rows, &mut dx, false);
                             if self.dropout > 0.0 {
-                                let mut t = vec![0f32; rows * in_f];
+                                let mut t = output_vec(rows * in_f);
                                 matmul_nn(&mut t, &gh, a, rows, r, in_f, false);
                                 let t = apply_mask(&t, self.dropout, self.seed);
                                 dx.iter_mut().zip(t).for_each(|(d, v)| *d += v);

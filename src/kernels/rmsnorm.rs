@@ -23,7 +23,7 @@ impl CustomOp2 for RmsNorm {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::output_vec(x.len());
         y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
             let r = rstd(xr, self.eps);
             for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
@@ -39,7 +39,7 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = with_f32(x, self.name(), |x| {
             with_f32(w, self.name(), |w| {
                 with_f32(dy, self.name(), |dy| {
-                    let mut dx = vec![0f32; x.len()];
+                    let mut dx = super::output_vec(x.len());
                     // dx = r · (g − x̂ · mean(g ⊙ x̂)), with g = dy ⊙ w and x̂ = x · r.
                     dx.par_chunks_mut(d)
                         .zip(x.par_chunks(d).zip(dy.par_chunks(d)))

@@ -79,7 +79,7 @@ impl Rope {
             Positions::Starts(starts) => starts[row / t] + row % t,
             Positions::PerToken(p) => p[row] as usize,
         };
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::output_vec(x.len());
         y.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).enumerate().for_each(|(row, (yr, xr))| {
             let pos = position(row);
             let cos = &self.tables.cos[pos * half..(pos + 1) * half];

@@ -21,7 +21,7 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
-        let mut y = vec![0f32; g.len()];
+        let mut y = super::output_vec(g.len());
         y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
             let mut s = [0f32; CHUNK];
             let s = &mut s[..y.len()];
@@ -37,8 +37,8 @@ impl CustomOp2 for SwiGlu {
         let (dg, du) = with_f32(g, self.name(), |g| {
             with_f32(u, self.name(), |u| {
                 with_f32(dy, self.name(), |dy| {
-                    let mut dg = vec![0f32; g.len()];
-                    let mut du = vec![0f32; g.len()];
+                    let mut dg = super::output_vec(g.len());
+                    let mut du = super::output_vec(g.len());
                     dg.par_chunks_mut(CHUNK)
                         .zip(du.par_chunks_mut(CHUNK))
                         .enumerate()

@@ -32,6 +32,7 @@ use crate::data::EncodedExample;
 use crate::error::{Error, Result};
 use crate::formats::gguf::quants::GgmlType;
 use crate::formats::gguf::GgufFile;
+use crate::kernels::FrozenWeight;
 use crate::methods::PlannedMemory;
 use crate::models::BlockSiteInfo;
 use crate::models::load::{config_from_gguf, hf_name, is_frozen_matrix, weight_files, LoadOptions, ModelSource};
@@ -94,17 +95,18 @@ impl Footprint {
 
     fn from_f32_shapes(config: ModelConfig, bf16: bool, mapped: u64) -> Self {
         let c = &config;
-        let (d, v) = (c.hidden_size as u64, c.vocab_size as u64);
-        let mut matrices: Vec<u64> = site_shapes(c).iter().map(|s| (s.in_features * s.out_features) as u64).collect();
-        matrices.push(v * d);
+        let d = c.hidden_size as u64;
+        let mut shapes: Vec<(usize, usize)> = site_shapes(c).iter().map(|s| (s.out_features, s.in_features)).collect();
+        shapes.push((c.vocab_size, c.hidden_size));
         if !c.tie_word_embeddings {
-            matrices.push(v * d);
+            shapes.push((c.vocab_size, c.hidden_size));
         }
+        let matrices: Vec<u64> = shapes.iter().map(|&(o, i)| (o * i) as u64).collect();
         let elems: u64 = matrices.iter().sum();
         let largest = matrices.iter().copied().max().unwrap_or(0) * F32;
         let biases = if c.attention_bias { c.num_hidden_layers as u64 * qkv_out(c) } else { 0 };
         let dense = (c.num_hidden_layers as u64 * 2 * d + d + biases) * F32 + rope_bytes(c);
-        let frozen = elems * if bf16 { 2 } else { F32 };
+        let frozen = if bf16 { shapes.iter().map(|&(o, i)| FrozenWeight::bf16_storage_bytes(o, i)).sum() } else { elems * F32 };
         // All tensors in f32 at once; on top, a shard's mapped file while it is read, then the
         // copy `FrozenWeight::from_tensor` makes of one matrix, and with bf16 that matrix's f32
         // copy and bf16 bytes while it is rounded.
@@ -125,14 +127,15 @@ impl Footprint {
             let ty = info.ggml_type;
             // The same rule as `load_gguf`: such matrices stay in their blocks.
             if opts.keep_quantized && matrix && ty != GgmlType::F32 && ty.can_dequantize() {
-                frozen += info.n_bytes() as u64;
-                built += info.n_bytes() as u64;
+                let kept = if ty == GgmlType::BF16 { bf16_matrix_bytes(&info.dims) } else { info.n_bytes() as u64 };
+                frozen += kept;
+                built += kept;
                 continue;
             }
             let f32_bytes = info.n_elements() as u64 * F32;
             built += f32_bytes;
             if matrix {
-                frozen += if opts.bf16 { f32_bytes / 2 } else { f32_bytes };
+                frozen += if opts.bf16 { bf16_matrix_bytes(&info.dims) } else { f32_bytes };
                 largest = largest.max(f32_bytes);
             } else {
                 dense += f32_bytes;
@@ -193,6 +196,11 @@ fn qkv_out(c: &ModelConfig) -> u64 {
 /// The block-level sites (each layer's MLP) of a model of config `c`.
 pub fn block_shapes(c: &ModelConfig) -> Vec<BlockSiteInfo> {
     (0..c.num_hidden_layers).map(|i| BlockSiteInfo { name: format!("model.layers.{i}.mlp"), hidden_size: c.hidden_size }).collect()
+}
+
+/// What a bf16 frozen matrix of GGUF dimensions `[in, out]` occupies once loaded.
+fn bf16_matrix_bytes(dims: &[u64]) -> u64 {
+    FrozenWeight::bf16_storage_bytes(dims[1] as usize, dims[0] as usize)
 }
 
 /// Every linear site of the decoder with its shape, in `Llama::sites` order.
