@@ -68,6 +68,7 @@ pub fn run(model: Option<&Path>, shape: Option<&str>, opts: &BenchOptions) -> an
         adapter_params: if opts.forward_only { 0 } else { planned.trainable_params },
         threads: rayon::current_num_threads(),
         method_floats_per_token: if opts.forward_only { 0 } else { planned.floats_per_token },
+        fused_blocks: planned.fused_blocks && crate::kernels::decoder_block::enabled(),
     };
     let estimate = if opts.optimizer == "mezo" && !opts.forward_only {
         // Two forward passes, and the parameters' saved copy or a window of offloaded blocks.

@@ -157,27 +157,7 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (q, k, v) = (f32_slice(s1, l1, self.name())?, f32_slice(s2, l2, self.name())?, f32_slice(s3, l3, self.name())?);
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims(), self.positions.as_deref())?;
-        let d = dm.d;
-        let outs: Vec<(Task, Vec<f32>)> = tasks(&dm, super::threads())
-            .into_par_iter()
-            .map(|task| {
-                let (b, h) = (task.b, task.h);
-                let mut p = vec![0f32; ROW_BLOCK.min(dm.tq) * dm.tk];
-                let mut o = vec![0f32; (task.i1() - task.i0()) * d];
-                for &blk in &task.blocks {
-                    block_probabilities(&dm, q, k, b, h, blk, &mut p);
-                    let vb = block_keys(&dm, b, h / dm.group(), blk);
-                    let rows = View::rows((blk.i0 - task.i0()) * d, d);
-                    matmul_view(&mut o, rows, &p, View::rows(0, blk.width()), v, vb, blk.rows(), blk.width(), d, false, 1.0);
-                }
-                (task, o)
-            })
-            .collect();
-        let mut out = super::output_vec(q.len());
-        for (task, o) in &outs {
-            scatter_rows(&mut out, o, &dm, task);
-        }
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(forward(&dm, q, k, v)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -203,6 +183,58 @@ impl CustomOp3 for CausalAttention {
             Some(Tensor::from_vec(dv, v_t.shape(), v_t.device())?),
         ))
     }
+}
+
+fn forward(dm: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    let d = dm.d;
+    let outs: Vec<(Task, Vec<f32>)> = tasks(dm, super::threads())
+        .into_par_iter()
+        .map(|task| {
+            let (b, h) = (task.b, task.h);
+            let mut p = vec![0f32; ROW_BLOCK.min(dm.tq) * dm.tk];
+            let mut o = vec![0f32; (task.i1() - task.i0()) * d];
+            for &blk in &task.blocks {
+                block_probabilities(dm, q, k, b, h, blk, &mut p);
+                let vb = block_keys(dm, b, h / dm.group(), blk);
+                let rows = View::rows((blk.i0 - task.i0()) * d, d);
+                matmul_view(&mut o, rows, &p, View::rows(0, blk.width()), v, vb, blk.rows(), blk.width(), d, false, 1.0);
+            }
+            (task, o)
+        })
+        .collect();
+    let mut out = super::output_vec(q.len());
+    for (task, o) in &outs {
+        scatter_rows(&mut out, o, dm, task);
+    }
+    out
+}
+
+/// Query, key and value shapes `[b, t, h_q, d]`, `[b, t, h_kv, d]` of a training forward (no
+/// cache), for the slice entry points the fused decoder block uses.
+#[derive(Clone, Copy)]
+pub(super) struct Shape4 {
+    pub b: usize,
+    pub t: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+}
+
+impl Shape4 {
+    fn dims<'a>(&self, positions: Option<&'a [u32]>) -> Result<Dims<'a>> {
+        let Shape4 { b, t, hq, hkv, d } = *self;
+        Dims::new(&[b, t, hq, d], &[b, t, hkv, d], &[b, t, hkv, d], positions)
+    }
+}
+
+/// [`causal_attention`] (or, with `positions`, [`packed_causal_attention`]) on slices.
+pub(super) fn forward_slices(s: Shape4, positions: Option<&[u32]>, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+    Ok(forward(&s.dims(positions)?, q, k, v))
+}
+
+/// Its backward: `(dq, dk, dv)` from the output `o` and its gradient `dout`.
+pub(super) fn backward_slices(s: Shape4, positions: Option<&[u32]>, q: &[f32], k: &[f32], v: &[f32], o: &[f32], dout: &[f32]) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    Ok(backward(&s.dims(positions)?, q, k, v, o, dout))
 }
 
 /// One task of the attention: head `h` of batch row `b`, over a run of its row blocks.

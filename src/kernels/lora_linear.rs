@@ -25,13 +25,67 @@ struct LoraLinear {
     h: std::sync::OnceLock<Vec<f32>>,
 }
 
-impl LoraLinear {
-    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+/// A LoRA branch on slices: `A: [r, in]`, `B: [out, r]`, its scaling, and its dropout (a
+/// mask drawn from `seed`, as [`super::dropout`]; `0` disables it). The fused decoder block
+/// runs its sites through these too.
+pub(super) struct Branch<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+    pub scaling: f32,
+    pub dropout: f32,
+    pub seed: u64,
+}
+
+impl Branch<'_> {
+    fn dropped<'x>(&self, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
         if self.dropout > 0.0 {
             apply_mask(x, self.dropout, self.seed).into()
         } else {
             x.into()
         }
+    }
+
+    /// `y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ` for `rows` rows of `x`, and the rank-r `drop(x)·Aᵀ`
+    /// the backward needs.
+    pub(super) fn forward(&self, w: &FrozenWeight, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let (out_f, in_f) = w.dims();
+        let r = self.r;
+        let xd = self.dropped(x);
+        let mut h = output_vec(rows * r);
+        matmul_nt(&mut h, &xd, self.a, rows, in_f, r, false);
+        let mut y = output_vec(rows * out_f);
+        w.matmul_t(x, rows, &mut y, false);
+        matmul_nt_scaled(&mut y, &h, self.b, rows, r, out_f, true, self.scaling);
+        (y, h)
+    }
+
+    /// `dx (+)= dy·W0 + drop'(s·dy·B·A)` from the forward's `x` and `h`; returns `(dA, dB)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(&self, w: &FrozenWeight, x: &[f32], rows: usize, h: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) -> (Vec<f32>, Vec<f32>) {
+        let (out_f, in_f) = w.dims();
+        let (r, s) = (self.r, self.scaling);
+        let xd = self.dropped(x);
+        // dB = s·dyᵀ·h
+        let mut db = output_vec(out_f * r);
+        matmul_tn_scaled(&mut db, dy, h, out_f, rows, r, false, s);
+        // gh = s·dy·B, the gradient reaching the branch's rank-r activations
+        let mut gh = output_vec(rows * r);
+        matmul_nn_scaled(&mut gh, dy, self.b, rows, out_f, r, false, s);
+        // dA = ghᵀ·drop(x)
+        let mut da = output_vec(r * in_f);
+        matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
+        // dx (+)= dy·W0 + drop'(gh·A)
+        w.matmul(dy, rows, dx, accumulate);
+        if self.dropout > 0.0 {
+            let mut t = output_vec(rows * in_f);
+            matmul_nn(&mut t, &gh, self.a, rows, r, in_f, false);
+            let t = apply_mask(&t, self.dropout, self.seed);
+            dx.iter_mut().zip(t).for_each(|(d, v)| *d += v);
+        } else {
+            matmul_nn_scaled(dx, &gh, self.a, rows, r, in_f, true, 1.0);
+        }
+        (da, db)
     }
 }
 
@@ -52,12 +106,7 @@ impl CustomOp3 for LoraLinear {
             bail!("lora-linear: x {dims:?}, W [{out_f}, {in_f}], A {:?}, B {:?} do not fit", la.dims(), lb.dims());
         }
         let rows = x.len() / in_f.max(1);
-        let xd = self.dropped(x);
-        let mut h = output_vec(rows * r);
-        matmul_nt(&mut h, &xd, a, rows, in_f, r, false);
-        let mut y = output_vec(rows * out_f);
-        self.w.matmul_t(x, rows, &mut y, false);
-        matmul_nt_scaled(&mut y, &h, b, rows, r, out_f, true, self.scaling);
+        let (y, h) = self.branch(a, b, r).forward(&self.w, x, rows);
         let _ = self.h.set(h);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = out_f;
@@ -65,40 +114,18 @@ impl CustomOp3 for LoraLinear {
     }
 
     fn bwd(&self, x_t: &Tensor, a_t: &Tensor, b_t: &Tensor, _res: &Tensor, dy_t: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (out_f, in_f) = self.w.dims();
+        let in_f = self.w.dims().1;
         let r = a_t.dim(0)?;
         let rows = x_t.elem_count() / in_f.max(1);
-        let s = self.scaling;
         let name = self.name();
         let (dx, da, db) = with_f32(x_t, name, |x| {
             with_f32(a_t, name, |a| {
                 with_f32(b_t, name, |b| {
                     with_f32(dy_t, name, |dy| {
-                        {
-                            let xd = self.dropped(x);
-                            let Some(h) = self.h.get() else { bail!("lora-linear: backward before the forward") };
-                            // dB = s·dyᵀ·h
-                            let mut db = output_vec(out_f * r);
-                            matmul_tn_scaled(&mut db, dy, h, out_f, rows, r, false, s);
-                            // gh = s·dy·B, the gradient reaching the branch's rank-r activations
-                            let mut gh = output_vec(rows * r);
-                            matmul_nn_scaled(&mut gh, dy, b, rows, out_f, r, false, s);
-                            // dA = ghᵀ·drop(x)
-                            let mut da = output_vec(r * in_f);
-                            matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
-                            // dx = dy·W0 + drop'(gh·A)
-                            let mut dx = output_vec(rows * in_f);
-                            self.w.matmul(dy, rows, &mut dx, false);
-                            if self.dropout > 0.0 {
-                                let mut t = output_vec(rows * in_f);
-                                matmul_nn(&mut t, &gh, a, rows, r, in_f, false);
-                                let t = apply_mask(&t, self.dropout, self.seed);
-                                dx.iter_mut().zip(t).for_each(|(d, v)| *d += v);
-                            } else {
-                                matmul_nn_scaled(&mut dx, &gh, a, rows, r, in_f, true, 1.0);
-                            }
-                            Ok((dx, da, db))
-                        }
+                        let Some(h) = self.h.get() else { bail!("lora-linear: backward before the forward") };
+                        let mut dx = output_vec(rows * in_f);
+                        let (da, db) = self.branch(a, b, r).backward(&self.w, x, rows, h, dy, &mut dx, false);
+                        Ok((dx, da, db))
                     })
                 })
             })
@@ -108,6 +135,12 @@ impl CustomOp3 for LoraLinear {
             Some(Tensor::from_vec(da, a_t.shape(), a_t.device())?),
             Some(Tensor::from_vec(db, b_t.shape(), b_t.device())?),
         ))
+    }
+}
+
+impl LoraLinear {
+    fn branch<'a>(&self, a: &'a [f32], b: &'a [f32], r: usize) -> Branch<'a> {
+        Branch { a, b, r, scaling: self.scaling, dropout: self.dropout, seed: self.seed }
     }
 }
 

@@ -14,6 +14,37 @@ fn rstd(row: &[f32], eps: f32) -> f32 {
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
+/// `w ⊙ (x · rstd(x))` for every row of `x` (`w.len()` wide).
+pub(super) fn forward_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = super::output_vec(x.len());
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+        let r = rstd(xr, eps);
+        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+            *yv = wv * (xv * r);
+        }
+    });
+    y
+}
+
+/// `dx (+)= ∂L/∂x` for the rows of `x` given their output gradients `dy` (the weight held
+/// constant): `r · (g − x̂ · mean(g ⊙ x̂))`, with `g = dy ⊙ w` and `x̂ = x · r`.
+pub(super) fn backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], accumulate: bool) {
+    let d = w.len();
+    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dxr, (xr, dyr))| {
+        let r = rstd(xr, eps);
+        let mut dot = 0f32;
+        for i in 0..d {
+            dot += dyr[i] * w[i] * xr[i] * r;
+        }
+        let mean = dot / d as f32;
+        for i in 0..d {
+            let g = r * (dyr[i] * w[i] - xr[i] * r * mean);
+            dxr[i] = if accumulate { dxr[i] + g } else { g };
+        }
+    });
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
@@ -22,15 +53,7 @@ impl CustomOp2 for RmsNorm {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, self.name())?;
         let w = f32_slice(s2, l2, self.name())?;
-        let d = w.len();
-        let mut y = super::output_vec(x.len());
-        y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-            let r = rstd(xr, self.eps);
-            for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                *yv = wv * (xv * r);
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(forward_rows(x, w, self.eps)), l1.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -40,20 +63,7 @@ impl CustomOp2 for RmsNorm {
             with_f32(w, self.name(), |w| {
                 with_f32(dy, self.name(), |dy| {
                     let mut dx = super::output_vec(x.len());
-                    // dx = r · (g − x̂ · mean(g ⊙ x̂)), with g = dy ⊙ w and x̂ = x · r.
-                    dx.par_chunks_mut(d)
-                        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-                        .for_each(|(dxr, (xr, dyr))| {
-                            let r = rstd(xr, self.eps);
-                            let mut dot = 0f32;
-                            for i in 0..d {
-                                dot += dyr[i] * w[i] * xr[i] * r;
-                            }
-                            let mean = dot / d as f32;
-                            for i in 0..d {
-                                dxr[i] = r * (dyr[i] * w[i] - xr[i] * r * mean);
-                            }
-                        });
+                    backward_rows(x, w, dy, self.eps, &mut dx, false);
                     let dw = want_dw.then(|| {
                         let mut dw = vec![0f32; d];
                         for (xr, dyr) in x.chunks(d).zip(dy.chunks(d)) {

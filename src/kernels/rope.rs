@@ -98,6 +98,16 @@ impl Rope {
     }
 }
 
+/// Rotates `x: [.., t, h, d]` with token `j` of each sequence at position `j`, or at
+/// `positions` (one per token, packed rows); `sign = −1` undoes it (the backward).
+pub(super) fn rotate(tables: &Arc<RopeTables>, positions: Option<&Arc<[u32]>>, x: &[f32], dims: &[usize], sign: f32) -> Result<Vec<f32>> {
+    let positions = match positions {
+        Some(p) => Positions::PerToken(p.clone()),
+        None => Positions::Starts(Arc::new([0])),
+    };
+    Rope { tables: tables.clone(), positions }.apply(x, dims, sign)
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
         "rope"

@@ -10,6 +10,40 @@ struct SwiGlu;
 const CHUNK: usize = 4096;
 
 
+/// `silu(g) ⊙ u`.
+pub(super) fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = super::output_vec(g.len());
+    y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
+        let mut s = [0f32; CHUNK];
+        let s = &mut s[..y.len()];
+        sigmoid(g, s);
+        for i in 0..y.len() {
+            y[i] = g[i] * s[i] * u[i];
+        }
+    });
+    y
+}
+
+/// The gradients `(dg, du)` reaching the gate and up inputs from the output's `dy`.
+pub(super) fn backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = super::output_vec(g.len());
+    let mut du = super::output_vec(g.len());
+    dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let o = c * CHUNK;
+        let mut sig = [0f32; CHUNK];
+        let sig = &mut sig[..dg.len()];
+        sigmoid(&g[o..o + dg.len()], sig);
+        for i in 0..dg.len() {
+            let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
+            let s = sig[i];
+            du[i] = d * gv * s;
+            // d silu(g)/dg = s · (1 + g · (1 − s))
+            dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));
+        }
+    });
+    (dg, du)
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -21,40 +55,14 @@ impl CustomOp2 for SwiGlu {
         if l1.shape() != l2.shape() {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.shape(), l2.shape());
         }
-        let mut y = super::output_vec(g.len());
-        y.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(y, (g, u))| {
-            let mut s = [0f32; CHUNK];
-            let s = &mut s[..y.len()];
-            sigmoid(g, s);
-            for i in 0..y.len() {
-                y[i] = g[i] * s[i] * u[i];
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(forward(g, u)), l1.shape().clone()))
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dg, du) = with_f32(g, self.name(), |g| {
             with_f32(u, self.name(), |u| {
                 with_f32(dy, self.name(), |dy| {
-                    let mut dg = super::output_vec(g.len());
-                    let mut du = super::output_vec(g.len());
-                    dg.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .enumerate()
-                        .for_each(|(c, (dg, du))| {
-                            let o = c * CHUNK;
-                            let mut sig = [0f32; CHUNK];
-                            let sig = &mut sig[..dg.len()];
-                            sigmoid(&g[o..o + dg.len()], sig);
-                            for i in 0..dg.len() {
-                                let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
-                                let s = sig[i];
-                                du[i] = d * gv * s;
-                                // d silu(g)/dg = s · (1 + g · (1 − s))
-                                dg[i] = d * uv * s * (1.0 + gv * (1.0 - s));
-                            }
-                        });
+                    let (dg, du) = backward(g, u, dy);
                     Ok((dg, du))
                 })
             })

@@ -8,6 +8,7 @@ use super::targets::{hook_targets, TargetModules};
 use super::{LoraPair, Method, MethodSpec, METHOD_KEY};
 use crate::error::{Error, Result};
 use crate::formats::safetensors as st;
+use crate::kernels::decoder_block::LoraFactors;
 use crate::kernels::FrozenWeight;
 use crate::models::{add_bias, ForwardCtx, Llama, SiteHook};
 use crate::rng::SplitMix64;
@@ -112,6 +113,13 @@ pub struct LoraSite {
     initial: Option<(Tensor, Tensor)>,
 }
 
+impl LoraSite {
+    /// The seed of this site's dropout mask in the forward `ctx`.
+    fn dropout_seed(&self, ctx: &ForwardCtx) -> u64 {
+        SplitMix64::derive(ctx.seed, &[self.stream]).next_u64()
+    }
+}
+
 impl SiteHook for LoraSite {
     fn forward(&self, x: &Tensor, w0: &FrozenWeight, b0: Option<&Tensor>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         // Outside training the parameters enter as constants, so no autograd graph (and none
@@ -122,8 +130,18 @@ impl SiteHook for LoraSite {
             (self.a.as_detached_tensor(), self.b.as_detached_tensor())
         };
         let dropout = if ctx.train { self.dropout } else { 0.0 };
-        let seed = SplitMix64::derive(ctx.seed, &[self.stream]).next_u64();
-        add_bias(crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, seed)?, b0)
+        add_bias(crate::kernels::lora_linear(x, w0, &a, &b, self.scaling as f32, dropout, self.dropout_seed(ctx))?, b0)
+    }
+
+    fn lora_factors(&self, ctx: &ForwardCtx) -> Option<LoraFactors> {
+        // Only where `forward` tracks the factors: the fused block's gradients are theirs.
+        ctx.train.then(|| LoraFactors {
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scaling: self.scaling as f32,
+            dropout: self.dropout,
+            seed: self.dropout_seed(ctx),
+        })
     }
 
     fn delta_weight(&self, train: bool) -> Option<candle_core::Result<Tensor>> {

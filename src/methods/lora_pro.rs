@@ -78,7 +78,7 @@ impl Method for LoraPro {
         let full: u64 = chosen.iter().map(|s| (s.in_features * s.out_features) as u64).sum();
         let largest = chosen.iter().map(|s| (s.in_features * s.out_features) as u64).max().unwrap_or(0);
         let work = 4 * 8 * largest * rayon::current_num_threads() as u64;
-        Ok(Some(PlannedMemory { trainable_params: lora, extra_bytes: 2 * 4 * full + work, floats_per_token: 0, ..Default::default() }))
+        Ok(Some(PlannedMemory { trainable_params: lora, extra_bytes: 2 * 4 * full + work, floats_per_token: 0, fused_blocks: true, ..Default::default() }))
     }
 
     fn optimizer(&self, config: AdamWConfig) -> Box<dyn Optimizer> {

@@ -79,6 +79,9 @@ pub struct PlannedMemory {
     /// Bytes its ops keep in the autograd graph whatever the batch, over the whole model
     /// (SNELLA's weight-sized kernels); with activation checkpointing one block's share.
     pub graph_bytes: u64,
+    /// Its sites are plain LoRA branches, so training runs the fused decoder block
+    /// (`kernels::decoder_block`), which keeps fewer activations than the op-by-op graph.
+    pub fused_blocks: bool,
 }
 
 pub trait Method: Send {

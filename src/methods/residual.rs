@@ -361,7 +361,7 @@ impl Method for ResidualLora {
             Kind::Corda { .. } => chosen.iter().map(|s| 4 * (s.in_features * s.in_features) as u64).sum(),
             _ => 0,
         };
-        Ok(Some(PlannedMemory { trainable_params, extra_bytes: residual + cov, floats_per_token: 0, ..Default::default() }))
+        Ok(Some(PlannedMemory { trainable_params, extra_bytes: residual + cov, floats_per_token: 0, fused_blocks: true, ..Default::default() }))
     }
 
     fn save(&self, dir: &Path, base_model: &str) -> Result<()> {

@@ -313,7 +313,7 @@ impl Method for Snella {
         // output-sized values per site, measured on SmolLM2 (6.28 GB peak at 4×256 without
         // checkpointing, 0.58 GB with); 8 planned, to err on the safe side.
         let floats_per_token = chosen.iter().map(|s| 8 * s.out_features as u64).sum();
-        Ok(Some(PlannedMemory { trainable_params: trainable, extra_bytes: 8 * trainable + BACKWARD_COPIES * 4 * largest, floats_per_token, graph_bytes: 4 * kernels }))
+        Ok(Some(PlannedMemory { trainable_params: trainable, extra_bytes: 8 * trainable + BACKWARD_COPIES * 4 * largest, floats_per_token, graph_bytes: 4 * kernels, ..Default::default() }))
     }
 
     fn set_total_steps(&mut self, total_steps: usize) {

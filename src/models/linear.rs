@@ -2,6 +2,7 @@
 //! `model.layers.3.self_attn.q_proj`) with its frozen weight and, optionally, the hook a
 //! fine-tuning method attached to it. Methods only ever see sites, never model internals.
 
+use crate::kernels::decoder_block::{LoraFactors, Projection};
 use crate::kernels::{self, FrozenWeight};
 use candle_core::{Result, Tensor};
 use std::sync::Arc;
@@ -70,6 +71,14 @@ pub trait SiteHook: Send + Sync {
     fn delta_weight(&self, _train: bool) -> Option<Result<Tensor>> {
         None
     }
+
+    /// The site as exactly a LoRA branch on the base, `x·W0ᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ`, in
+    /// this forward: the factors, scaling and dropout the fused decoder block
+    /// ([`kernels::decoder_block`]) then runs it with. `None` (the default) keeps the site on
+    /// its own [`SiteHook::forward`].
+    fn lora_factors(&self, _ctx: &ForwardCtx) -> Option<LoraFactors> {
+        None
+    }
 }
 
 /// `y + b` where there is a bias.
@@ -111,6 +120,17 @@ impl Linear {
     pub fn info(&self) -> SiteInfo {
         let (out_features, in_features) = self.weight.dims();
         SiteInfo { name: self.name.clone(), in_features, out_features }
+    }
+
+    /// The site for the fused decoder block in this forward: the plain base, or a base with
+    /// a LoRA branch; `None` for any other method's hook (and in reference passes).
+    pub fn fused_projection(&self, ctx: &ForwardCtx) -> Option<Projection> {
+        let lora = match &self.hook {
+            _ if ctx.reference => return None,
+            None => None,
+            Some(h) => Some(h.lora_factors(ctx)?),
+        };
+        Some(Projection { weight: self.weight.clone(), bias: self.bias.clone(), lora })
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {

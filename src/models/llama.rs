@@ -366,6 +366,11 @@ impl Llama {
     /// Block `li` applied to the residual stream `x: [b, t, hidden]` at positions from `pos0`
     /// (packed rows: at the positions `ctx` gives, with attention kept inside each example).
     pub fn block_forward(&self, li: usize, x: &Tensor, pos0: usize, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if cache.is_none() && pos0 == 0 {
+            if let Some(y) = self.fused_block(li, x, ctx)? {
+                return Ok(y);
+            }
+        }
         if let Some(positions) = &ctx.positions {
             if cache.is_some() || pos0 != 0 {
                 candle_core::bail!("packed rows are a training input: they cannot continue a KV cache");
@@ -389,6 +394,27 @@ impl Llama {
             }
             kernels::causal_attention(&q, &k, &v)
         })
+    }
+
+    /// Block `li` as the two fused training sublayers ([`kernels::decoder_block`]), where
+    /// that computes the same as [`Llama::block_with`]: a training forward whose LoRA
+    /// gradients a sink collects, every site plain or LoRA, nothing beside the MLP, norms
+    /// frozen. `None` otherwise. `FERROTUNE_FUSED_BLOCK=0` switches it off.
+    fn fused_block(&self, li: usize, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Option<Tensor>> {
+        let blk = &self.layers[li];
+        if !kernels::decoder_block::enabled() || !ctx.train || !kernels::grad_sink::is_open() || blk.mlp_site.hook.is_some() {
+            return Ok(None);
+        }
+        if blk.input_layernorm.track_op() || blk.post_attention_layernorm.track_op() {
+            return Ok(None);
+        }
+        let [Some(q), Some(k), Some(v), Some(o), Some(gate), Some(up), Some(down)] = blk.linears().map(|l| l.fused_projection(ctx)) else {
+            return Ok(None);
+        };
+        let c = &self.config;
+        let heads = [c.num_attention_heads, c.num_key_value_heads, c.head_dim];
+        let x = kernels::decoder_block::attention_sublayer(x, &blk.input_layernorm, c.rms_norm_eps, [&q, &k, &v, &o], heads, &self.rope, ctx.positions.as_ref())?;
+        kernels::decoder_block::mlp_sublayer(&x, &blk.post_attention_layernorm, c.rms_norm_eps, [&gate, &up, &down]).map(Some)
     }
 
     /// Block `li` with its attention core supplied: `attend(q, k, v)` gets the projections

@@ -9,7 +9,8 @@
 //! that no longer grows with the number of layers.
 
 use crate::data::batch::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::grad_sink;
 use crate::models::{ForwardCtx, Llama};
 use crate::objectives::{reference_hidden, HeadInputs, LossSum, Objective, StepInfo};
 use crate::rng::SplitMix64;
@@ -75,15 +76,19 @@ pub fn step_gradients(model: &Llama, params: &[Var], batches: &[Batch], units: u
         let MicroBatch { seed, reference, x0 } = MicroBatch::prepare(model, b, mi, plan, objective)?;
         let ctx = ForwardCtx::train(seed).over(b);
         let inputs = HeadInputs { batch: b, targets: Arc::new(b.targets.clone()), reference: reference.as_ref(), ctx: &ctx };
-        let part = if plan.checkpointing {
-            checkpointed_backward(model, params, x0, &inputs, objective, scale, &mut out.grads)?
-        } else {
+        // Fused blocks deliver their LoRA gradients to the sink rather than the graph's store.
+        let (part, delivered) = grad_sink::collecting(|| -> Result<LossSum> {
+            if plan.checkpointing {
+                return checkpointed_backward(model, params, x0, &inputs, objective, scale, &mut out.grads);
+            }
             let x = model.residual_from(x0, &ctx)?;
             let part = objective.loss_sum(model, &x, &inputs)?;
             let loss = part.loss.affine(scale, 0.0)?;
             accumulate(&loss.backward()?, params, &mut out.grads)?;
-            LossSum { loss, metrics: part.metrics }
-        };
+            Ok(LossSum { loss, metrics: part.metrics })
+        });
+        let part = part?;
+        add_delivered(delivered, params, &mut out.grads)?;
         out.loss += part.loss.to_scalar::<f32>()? as f64;
         for (name, v) in part.metrics {
             *out.metrics.entry(name.to_string()).or_default() += v * scale;
@@ -147,6 +152,20 @@ fn grad_of(store: &GradStore, t: &Tensor) -> Result<Tensor> {
         Some(g) => g.detach(),
         None => t.zeros_like()?,
     })
+}
+
+/// Adds the gradients fused ops delivered to the step's; every one must be a parameter's.
+fn add_delivered(delivered: grad_sink::Delivered, params: &[Var], grads: &mut [Vec<f32>]) -> Result<()> {
+    for (id, g) in delivered {
+        let Some(i) = params.iter().position(|p| p.as_tensor().id() == id) else {
+            return Err(Error::Training("a fused block delivered the gradient of a tensor that is not a trained parameter".into()));
+        };
+        if g.len() != grads[i].len() {
+            return Err(Error::Training(format!("a fused block delivered {} gradient values for a parameter of {}", g.len(), grads[i].len())));
+        }
+        grads[i].iter_mut().zip(g).for_each(|(a, x)| *a += x);
+    }
+    Ok(())
 }
 
 fn accumulate(store: &GradStore, params: &[Var], grads: &mut [Vec<f32>]) -> Result<()> {

@@ -246,6 +246,8 @@ pub struct StepShape {
     /// the whole model (`PlannedMemory::floats_per_token`).
     pub method_floats_per_token: u64,
     pub threads: usize,
+    /// Training runs the fused decoder block (`PlannedMemory::fused_blocks`).
+    pub fused_blocks: bool,
 }
 
 /// The estimate, in bytes.
@@ -310,10 +312,16 @@ impl MemoryEstimate {
 
 /// f32 values per token that one decoder block's autograd graph keeps alive: the inputs of its
 /// ops (`Llama::block_forward`). `reshape` of a contiguous tensor shares its storage, so q and k
-/// count once before and once after RoPE.
-fn block_floats_per_token(c: &ModelConfig) -> u64 {
+/// count once before and once after RoPE. The fused block (`kernels::decoder_block`) keeps
+/// each sublayer's input and what its own backward reads.
+fn block_floats_per_token(c: &ModelConfig, fused: bool) -> u64 {
     let (d, ff) = (c.hidden_size as u64, c.intermediate_size as u64);
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
+    if fused {
+        // x, norm(x), q and k after RoPE, v, the attention output; x + o, its norm, gate, up,
+        // silu(gate)·up.
+        return 4 * d + (2 * q + 2 * kv) + 3 * ff;
+    }
     // x, norm(x), o_proj's output, x + o, its norm, down_proj's output;
     // q and k before and after RoPE, v, the attention output; gate, up, silu(gate)·up.
     6 * d + (2 * q + 2 * kv + kv + q) + 3 * ff
@@ -323,15 +331,19 @@ fn block_floats_per_token(c: &ModelConfig) -> u64 {
 /// the graph keeps: the LM head's logits chunk; the MLP backward (the gradient of
 /// `silu(gate)·up` being consumed, the gate's and up's gradients it produces, and the zero
 /// tensor plus sum candle's `GradStore` forms when it first stores one: five
-/// `tokens × intermediate` buffers, with a few residual-stream gradients); or attention's
-/// gathered outputs/gradients.
-fn transient_bytes(c: &ModelConfig, tokens: u64, training: bool) -> u64 {
+/// `tokens × intermediate` buffers, with a few residual-stream gradients; fused, no `GradStore`
+/// copies: three, with three); or attention's gathered outputs/gradients.
+fn transient_bytes(c: &ModelConfig, tokens: u64, training: bool, fused: bool) -> u64 {
     let (d, ff, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
     let (q, kv) = ((c.num_attention_heads * c.head_dim) as u64, (c.num_key_value_heads * c.head_dim) as u64);
     let rows = tokens.min(HEAD_CHUNK_ROWS);
     let head = rows * v + 2 * rows * d;
     let attention = 2 * tokens * (q + 2 * kv);
-    let mlp = if training { tokens * (5 * ff + 4 * d) } else { tokens * 2 * ff };
+    let mlp = match (training, fused) {
+        (true, false) => tokens * (5 * ff + 4 * d),
+        (true, true) => tokens * (3 * ff + 3 * d),
+        (false, _) => tokens * 2 * ff,
+    };
     head.max(attention).max(mlp) * F32
 }
 
@@ -358,16 +370,16 @@ fn attention_worker_bytes(c: &ModelConfig, tokens: u64, seq: u64, threads: u64, 
 /// Activation bytes at the peak of a training step (or of an evaluation forward).
 fn activation_bytes(c: &ModelConfig, s: &StepShape) -> u64 {
     let (d, layers) = (c.hidden_size as u64, c.num_hidden_layers as u64);
-    let block = block_floats_per_token(c);
     let threads = s.threads as u64;
     // Evaluation keeps no graph: at most one block's tensors and the residual stream.
     let (et, es) = (s.eval_tokens as u64, s.eval_seq as u64);
-    let eval = (et * (block + 2 * d)) * F32 + transient_bytes(c, et, false) + attention_worker_bytes(c, et, es, threads, false);
+    let eval = (et * (block_floats_per_token(c, false) + 2 * d)) * F32 + transient_bytes(c, et, false, false) + attention_worker_bytes(c, et, es, threads, false);
+    let block = block_floats_per_token(c, s.fused_blocks);
     if s.adapter_params == 0 {
         return eval;
     }
     let (n, t) = (s.train_tokens as u64, s.train_seq as u64);
-    let transient = transient_bytes(c, n, true) + attention_worker_bytes(c, n, t, threads, true);
+    let transient = transient_bytes(c, n, true, s.fused_blocks) + attention_worker_bytes(c, n, t, threads, true);
     let train = if s.checkpointing {
         // `grads::checkpointed_backward` keeps the input of every block, the last output and
         // its copy as a `Var` (`Var::from_tensor` copies), the head's norm output (the head's
@@ -475,6 +487,7 @@ pub fn step_shape(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedExa
         adapter_params,
         threads: rayon::current_num_threads(),
         method_floats_per_token: 0,
+        fused_blocks: false,
     }
 }
 
@@ -485,8 +498,8 @@ pub fn method_plan(method: &dyn crate::methods::Method, c: &ModelConfig, targets
         Some(p) => p,
         None => {
             let sites = targets.select(&site_shapes(c), "lora_target_modules")?.len() as u64;
-            // The fused LoRA op keeps its rank-r product for the backward.
-            PlannedMemory { trainable_params: lora_params(c, targets, r)?, floats_per_token: r as u64 * sites, ..Default::default() }
+            // The fused LoRA op keeps its rank-r product for the backward; the blocks fuse.
+            PlannedMemory { trainable_params: lora_params(c, targets, r)?, floats_per_token: r as u64 * sites, fused_blocks: true, ..Default::default() }
         }
     })
 }
@@ -504,6 +517,7 @@ pub fn estimate_run(cfg: &TrainConfig, train: &[EncodedExample], val: &[EncodedE
         return Ok(zeroth_order_estimate(&fp, &shape, process, planned.trainable_params, cfg.zo_offload.then_some(cfg.zo_window.unwrap_or(2))));
     }
     shape.method_floats_per_token = planned.floats_per_token + objective_floats;
+    shape.fused_blocks = planned.fused_blocks && crate::kernels::decoder_block::enabled();
     let mut e = estimate(&fp, &shape, process);
     e.adapter += objective_bytes;
     e.total += objective_bytes;
@@ -726,7 +740,7 @@ mod tests {
     }
 
     fn shape(tokens: usize, seq: usize, checkpointing: bool) -> StepShape {
-        StepShape { train_tokens: tokens, train_seq: seq, eval_tokens: 0, eval_seq: 0, checkpointing, adapter_params: 1, threads: 2, method_floats_per_token: 0 }
+        StepShape { train_tokens: tokens, train_seq: seq, eval_tokens: 0, eval_seq: 0, checkpointing, adapter_params: 1, threads: 2, method_floats_per_token: 0, fused_blocks: false }
     }
 
     #[test]
