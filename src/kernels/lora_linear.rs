@@ -11,7 +11,7 @@
 
 use super::dropout::apply_mask;
 use super::frozen_weight::FrozenWeight;
-use super::gemm::{matmul_nn, matmul_nn_scaled, matmul_nt, matmul_nt_scaled, matmul_tn_scaled};
+use super::gemm::{matmul_nn, matmul_nn_scaled, matmul_nt, matmul_nt_scaled, matmul_strided, matmul_tn_scaled, View};
 use super::{f32_slice, output_vec, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -72,9 +72,12 @@ impl Branch<'_> {
         // gh = s·dy·B, the gradient reaching the branch's rank-r activations
         let mut gh = output_vec(rows * r);
         matmul_nn_scaled(&mut gh, dy, self.b, rows, out_f, r, false, s);
-        // dA = ghᵀ·drop(x)
+        // dA = ghᵀ·drop(x), formed as its transpose drop(x)ᵀ·gh written into dA transposed:
+        // the GEMM then tiles `in` rows instead of r = 16, where it had only its narrowest
+        // kernel (a ninth of a bf16 training step went to that kernel).
         let mut da = output_vec(r * in_f);
-        matmul_tn_scaled(&mut da, &gh, &xd, r, rows, in_f, false, 1.0);
+        let da_t = View { offset: 0, row_stride: 1, col_stride: in_f };
+        matmul_strided(&mut da, da_t, &xd, View::rows(0, in_f).t(), &gh, View::rows(0, r), in_f, rows, r, false, 1.0);
         // dx (+)= dy·W0 + drop'(gh·A)
         w.matmul(dy, rows, dx, accumulate);
         if self.dropout > 0.0 {
