@@ -14,7 +14,7 @@
 //! `i − position(i)` to `i`. A block's products start at its first row's example, so short
 //! packed examples also cost less than one long sequence.
 
-use super::vexp::exp_sub;
+use super::vexp::{exp_sub, lane_max, lane_sum};
 use super::gemm::{matmul_view, View};
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -133,9 +133,8 @@ fn block_probabilities(dm: &Dims, q: &[f32], k: &[f32], b: usize, h: usize, blk:
         let (lo, hi) = (dm.first_key(b, i) - blk.k0, dm.visible(i) - blk.k0);
         row[..lo].fill(0.0);
         let live = &mut row[lo..hi];
-        let m = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        exp_sub(live, m);
-        let inv = 1.0 / live.iter().sum::<f32>();
+        exp_sub(live, lane_max(live));
+        let inv = (1.0 / lane_sum(live)) as f32;
         live.iter_mut().for_each(|v| *v *= inv);
         row[hi..].fill(0.0);
     }

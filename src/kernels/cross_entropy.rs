@@ -9,7 +9,7 @@
 //! that (`tokens × hidden`, a few MB): the backward then just scales rows, instead of
 //! recomputing the logits GEMM.
 
-use super::vexp::{exp_sub, lane_sum};
+use super::vexp::{exp_sub, lane_max, lane_sum};
 use super::frozen_weight::FrozenWeight;
 use super::{f32_slice, with_f32};
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -67,7 +67,7 @@ fn check_targets(targets: &[i32], vocab: usize, op: &str) -> Result<()> {
 /// exponentials. The sum runs over the whole vocabulary (tens of thousands of terms), where a
 /// plain f32 running sum drifts by ~1e-4 relative; [`lane_sum`] keeps it at rounding level.
 fn exp_in_place(row: &mut [f32]) -> (f32, f64) {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = lane_max(row);
     exp_sub(row, m);
     let sum = lane_sum(row);
     (m + sum.ln() as f32, sum)

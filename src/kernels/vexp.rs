@@ -78,6 +78,21 @@ pub fn sigmoid(x: &[f32], out: &mut [f32]) {
     sigmoid_portable(x, out)
 }
 
+/// The largest value of a slice (`−∞` for an empty one; NaNs ignored, as `f32::max` does), in
+/// sixteen independent lanes: a single running maximum waits on each comparison before the
+/// next, which made the softmax rows' maxima a tenth of long-sequence attention.
+pub fn lane_max(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut blocks = v.chunks_exact(16);
+    for block in &mut blocks {
+        for (l, &x) in lanes.iter_mut().zip(block) {
+            *l = l.max(x);
+        }
+    }
+    let tail = blocks.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
 /// Sum of a slice in eight f32 lanes (the order vectorised code adds in) folded into f64 every
 /// 1024 elements, so that sums over a whole vocabulary stay at f32 rounding level.
 pub fn lane_sum(v: &[f32]) -> f64 {
@@ -101,6 +116,15 @@ pub fn lane_sum(v: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lane_max_is_the_maximum() {
+        for n in [0usize, 1, 15, 16, 17, 100, 1023] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.5).collect();
+            assert_eq!(lane_max(&v), v.iter().copied().fold(f32::NEG_INFINITY, f32::max), "{n} values");
+        }
+        assert_eq!(lane_max(&[f32::NAN, -3.0, f32::NAN]), -3.0);
+    }
 
     #[test]
     fn matches_std_exp_within_two_ulp() {
