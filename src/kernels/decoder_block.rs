@@ -11,8 +11,8 @@
 //! own (the same kernel functions), so both paths give the same numbers.
 //!
 //! Each op keeps what its backward reads: the normed input, the projections' outputs (q and
-//! k after RoPE), the attention output, the MLP's gate, up and product, and each LoRA
-//! branch's rank-r activations.
+//! k after RoPE), the attention output, the MLP's gate, up and the gate's sigmoid, and each
+//! LoRA branch's rank-r activations.
 
 use super::attention::{self, Shape4};
 use super::frozen_weight::FrozenWeight;
@@ -238,7 +238,9 @@ struct MlpSaved {
     h: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
-    m: Vec<f32>,
+    /// `sigmoid(g)`, kept in place of the product `silu(g) ⊙ u` (rebuilt from it without
+    /// exponentials for the down projection's backward).
+    s: Vec<f32>,
     ranks: [Option<Vec<f32>>; 3],
 }
 
@@ -253,10 +255,11 @@ impl CustomOp2 for MlpSublayer {
         let h = rmsnorm::forward_rows(x, &self.norm, self.eps);
         let (g, rg) = self.sites[0].forward(&h, rows);
         let (u, ru) = self.sites[1].forward(&h, rows);
-        let m = swiglu::forward(&g, &u);
+        let (m, s) = swiglu::forward_keeping_sigmoid(&g, &u);
         let (o, rd) = self.sites[2].forward(&m, rows);
+        drop(m);
         let y = add_residual(x, o);
-        let _ = self.saved.set(MlpSaved { h, g, u, m, ranks: [rg, ru, rd] });
+        let _ = self.saved.set(MlpSaved { h, g, u, s, ranks: [rg, ru, rd] });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -267,9 +270,11 @@ impl CustomOp2 for MlpSublayer {
         let rank = |i: usize| sv.ranks[i].as_deref();
         let dx = with_f32(x_t, self.name(), |x| {
             with_f32(dy_t, self.name(), |dy| {
-                let mut dm = output_vec(sv.m.len());
-                self.sites[2].backward(&sv.m, rows, rank(2), dy, &mut dm, false)?;
-                let (dg, du) = swiglu::backward(&sv.g, &sv.u, &dm);
+                let m = swiglu::product(&sv.g, &sv.u, &sv.s);
+                let mut dm = output_vec(m.len());
+                self.sites[2].backward(&m, rows, rank(2), dy, &mut dm, false)?;
+                drop(m);
+                let (dg, du) = swiglu::backward_given(&sv.g, &sv.u, &sv.s, &dm);
                 drop(dm);
                 let mut dh = output_vec(rows * d);
                 self.sites[0].backward(&sv.h, rows, rank(0), &dg, &mut dh, false)?;

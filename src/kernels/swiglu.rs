@@ -24,15 +24,49 @@ pub(super) fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     y
 }
 
+/// `(silu(g) ⊙ u, sigmoid(g))`: the output and the gate's sigmoid, which a caller keeping it
+/// for the backward ([`backward_given`]) saves that pass its exponentials.
+pub(super) fn forward_keeping_sigmoid(g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut s = super::output_vec(g.len());
+    s.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(s, g)| sigmoid(g, s));
+    (product(g, u, &s), s)
+}
+
+/// `g ⊙ s ⊙ u`: the output again from the kept sigmoid `s`.
+pub(super) fn product(g: &[f32], u: &[f32], s: &[f32]) -> Vec<f32> {
+    let mut y = super::output_vec(g.len());
+    y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, y)| {
+        let o = c * CHUNK;
+        for (i, y) in y.iter_mut().enumerate() {
+            *y = g[o + i] * s[o + i] * u[o + i];
+        }
+    });
+    y
+}
+
 /// The gradients `(dg, du)` reaching the gate and up inputs from the output's `dy`.
 pub(super) fn backward(g: &[f32], u: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    backward_inner(g, u, None, dy)
+}
+
+/// [`backward`] with the gate's sigmoid `s` as the forward kept it.
+pub(super) fn backward_given(g: &[f32], u: &[f32], s: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    backward_inner(g, u, Some(s), dy)
+}
+
+fn backward_inner(g: &[f32], u: &[f32], kept: Option<&[f32]>, dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut dg = super::output_vec(g.len());
     let mut du = super::output_vec(g.len());
     dg.par_chunks_mut(CHUNK).zip(du.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
         let o = c * CHUNK;
-        let mut sig = [0f32; CHUNK];
-        let sig = &mut sig[..dg.len()];
-        sigmoid(&g[o..o + dg.len()], sig);
+        let mut buf = [0f32; CHUNK];
+        let sig: &[f32] = match kept {
+            Some(s) => &s[o..o + dg.len()],
+            None => {
+                sigmoid(&g[o..o + dg.len()], &mut buf[..dg.len()]);
+                &buf[..dg.len()]
+            }
+        };
         for i in 0..dg.len() {
             let (gv, uv, d) = (g[o + i], u[o + i], dy[o + i]);
             let s = sig[i];
