@@ -292,8 +292,8 @@ fn input_gradient(x_t: &Tensor, x: &[f32], dy: &[f32], dh: &[f32], norm: &[f32],
     if !x_t.track_op() {
         return None;
     }
-    let mut dx = dy.to_vec();
-    rmsnorm::backward_rows(x, norm, dh, eps, &mut dx, true);
+    let mut dx = output_vec(dy.len());
+    rmsnorm::backward_rows(x, norm, dh, eps, &mut dx, Some(dy));
     Some(dx)
 }
 

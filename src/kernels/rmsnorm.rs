@@ -27,11 +27,13 @@ pub(super) fn forward_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     y
 }
 
-/// `dx (+)= ∂L/∂x` for the rows of `x` given their output gradients `dy` (the weight held
-/// constant): `r · (g − x̂ · mean(g ⊙ x̂))`, with `g = dy ⊙ w` and `x̂ = x · r`.
-pub(super) fn backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], accumulate: bool) {
+/// `dx = base + ∂L/∂x` (or without `base`) for the rows of `x` given their output gradients
+/// `dy` (the weight held constant): `r · (g − x̂ · mean(g ⊙ x̂))`, with `g = dy ⊙ w` and
+/// `x̂ = x · r`. `base` is the residual path's gradient where the norm sits on a branch.
+pub(super) fn backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut [f32], base: Option<&[f32]>) {
     let d = w.len();
-    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).for_each(|(dxr, (xr, dyr))| {
+    dx.par_chunks_mut(d).zip(x.par_chunks(d).zip(dy.par_chunks(d))).enumerate().for_each(|(row, (dxr, (xr, dyr)))| {
+        let base = base.map(|b| &b[row * d..(row + 1) * d]);
         let r = rstd(xr, eps);
         let mut dot = 0f32;
         for i in 0..d {
@@ -40,7 +42,7 @@ pub(super) fn backward_rows(x: &[f32], w: &[f32], dy: &[f32], eps: f32, dx: &mut
         let mean = dot / d as f32;
         for i in 0..d {
             let g = r * (dyr[i] * w[i] - xr[i] * r * mean);
-            dxr[i] = if accumulate { dxr[i] + g } else { g };
+            dxr[i] = base.map_or(g, |b| b[i] + g);
         }
     });
 }
@@ -63,7 +65,7 @@ impl CustomOp2 for RmsNorm {
             with_f32(w, self.name(), |w| {
                 with_f32(dy, self.name(), |dy| {
                     let mut dx = super::output_vec(x.len());
-                    backward_rows(x, w, dy, self.eps, &mut dx, false);
+                    backward_rows(x, w, dy, self.eps, &mut dx, None);
                     let dw = want_dw.then(|| {
                         let mut dw = vec![0f32; d];
                         for (xr, dyr) in x.chunks(d).zip(dy.chunks(d)) {
