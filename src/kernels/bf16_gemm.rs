@@ -13,8 +13,7 @@
 //!   process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`);
 //! - AVX-512 BF16 (`vdpbf16ps`: 16 f32 lanes, each adding the dot product of a bf16 pair).
 //!
-//! Without AMX, callers keep their f32 path ([`kernel`] says `None`; see there why AVX-512
-//! BF16 is only used when asked for). [`reference`] computes
+//! Without either, callers keep their f32 path ([`kernel`] says `None`). [`reference`] computes
 //! the same product in scalar code in the instructions' own order of operations, so the packing
 //! and the arithmetic are tested on every machine and the instructions where the CPU has them.
 
@@ -40,13 +39,14 @@ impl Kernel {
 }
 
 /// The bf16 kernel the products use, detected once: AMX where the CPU and OS allow it, else
-/// none (the f32 products). `FERROTUNE_BF16_KERNEL=avx512_bf16` asks for the AVX-512 BF16 one
-/// and `none` for none.
+/// AVX-512 BF16 where the CPU has it, else none (the f32 products).
+/// `FERROTUNE_BF16_KERNEL=avx512_bf16` asks for the AVX-512 BF16 one and `none` for none.
 ///
-/// AVX-512 BF16 is not chosen by itself: on the AMX machine it was measured at 179 tokens/s of
-/// bf16 LoRA training against 200 for the f32 products (`vdpbf16ps` does as many multiply-adds
-/// per cycle as f32 FMAs there, and the `gemm` crate's f32 kernels are better tuned). It stays
-/// for measuring on CPUs that have it without AMX, tested bit for bit.
+/// How AVX-512 BF16 compares with the f32 products depends on the core. On an AMD EPYC
+/// (Zen 4) `vdpbf16ps` does twice the multiply-adds of an f32 FMA per cycle (232 against 116
+/// GFLOP/s on one core), and bf16 LoRA training ran at about 400 tokens/s with it against 220
+/// with the f32 products. On the Intel AMX machine it did only as many (179 tokens/s against
+/// 200, measured with an earlier version of the kernel), but there AMX is chosen anyway.
 pub fn kernel() -> Kernel {
     static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| match std::env::var("FERROTUNE_BF16_KERNEL").as_deref() {
@@ -69,7 +69,7 @@ fn detect() -> Kernel {
     if amx::available() {
         return Kernel::Amx;
     }
-    Kernel::None
+    available_avx512_bf16()
 }
 
 /// The rounding and widening of bf16 values, as the GGUF code (and ggml) does them: rounding to
@@ -242,35 +242,50 @@ pub fn gemm(kernel: Kernel, o: &Operands, c: &mut [f32], ldc: usize, accumulate:
             Kernel::Amx => unsafe { amx::block(a, rows, o, c_rows, ldc, accumulate) },
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => unsafe { avx512::block(a, rows, o, c_rows, ldc, accumulate) },
-            _ => reference_block(a, rows, o, c_rows, ldc, accumulate, [0, 1]),
+            _ => reference_block(a, rows, o, c_rows, ldc, accumulate, [0, 1], o.k_pad / 32),
         }
     });
 }
 
-/// The product in scalar code, in `kernel`'s order of operations: each output sums from 0, pair
-/// by pair along `k`, the pair's two products, each addition rounded to f32 (a product of two
-/// bf16 values is exact in f32), AMX the even product first and AVX-512 BF16 the odd one; the
-/// sum is then added to `c` (or stored). Denormals are not flushed as the instructions flush
-/// them, so the tests keep to normal values.
+/// The product in scalar code, in `kernel`'s order of operations: `k` is summed in the
+/// kernel's blocks ([`k_block_tiles`]), each block from 0, pair by pair, the pair's two
+/// products, each addition rounded to f32 (a product of two bf16 values is exact in f32), AMX
+/// the even product first and AVX-512 BF16 the odd one; each block's sum is then added to `c`
+/// (the first one stored, unless accumulating). Denormals are not flushed as the instructions
+/// flush them, so the tests keep to normal values.
 pub fn reference(kernel: Kernel, o: &Operands, c: &mut [f32], ldc: usize, accumulate: bool) {
     o.check();
     let order: [usize; 2] = if kernel == Kernel::Avx512Bf16 { [1, 0] } else { [0, 1] };
-    reference_block(o.a, o.m, o, c, ldc, accumulate, order)
+    reference_block(o.a, o.m, o, c, ldc, accumulate, order, k_block_tiles(kernel, o.k_pad / 32))
 }
 
-fn reference_block(a: &[u16], rows: usize, o: &Operands, c: &mut [f32], ldc: usize, accumulate: bool, order: [usize; 2]) {
+/// How many `k` tiles (of 32 values) `kernel` sums before adding to the output: all of them
+/// for AMX; equal blocks of at most 24 for AVX-512 BF16, whose strips of `B` must stay in L2
+/// (see `avx512::block`).
+pub fn k_block_tiles(kernel: Kernel, k_tiles: usize) -> usize {
+    const AVX512_MAX: usize = 24;
+    match kernel {
+        Kernel::Avx512Bf16 => k_tiles.div_ceil(k_tiles.div_ceil(AVX512_MAX).max(1)).max(1),
+        _ => k_tiles.max(1),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference_block(a: &[u16], rows: usize, o: &Operands, c: &mut [f32], ldc: usize, accumulate: bool, order: [usize; 2], block_tiles: usize) {
     for i in 0..rows {
         for j in 0..o.n {
-            let mut acc = 0f32;
-            for p in 0..o.k_pad / 2 {
-                for t in order {
-                    let x = bf16_to_f32(a[a_index(i, 2 * p + t, o.k_pad)]);
-                    let y = bf16_to_f32(o.b[b_index(p, j, t, o.k_pad)]);
-                    acc += x * y;
-                }
-            }
             let c = &mut c[i * ldc + j];
-            *c = if accumulate { *c + acc } else { acc };
+            for (b, block) in (0..o.k_pad / 2).collect::<Vec<_>>().chunks(block_tiles * 16).enumerate() {
+                let mut acc = 0f32;
+                for &p in block {
+                    for t in order {
+                        let x = bf16_to_f32(a[a_index(i, 2 * p + t, o.k_pad)]);
+                        let y = bf16_to_f32(o.b[b_index(p, j, t, o.k_pad)]);
+                        acc += x * y;
+                    }
+                }
+                *c = if accumulate || b > 0 { *c + acc } else { acc };
+            }
         }
     }
 }
@@ -418,33 +433,46 @@ mod avx512 {
     /// 16 accumulators: per pair of `k`, 4 loads of packed `B` and 4 broadcast `A` pairs feed
     /// 16 `vdpbf16ps`.
     ///
+    /// `k` is walked in blocks of at most 24 tiles ([`super::k_block_tiles`]), and within a block each
+    /// 64-column strip of `B` serves all the rows before the next strip is read: the strip
+    /// (at most 96 KB) and the rows' block of `A` (as much) then stay in L2. Walking the rows
+    /// outermost instead read all of `B` again for every 4 rows, which the LM head's `B`
+    /// (49k columns, 56 MB) could not survive: it ran at 160 GFLOP/s where the layers' products
+    /// ran at 410.
+    ///
     /// # Safety
     /// AVX-512 F and BF16 must be available; `a` holds the tiles of `rows` rounded up to 16.
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn block(a: &[u16], rows: usize, o: &Operands, c: &mut [f32], ldc: usize, accumulate: bool) {
         let k_tiles = o.k_pad / 32;
         let n_tiles = o.n.div_ceil(16);
-        for i0 in (0..rows).step_by(4) {
-            // Row i0 of its row tile, at the start of that tile's first k tile.
-            let a_rows = a.as_ptr().add((i0 / 16 * k_tiles * 16 + i0 % 16) * 32);
+        let block_tiles = super::k_block_tiles(super::Kernel::Avx512Bf16, k_tiles);
+        for kt0 in (0..k_tiles).step_by(block_tiles) {
+            let kts = block_tiles.min(k_tiles - kt0);
+            // Later blocks add to what the first one stored.
+            let add = accumulate || kt0 > 0;
             for jt0 in (0..n_tiles).step_by(4) {
-                let b = [0, 1, 2, 3].map(|t| o.b.as_ptr().add((jt0 + t).min(n_tiles - 1) * k_tiles * 512));
-                let acc = match n_tiles - jt0 {
-                    1 => widen(micro::<1>(a_rows, b, k_tiles)),
-                    2 => widen(micro::<2>(a_rows, b, k_tiles)),
-                    3 => widen(micro::<3>(a_rows, b, k_tiles)),
-                    _ => micro::<4>(a_rows, b, k_tiles),
-                };
-                for (r, row) in acc.iter().enumerate().take(rows.saturating_sub(i0).min(4)) {
-                    for (t, v) in row.iter().enumerate() {
-                        let j0 = (jt0 + t) * 16;
-                        if j0 >= o.n {
-                            break;
+                let b = [0, 1, 2, 3].map(|t| o.b.as_ptr().add((jt0 + t).min(n_tiles - 1) * k_tiles * 512 + kt0 * 512));
+                for i0 in (0..rows).step_by(4) {
+                    // Row i0 of its row tile, at the start of the block's first k tile.
+                    let a_rows = a.as_ptr().add((i0 / 16 * k_tiles * 16 + i0 % 16) * 32 + kt0 * 512);
+                    let acc = match n_tiles - jt0 {
+                        1 => widen(micro::<1>(a_rows, b, kts)),
+                        2 => widen(micro::<2>(a_rows, b, kts)),
+                        3 => widen(micro::<3>(a_rows, b, kts)),
+                        _ => micro::<4>(a_rows, b, kts),
+                    };
+                    for (r, row) in acc.iter().enumerate().take(rows.saturating_sub(i0).min(4)) {
+                        for (t, v) in row.iter().enumerate() {
+                            let j0 = (jt0 + t) * 16;
+                            if j0 >= o.n {
+                                break;
+                            }
+                            let mut strip = [0f32; 16];
+                            _mm512_storeu_ps(strip.as_mut_ptr(), *v);
+                            let cols = 16.min(o.n - j0);
+                            store_row(&strip[..cols], &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], add);
                         }
-                        let mut strip = [0f32; 16];
-                        _mm512_storeu_ps(strip.as_mut_ptr(), *v);
-                        let cols = 16.min(o.n - j0);
-                        store_row(&strip[..cols], &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], accumulate);
                     }
                 }
             }
@@ -576,7 +604,7 @@ mod tests {
         }
         let mut rng = SplitMix64::new(9);
         for k in kernels {
-            for (m, n, kk) in [(16usize, 16usize, 32usize), (100, 72, 96), (33, 17, 64), (130, 48, 576)] {
+            for (m, n, kk) in [(16usize, 16usize, 32usize), (100, 72, 96), (33, 17, 64), (130, 48, 576), (20, 40, 1600)] {
                 let a = normal_bf16(&mut rng, m.next_multiple_of(16) * kk);
                 let w = normal_bf16(&mut rng, n * kk);
                 let (b, k_pad, n_pad) = pack_transposed(&w, n, kk);
