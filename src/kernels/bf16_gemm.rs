@@ -426,7 +426,7 @@ mod amx {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{store_row, Operands};
+    use super::Operands;
     use std::arch::x86_64::*;
 
     /// Rows `0..rows` of the product, 4 rows by up to 4 column tiles (64 columns) at a time in
@@ -468,15 +468,25 @@ mod avx512 {
                             if j0 >= o.n {
                                 break;
                             }
-                            let mut strip = [0f32; 16];
-                            _mm512_storeu_ps(strip.as_mut_ptr(), *v);
                             let cols = 16.min(o.n - j0);
-                            store_row(&strip[..cols], &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], add);
+                            store_strip(*v, &mut c[(i0 + r) * ldc + j0..(i0 + r) * ldc + j0 + cols], add);
                         }
                     }
                 }
             }
         }
+    }
+
+    /// `dst (+)= v`'s first `dst.len()` (at most 16) lanes, in one masked vector store: a copy
+    /// through a buffer went to `memcpy`, 3% of a bf16 training step.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_strip(v: __m512, dst: &mut [f32], add: bool) {
+        debug_assert!(dst.len() <= 16);
+        let mask: __mmask16 = ((1u32 << dst.len()) - 1) as __mmask16;
+        let p = dst.as_mut_ptr();
+        let v = if add { _mm512_add_ps(_mm512_maskz_loadu_ps(mask, p), v) } else { v };
+        _mm512_mask_storeu_ps(p, mask, v);
     }
 
     #[inline(always)]
