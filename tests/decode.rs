@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ferrotune::decode::{generate_batch, SamplingOptions};
+use ferrotune::decode::{generate_batch, SamplingOptions, Stops, TextPieces};
 use ferrotune::methods::{Lora, LoraConfig, TargetModules};
 use ferrotune::models::{load, ForwardCtx, KvCache, Llama, RowCache};
 
@@ -24,7 +24,7 @@ fn adapted_model(dir: &std::path::Path) -> (Llama, usize) {
 }
 
 fn greedy(max_new_tokens: usize) -> SamplingOptions {
-    SamplingOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 }
+    SamplingOptions { max_new_tokens, ..Default::default() }
 }
 
 #[test]
@@ -113,7 +113,7 @@ fn batched_greedy_generation_equals_one_sequence_at_a_time_from_scratch() {
         })
         .collect();
     let mut seen = vec![Vec::new(); 6];
-    let got = generate_batch(&m, &prompts, 2, &greedy(n_new), &[], &mut |r, id| seen[r].push(id)).unwrap();
+    let got = generate_batch(&m, &prompts, 2, &greedy(n_new), &Stops::none(), &mut |r, id| seen[r].push(id)).unwrap();
     for (p, want) in expected.iter().enumerate() {
         for s in 0..2 {
             let row = &got[2 * p + s];
@@ -124,7 +124,7 @@ fn batched_greedy_generation_equals_one_sequence_at_a_time_from_scratch() {
     }
     // A stop token ends only the rows that produce it; the others run on unchanged.
     let stop = expected[1][2];
-    let got = generate_batch(&m, &prompts, 1, &greedy(n_new), &[stop], &mut |_, _| {}).unwrap();
+    let got = generate_batch(&m, &prompts, 1, &greedy(n_new), &Stops::tokens(vec![stop]), &mut |_, _| {}).unwrap();
     for (p, want) in expected.iter().enumerate() {
         let cut = want.iter().position(|&t| t == stop);
         let kept = &want[..cut.unwrap_or(want.len())];
@@ -139,9 +139,9 @@ fn a_sampled_row_does_not_depend_on_the_rows_beside_it() {
     let (m, vocab) = adapted_model(dir.path());
     let a = ids(vocab, 4, 21);
     let b = ids(vocab, 8, 22);
-    let opts = SamplingOptions { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, seed: 3 };
-    let together = generate_batch(&m, &[a.clone(), b], 3, &opts, &[], &mut |_, _| {}).unwrap();
-    let alone = generate_batch(&m, &[a], 3, &opts, &[], &mut |_, _| {}).unwrap();
+    let opts = SamplingOptions { max_new_tokens: 8, temperature: 1.0, top_p: 0.9, seed: 3, ..Default::default() };
+    let together = generate_batch(&m, &[a.clone(), b], 3, &opts, &Stops::none(), &mut |_, _| {}).unwrap();
+    let alone = generate_batch(&m, &[a], 3, &opts, &Stops::none(), &mut |_, _| {}).unwrap();
     assert_eq!(&together[..3], &alone[..], "a prompt's samples change with the batch around them");
     // Its samples are draws, not copies of one another.
     assert!(together[0].ids != together[1].ids || together[1].ids != together[2].ids, "three samples at temperature 1 are identical");
@@ -158,7 +158,7 @@ fn task_scoring_compares_greedy_generations_with_references() {
     let (m, vocab) = adapted_model(dir.path());
     let tok = load::load_tokenizer(dir.path()).unwrap();
     let prompts = [ids(vocab, 5, 31), ids(vocab, 7, 32)];
-    let greedy_out = generate_batch(&m, &prompts, 1, &greedy(4), &ferrotune::decode::stop_tokens(&m, &tok), &mut |_, _| {}).unwrap();
+    let greedy_out = generate_batch(&m, &prompts, 1, &greedy(4), &Stops::of_model(&m, &tok), &mut |_, _| {}).unwrap();
     let example = |prompt: &[u32], completion: &[u32]| EncodedExample {
         input_ids: prompt.iter().chain(completion).copied().collect(),
         labels: prompt.iter().map(|_| -100).chain(completion.iter().map(|&t| t as i32)).collect(),
@@ -222,7 +222,7 @@ fn eft_without_a_fine_tuning_change_decodes_as_the_large_base() {
     let (large, small, tuned, vocab) = eft_models(dir.path());
     let n = 12;
     for (p, prompt) in [ids(vocab, 3, 41), ids(vocab, 8, 42)].iter().enumerate() {
-        let want = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+        let want = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &Stops::none(), &mut |_, _| {}).unwrap().remove(0).ids;
         let beta_zero = Combiner::eft(&large, &small, &[(&tuned, 0.0)]).unwrap();
         let got = generate_combined(&beta_zero, prompt, &greedy(n), &[], &mut |_| {}).unwrap();
         assert_eq!(got.ids, want, "prompt {p}: β = 0");
@@ -242,7 +242,7 @@ fn eft_and_cge_decode_by_their_formulas() {
     let (large, small, tuned, vocab) = eft_models(dir.path());
     let prompt = ids(vocab, 5, 43);
     let n = 12;
-    let plain = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+    let plain = generate_batch(&large, &[prompt.clone()], 1, &greedy(n), &Stops::none(), &mut |_, _| {}).unwrap().remove(0).ids;
 
     // Up-scaling with two fine-tunes (the LoRA one and, as a second "fine-tune", the large
     // model itself) at β = 1.5 and −0.7.
@@ -264,7 +264,7 @@ fn eft_and_cge_decode_by_their_formulas() {
         (0..vocab).map(|v| if t[v].exp() >= alpha * best.exp() { t[v] - gamma * b[v] } else { f64::NEG_INFINITY }).collect()
     });
     assert_eq!(got.ids, want, "CGE");
-    let tuned_alone = generate_batch(&tuned, &[prompt.clone()], 1, &greedy(n), &[], &mut |_, _| {}).unwrap().remove(0).ids;
+    let tuned_alone = generate_batch(&tuned, &[prompt.clone()], 1, &greedy(n), &Stops::none(), &mut |_, _| {}).unwrap().remove(0).ids;
     assert_ne!(got.ids, tuned_alone, "CGE decoded as the fine-tuned model alone");
 }
 
@@ -275,7 +275,7 @@ fn eft_sampling_is_reproducible_and_stops_at_a_stop_token() {
     let dir = tempfile::tempdir().unwrap();
     let (large, small, tuned, vocab) = eft_models(dir.path());
     let prompt = ids(vocab, 4, 44);
-    let opts = SamplingOptions { max_new_tokens: 10, temperature: 0.8, top_p: 0.95, seed: 5 };
+    let opts = SamplingOptions { max_new_tokens: 10, temperature: 0.8, top_p: 0.95, seed: 5, ..Default::default() };
     let eft = Combiner::eft(&large, &small, &[(&tuned, 1.0)]).unwrap();
     let a = generate_combined(&eft, &prompt, &opts, &[], &mut |_| {}).unwrap();
     let b = generate_combined(&eft, &prompt, &opts, &[], &mut |_| {}).unwrap();
@@ -285,4 +285,77 @@ fn eft_sampling_is_reproducible_and_stops_at_a_stop_token() {
     let cut = a.ids.iter().position(|&t| t == stop).unwrap();
     let c = generate_combined(&eft, &prompt, &opts, &[stop], &mut |_| {}).unwrap();
     assert_eq!((c.ids.as_slice(), c.stop), (&a.ids[..cut], Some(stop)));
+}
+
+/// Top-k sampling with k = 1 is greedy decoding whatever the seed and temperature; with a
+/// larger k the samples vary.
+#[test]
+fn top_k_of_one_decodes_greedily() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, vocab) = adapted_model(dir.path());
+    let prompts = [ids(vocab, 5, 41), ids(vocab, 9, 42)];
+    let want = generate_batch(&m, &prompts, 1, &greedy(8), &Stops::none(), &mut |_, _| {}).unwrap();
+    for seed in [1, 2, 3] {
+        let opts = SamplingOptions { max_new_tokens: 8, temperature: 1.5, top_k: 1, seed, ..Default::default() };
+        let got = generate_batch(&m, &prompts, 2, &opts, &Stops::none(), &mut |_, _| {}).unwrap();
+        for (r, c) in got.iter().enumerate() {
+            assert_eq!(c.ids, want[r / 2].ids, "seed {seed}, row {r}: top_k = 1 left the greedy path");
+        }
+    }
+    let opts = SamplingOptions { max_new_tokens: 8, temperature: 1.5, top_k: 20, seed: 4, ..Default::default() };
+    let got = generate_batch(&m, &prompts[..1], 3, &opts, &Stops::none(), &mut |_, _| {}).unwrap();
+    assert!(got.iter().any(|c| c.ids != want[0].ids), "top_k = 20 at temperature 1.5 gave only the greedy completion");
+}
+
+/// A stop string ends a row once its text holds it: the completion is the unstopped one up to
+/// the token that completed the string, its text cut before the string, and the streamed text
+/// (held back while it could still begin a stop string) is that same text.
+#[test]
+fn a_stop_string_ends_a_row_and_is_cut_from_its_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, vocab) = adapted_model(dir.path());
+    let tok = load::load_tokenizer(dir.path()).unwrap();
+    let prompts = [ids(vocab, 6, 51), ids(vocab, 4, 52)];
+    let n = 12;
+    let free = generate_batch(&m, &prompts, 1, &greedy(n), &Stops::tokens(vec![]), &mut |_, _| {}).unwrap();
+    let text = tok.decode(&free[0].ids, true).unwrap();
+    // A stop string from the middle of row 0's text: its characters 3 to 6 (or fewer when short).
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 5, "the tiny model's 12 tokens decode to {:?}, too short for the test", text);
+    let stop: String = chars[3..6.min(chars.len())].iter().collect();
+    let at = text.find(&stop).unwrap();
+    let opts = SamplingOptions { max_new_tokens: n, stop_strings: vec!["never in this text \u{1F600}".into(), stop.clone()], ..Default::default() };
+    let got = generate_batch(&m, &prompts, 1, &opts, &Stops::of_model(&m, &tok), &mut |_, _| {}).unwrap();
+    let c = &got[0];
+    assert_eq!(c.stop_string, Some(1));
+    assert!(c.stopped());
+    // The row ends at the first token whose text holds the string.
+    let first = (1..=free[0].ids.len()).find(|&k| tok.decode(&free[0].ids[..k], true).unwrap().contains(&stop)).unwrap();
+    assert_eq!(c.ids, free[0].ids[..first]);
+    assert_eq!(c.text(&tok, &opts).unwrap(), text[..at]);
+    // Row 1 runs on as before unless its own text holds the string.
+    let text1 = tok.decode(&free[1].ids, true).unwrap();
+    if !text1.contains(&stop) {
+        assert_eq!(got[1].ids, free[1].ids);
+        assert_eq!(got[1].stop_string, None);
+    }
+    // Streaming hands on exactly the cut text.
+    let mut streamed = String::new();
+    let mut pieces = TextPieces::new(&tok).holding_back(&opts.stop_strings);
+    for &id in &free[0].ids {
+        pieces.push(id, &mut |p| streamed.push_str(p));
+    }
+    pieces.finish(&mut |p| streamed.push_str(p)).unwrap();
+    assert_eq!(streamed, text[..at]);
+    // Without stop strings the stream is the whole text.
+    let mut whole = String::new();
+    let mut pieces = TextPieces::new(&tok);
+    for &id in &free[0].ids {
+        pieces.push(id, &mut |p| whole.push_str(p));
+    }
+    pieces.finish(&mut |p| whole.push_str(p)).unwrap();
+    assert_eq!(whole, text);
+    // Stop strings without a tokenizer to read the text are refused, not ignored.
+    let err = generate_batch(&m, &prompts, 1, &opts, &Stops::tokens(vec![]), &mut |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
 }

@@ -413,11 +413,11 @@ pub fn run_decode(model: &Llama, rows: usize, prompt: usize, new: usize, dtype: 
     }
     let mut rng = SplitMix64::new(99);
     let prompts: Vec<Vec<u32>> = (0..rows).map(|_| (0..prompt).map(|_| rng.below(model.config.vocab_size as u64) as u32).collect()).collect();
-    let greedy = |n| crate::decode::SamplingOptions { max_new_tokens: n, temperature: 0.0, top_p: 1.0, seed: 0 };
-    crate::decode::generate_batch(model, &prompts, 1, &greedy(2), &[], &mut |_, _| {})?;
+    let greedy = |n| crate::decode::SamplingOptions { max_new_tokens: n, ..Default::default() };
+    crate::decode::generate_batch(model, &prompts, 1, &greedy(2), &crate::decode::Stops::none(), &mut |_, _| {})?;
     let t0 = Instant::now();
     let mut first_token_at = None;
-    let out = crate::decode::generate_batch(model, &prompts, 1, &greedy(new), &[], &mut |_, _| {
+    let out = crate::decode::generate_batch(model, &prompts, 1, &greedy(new), &crate::decode::Stops::none(), &mut |_, _| {
         first_token_at.get_or_insert_with(|| t0.elapsed().as_secs_f64());
     })?;
     let total = t0.elapsed().as_secs_f64();

@@ -32,6 +32,9 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompts: &Prompts, chat: bool, 
     if n > 1 && opts.temperature == 0.0 {
         anyhow::bail!("--num-return-sequences {n} with greedy decoding gives {n} copies of one completion; set --temperature above 0");
     }
+    if !combo.tuned.is_empty() && !opts.stop_strings.is_empty() {
+        anyhow::bail!("--stop is not available with --tuned: combined decoding ends at end-of-sequence tokens only");
+    }
     let prompt = match prompts {
         Prompts::One(p) if n == 1 => p.as_str(),
         _ if !combo.tuned.is_empty() => anyhow::bail!("--tuned decodes one sequence from several models; give one --prompt and no --num-return-sequences"),
@@ -93,7 +96,7 @@ pub fn run(model: &Path, adapter: Option<&Path>, prompts: &Prompts, chat: bool, 
     let mut text = TextPieces::new(&session.tokenizer);
     let started = Instant::now();
     let done = decode::generate_combined(&combiner, &ids, opts, &stop, &mut |id| text.push(id, &mut print))?;
-    text.finish()?;
+    text.finish(&mut print)?;
     println!();
     report_speed(if combo.cge { "CGE" } else { "EFT" }, combiner.parts().len(), done.ids.len(), started);
     Ok(())
@@ -163,7 +166,7 @@ fn run_many(model: &Path, adapter: Option<&Path>, prompts: &[String], out: Optio
     }
     let session = Session::load(model, adapter)?;
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| decode::prompt_ids(&session.tokenizer, p, chat)).collect::<crate::error::Result<_>>()?;
-    let stop = decode::stop_tokens(&session.model, &session.tokenizer);
+    let stop = decode::Stops::of_model(&session.model, &session.tokenizer);
     let started = Instant::now();
     let (mut lines, mut printed, mut tokens) = (String::new(), Vec::new(), 0);
     for (c, chunk) in ids.chunks(batch_size).enumerate() {
@@ -172,9 +175,9 @@ fn run_many(model: &Path, adapter: Option<&Path>, prompts: &[String], out: Optio
         let done: Vec<Completion> = decode::generate_batch(&session.model, chunk, n, &chunk_opts, &stop, &mut |_, _| {})?;
         for (r, comp) in done.iter().enumerate() {
             let p = c * batch_size + r / n;
-            let text = session.tokenizer.decode(&comp.ids, true)?;
+            let text = comp.text(&session.tokenizer, opts)?;
             tokens += comp.ids.len();
-            let record = serde_json::json!({ "prompt": prompts[p], "sample": r % n, "completion": text, "tokens": comp.ids.len(), "stopped": comp.stop.is_some() });
+            let record = serde_json::json!({ "prompt": prompts[p], "sample": r % n, "completion": text, "tokens": comp.ids.len(), "stopped": comp.stopped() });
             lines.push_str(&(record.to_string() + "\n"));
             printed.push((p, r % n, text));
         }

@@ -246,6 +246,12 @@ pub enum Command {
         /// Nucleus sampling: draw from the smallest set of tokens holding this probability (1 keeps all; needs --temperature above 0).
         #[arg(long, default_value_t = 1.0)]
         top_p: f64,
+        /// Top-k sampling: draw only from the k most probable tokens, before --top-p (0 keeps all; needs --temperature above 0).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// A completion ends when its text comes to contain this string, which is cut off (repeat for several).
+        #[arg(long)]
+        stop: Vec<String>,
         /// Seed of the sampling draws.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -495,8 +501,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = eval::EvalOptions { format: &format, sequence_len, batch_size, objective: &objective, dpo_beta, task: task.as_ref(), limit, fake_quant };
             eval::run(&model, adapter.as_deref(), &data, &opts)
         }
-        Command::Generate { model, adapter, prompt, data, out, batch_size, num_return_sequences, chat, max_new_tokens, temperature, top_p, seed, tuned, small_base, beta, cge, cge_gamma, cge_alpha } => {
-            let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, seed };
+        Command::Generate { model, adapter, prompt, data, out, batch_size, num_return_sequences, chat, max_new_tokens, temperature, top_p, top_k, stop, seed, tuned, small_base, beta, cge, cge_gamma, cge_alpha } => {
+            let opts = crate::decode::SamplingOptions { max_new_tokens, temperature, top_p, top_k, stop_strings: stop, seed };
             let combo = generate::Combination { tuned, small_base, beta, cge, cge_gamma, cge_alpha };
             let prompts = match (prompt, data, out) {
                 (Some(p), None, None) => generate::Prompts::One(p),

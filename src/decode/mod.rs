@@ -5,4 +5,4 @@ pub mod generate;
 pub mod task;
 
 pub use combine::{check_same_tokenizer, generate_combined, Combiner};
-pub use generate::{generate, generate_batch, note_room, prompt_ids, stop_tokens, Completion, SamplingOptions, TextPieces};
+pub use generate::{generate, generate_batch, note_room, prompt_ids, stop_tokens, Completion, SamplingOptions, Stops, TextPieces};

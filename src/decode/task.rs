@@ -3,7 +3,7 @@
 //! example's reference completion by a [`Reward`] (GSM8K's `####` answer, exact match,
 //! containment, a pattern). Prompts are decoded in batches with the batched generator.
 
-use super::{generate_batch, stop_tokens, SamplingOptions};
+use super::{generate_batch, SamplingOptions, Stops};
 use crate::data::{EncodedExample, TextTokenizer};
 use crate::error::Result;
 use crate::models::Llama;
@@ -41,8 +41,8 @@ pub fn score(
     batch_size: usize,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<(TaskScore, Vec<Prediction>)> {
-    let greedy = SamplingOptions { max_new_tokens, temperature: 0.0, top_p: 1.0, seed: 0 };
-    let stop = stop_tokens(model, tok);
+    let greedy = SamplingOptions { max_new_tokens, ..Default::default() };
+    let stop = Stops::of_model(model, tok);
     let t0 = Instant::now();
     let mut predictions = Vec::with_capacity(examples.len());
     let mut generated = 0;

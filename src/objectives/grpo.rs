@@ -39,7 +39,7 @@ pub struct Grpo {
 }
 
 /// GRPO's plan keys (SASR accepts them too).
-pub const KEYS: &[&str] = &["grpo_group_size", "grpo_beta", "grpo_temperature", "grpo_top_p", "grpo_max_new_tokens", "grpo_reward", "grpo_reward_pattern"];
+pub const KEYS: &[&str] = &["grpo_group_size", "grpo_beta", "grpo_temperature", "grpo_top_p", "grpo_top_k", "grpo_stop", "grpo_max_new_tokens", "grpo_reward", "grpo_reward_pattern"];
 
 impl Grpo {
     pub fn create(spec: &ObjectiveSpec) -> Result<Box<dyn Objective>> {
@@ -60,6 +60,8 @@ impl Grpo {
             max_new_tokens: keys.usize_or("grpo_max_new_tokens", 256)?,
             temperature: keys.f64_or("grpo_temperature", 1.0)?,
             top_p: keys.f64_or("grpo_top_p", 1.0)?,
+            top_k: keys.usize_or("grpo_top_k", 0)?,
+            stop_strings: keys.string("grpo_stop")?.into_iter().collect(),
             seed: 0,
         };
         if sampling.temperature <= 0.0 {
@@ -68,7 +70,7 @@ impl Grpo {
         if sampling.max_new_tokens == 0 {
             return Err(Error::config("grpo_max_new_tokens", "is 0; completions need room, e.g. 256"));
         }
-        sampling.validate().map_err(|e| Error::config("grpo_top_p", e.to_string()))?;
+        sampling.validate().map_err(|e| Error::config("grpo_top_p, grpo_top_k or grpo_stop", e.to_string()))?;
         Ok(Self { plan: RolloutPlan { group_size, sampling, reward: Reward::from_spec(spec)? }, beta })
     }
 
@@ -76,7 +78,7 @@ impl Grpo {
         let s = &self.plan.sampling;
         serde_json::json!({
             "grpo_group_size": self.plan.group_size, "grpo_beta": self.beta, "grpo_temperature": s.temperature,
-            "grpo_top_p": s.top_p, "grpo_max_new_tokens": s.max_new_tokens, "grpo_reward": self.plan.reward.describe(),
+            "grpo_top_p": s.top_p, "grpo_top_k": s.top_k, "grpo_stop": s.stop_strings.first(), "grpo_max_new_tokens": s.max_new_tokens, "grpo_reward": self.plan.reward.describe(),
             "updates_per_rollout": 1, "loss_normalisation": "per completion, then over completions",
         })
     }

@@ -7,7 +7,7 @@
 
 use crate::data::batch::{make_batch, Batch, RolloutRows};
 use crate::data::{EncodedExample, TextTokenizer, IGNORE_INDEX};
-use crate::decode::{generate_batch, stop_tokens, SamplingOptions};
+use crate::decode::{generate_batch, SamplingOptions, Stops};
 use crate::error::{Error, Result};
 use crate::models::Llama;
 use crate::objectives::grpo::{group_advantages, RolloutPlan};
@@ -64,12 +64,12 @@ pub fn sample(model: &Llama, tok: &TextTokenizer, examples: &[&EncodedExample], 
     let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt_ids().to_vec()).collect();
     let sampling = SamplingOptions { seed, ..plan.sampling.clone() };
     let t0 = Instant::now();
-    let completions = generate_batch(model, &prompts, g, &sampling, &stop_tokens(model, tok), &mut |_, _| {})?;
+    let completions = generate_batch(model, &prompts, g, &sampling, &Stops::of_model(model, tok), &mut |_, _| {})?;
     let seconds = t0.elapsed().as_secs_f64();
     let mut rewards = Vec::with_capacity(completions.len());
     for (row, c) in completions.iter().enumerate() {
         let reference = tok.decode(&examples[row / g].target_ids(), true)?;
-        rewards.push(plan.reward.score(&tok.decode(&c.ids, true)?, &reference));
+        rewards.push(plan.reward.score(&c.text(tok, &sampling)?, &reference));
     }
     let advantages = group_advantages(&rewards, g);
     let sequences: Vec<EncodedExample> = completions
