@@ -135,11 +135,14 @@ impl Completion {
         self.stop.is_some() || self.stop_string.is_some()
     }
 
-    /// Its text: the tokens decoded, cut before the stop string that ended it.
+    /// Its text: the tokens decoded, cut before the stop string that ended it (before the
+    /// earliest, where its last token completed two).
     pub fn text(&self, tok: &TextTokenizer, opts: &SamplingOptions) -> Result<String> {
         let mut text = tok.decode(&self.ids, true)?;
-        if let Some(at) = self.stop_string.and_then(|i| text.find(opts.stop_strings[i].as_str())) {
-            text.truncate(at);
+        if self.stop_string.is_some() {
+            if let Some(at) = opts.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(at);
+            }
         }
         Ok(text)
     }
