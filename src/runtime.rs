@@ -34,3 +34,29 @@ fn tune_allocator() {
         });
     }
 }
+
+/// Runs `f` on a worker of the global rayon pool and waits for it. A thread outside the pool
+/// that starts parallel work hands every `par_iter` to the pool and sleeps on a futex until
+/// it is done; a decoding step makes a few hundred such calls, and the wake-ups cost more
+/// than the work of the small ones. On a worker, the nested calls split work with the other
+/// workers directly. Inline when already on a worker.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn on_pool_runs_on_a_worker_and_returns_its_value() {
+        assert_eq!(rayon::current_thread_index(), None, "the test thread is outside the pool");
+        let (on_worker, v) = super::on_pool(|| (rayon::current_thread_index().is_some(), 41 + 1));
+        assert!(on_worker);
+        assert_eq!(v, 42);
+        // Nested calls run inline on the same worker.
+        let same = super::on_pool(|| {
+            let outer = rayon::current_thread_index();
+            super::on_pool(|| rayon::current_thread_index() == outer)
+        });
+        assert!(same);
+    }
+}

@@ -149,15 +149,18 @@ impl<'a> Stream<'a> {
     fn prefill(model: &'a Llama, ids: &[u32], cap: usize, ctx: &ForwardCtx) -> Result<(Self, Vec<f32>)> {
         let c = &model.config;
         let mut kv = KvCache::new(c.num_hidden_layers);
-        let h = model.hidden(ids, 1, ids.len(), Some(&mut kv), ctx)?;
-        let last = kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?;
+        let last = crate::runtime::on_pool(|| -> Result<Vec<f32>> {
+            let h = model.hidden(ids, 1, ids.len(), Some(&mut kv), ctx)?;
+            Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)
+        })?;
         let mut cache = RowCache::new(c.num_hidden_layers, 1, cap, c.num_key_value_heads * c.head_dim);
         cache.fill_row(0, &kv)?;
         Ok((Self { model, cache }, last))
     }
 
     fn step(&mut self, id: u32, ctx: &ForwardCtx) -> Result<Vec<f32>> {
-        Ok(self.model.decode_step(&[id], &mut self.cache, ctx)?.flatten_all()?.to_vec1()?)
+        let (model, cache) = (self.model, &mut self.cache);
+        Ok(crate::runtime::on_pool(|| model.decode_step(&[id], cache, ctx)?.flatten_all()?.to_vec1())?)
     }
 }
 

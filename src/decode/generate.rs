@@ -262,8 +262,10 @@ pub fn generate_batch(
     let mut active = Vec::with_capacity(rows);
     for (p, ids) in prompts.iter().enumerate() {
         let mut prefill = KvCache::new(c.num_hidden_layers);
-        let h = model.hidden(ids, 1, ids.len(), Some(&mut prefill), &ctx)?;
-        let last: Vec<f32> = kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?;
+        let last = crate::runtime::on_pool(|| -> Result<Vec<f32>> {
+            let h = model.hidden(ids, 1, ids.len(), Some(&mut prefill), &ctx)?;
+            Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)
+        })?;
         for s in 0..per_prompt {
             let r = p * per_prompt + s;
             cache.fill_row(r, &prefill)?;
@@ -281,7 +283,8 @@ pub fn generate_batch(
             return Err(Error::Interrupted { signal, detail: "generation interrupted".into() });
         }
         let next: Vec<u32> = live.iter().map(|&r| *out[r].ids.last().expect("a live row has a token")).collect();
-        let logits: Vec<f32> = model.decode_step(&next, &mut cache, &ctx)?.flatten_all()?.to_vec1()?;
+        // On a pool worker: a step makes a few hundred parallel calls (see `on_pool`).
+        let logits: Vec<f32> = crate::runtime::on_pool(|| model.decode_step(&next, &mut cache, &ctx)?.flatten_all()?.to_vec1())?;
         let vocab = logits.len() / live.len();
         active = live.iter().enumerate().map(|(slot, &r)| accept(r, &logits[slot * vocab..(slot + 1) * vocab], &mut rngs, &mut out)).collect::<Result<_>>()?;
     }
