@@ -2,6 +2,7 @@
 //! batch whose sequences have different lengths. Each sequence reads only its first `lens[i]`
 //! cache positions, so nothing is padded and no mask is needed. Inference only (no backward).
 
+use super::skinny::dot;
 use super::vexp::exp_sub;
 use rayon::prelude::*;
 
@@ -34,7 +35,9 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], s: Deco
         let qh = &q[task * d..(task + 1) * d];
         let n = lens[row];
         let at = |j: usize| ((row * cap + j) * hkv + g) * d;
-        let mut p: Vec<f32> = (0..n).map(|j| scale * qh.iter().zip(&k[at(j)..at(j) + d]).map(|(a, b)| a * b).sum::<f32>()).collect();
+        // `skinny::dot` keeps several partial sums: a plain iterator sum is one serial chain of
+        // adds, which made the scores most of this kernel's time.
+        let mut p: Vec<f32> = (0..n).map(|j| scale * dot(qh, &k[at(j)..at(j) + d])).collect();
         let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         exp_sub(&mut p, m);
         let inv = 1.0 / p.iter().sum::<f32>();
