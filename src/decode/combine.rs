@@ -13,10 +13,9 @@
 //!
 //! Temperature and top-p apply to the combined distribution, not to any one model's.
 
-use super::generate::{pick, Completion, SamplingOptions};
+use super::generate::{pick, prefill_logits, Completion, SamplingOptions};
 use crate::data::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::kernels;
 use crate::models::{ForwardCtx, KvCache, Llama, RowCache};
 use crate::rng::SplitMix64;
 
@@ -149,10 +148,7 @@ impl<'a> Stream<'a> {
     fn prefill(model: &'a Llama, ids: &[u32], cap: usize, ctx: &ForwardCtx) -> Result<(Self, Vec<f32>)> {
         let c = &model.config;
         let mut kv = KvCache::new(c.num_hidden_layers);
-        let last = crate::runtime::on_pool(|| -> Result<Vec<f32>> {
-            let h = model.hidden(ids, 1, ids.len(), Some(&mut kv), ctx)?;
-            Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)
-        })?;
+        let last = prefill_logits(model, ids, &mut kv, ctx)?;
         let mut cache = RowCache::new(c.num_hidden_layers, 1, cap, c.num_key_value_heads * c.head_dim);
         cache.fill_row(0, &kv)?;
         Ok((Self { model, cache }, last))

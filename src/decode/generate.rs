@@ -262,10 +262,7 @@ pub fn generate_batch(
     let mut active = Vec::with_capacity(rows);
     for (p, ids) in prompts.iter().enumerate() {
         let mut prefill = KvCache::new(c.num_hidden_layers);
-        let last = crate::runtime::on_pool(|| -> Result<Vec<f32>> {
-            let h = model.hidden(ids, 1, ids.len(), Some(&mut prefill), &ctx)?;
-            Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)
-        })?;
+        let last = prefill_logits(model, ids, &mut prefill, &ctx)?;
         for s in 0..per_prompt {
             let r = p * per_prompt + s;
             cache.fill_row(r, &prefill)?;
@@ -288,6 +285,15 @@ pub fn generate_batch(
         let vocab = logits.len() / live.len();
         active = live.iter().enumerate().map(|(slot, &r)| accept(r, &logits[slot * vocab..(slot + 1) * vocab], &mut rngs, &mut out)).collect::<Result<_>>()?;
     }
+}
+
+/// Runs the prompt `ids` as one forward into `kv`; the logits of its last position.
+pub(super) fn prefill_logits(model: &Llama, ids: &[u32], kv: &mut KvCache, ctx: &ForwardCtx) -> Result<Vec<f32>> {
+    // On a pool worker, as each decode step (see `on_pool`).
+    crate::runtime::on_pool(|| {
+        let h = model.hidden(ids, 1, ids.len(), Some(kv), ctx)?;
+        Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)
+    })
 }
 
 /// Generates up to `max_new_tokens`, calling `on_text` with each newly decoded piece of text;
