@@ -155,8 +155,7 @@ impl<'a> Stream<'a> {
     }
 
     fn step(&mut self, id: u32, ctx: &ForwardCtx) -> Result<Vec<f32>> {
-        let (model, cache) = (self.model, &mut self.cache);
-        Ok(crate::runtime::on_pool(|| model.decode_step(&[id], cache, ctx)?.flatten_all()?.to_vec1())?)
+        Ok(self.model.decode_step(&[id], &mut self.cache, ctx)?.flatten_all()?.to_vec1()?)
     }
 }
 

@@ -280,8 +280,7 @@ pub fn generate_batch(
             return Err(Error::Interrupted { signal, detail: "generation interrupted".into() });
         }
         let next: Vec<u32> = live.iter().map(|&r| *out[r].ids.last().expect("a live row has a token")).collect();
-        // On a pool worker: a step makes a few hundred parallel calls (see `on_pool`).
-        let logits: Vec<f32> = crate::runtime::on_pool(|| model.decode_step(&next, &mut cache, &ctx)?.flatten_all()?.to_vec1())?;
+        let logits: Vec<f32> = model.decode_step(&next, &mut cache, &ctx)?.flatten_all()?.to_vec1()?;
         let vocab = logits.len() / live.len();
         active = live.iter().enumerate().map(|(slot, &r)| accept(r, &logits[slot * vocab..(slot + 1) * vocab], &mut rngs, &mut out)).collect::<Result<_>>()?;
     }
@@ -289,7 +288,7 @@ pub fn generate_batch(
 
 /// Runs the prompt `ids` as one forward into `kv`; the logits of its last position.
 pub(super) fn prefill_logits(model: &Llama, ids: &[u32], kv: &mut KvCache, ctx: &ForwardCtx) -> Result<Vec<f32>> {
-    // On a pool worker, as each decode step (see `on_pool`).
+    // On a pool worker, as `Llama::decode_step` (see `on_pool`).
     crate::runtime::on_pool(|| {
         let h = model.hidden(ids, 1, ids.len(), Some(kv), ctx)?;
         Ok(kernels::lm_head_logits(&h.narrow(0, ids.len() - 1, 1)?, model.head_weight())?.flatten_all()?.to_vec1()?)

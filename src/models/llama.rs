@@ -445,9 +445,10 @@ impl Llama {
     /// `i`'s next token, placed at position `cache.lens()[i]`; the cache gains one position
     /// per row. Returns the logits `[rows, vocab]` of the token after it. Weights in Q4_0,
     /// Q4_1, Q8_0, Q4_K or Q6_K blocks multiply int8-quantized activations here, as llama.cpp
-    /// decodes (`kernels::q8_dot`).
+    /// decodes (`kernels::q8_dot`). Runs on a pool worker: a step makes a few hundred small
+    /// parallel calls ([`crate::runtime::on_pool`]).
     pub fn decode_step(&self, ids: &[u32], cache: &mut RowCache, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        kernels::with_int8_activations(|| self.decode_rows(ids, cache, ctx))
+        crate::runtime::on_pool(|| kernels::with_int8_activations(|| self.decode_rows(ids, cache, ctx)))
     }
 
     fn decode_rows(&self, ids: &[u32], cache: &mut RowCache, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
